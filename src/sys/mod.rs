@@ -1,0 +1,3 @@
+//! Every libc call drove makes, behind safe, typed wrappers.
+//!
+//! This is the only module where `unsafe` is allowed.
