@@ -1,3 +1,9 @@
 //! Every libc call drove makes, behind safe, typed wrappers.
 //!
-//! This is the only module where `unsafe` is allowed.
+//! This is the only module where `unsafe` is allowed (see `spawn` for the
+//! fork/exec path, the one place that creates processes).
+
+pub mod listen;
+pub mod notify_socket;
+pub mod process;
+pub mod spawn;

@@ -1,0 +1,112 @@
+//! Signals to and exit statuses of worker processes, and /proc readings.
+
+use std::io;
+use std::time::Duration;
+
+use nix::sys::signal::{self, Signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Exited(i32),
+    Signaled(Signal, bool),
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Exited(code) => write!(f, "status {code}"),
+            ExitStatus::Signaled(sig, core) => {
+                write!(f, "signal {}", sig.as_str())?;
+                if *core {
+                    write!(f, " (core dumped)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ExitStatus {
+    /// `true` for a clean exit (status 0, or killed by the signal we sent).
+    pub fn is_clean(&self, stop_signal: Signal) -> bool {
+        matches!(self, ExitStatus::Exited(0))
+            || matches!(self, ExitStatus::Signaled(s, _) if *s == stop_signal)
+    }
+}
+
+/// Reaps `pid` if it has exited; `Ok(None)` while it runs.
+pub fn try_reap(pid: Pid) -> io::Result<Option<ExitStatus>> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(Some(ExitStatus::Exited(code))),
+            Ok(WaitStatus::Signaled(_, sig, core)) => {
+                return Ok(Some(ExitStatus::Signaled(sig, core)));
+            }
+            Ok(_) => return Ok(None),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sends `sig` to `pid`; a process that is already gone is not an error.
+pub fn send_signal(pid: Pid, sig: Signal) -> io::Result<()> {
+    match signal::kill(pid, sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Resident set size of a process in bytes, from /proc/PID/statm.
+pub fn rss_bytes(pid: Pid) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
+    let pages: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed statm"))?;
+    Ok(pages * page_size())
+}
+
+/// User+system CPU time consumed by a process, from /proc/PID/stat.
+pub fn cpu_time(pid: Pid) -> io::Result<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the ")" that ends comm: state is field 3, utime 14, stime 15.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let total = ticks(11) + ticks(12);
+    Ok(Duration::from_secs_f64(total as f64 / clock_ticks() as f64))
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64
+}
+
+fn clock_ticks() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64
+}
+
+/// Number of open fds of this process (leak checks, status).
+pub fn own_fd_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .count()
+        .saturating_sub(1))
+}
