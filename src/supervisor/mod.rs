@@ -1,1 +1,1005 @@
-//! TODO
+//! The supervisor: the one owner of the pool state, and its event loop.
+//!
+//! Everything arrives as an event on one task: child exits (SIGCHLD),
+//! notify datagrams, signals, control commands and the scale tick. Each
+//! event updates the state, then [`Supervisor::reconcile`] forks or retires
+//! workers to match the target, and [`Supervisor::publish`] tells systemd,
+//! the log and watchers what changed. No locks: one task owns it all.
+
+pub mod control;
+pub mod gate;
+pub mod pool;
+pub mod status;
+pub mod systemd;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, ReadyMode};
+use crate::notify;
+use crate::scale::{PoolView, Sample, ScaleParams, Scaler};
+use crate::sys::listen::Listener;
+use crate::sys::notify_socket::NotifySocket;
+use crate::sys::process::{self, ExitStatus};
+use crate::sys::spawn::{self, Credentials, SpawnSpec};
+use crate::sys::probe;
+
+use control::{Command, ControlError, Event, WorkerInfo};
+use gate::SpawnGate;
+use pool::{Pool, StopReason, Worker, WorkerState};
+use status::{ListenerStatus, Phase, Snapshot};
+use systemd::Upward;
+
+/// Re-reads the configuration (file plus command-line overrides) on reload.
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send>;
+
+/// What `droved` hands the supervisor.
+pub struct Setup {
+    pub config: Config,
+    pub load_config: ConfigLoader,
+    pub listeners: Vec<Listener>,
+    pub instance: String,
+}
+
+/// The daemon's side of the control channel: commands in, state out.
+#[derive(Clone)]
+pub struct Handle {
+    pub commands: mpsc::Sender<Command>,
+    pub snapshot: watch::Receiver<Snapshot>,
+    pub events: broadcast::Sender<Event>,
+}
+
+/// Worker settings resolved once per configuration generation.
+struct WorkerPlan {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    credentials: Option<Credentials>,
+}
+
+/// A rolling restart in progress.
+struct Rollout {
+    /// Ready workers when it began: the floor we never go below.
+    floor: u32,
+    previous: Option<(Config, u64)>,
+    failures: u32,
+    replies: Vec<oneshot::Sender<Result<(), ControlError>>>,
+    why: &'static str,
+}
+
+pub struct Supervisor {
+    config: Config,
+    load_config: ConfigLoader,
+    instance: String,
+    listeners: Vec<Listener>,
+    notify: NotifySocket,
+    plan: WorkerPlan,
+    pool: Pool,
+    target: u32,
+    generation: u64,
+    phase: Phase,
+    fast_stop: bool,
+    gate: SpawnGate,
+    scaler: Scaler,
+    rollout: Option<Rollout>,
+    upward: Upward,
+    started: Instant,
+    last_failure: Option<String>,
+    listener_status: Vec<ListenerStatus>,
+    counters: Counters,
+    snapshot_tx: watch::Sender<Snapshot>,
+    events: broadcast::Sender<Event>,
+    commands_rx: mpsc::Receiver<Command>,
+    commands_tx: mpsc::Sender<Command>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    spawned: u64,
+    exited: u64,
+    failed_starts: u64,
+    reloads: u64,
+    upgrades: u64,
+}
+
+fn scale_params(config: &Config) -> ScaleParams {
+    ScaleParams {
+        min: config.pool.min,
+        max: config.pool.max,
+        interval: config.scale.interval,
+        cooldown: config.scale.cooldown,
+        window: config.scale.window,
+        cpu_guard: config.scale.cpu_guard,
+    }
+}
+
+/// Variables droved sets for workers, or that belong to droved's own
+/// relationship with systemd and must not reach workers.
+const PRIVATE_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "MAINPID",
+];
+
+impl WorkerPlan {
+    fn new(config: &Config, listeners: &[Listener], notify_address: &str, instance: &str) -> Result<WorkerPlan, String> {
+        let w = &config.worker;
+        let credentials = Credentials::resolve(w.user.as_deref(), w.group.as_deref())
+            .map_err(|e| format!("worker user/group: {e}"))?;
+        let mut env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| !PRIVATE_ENV.contains(&k.as_str()) && !k.starts_with("DROVE_"))
+            .collect();
+        for (k, v) in &w.environment {
+            env.retain(|(key, _)| key != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
+        env.push((
+            "LISTEN_FDNAMES".into(),
+            listeners.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(":"),
+        ));
+        env.push(("NOTIFY_SOCKET".into(), notify_address.to_string()));
+        if let Some(wd) = w.watchdog {
+            env.push(("WATCHDOG_USEC".into(), wd.as_micros().to_string()));
+        }
+        env.push(("DROVE_INSTANCE".into(), instance.to_string()));
+        // Fail early with a clear message rather than at every fork.
+        spawn::resolve_program(
+            w.command.first().map(String::as_str).unwrap_or(""),
+            env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()),
+            w.working_directory.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(WorkerPlan { argv: w.command.clone(), env, credentials })
+    }
+}
+
+impl Supervisor {
+    pub fn new(setup: Setup) -> anyhow::Result<Supervisor> {
+        let notify = NotifySocket::bind("notify")?;
+        let plan = WorkerPlan::new(&setup.config, &setup.listeners, &notify.address, &setup.instance)
+            .map_err(anyhow::Error::msg)?;
+        let now = Instant::now();
+        let config = setup.config;
+        let gate = SpawnGate::new(
+            config.pool.spawn_rate,
+            config.pool.max,
+            config.worker.restart_delay,
+            config.worker.restart_delay_max,
+            now,
+        );
+        let (commands_tx, commands_rx) = mpsc::channel(64);
+        let (events, _) = broadcast::channel(256);
+        let mut sup = Supervisor {
+            target: config.initial_workers(),
+            scaler: Scaler::new(scale_params(&config)),
+            config,
+            load_config: setup.load_config,
+            instance: setup.instance,
+            listeners: setup.listeners,
+            notify,
+            plan,
+            pool: Pool::default(),
+            generation: 1,
+            phase: Phase::Starting,
+            fast_stop: false,
+            gate,
+            rollout: None,
+            upward: Upward::from_env(),
+            started: now,
+            last_failure: None,
+            listener_status: Vec::new(),
+            counters: Counters::default(),
+            snapshot_tx: watch::channel(placeholder_snapshot()).0,
+            events,
+            commands_rx,
+            commands_tx,
+        };
+        sup.probe_queues();
+        let snap = sup.snapshot();
+        sup.snapshot_tx = watch::channel(snap).0;
+        Ok(sup)
+    }
+
+    /// A handle for control front-ends (D-Bus).
+    pub fn handle(&self) -> Handle {
+        Handle {
+            commands: self.commands_tx.clone(),
+            snapshot: self.snapshot_tx.subscribe(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Runs until the pool has stopped; returns the process exit code.
+    pub async fn run(mut self) -> anyhow::Result<i32> {
+        let mut sigchld = signal(SignalKind::child())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigquit = signal(SignalKind::quit())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let mut sigusr2 = signal(SignalKind::user_defined2())?;
+        let mut sigttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
+        let mut sigttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
+        let mut tick = tokio::time::interval(self.config.scale.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+
+        info!(
+            instance = %self.instance,
+            listeners = %self.listeners.iter().map(|l| format!("{}={}", l.name, l.address)).collect::<Vec<_>>().join(", "),
+            "droved {} starting {} workers (min {}, max {})",
+            env!("CARGO_PKG_VERSION"),
+            self.target,
+            self.config.pool.min,
+            self.config.pool.max
+        );
+        self.reconcile();
+        self.publish();
+
+        loop {
+            tokio::select! {
+                _ = sigchld.recv() => self.reap(),
+                datagram = self.notify.recv() => match datagram {
+                    Ok(d) => self.on_datagram(d),
+                    Err(e) => warn!("notify socket: {e}"),
+                },
+                _ = tick.tick() => self.on_tick(),
+                _ = sigterm.recv() => self.begin_stop(false, "SIGTERM"),
+                _ = sigint.recv() => self.begin_stop(true, "SIGINT"),
+                _ = sigquit.recv() => self.begin_stop(true, "SIGQUIT"),
+                _ = sighup.recv() => {
+                    if let Err(e) = self.reload(None) {
+                        error!("reload on SIGHUP rejected: {e}");
+                    }
+                }
+                _ = sigusr2.recv() => warn!("SIGUSR2 (binary upgrade) is not supported by this build; ignoring"),
+                _ = sigttin.recv() => self.nudge(1, "SIGTTIN"),
+                _ = sigttou.recv() => self.nudge(-1, "SIGTTOU"),
+                Some(cmd) = self.commands_rx.recv() => self.on_command(cmd),
+            }
+            // Cheap: exits may have raced with the event we handled.
+            self.reap();
+            self.reconcile();
+            self.publish();
+            if self.phase == Phase::Stopping && self.pool.workers.is_empty() {
+                break;
+            }
+        }
+        for l in &self.listeners {
+            if let Some(path) = &l.owned_path {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        info!("all workers stopped; droved exits");
+        Ok(0)
+    }
+
+    // ---- events -------------------------------------------------------
+
+    fn reap(&mut self) {
+        let pids: Vec<Pid> = self.pool.workers.keys().copied().collect();
+        for pid in pids {
+            match process::try_reap(pid) {
+                Ok(Some(status)) => self.on_exit(pid, status),
+                Ok(None) => {}
+                Err(e) => {
+                    // ECHILD: not our child any more; forget it rather than loop.
+                    warn!(worker_pid = pid.as_raw(), "cannot wait for worker: {e}; forgetting it");
+                    self.pool.workers.remove(&pid);
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
+        let Some(w) = self.pool.workers.remove(&pid) else { return };
+        let now = Instant::now();
+        let uptime = now.duration_since(w.started);
+        self.counters.exited += 1;
+        let _ = self.events.send(Event::WorkerExited {
+            pid: pid.as_raw() as u32,
+            slot: w.slot,
+            status: status.to_string(),
+            uptime_secs: uptime.as_secs_f64(),
+        });
+        if let Some((reason, _)) = w.stop {
+            let failed = matches!(reason, StopReason::ReadyTimeout) || (reason == StopReason::Watchdog);
+            info!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "exited",
+                "worker {pid} (slot {}) exited with {status} after {:.1} s ({reason})",
+                w.slot,
+                uptime.as_secs_f64()
+            );
+            if failed {
+                self.note_failed_start(&w, format!("worker {reason}"), now);
+            }
+            return;
+        }
+        let never_ready = w.ready_at.is_none();
+        let failed = never_ready || uptime < self.config.worker.min_uptime;
+        if failed {
+            let why = format!(
+                "worker exited with {status} after {:.1} s{}",
+                uptime.as_secs_f64(),
+                if never_ready { " before it was ready" } else { "" }
+            );
+            let delay = self.note_failed_start(&w, why, now);
+            warn!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "exited",
+                "worker {pid} (slot {}) exited with {status} after {:.1} s; restarting in {} ms{}",
+                w.slot,
+                uptime.as_secs_f64(),
+                delay.as_millis(),
+                if self.gate.is_failing() { " (pool is failing)" } else { "" }
+            );
+        } else {
+            warn!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "exited",
+                "worker {pid} (slot {}) exited with {status} after {:.1} s; restarting",
+                w.slot,
+                uptime.as_secs_f64()
+            );
+        }
+    }
+
+    /// A start failed: back off, and abort a rollout whose new generation
+    /// cannot get ready.
+    fn note_failed_start(&mut self, w: &Worker, why: String, now: Instant) -> Duration {
+        self.counters.failed_starts += 1;
+        let delay = self.gate.record_failure(now);
+        self.last_failure = Some(why.clone());
+        if let Some(r) = &mut self.rollout
+            && w.generation == self.generation
+        {
+            r.failures += 1;
+            if r.failures >= 3 {
+                self.abort_rollout(format!("new generation {} cannot get ready: {why}", self.generation));
+            }
+        }
+        delay
+    }
+
+    fn on_datagram(&mut self, d: crate::sys::notify_socket::Datagram) {
+        let Some(pid) = d.pid.map(Pid::from_raw) else {
+            debug!("notify datagram without credentials ignored");
+            return;
+        };
+        if d.fds_dropped > 0 {
+            debug!(sender = pid.as_raw(), "closed {} fds attached to a notify datagram", d.fds_dropped);
+        }
+        let Some(w) = self.pool.workers.get_mut(&pid) else {
+            debug!(sender = pid.as_raw(), "notify datagram from a pid that is not a worker ignored");
+            return;
+        };
+        if d.truncated {
+            debug!(worker_pid = pid.as_raw(), "oversized notify datagram ignored");
+            return;
+        }
+        let msg = match notify::parse(&d.bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(worker_pid = pid.as_raw(), "malformed notify datagram ignored: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        if let Some(text) = msg.status {
+            w.status_text = Some(text);
+        }
+        if msg.watchdog {
+            w.last_ping = now;
+        }
+        if msg.ready && w.state == WorkerState::Starting {
+            w.state = WorkerState::Ready;
+            w.ready_at = Some(now);
+            w.last_ping = now;
+            info!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "ready",
+                "worker {pid} (slot {}) ready after {} ms",
+                w.slot,
+                now.duration_since(w.started).as_millis()
+            );
+        }
+        if msg.watchdog_trigger && w.state == WorkerState::Ready {
+            let pid = w.pid;
+            self.stop_worker(pid, StopReason::Watchdog, true);
+        } else if msg.stopping && w.state != WorkerState::Stopping {
+            // The worker leaves by itself (e.g. its own max-requests): count
+            // it as stopping so a replacement starts now, not at its exit.
+            w.state = WorkerState::Stopping;
+            w.stop = Some((StopReason::Lifetime, now));
+            info!(worker_pid = pid.as_raw(), slot = w.slot, event = "stopping", "worker {pid} is stopping on its own");
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.upward.watchdog_tick(now);
+        for (pid, reason) in self.pool.overdue(now, self.config.worker.ready_timeout, self.config.worker.watchdog) {
+            warn!(worker_pid = pid.as_raw(), event = "timeout", "worker {pid}: {reason}; killing it");
+            self.stop_worker(pid, reason, true);
+        }
+        for pid in self.pool.stop_expired(now, self.config.worker.stop_timeout) {
+            warn!(
+                worker_pid = pid.as_raw(),
+                event = "kill",
+                "worker {pid} still running {:?} after the stop signal; sending SIGKILL",
+                self.config.worker.stop_timeout
+            );
+            let _ = process::send_signal(pid, Signal::SIGKILL);
+            if let Some(w) = self.pool.workers.get_mut(&pid) {
+                w.killed = true;
+            }
+        }
+        // A worker that stays up past min_uptime proves the command healthy.
+        if self.gate.consecutive_failures > 0
+            && self.pool.workers.values().any(|w| {
+                w.generation == self.generation
+                    && w.ready_at.is_some_and(|t| now.duration_since(t) >= self.config.worker.min_uptime)
+            })
+        {
+            if self.gate.is_failing() {
+                info!("workers stay up again; the pool is no longer failing");
+            }
+            self.gate.record_success();
+            self.last_failure = None;
+        }
+        self.probe_queues();
+        self.autoscale(now);
+    }
+
+    fn probe_queues(&mut self) {
+        self.listener_status = self
+            .listeners
+            .iter()
+            .map(|l| {
+                let (queued, backlog, error) = match probe::queue_depth(l.as_fd()) {
+                    Ok(q) => (Some(q.queued), Some(q.backlog), None),
+                    Err(e) => (None, None, Some(e.to_string())),
+                };
+                ListenerStatus {
+                    name: l.name.clone(),
+                    address: l.address.clone(),
+                    family: format!("{:?}", l.family).to_lowercase(),
+                    queued,
+                    backlog,
+                    error,
+                }
+            })
+            .collect();
+    }
+
+    /// Total queued connections across listeners: the sum, because every
+    /// worker accepts on every listener, so any waiting connection is work
+    /// for the same pool. `None` when no listener could be read.
+    fn queued_total(&self) -> Option<u32> {
+        let readable: Vec<u32> = self.listener_status.iter().filter_map(|l| l.queued).collect();
+        if readable.is_empty() { None } else { Some(readable.iter().sum()) }
+    }
+
+    fn autoscale(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let counts = self.pool.counts();
+        let sample = Sample { queued: self.queued_total(), cpu_busy: None };
+        let view = PoolView { target: self.target, alive: counts.active(), ready: counts.ready, starting: counts.starting };
+        if let Some(d) = self.scaler.tick(now.duration_since(self.started), sample, view)
+            && d.to != self.target
+        {
+            info!(event = "scale", from = d.from, to = d.to, "scale {} -> {}: {}", d.from, d.to, d.reason);
+            let _ = self.events.send(Event::Scaled { from: d.from, to: d.to, reason: d.reason.to_string() });
+            self.target = d.to;
+        }
+    }
+
+    fn nudge(&mut self, delta: i32, why: &str) {
+        let new = (self.target as i64 + delta as i64).clamp(self.config.pool.min as i64, self.config.pool.max as i64) as u32;
+        if new == self.target {
+            info!("{why}: target stays {} (limits {}..{})", self.target, self.config.pool.min, self.config.pool.max);
+            return;
+        }
+        info!(event = "scale", from = self.target, to = new, "{why}: scale {} -> {new}", self.target);
+        let _ = self.events.send(Event::Scaled { from: self.target, to: new, reason: why.to_string() });
+        self.target = new;
+    }
+
+    fn begin_stop(&mut self, fast: bool, why: &str) {
+        if self.phase == Phase::Stopping && (self.fast_stop || !fast) {
+            return;
+        }
+        info!(event = "stop", "{why}: {} stop of {} workers", if fast { "fast" } else { "graceful" }, self.pool.workers.len());
+        self.phase = Phase::Stopping;
+        self.fast_stop = fast;
+        if let Some(r) = self.rollout.take() {
+            for reply in r.replies {
+                let _ = reply.send(Err(ControlError::Stopping));
+            }
+        }
+        let pids: Vec<Pid> = self.pool.workers.keys().copied().collect();
+        for pid in pids {
+            self.stop_worker(pid, StopReason::Shutdown, fast);
+        }
+        let line = self.snapshot().status_line();
+        self.upward.stopping(&line);
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Scale { n, reply } => {
+                let r = if self.phase == Phase::Stopping {
+                    Err(ControlError::Stopping)
+                } else if n < self.config.pool.min || n > self.config.pool.max {
+                    Err(ControlError::OutOfRange(format!(
+                        "{n} is outside the limits {}..{}; change them with SetLimits first",
+                        self.config.pool.min, self.config.pool.max
+                    )))
+                } else {
+                    self.nudge(n as i32 - self.target as i32, "scale request");
+                    Ok(self.target)
+                };
+                let _ = reply.send(r);
+            }
+            Command::SetLimits { min, max, reply } => {
+                let _ = reply.send(self.set_limits(min, max));
+            }
+            Command::Reload { reply } => {
+                if let Err(e) = self.reload(Some(reply)) {
+                    error!("reload rejected: {e}");
+                }
+            }
+            Command::RestartWorkers { reply } => self.start_rollout("restart requested", None, Some(reply)),
+            Command::ListWorkers { reply } => {
+                let now = Instant::now();
+                let list = self
+                    .pool
+                    .workers
+                    .values()
+                    .map(|w| WorkerInfo {
+                        pid: w.pid.as_raw() as u32,
+                        slot: w.slot,
+                        state: w.state.to_string(),
+                        generation: w.generation,
+                        age_secs: now.duration_since(w.started).as_secs_f64(),
+                        rss_bytes: process::rss_bytes(w.pid).unwrap_or(0),
+                        cpu_secs: process::cpu_time(w.pid).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                        status: w.status_text.clone().unwrap_or_default(),
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+        }
+    }
+
+    fn set_limits(&mut self, min: u32, max: u32) -> Result<(u32, u32), ControlError> {
+        if min == 0 || min > max || max > crate::config::MAX_WORKERS {
+            return Err(ControlError::OutOfRange(format!(
+                "limits must satisfy 1 <= min <= max <= {}; got min {min}, max {max}",
+                crate::config::MAX_WORKERS
+            )));
+        }
+        self.config.pool.min = min;
+        self.config.pool.max = max;
+        self.scaler.set_params(scale_params(&self.config));
+        self.gate.set_limits(
+            self.config.pool.spawn_rate,
+            max,
+            self.config.worker.restart_delay,
+            self.config.worker.restart_delay_max,
+        );
+        let clamped = self.target.clamp(min, max);
+        if clamped != self.target {
+            self.nudge(clamped as i32 - self.target as i32, "new limits");
+        }
+        info!(event = "limits", "limits set to {min}..{max}");
+        Ok((min, max))
+    }
+
+    /// Re-reads the config. An invalid one changes nothing; a valid one
+    /// applies at once, with a rolling restart if worker settings changed.
+    fn reload(&mut self, reply: Option<oneshot::Sender<Result<(), ControlError>>>) -> Result<(), String> {
+        let fail = |reply: Option<oneshot::Sender<Result<(), ControlError>>>, msg: String| {
+            if let Some(r) = reply {
+                let _ = r.send(Err(ControlError::ReloadRejected(msg.clone())));
+            }
+            Err(msg)
+        };
+        if self.phase == Phase::Stopping {
+            return fail(reply, "droved is stopping".into());
+        }
+        let new = match (self.load_config)() {
+            Ok(c) => c,
+            Err(e) => return fail(reply, e),
+        };
+        if new.listen != self.config.listen {
+            warn!("reload: [listen] changes take effect only after a restart; keeping the current sockets");
+        }
+        self.counters.reloads += 1;
+        let worker_changed = new.worker != self.config.worker;
+        let old = std::mem::replace(&mut self.config, new);
+        self.config.listen = old.listen.clone();
+        self.scaler.set_params(scale_params(&self.config));
+        self.gate.set_limits(
+            self.config.pool.spawn_rate,
+            self.config.pool.max,
+            self.config.worker.restart_delay,
+            self.config.worker.restart_delay_max,
+        );
+        self.target = self.target.clamp(self.config.pool.min, self.config.pool.max);
+        info!(event = "reload", "configuration reloaded{}", if worker_changed { "; worker settings changed" } else { "" });
+        if worker_changed {
+            let plan = match WorkerPlan::new(&self.config, &self.listeners, &self.notify.address, &self.instance) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.config = old;
+                    self.scaler.set_params(scale_params(&self.config));
+                    return fail(reply, e);
+                }
+            };
+            let previous_plan = std::mem::replace(&mut self.plan, plan);
+            drop(previous_plan);
+            self.start_rollout("configuration reloaded", Some(old), reply);
+        } else {
+            let _ = self.events.send(Event::Reloaded { generation: self.generation });
+            if let Some(r) = reply {
+                let _ = r.send(Ok(()));
+            }
+        }
+        Ok(())
+    }
+
+    fn start_rollout(
+        &mut self,
+        why: &'static str,
+        previous: Option<Config>,
+        reply: Option<oneshot::Sender<Result<(), ControlError>>>,
+    ) {
+        if self.phase == Phase::Stopping {
+            if let Some(r) = reply {
+                let _ = r.send(Err(ControlError::Stopping));
+            }
+            return;
+        }
+        if let Some(r) = &mut self.rollout {
+            // Coalesce: a rollout already replaces every older worker; a new
+            // request joins it, and a new config joins by bumping the
+            // generation so workers started with the old one roll too.
+            if previous.is_some() {
+                self.generation += 1;
+            }
+            if let Some(reply) = reply {
+                r.replies.push(reply);
+            }
+            info!("{why}: joined the rollout in progress (generation {})", self.generation);
+            return;
+        }
+        let floor = self.pool.counts().ready.min(self.target);
+        let previous = previous.map(|c| (c, self.generation));
+        self.generation += 1;
+        info!(
+            event = "rollout",
+            generation = self.generation,
+            "{why}: rolling restart to generation {} ({} workers, keeping at least {floor} ready)",
+            self.generation,
+            self.pool.counts().active()
+        );
+        self.phase = Phase::Reloading;
+        let line = self.snapshot().status_line();
+        self.upward.reloading(&line);
+        self.rollout = Some(Rollout { floor, previous, failures: 0, replies: reply.into_iter().collect(), why });
+    }
+
+    fn abort_rollout(&mut self, why: String) {
+        let Some(r) = self.rollout.take() else { return };
+        error!(event = "rollout-aborted", "rollout aborted, old workers keep serving: {why}");
+        let failed_generation = self.generation;
+        if let Some((config, generation)) = r.previous {
+            match WorkerPlan::new(&config, &self.listeners, &self.notify.address, &self.instance) {
+                Ok(plan) => self.plan = plan,
+                Err(e) => error!("cannot restore the previous worker settings: {e}"),
+            }
+            self.config.worker = config.worker;
+            self.generation = generation;
+        } else {
+            // A plain restart: the old workers are as good as the new ones;
+            // adopt them as current so nothing keeps rolling.
+            self.generation -= 1;
+        }
+        let doomed: Vec<Pid> = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.generation == failed_generation && w.is_active())
+            .map(|w| w.pid)
+            .collect();
+        for pid in doomed {
+            self.stop_worker(pid, StopReason::Rollout, true);
+        }
+        // Old workers of the restored generation stay; others are outdated.
+        for w in self.pool.workers.values_mut() {
+            if w.generation < self.generation && w.is_active() {
+                w.generation = self.generation;
+            }
+        }
+        self.gate.record_success();
+        self.phase = Phase::Running;
+        for reply in r.replies {
+            let _ = reply.send(Err(ControlError::RolloutFailed(why.clone())));
+        }
+        let line = self.snapshot().status_line();
+        self.upward.ready(&line);
+    }
+
+    // ---- actions ------------------------------------------------------
+
+    fn stop_worker(&mut self, pid: Pid, reason: StopReason, kill: bool) {
+        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        if w.state == WorkerState::Stopping && (w.killed || !kill) {
+            return;
+        }
+        let sig = if kill { Signal::SIGKILL } else { self.config.worker.stop_signal };
+        if let Err(e) = process::send_signal(pid, sig) {
+            warn!(worker_pid = pid.as_raw(), "cannot signal worker: {e}");
+        }
+        debug!(worker_pid = pid.as_raw(), slot = w.slot, "sent {} ({reason})", sig.as_str());
+        if w.stop.is_none() {
+            w.stop = Some((reason, Instant::now()));
+        }
+        w.state = WorkerState::Stopping;
+        w.killed |= kill;
+    }
+
+    fn spawn_worker(&mut self, now: Instant) -> bool {
+        let slot = self.pool.free_slot();
+        let mut env = self.plan.env.clone();
+        env.push(("DROVE_WORKER".into(), slot.to_string()));
+        env.push(("DROVE_GENERATION".into(), self.generation.to_string()));
+        let spec = SpawnSpec {
+            argv: &self.plan.argv,
+            env,
+            working_directory: self.config.worker.working_directory.as_deref(),
+            credentials: self.plan.credentials.as_ref(),
+            listeners: self.listeners.iter().map(|l| l.as_fd()).collect(),
+        };
+        self.gate.consume(now);
+        match spawn::spawn(&spec) {
+            Ok(pid) => {
+                self.counters.spawned += 1;
+                let mut w = Worker::new(pid, slot, self.generation, now);
+                if self.config.worker.ready == ReadyMode::Exec {
+                    w.state = WorkerState::Ready;
+                    w.ready_at = Some(now);
+                }
+                if let Some(life) = self.config.worker.max_lifetime {
+                    let jitter = self.config.worker.max_lifetime_jitter;
+                    let extra = if jitter.is_zero() {
+                        Duration::ZERO
+                    } else {
+                        // Spread recycling so workers started together do not
+                        // all restart at once; pid bits are random enough.
+                        jitter.mul_f64((pid.as_raw() as u64 * 2_654_435_761 % 1000) as f64 / 1000.0)
+                    };
+                    w.recycle_at = Some(now + life + extra);
+                }
+                info!(
+                    worker_pid = pid.as_raw(),
+                    slot,
+                    generation = self.generation,
+                    event = "started",
+                    "worker {pid} (slot {slot}, generation {}) started",
+                    self.generation
+                );
+                let _ = self.events.send(Event::WorkerStarted { pid: pid.as_raw() as u32, slot, generation: self.generation });
+                self.pool.workers.insert(pid, w);
+                true
+            }
+            Err(e) => {
+                self.counters.failed_starts += 1;
+                let delay = self.gate.record_failure(now);
+                let why = format!("cannot start worker: {e}");
+                error!(slot, event = "spawn-failed", "{why}; retrying in {} ms", delay.as_millis());
+                self.last_failure = Some(why);
+                false
+            }
+        }
+    }
+
+    /// Forks or retires workers until the pool matches the target (and the
+    /// rollout, if one runs, makes progress).
+    fn reconcile(&mut self) {
+        if self.phase == Phase::Stopping {
+            return;
+        }
+        let now = Instant::now();
+        self.recycle(now);
+        let generation = self.generation;
+        let current_active = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.is_active() && w.generation == generation)
+            .count() as u32;
+        let current_starting = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Starting && w.generation == generation)
+            .count() as u32;
+
+        // Spawn current-generation workers up to the target; during a
+        // rollout, one at a time beside the old ones (batch of 1).
+        let mut want = self.target.saturating_sub(current_active);
+        if self.rollout.is_some() {
+            want = want.min(1u32.saturating_sub(current_starting));
+        }
+        let allowed = self.gate.available(now).min(want);
+        for _ in 0..allowed {
+            if !self.spawn_worker(now) {
+                break;
+            }
+        }
+
+        // Outdated workers: starting ones go at once; ready ones one by one
+        // as new ones become ready, never dropping below the floor.
+        let outdated = self.pool.outdated(generation);
+        if let Some(r) = &self.rollout {
+            let floor = r.floor;
+            for pid in outdated {
+                let ready = self.pool.counts().ready;
+                let w = &self.pool.workers[&pid];
+                if w.state == WorkerState::Starting || ready > floor {
+                    self.stop_worker(pid, StopReason::Rollout, false);
+                }
+            }
+            if self.pool.outdated(generation).is_empty() && self.pool.ready_in(generation) >= floor.min(self.target) {
+                self.finish_rollout();
+            }
+        }
+
+        // Too many current workers (scale down).
+        let counts_active = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.is_active() && w.generation == generation)
+            .count() as u32;
+        if counts_active > self.target {
+            let excess = (counts_active - self.target) as usize;
+            for pid in self.pool.pick_to_retire(excess, process::is_waiting_for_connection) {
+                self.stop_worker(pid, StopReason::ScaleDown, false);
+            }
+        }
+
+        if self.phase == Phase::Starting && self.pool.counts().ready >= self.target.min(self.config.initial_workers()) {
+            self.phase = Phase::Running;
+            let line = self.snapshot().status_line();
+            info!(event = "ready", "pool ready: {line}");
+            self.upward.ready(&line);
+        }
+    }
+
+    fn recycle(&mut self, now: Instant) {
+        let due: Vec<(Pid, StopReason)> = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Ready)
+            .filter_map(|w| {
+                if w.recycle_at.is_some_and(|t| now >= t) {
+                    Some((w.pid, StopReason::Lifetime))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        // Replace one at a time through the normal path: the slot refills
+        // at once since a stopping worker no longer counts as active.
+        if let Some((pid, reason)) = due.into_iter().next() {
+            info!(worker_pid = pid.as_raw(), event = "recycle", "worker {pid}: {reason}; replacing it");
+            self.stop_worker(pid, reason, false);
+        }
+    }
+
+    fn finish_rollout(&mut self) {
+        let Some(r) = self.rollout.take() else { return };
+        info!(event = "rollout-done", generation = self.generation, "rolling restart done ({}): generation {} serving", r.why, self.generation);
+        self.phase = Phase::Running;
+        let _ = self.events.send(Event::Reloaded { generation: self.generation });
+        for reply in r.replies {
+            let _ = reply.send(Ok(()));
+        }
+        let line = self.snapshot().status_line();
+        self.upward.ready(&line);
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let counts = self.pool.counts();
+        Snapshot {
+            instance: self.instance.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            phase: self.phase,
+            failing: self.gate.is_failing(),
+            failure: self.last_failure.clone().filter(|_| self.gate.is_failing()),
+            generation: self.generation,
+            min: self.config.pool.min,
+            max: self.config.pool.max,
+            target: self.target,
+            ready: counts.ready,
+            starting: counts.starting,
+            stopping: counts.stopping,
+            listeners: self.listener_status.clone(),
+            queued: self.queued_total(),
+            last_scale: self.scaler.last_decision().map(|d| format!("{} -> {}: {}", d.from, d.to, d.reason)),
+            spawned: self.counters.spawned,
+            exited: self.counters.exited,
+            failed_starts: self.counters.failed_starts,
+            reloads: self.counters.reloads,
+            upgrades: self.counters.upgrades,
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+        }
+    }
+
+    fn publish(&mut self) {
+        let snap = self.snapshot();
+        if self.upward.ready_sent() || self.phase == Phase::Stopping {
+            self.upward.status(&snap.status_line());
+        }
+        self.snapshot_tx.send_if_modified(|old| {
+            // uptime always moves; only wake watchers on real changes.
+            let mut a = old.clone();
+            a.uptime_secs = snap.uptime_secs;
+            let changed = a != snap;
+            *old = snap;
+            changed
+        });
+    }
+}
+
+fn placeholder_snapshot() -> Snapshot {
+    Snapshot {
+        instance: String::new(),
+        version: String::new(),
+        pid: 0,
+        phase: Phase::Starting,
+        failing: false,
+        failure: None,
+        generation: 0,
+        min: 0,
+        max: 0,
+        target: 0,
+        ready: 0,
+        starting: 0,
+        stopping: 0,
+        listeners: vec![],
+        queued: None,
+        last_scale: None,
+        spawned: 0,
+        exited: 0,
+        failed_starts: 0,
+        reloads: 0,
+        upgrades: 0,
+        uptime_secs: 0.0,
+    }
+}
+
+/// Where a unix listener's socket file lives, for cleanup by callers.
+pub fn owned_paths(listeners: &[Listener]) -> Vec<PathBuf> {
+    listeners.iter().filter_map(|l| l.owned_path.clone()).collect()
+}

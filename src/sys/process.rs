@@ -110,3 +110,12 @@ pub fn own_fd_count() -> io::Result<usize> {
         .count()
         .saturating_sub(1))
 }
+
+/// Best guess whether a worker sits idle waiting for a connection (blocked
+/// in accept(2) or poll/epoll on its listeners), from /proc/PID/wchan.
+/// Used to retire idle workers first when scaling down.
+pub fn is_waiting_for_connection(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+        .map(|w| w.contains("accept") || w.contains("poll") || w.contains("select"))
+        .unwrap_or(false)
+}

@@ -1,0 +1,209 @@
+//! droved: the drove supervisor daemon. Thin: parse arguments, assemble the
+//! configuration, take or bind the listening sockets, run the supervisor.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+use drove::config::{Config, ListenAddr, ListenSpec};
+use drove::supervisor::{Setup, Supervisor};
+use drove::sys::listen::{self, Listener};
+
+/// The embedded default: a demo pool of the Rust example worker on
+/// 127.0.0.1:8080, used when droved gets neither a config nor a command.
+const DEMO_CONFIG: &str = include_str!("../../examples/demo.toml");
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "droved",
+    version,
+    about = "Supervise a pre-forked pool of workers that share listening sockets",
+    long_about = "Supervise a pre-forked pool of workers that share listening sockets.\n\n\
+        Workers inherit the sockets as systemd socket activation passes them \
+        (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES) and accept on them directly. \
+        Without a config file or command, droved runs a demo pool on 127.0.0.1:8080.",
+    after_help = "Signals: HUP reload, TERM graceful stop, INT/QUIT fast stop, TTIN/TTOU one worker more/less."
+)]
+struct Args {
+    /// Configuration file (TOML; see drove.toml(5)).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Address to listen on when systemd passes no sockets: HOST:PORT,
+    /// [V6]:PORT or unix:/PATH. Repeatable; replaces listen.addresses.
+    #[arg(short = 'l', long = "listen", value_name = "ADDR", value_parser = parse_listen)]
+    listen: Vec<ListenAddr>,
+
+    /// Minimum number of workers (overrides pool.min).
+    #[arg(long, value_name = "N", conflicts_with = "workers")]
+    min: Option<u32>,
+
+    /// Maximum number of workers (overrides pool.max).
+    #[arg(long, value_name = "N", conflicts_with = "workers")]
+    max: Option<u32>,
+
+    /// A fixed pool of N workers (min = max = N).
+    #[arg(short = 'w', long = "workers", value_name = "N")]
+    workers: Option<u32>,
+
+    /// Validate the configuration and exit (0 when valid).
+    #[arg(long)]
+    check: bool,
+
+    /// Instance name, used in logs and the D-Bus name (default: the config
+    /// file's stem, or "default").
+    #[arg(long, value_name = "NAME")]
+    instance: Option<String>,
+
+    /// Worker command and arguments (overrides worker.command).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    s.parse::<ListenAddr>().map_err(|e| e.to_string())
+}
+
+impl Args {
+    /// The configuration as files and flags say, validated for running.
+    fn load_config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None if !self.command.is_empty() || !self.listen.is_empty() => Config::default(),
+            None => Config::from_toml_str(DEMO_CONFIG, Path::new("<embedded demo config>"))?,
+        };
+        if !self.listen.is_empty() {
+            config.listen.addresses = self.listen.iter().cloned().map(ListenSpec::from).collect();
+        }
+        if let Some(n) = self.workers {
+            config.pool.min = n;
+            config.pool.max = n;
+            config.pool.initial = None;
+        }
+        if let Some(n) = self.min {
+            config.pool.min = n;
+        }
+        if let Some(n) = self.max {
+            config.pool.max = n;
+        }
+        if !self.command.is_empty() {
+            config.worker.command = self.command.clone();
+        }
+        config.validate_runnable()?;
+        Ok(config)
+    }
+
+    fn instance(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            self.config
+                .as_deref()
+                .and_then(Path::file_stem)
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "default".into())
+        })
+    }
+}
+
+fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
+    let l = &config.listen;
+    let owner = match (&l.socket_user, &l.socket_group) {
+        (None, None) => None,
+        (user, group) => {
+            let uid = user
+                .as_deref()
+                .map(|u| {
+                    nix::unistd::User::from_name(u)?.map(|u| u.uid).ok_or(nix::errno::Errno::ENOENT)
+                })
+                .transpose()
+                .with_context(|| format!("listen.socket_user {:?}: no such user", user.as_deref().unwrap_or("")))?;
+            let gid = group
+                .as_deref()
+                .map(|g| {
+                    nix::unistd::Group::from_name(g)?.map(|g| g.gid).ok_or(nix::errno::Errno::ENOENT)
+                })
+                .transpose()
+                .with_context(|| format!("listen.socket_group {:?}: no such group", group.as_deref().unwrap_or("")))?;
+            Some((uid, gid))
+        }
+    };
+    l.addresses
+        .iter()
+        .map(|spec| match &spec.address {
+            ListenAddr::Tcp(addr) => listen::bind_tcp(*addr, l.backlog, &spec.name),
+            ListenAddr::Unix(path) => listen::bind_unix(path, l.backlog, &spec.name, l.socket_mode, owner),
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("cannot open the listening sockets")
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Take systemd's sockets first, before anything else opens an fd or
+    // starts a thread (sd_listen_fds(3)).
+    let activated = listen::from_systemd();
+
+    if args.check {
+        return match args.load_config() {
+            Ok(config) => {
+                println!(
+                    "{}: OK ({} listen address{}, workers {}..{}, command {:?})",
+                    args.config.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "configuration".into()),
+                    config.listen.addresses.len(),
+                    if config.listen.addresses.len() == 1 { "" } else { "es" },
+                    config.pool.min,
+                    config.pool.max,
+                    config.worker.command.join(" ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("droved: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    drove::logging::init();
+    match run(args, activated) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("droved: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args, activated: std::io::Result<Option<Vec<Listener>>>) -> anyhow::Result<i32> {
+    let config = args.load_config()?;
+    let listeners = match activated.context("cannot use the sockets passed by systemd")? {
+        Some(fds) => {
+            if !config.listen.addresses.is_empty() {
+                tracing::info!(
+                    "using {} socket(s) passed by systemd; listen.addresses is ignored",
+                    fds.len()
+                );
+            }
+            fds
+        }
+        None => bind_listeners(&config)?,
+    };
+    if listeners.is_empty() {
+        bail!("no listening sockets: pass --listen ADDR, set listen.addresses, or start droved from a .socket unit");
+    }
+    let instance = args.instance();
+    let reload_args = args.clone();
+    let setup = Setup {
+        config,
+        load_config: Box::new(move || reload_args.load_config().map_err(|e| format!("{e:#}"))),
+        listeners,
+        instance,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move { Supervisor::new(setup)?.run().await })
+}

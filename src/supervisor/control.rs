@@ -1,0 +1,56 @@
+//! The control vocabulary: commands the supervisor accepts (from D-Bus or
+//! signals), the events it broadcasts, and the errors it answers with.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// A request to the supervisor; each carries its own reply channel.
+#[derive(Debug)]
+pub enum Command {
+    /// Set the target number of workers (within [min, max]).
+    Scale { n: u32, reply: oneshot::Sender<Result<u32, ControlError>> },
+    SetLimits { min: u32, max: u32, reply: oneshot::Sender<Result<(u32, u32), ControlError>> },
+    /// Re-read the config; answers when the rollout (if any) finished.
+    Reload { reply: oneshot::Sender<Result<(), ControlError>> },
+    /// Rolling restart of all workers with the current config.
+    RestartWorkers { reply: oneshot::Sender<Result<(), ControlError>> },
+    ListWorkers { reply: oneshot::Sender<Vec<WorkerInfo>> },
+}
+
+/// Errors a caller can act on; named on the bus as org.drove.Error.*.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    #[error("reload rejected: {0}")]
+    ReloadRejected(String),
+    #[error("rollout failed: {0}")]
+    RolloutFailed(String),
+    #[error("droved is stopping")]
+    Stopping,
+}
+
+/// One worker, as `drovectl list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub pid: u32,
+    pub slot: u32,
+    pub state: String,
+    pub generation: u64,
+    pub age_secs: f64,
+    pub rss_bytes: u64,
+    pub cpu_secs: f64,
+    /// Last STATUS= the worker sent.
+    pub status: String,
+}
+
+/// What happened, for D-Bus signals and `drovectl watch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    WorkerStarted { pid: u32, slot: u32, generation: u64 },
+    WorkerExited { pid: u32, slot: u32, status: String, uptime_secs: f64 },
+    Scaled { from: u32, to: u32, reason: String },
+    Reloaded { generation: u64 },
+    Upgraded { version: String },
+}

@@ -1,0 +1,278 @@
+//! The worker table: who runs, in which slot, in which state.
+//!
+//! Plain data plus decisions that need no I/O (which slot is free, which
+//! workers are overdue, which to retire), so the event loop in `mod.rs`
+//! stays a thin shell of syscalls around it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+use serde::Serialize;
+
+/// Lifecycle of one worker process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Exec'd, not yet ready (waiting for READY=1 in notify mode).
+    Starting,
+    /// Serving.
+    Ready,
+    /// Asked to stop; SIGKILL follows after stop_timeout.
+    Stopping,
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping => "stopping",
+        })
+    }
+}
+
+/// Why a worker is being stopped (logged, and decides whether its exit
+/// counts as a failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopReason {
+    ScaleDown,
+    Shutdown,
+    ReadyTimeout,
+    Watchdog,
+    Rollout,
+    Lifetime,
+    Memory,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::ScaleDown => "scale down",
+            StopReason::Shutdown => "shutdown",
+            StopReason::ReadyTimeout => "not ready in time",
+            StopReason::Watchdog => "watchdog timeout",
+            StopReason::Rollout => "replaced by a new generation",
+            StopReason::Lifetime => "max_lifetime reached",
+            StopReason::Memory => "max_rss exceeded",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub pid: Pid,
+    pub slot: u32,
+    pub generation: u64,
+    pub state: WorkerState,
+    pub started: Instant,
+    pub ready_at: Option<Instant>,
+    /// Last WATCHDOG=1 (or readiness, which starts the clock).
+    pub last_ping: Instant,
+    pub stop: Option<(StopReason, Instant)>,
+    pub killed: bool,
+    /// Last STATUS= text the worker sent.
+    pub status_text: Option<String>,
+    /// Recycle deadline (max_lifetime with jitter), if configured.
+    pub recycle_at: Option<Instant>,
+}
+
+impl Worker {
+    pub fn new(pid: Pid, slot: u32, generation: u64, now: Instant) -> Worker {
+        Worker {
+            pid,
+            slot,
+            generation,
+            state: WorkerState::Starting,
+            started: now,
+            ready_at: None,
+            last_ping: now,
+            stop: None,
+            killed: false,
+            status_text: None,
+            recycle_at: None,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state != WorkerState::Stopping
+    }
+}
+
+/// All live worker processes, keyed by pid.
+#[derive(Debug, Default)]
+pub struct Pool {
+    pub workers: BTreeMap<Pid, Worker>,
+}
+
+/// Counts by state, for status and scaling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub starting: u32,
+    pub ready: u32,
+    pub stopping: u32,
+}
+
+impl Counts {
+    pub fn active(&self) -> u32 {
+        self.starting + self.ready
+    }
+}
+
+impl Pool {
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for w in self.workers.values() {
+            match w.state {
+                WorkerState::Starting => c.starting += 1,
+                WorkerState::Ready => c.ready += 1,
+                WorkerState::Stopping => c.stopping += 1,
+            }
+        }
+        c
+    }
+
+    /// Ready workers of one generation.
+    pub fn ready_in(&self, generation: u64) -> u32 {
+        self.workers
+            .values()
+            .filter(|w| w.generation == generation && w.state == WorkerState::Ready)
+            .count() as u32
+    }
+
+    /// Active workers (starting or ready) not of `generation`.
+    pub fn outdated(&self, generation: u64) -> Vec<Pid> {
+        self.workers
+            .values()
+            .filter(|w| w.is_active() && w.generation != generation)
+            .map(|w| w.pid)
+            .collect()
+    }
+
+    /// Lowest slot number no live worker holds. Slots are stable names for
+    /// workers (DROVE_WORKER), reused as workers come and go.
+    pub fn free_slot(&self) -> u32 {
+        let mut used: Vec<u32> = self.workers.values().map(|w| w.slot).collect();
+        used.sort_unstable();
+        let mut slot = 0;
+        for u in used {
+            if u == slot {
+                slot += 1;
+            } else if u > slot {
+                break;
+            }
+        }
+        slot
+    }
+
+    /// Chooses `n` active workers to retire: starting ones first (they serve
+    /// nothing yet), then idle ones (per `is_idle`), then the youngest.
+    pub fn pick_to_retire(&self, n: usize, is_idle: impl Fn(Pid) -> bool) -> Vec<Pid> {
+        let mut candidates: Vec<&Worker> = self.workers.values().filter(|w| w.is_active()).collect();
+        candidates.sort_by_key(|w| {
+            (
+                w.state == WorkerState::Ready,
+                !is_idle(w.pid),
+                std::cmp::Reverse(w.started),
+            )
+        });
+        candidates.into_iter().take(n).map(|w| w.pid).collect()
+    }
+
+    /// Workers that missed their deadline: not ready within `ready_timeout`,
+    /// or silent past the watchdog interval.
+    pub fn overdue(&self, now: Instant, ready_timeout: Duration, watchdog: Option<Duration>) -> Vec<(Pid, StopReason)> {
+        self.workers
+            .values()
+            .filter_map(|w| match w.state {
+                WorkerState::Starting if now.duration_since(w.started) > ready_timeout => {
+                    Some((w.pid, StopReason::ReadyTimeout))
+                }
+                WorkerState::Ready => match watchdog {
+                    Some(limit) if now.duration_since(w.last_ping) > limit => Some((w.pid, StopReason::Watchdog)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Stopping workers whose grace period is over and that still run.
+    pub fn stop_expired(&self, now: Instant, stop_timeout: Duration) -> Vec<Pid> {
+        self.workers
+            .values()
+            .filter(|w| !w.killed)
+            .filter(|w| matches!(w.stop, Some((_, since)) if now.duration_since(since) >= stop_timeout))
+            .map(|w| w.pid)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_with(states: &[(i32, u32, WorkerState, u64)], now: Instant) -> Pool {
+        let mut pool = Pool::default();
+        for &(pid, slot, state, age_ms) in states {
+            let mut w = Worker::new(Pid::from_raw(pid), slot, 1, now - Duration::from_millis(age_ms));
+            w.state = state;
+            pool.workers.insert(w.pid, w);
+        }
+        pool
+    }
+
+    #[test]
+    fn free_slot_fills_gaps_first() {
+        let now = Instant::now();
+        let pool = pool_with(
+            &[(10, 0, WorkerState::Ready, 5), (11, 2, WorkerState::Ready, 5), (12, 3, WorkerState::Ready, 5)],
+            now,
+        );
+        assert_eq!(pool.free_slot(), 1);
+        assert_eq!(Pool::default().free_slot(), 0);
+    }
+
+    #[test]
+    fn retires_starting_then_idle_then_youngest() {
+        let now = Instant::now();
+        let pool = pool_with(
+            &[
+                (10, 0, WorkerState::Ready, 5000),
+                (11, 1, WorkerState::Ready, 100),
+                (12, 2, WorkerState::Starting, 50),
+                (13, 3, WorkerState::Ready, 3000),
+                (14, 4, WorkerState::Stopping, 10),
+            ],
+            now,
+        );
+        let idle = |pid: Pid| pid.as_raw() == 10;
+        assert_eq!(pool.pick_to_retire(1, idle), vec![Pid::from_raw(12)]);
+        assert_eq!(
+            pool.pick_to_retire(3, idle),
+            vec![Pid::from_raw(12), Pid::from_raw(10), Pid::from_raw(11)]
+        );
+        assert_eq!(pool.pick_to_retire(10, idle).len(), 4, "stopping workers are never picked");
+    }
+
+    #[test]
+    fn overdue_and_stop_deadlines() {
+        let now = Instant::now();
+        let mut pool = pool_with(&[(10, 0, WorkerState::Starting, 3000), (11, 1, WorkerState::Ready, 9000)], now);
+        pool.workers.get_mut(&Pid::from_raw(11)).unwrap().last_ping = now - Duration::from_secs(6);
+        let overdue = pool.overdue(now, Duration::from_secs(2), Some(Duration::from_secs(5)));
+        assert_eq!(
+            overdue,
+            vec![(Pid::from_raw(10), StopReason::ReadyTimeout), (Pid::from_raw(11), StopReason::Watchdog)]
+        );
+        assert!(pool.overdue(now, Duration::from_secs(10), None).is_empty());
+
+        let w = pool.workers.get_mut(&Pid::from_raw(10)).unwrap();
+        w.state = WorkerState::Stopping;
+        w.stop = Some((StopReason::ScaleDown, now - Duration::from_secs(31)));
+        assert_eq!(pool.stop_expired(now, Duration::from_secs(30)), vec![Pid::from_raw(10)]);
+        pool.workers.get_mut(&Pid::from_raw(10)).unwrap().killed = true;
+        assert!(pool.stop_expired(now, Duration::from_secs(30)).is_empty());
+    }
+}
