@@ -5,5 +5,6 @@
 
 pub mod listen;
 pub mod notify_socket;
+pub mod probe;
 pub mod process;
 pub mod spawn;
