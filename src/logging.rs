@@ -6,6 +6,7 @@
 //! as `WORKER_PID=` and `journalctl -u drove@x WORKER_PID=123` works.
 //! Filter with `DROVE_LOG` (tracing-subscriber's EnvFilter syntax).
 
+use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
 
 use tracing_subscriber::EnvFilter;
@@ -48,6 +49,7 @@ pub fn init() -> Sink {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false)
                 .compact(),
         )

@@ -958,9 +958,9 @@ impl Supervisor {
 
     fn publish(&mut self) {
         let snap = self.snapshot();
-        if self.upward.ready_sent() || self.phase == Phase::Stopping {
-            self.upward.status(&snap.status_line());
-        }
+        // STATUS= also before READY=1: `systemctl status` then says why a
+        // unit hangs in "activating" (e.g. a failing worker command).
+        self.upward.status(&snap.status_line());
         self.snapshot_tx.send_if_modified(|old| {
             // uptime always moves; only wake watchers on real changes.
             let mut a = old.clone();

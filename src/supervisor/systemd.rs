@@ -11,7 +11,6 @@ pub struct Upward {
     watchdog: Option<Duration>,
     last_ping: Option<Instant>,
     last_status: String,
-    ready_sent: bool,
 }
 
 impl Upward {
@@ -22,7 +21,6 @@ impl Upward {
             watchdog: sd_notify::watchdog_enabled(),
             last_ping: None,
             last_status: String::new(),
-            ready_sent: false,
         }
     }
 
@@ -35,15 +33,10 @@ impl Upward {
         }
     }
 
-    pub fn ready_sent(&self) -> bool {
-        self.ready_sent
-    }
-
     /// READY=1 (once at start-up, and again after a reload or upgrade).
     pub fn ready(&mut self, status: &str) {
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
         self.last_status = status.to_string();
-        self.ready_sent = true;
     }
 
     /// STATUS=, only when the text changed.
