@@ -628,7 +628,7 @@ pub fn format_duration(d: Duration) -> String {
         ("s", 1_000_000_000),
         ("ms", 1_000_000),
     ] {
-        if n % per == 0 {
+        if n.is_multiple_of(per) {
             return format!("{}{unit}", n / per);
         }
     }

@@ -41,7 +41,10 @@ pub fn init() -> Sink {
         && let Ok(journal) = tracing_journald::layer()
     {
         let journal = journal.with_syslog_identifier("droved".to_string());
-        tracing_subscriber::registry().with(filter).with(journal).init();
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journal)
+            .init();
         return Sink::Journal;
     }
     tracing_subscriber::registry()

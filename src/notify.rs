@@ -339,18 +339,18 @@ mod tests {
             let bytes: Vec<u8> = (0..len)
                 .map(|i| {
                     let r = seed.rotate_left(i as u32 * 7) ^ (i as u64).wrapping_mul(0xff51_afd7);
-                    if r % 3 == 0 {
+                    if r.is_multiple_of(3) {
                         (r >> 8) as u8
                     } else {
                         alphabet[(r >> 16) as usize % alphabet.len()]
                     }
                 })
                 .collect();
-            if let Ok(n) = parse(&bytes) {
-                if let Some(s) = n.status {
-                    assert!(!s.chars().any(char::is_control));
-                    assert!(s.chars().count() <= MAX_STATUS_CHARS);
-                }
+            if let Ok(n) = parse(&bytes)
+                && let Some(s) = n.status
+            {
+                assert!(!s.chars().any(char::is_control));
+                assert!(s.chars().count() <= MAX_STATUS_CHARS);
             }
         }
     }

@@ -114,17 +114,31 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
             let uid = user
                 .as_deref()
                 .map(|u| {
-                    nix::unistd::User::from_name(u)?.map(|u| u.uid).ok_or(nix::errno::Errno::ENOENT)
+                    nix::unistd::User::from_name(u)?
+                        .map(|u| u.uid)
+                        .ok_or(nix::errno::Errno::ENOENT)
                 })
                 .transpose()
-                .with_context(|| format!("listen.socket_user {:?}: no such user", user.as_deref().unwrap_or("")))?;
+                .with_context(|| {
+                    format!(
+                        "listen.socket_user {:?}: no such user",
+                        user.as_deref().unwrap_or("")
+                    )
+                })?;
             let gid = group
                 .as_deref()
                 .map(|g| {
-                    nix::unistd::Group::from_name(g)?.map(|g| g.gid).ok_or(nix::errno::Errno::ENOENT)
+                    nix::unistd::Group::from_name(g)?
+                        .map(|g| g.gid)
+                        .ok_or(nix::errno::Errno::ENOENT)
                 })
                 .transpose()
-                .with_context(|| format!("listen.socket_group {:?}: no such group", group.as_deref().unwrap_or("")))?;
+                .with_context(|| {
+                    format!(
+                        "listen.socket_group {:?}: no such group",
+                        group.as_deref().unwrap_or("")
+                    )
+                })?;
             Some((uid, gid))
         }
     };
@@ -132,7 +146,9 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
         .iter()
         .map(|spec| match &spec.address {
             ListenAddr::Tcp(addr) => listen::bind_tcp(*addr, l.backlog, &spec.name),
-            ListenAddr::Unix(path) => listen::bind_unix(path, l.backlog, &spec.name, l.socket_mode, owner),
+            ListenAddr::Unix(path) => {
+                listen::bind_unix(path, l.backlog, &spec.name, l.socket_mode, owner)
+            }
         })
         .collect::<std::io::Result<Vec<_>>>()
         .context("cannot open the listening sockets")
@@ -149,9 +165,16 @@ fn main() -> ExitCode {
             Ok(config) => {
                 println!(
                     "{}: OK ({} listen address{}, workers {}..{}, command {:?})",
-                    args.config.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "configuration".into()),
+                    args.config
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "configuration".into()),
                     config.listen.addresses.len(),
-                    if config.listen.addresses.len() == 1 { "" } else { "es" },
+                    if config.listen.addresses.len() == 1 {
+                        ""
+                    } else {
+                        "es"
+                    },
                     config.pool.min,
                     config.pool.max,
                     config.worker.command.join(" ")
@@ -191,7 +214,9 @@ fn run(args: Args, activated: std::io::Result<Option<Vec<Listener>>>) -> anyhow:
         None => bind_listeners(&config)?,
     };
     if listeners.is_empty() {
-        bail!("no listening sockets: pass --listen ADDR, set listen.addresses, or start droved from a .socket unit");
+        bail!(
+            "no listening sockets: pass --listen ADDR, set listen.addresses, or start droved from a .socket unit"
+        );
     }
     let instance = args.instance();
     let reload_args = args.clone();

@@ -8,13 +8,26 @@ use tokio::sync::oneshot;
 #[derive(Debug)]
 pub enum Command {
     /// Set the target number of workers (within [min, max]).
-    Scale { n: u32, reply: oneshot::Sender<Result<u32, ControlError>> },
-    SetLimits { min: u32, max: u32, reply: oneshot::Sender<Result<(u32, u32), ControlError>> },
+    Scale {
+        n: u32,
+        reply: oneshot::Sender<Result<u32, ControlError>>,
+    },
+    SetLimits {
+        min: u32,
+        max: u32,
+        reply: oneshot::Sender<Result<(u32, u32), ControlError>>,
+    },
     /// Re-read the config; answers when the rollout (if any) finished.
-    Reload { reply: oneshot::Sender<Result<(), ControlError>> },
+    Reload {
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
     /// Rolling restart of all workers with the current config.
-    RestartWorkers { reply: oneshot::Sender<Result<(), ControlError>> },
-    ListWorkers { reply: oneshot::Sender<Vec<WorkerInfo>> },
+    RestartWorkers {
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    ListWorkers {
+        reply: oneshot::Sender<Vec<WorkerInfo>>,
+    },
 }
 
 /// Errors a caller can act on; named on the bus as org.drove.Error.*.
@@ -48,9 +61,26 @@ pub struct WorkerInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
-    WorkerStarted { pid: u32, slot: u32, generation: u64 },
-    WorkerExited { pid: u32, slot: u32, status: String, uptime_secs: f64 },
-    Scaled { from: u32, to: u32, reason: String },
-    Reloaded { generation: u64 },
-    Upgraded { version: String },
+    WorkerStarted {
+        pid: u32,
+        slot: u32,
+        generation: u64,
+    },
+    WorkerExited {
+        pid: u32,
+        slot: u32,
+        status: String,
+        uptime_secs: f64,
+    },
+    Scaled {
+        from: u32,
+        to: u32,
+        reason: String,
+    },
+    Reloaded {
+        generation: u64,
+    },
+    Upgraded {
+        version: String,
+    },
 }

@@ -28,7 +28,13 @@ pub struct SpawnGate {
 }
 
 impl SpawnGate {
-    pub fn new(rate_per_sec: u32, burst: u32, restart_delay: Duration, restart_delay_max: Duration, now: Instant) -> Self {
+    pub fn new(
+        rate_per_sec: u32,
+        burst: u32,
+        restart_delay: Duration,
+        restart_delay_max: Duration,
+        now: Instant,
+    ) -> Self {
         let burst = burst.max(1) as f64;
         SpawnGate {
             rate: rate_per_sec.max(1) as f64,
@@ -42,7 +48,13 @@ impl SpawnGate {
         }
     }
 
-    pub fn set_limits(&mut self, rate_per_sec: u32, burst: u32, restart_delay: Duration, restart_delay_max: Duration) {
+    pub fn set_limits(
+        &mut self,
+        rate_per_sec: u32,
+        burst: u32,
+        restart_delay: Duration,
+        restart_delay_max: Duration,
+    ) {
         self.rate = rate_per_sec.max(1) as f64;
         self.burst = burst.max(1) as f64;
         self.tokens = self.tokens.min(self.burst);
@@ -95,7 +107,9 @@ impl SpawnGate {
 
     /// Time until the next spawn may happen, if backoff holds it.
     pub fn backoff_left(&self, now: Instant) -> Option<Duration> {
-        self.not_before.and_then(|t| t.checked_duration_since(now)).filter(|d| !d.is_zero())
+        self.not_before
+            .and_then(|t| t.checked_duration_since(now))
+            .filter(|d| !d.is_zero())
     }
 }
 
@@ -123,7 +137,10 @@ mod tests {
         let t0 = Instant::now();
         let mut g = SpawnGate::new(50, 4, 100 * MS, 1_000 * MS, t0);
         let delays: Vec<_> = (0..6).map(|_| g.record_failure(t0)).collect();
-        assert_eq!(delays, vec![100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]);
+        assert_eq!(
+            delays,
+            vec![100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]
+        );
         assert!(g.is_failing());
         assert_eq!(g.available(t0 + 999 * MS), 0, "held by backoff");
         assert_eq!(g.backoff_left(t0 + 400 * MS), Some(600 * MS));

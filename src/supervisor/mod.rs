@@ -26,9 +26,9 @@ use crate::notify;
 use crate::scale::{PoolView, Sample, ScaleParams, Scaler};
 use crate::sys::listen::Listener;
 use crate::sys::notify_socket::NotifySocket;
+use crate::sys::probe;
 use crate::sys::process::{self, ExitStatus};
 use crate::sys::spawn::{self, Credentials, SpawnSpec};
-use crate::sys::probe;
 
 use control::{Command, ControlError, Event, WorkerInfo};
 use gate::SpawnGate;
@@ -86,6 +86,8 @@ pub struct Supervisor {
     fast_stop: bool,
     gate: SpawnGate,
     scaler: Scaler,
+    /// Machine CPU use, for the scaler's cpu-bound guard.
+    cpu: Option<probe::CpuSampler>,
     rollout: Option<Rollout>,
     upward: Upward,
     started: Instant,
@@ -131,7 +133,12 @@ const PRIVATE_ENV: &[&str] = &[
 ];
 
 impl WorkerPlan {
-    fn new(config: &Config, listeners: &[Listener], notify_address: &str, instance: &str) -> Result<WorkerPlan, String> {
+    fn new(
+        config: &Config,
+        listeners: &[Listener],
+        notify_address: &str,
+        instance: &str,
+    ) -> Result<WorkerPlan, String> {
         let w = &config.worker;
         let credentials = Credentials::resolve(w.user.as_deref(), w.group.as_deref())
             .map_err(|e| format!("worker user/group: {e}"))?;
@@ -145,7 +152,11 @@ impl WorkerPlan {
         env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
         env.push((
             "LISTEN_FDNAMES".into(),
-            listeners.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(":"),
+            listeners
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(":"),
         ));
         env.push(("NOTIFY_SOCKET".into(), notify_address.to_string()));
         if let Some(wd) = w.watchdog {
@@ -155,19 +166,30 @@ impl WorkerPlan {
         // Fail early with a clear message rather than at every fork.
         spawn::resolve_program(
             w.command.first().map(String::as_str).unwrap_or(""),
-            env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()),
+            env.iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.as_str()),
             w.working_directory.as_deref(),
         )
         .map_err(|e| e.to_string())?;
-        Ok(WorkerPlan { argv: w.command.clone(), env, credentials })
+        Ok(WorkerPlan {
+            argv: w.command.clone(),
+            env,
+            credentials,
+        })
     }
 }
 
 impl Supervisor {
     pub fn new(setup: Setup) -> anyhow::Result<Supervisor> {
         let notify = NotifySocket::bind("notify")?;
-        let plan = WorkerPlan::new(&setup.config, &setup.listeners, &notify.address, &setup.instance)
-            .map_err(anyhow::Error::msg)?;
+        let plan = WorkerPlan::new(
+            &setup.config,
+            &setup.listeners,
+            &notify.address,
+            &setup.instance,
+        )
+        .map_err(anyhow::Error::msg)?;
         let now = Instant::now();
         let config = setup.config;
         let gate = SpawnGate::new(
@@ -182,6 +204,7 @@ impl Supervisor {
         let mut sup = Supervisor {
             target: config.initial_workers(),
             scaler: Scaler::new(scale_params(&config)),
+            cpu: probe::CpuSampler::new().ok(),
             config,
             load_config: setup.load_config,
             instance: setup.instance,
@@ -292,7 +315,10 @@ impl Supervisor {
                 Ok(None) => {}
                 Err(e) => {
                     // ECHILD: not our child any more; forget it rather than loop.
-                    warn!(worker_pid = pid.as_raw(), "cannot wait for worker: {e}; forgetting it");
+                    warn!(
+                        worker_pid = pid.as_raw(),
+                        "cannot wait for worker: {e}; forgetting it"
+                    );
                     self.pool.workers.remove(&pid);
                 }
             }
@@ -300,7 +326,9 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
-        let Some(w) = self.pool.workers.remove(&pid) else { return };
+        let Some(w) = self.pool.workers.remove(&pid) else {
+            return;
+        };
         let now = Instant::now();
         let uptime = now.duration_since(w.started);
         self.counters.exited += 1;
@@ -311,7 +339,8 @@ impl Supervisor {
             uptime_secs: uptime.as_secs_f64(),
         });
         if let Some((reason, _)) = w.stop {
-            let failed = matches!(reason, StopReason::ReadyTimeout) || (reason == StopReason::Watchdog);
+            let failed =
+                matches!(reason, StopReason::ReadyTimeout) || (reason == StopReason::Watchdog);
             info!(
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
@@ -331,7 +360,11 @@ impl Supervisor {
             let why = format!(
                 "worker exited with {status} after {:.1} s{}",
                 uptime.as_secs_f64(),
-                if never_ready { " before it was ready" } else { "" }
+                if never_ready {
+                    " before it was ready"
+                } else {
+                    ""
+                }
             );
             let delay = self.note_failed_start(&w, why, now);
             warn!(
@@ -342,7 +375,11 @@ impl Supervisor {
                 w.slot,
                 uptime.as_secs_f64(),
                 delay.as_millis(),
-                if self.gate.is_failing() { " (pool is failing)" } else { "" }
+                if self.gate.is_failing() {
+                    " (pool is failing)"
+                } else {
+                    ""
+                }
             );
         } else {
             warn!(
@@ -367,7 +404,10 @@ impl Supervisor {
         {
             r.failures += 1;
             if r.failures >= 3 {
-                self.abort_rollout(format!("new generation {} cannot get ready: {why}", self.generation));
+                self.abort_rollout(format!(
+                    "new generation {} cannot get ready: {why}",
+                    self.generation
+                ));
             }
         }
         delay
@@ -379,20 +419,32 @@ impl Supervisor {
             return;
         };
         if d.fds_dropped > 0 {
-            debug!(sender = pid.as_raw(), "closed {} fds attached to a notify datagram", d.fds_dropped);
+            debug!(
+                sender = pid.as_raw(),
+                "closed {} fds attached to a notify datagram", d.fds_dropped
+            );
         }
         let Some(w) = self.pool.workers.get_mut(&pid) else {
-            debug!(sender = pid.as_raw(), "notify datagram from a pid that is not a worker ignored");
+            debug!(
+                sender = pid.as_raw(),
+                "notify datagram from a pid that is not a worker ignored"
+            );
             return;
         };
         if d.truncated {
-            debug!(worker_pid = pid.as_raw(), "oversized notify datagram ignored");
+            debug!(
+                worker_pid = pid.as_raw(),
+                "oversized notify datagram ignored"
+            );
             return;
         }
         let msg = match notify::parse(&d.bytes) {
             Ok(m) => m,
             Err(e) => {
-                debug!(worker_pid = pid.as_raw(), "malformed notify datagram ignored: {e}");
+                debug!(
+                    worker_pid = pid.as_raw(),
+                    "malformed notify datagram ignored: {e}"
+                );
                 return;
             }
         };
@@ -424,15 +476,28 @@ impl Supervisor {
             // it as stopping so a replacement starts now, not at its exit.
             w.state = WorkerState::Stopping;
             w.stop = Some((StopReason::Lifetime, now));
-            info!(worker_pid = pid.as_raw(), slot = w.slot, event = "stopping", "worker {pid} is stopping on its own");
+            info!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "stopping",
+                "worker {pid} is stopping on its own"
+            );
         }
     }
 
     fn on_tick(&mut self) {
         let now = Instant::now();
         self.upward.watchdog_tick(now);
-        for (pid, reason) in self.pool.overdue(now, self.config.worker.ready_timeout, self.config.worker.watchdog) {
-            warn!(worker_pid = pid.as_raw(), event = "timeout", "worker {pid}: {reason}; killing it");
+        for (pid, reason) in self.pool.overdue(
+            now,
+            self.config.worker.ready_timeout,
+            self.config.worker.watchdog,
+        ) {
+            warn!(
+                worker_pid = pid.as_raw(),
+                event = "timeout",
+                "worker {pid}: {reason}; killing it"
+            );
             self.stop_worker(pid, reason, true);
         }
         for pid in self.pool.stop_expired(now, self.config.worker.stop_timeout) {
@@ -451,7 +516,8 @@ impl Supervisor {
         if self.gate.consecutive_failures > 0
             && self.pool.workers.values().any(|w| {
                 w.generation == self.generation
-                    && w.ready_at.is_some_and(|t| now.duration_since(t) >= self.config.worker.min_uptime)
+                    && w.ready_at
+                        .is_some_and(|t| now.duration_since(t) >= self.config.worker.min_uptime)
             })
         {
             if self.gate.is_failing() {
@@ -489,8 +555,16 @@ impl Supervisor {
     /// worker accepts on every listener, so any waiting connection is work
     /// for the same pool. `None` when no listener could be read.
     fn queued_total(&self) -> Option<u32> {
-        let readable: Vec<u32> = self.listener_status.iter().filter_map(|l| l.queued).collect();
-        if readable.is_empty() { None } else { Some(readable.iter().sum()) }
+        let readable: Vec<u32> = self
+            .listener_status
+            .iter()
+            .filter_map(|l| l.queued)
+            .collect();
+        if readable.is_empty() {
+            None
+        } else {
+            Some(readable.iter().sum())
+        }
     }
 
     fn autoscale(&mut self, now: Instant) {
@@ -498,25 +572,66 @@ impl Supervisor {
             return;
         }
         let counts = self.pool.counts();
-        let sample = Sample { queued: self.queued_total(), cpu_busy: None };
-        let view = PoolView { target: self.target, alive: counts.active(), ready: counts.ready, starting: counts.starting };
-        if let Some(d) = self.scaler.tick(now.duration_since(self.started), sample, view)
-            && d.to != self.target
-        {
-            info!(event = "scale", from = d.from, to = d.to, "scale {} -> {}: {}", d.from, d.to, d.reason);
-            let _ = self.events.send(Event::Scaled { from: d.from, to: d.to, reason: d.reason.to_string() });
+        let cpu_busy = match (&mut self.cpu, self.config.scale.cpu_guard) {
+            (Some(cpu), true) => cpu.sample().ok(),
+            _ => None,
+        };
+        let sample = Sample {
+            queued: self.queued_total(),
+            listeners: self.listeners.len() as u32,
+            cpu_busy,
+        };
+        let view = PoolView {
+            target: self.target,
+            alive: counts.active(),
+            ready: counts.ready,
+            starting: counts.starting,
+        };
+        let Some(d) = self
+            .scaler
+            .tick(now.duration_since(self.started), sample, view)
+        else {
+            return;
+        };
+        if d.is_hold() {
+            // Holds (cpu-bound, at max, unreadable) are reported once each.
+            info!(event = "scale-hold", target = d.to, "{d}");
+            return;
+        }
+        if d.to != self.target {
+            info!(event = "scale", from = d.from, to = d.to, "{d}");
+            let _ = self.events.send(Event::Scaled {
+                from: d.from,
+                to: d.to,
+                reason: d.reason.to_string(),
+            });
             self.target = d.to;
         }
     }
 
     fn nudge(&mut self, delta: i32, why: &str) {
-        let new = (self.target as i64 + delta as i64).clamp(self.config.pool.min as i64, self.config.pool.max as i64) as u32;
+        let new = (self.target as i64 + delta as i64)
+            .clamp(self.config.pool.min as i64, self.config.pool.max as i64)
+            as u32;
         if new == self.target {
-            info!("{why}: target stays {} (limits {}..{})", self.target, self.config.pool.min, self.config.pool.max);
+            info!(
+                "{why}: target stays {} (limits {}..{})",
+                self.target, self.config.pool.min, self.config.pool.max
+            );
             return;
         }
-        info!(event = "scale", from = self.target, to = new, "{why}: scale {} -> {new}", self.target);
-        let _ = self.events.send(Event::Scaled { from: self.target, to: new, reason: why.to_string() });
+        info!(
+            event = "scale",
+            from = self.target,
+            to = new,
+            "{why}: scale {} -> {new}",
+            self.target
+        );
+        let _ = self.events.send(Event::Scaled {
+            from: self.target,
+            to: new,
+            reason: why.to_string(),
+        });
         self.target = new;
     }
 
@@ -524,7 +639,12 @@ impl Supervisor {
         if self.phase == Phase::Stopping && (self.fast_stop || !fast) {
             return;
         }
-        info!(event = "stop", "{why}: {} stop of {} workers", if fast { "fast" } else { "graceful" }, self.pool.workers.len());
+        info!(
+            event = "stop",
+            "{why}: {} stop of {} workers",
+            if fast { "fast" } else { "graceful" },
+            self.pool.workers.len()
+        );
         self.phase = Phase::Stopping;
         self.fast_stop = fast;
         if let Some(r) = self.rollout.take() {
@@ -564,7 +684,9 @@ impl Supervisor {
                     error!("reload rejected: {e}");
                 }
             }
-            Command::RestartWorkers { reply } => self.start_rollout("restart requested", None, Some(reply)),
+            Command::RestartWorkers { reply } => {
+                self.start_rollout("restart requested", None, Some(reply))
+            }
             Command::ListWorkers { reply } => {
                 let now = Instant::now();
                 let list = self
@@ -578,7 +700,9 @@ impl Supervisor {
                         generation: w.generation,
                         age_secs: now.duration_since(w.started).as_secs_f64(),
                         rss_bytes: process::rss_bytes(w.pid).unwrap_or(0),
-                        cpu_secs: process::cpu_time(w.pid).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                        cpu_secs: process::cpu_time(w.pid)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0),
                         status: w.status_text.clone().unwrap_or_default(),
                     })
                     .collect();
@@ -613,7 +737,10 @@ impl Supervisor {
 
     /// Re-reads the config. An invalid one changes nothing; a valid one
     /// applies at once, with a rolling restart if worker settings changed.
-    fn reload(&mut self, reply: Option<oneshot::Sender<Result<(), ControlError>>>) -> Result<(), String> {
+    fn reload(
+        &mut self,
+        reply: Option<oneshot::Sender<Result<(), ControlError>>>,
+    ) -> Result<(), String> {
         let fail = |reply: Option<oneshot::Sender<Result<(), ControlError>>>, msg: String| {
             if let Some(r) = reply {
                 let _ = r.send(Err(ControlError::ReloadRejected(msg.clone())));
@@ -628,7 +755,9 @@ impl Supervisor {
             Err(e) => return fail(reply, e),
         };
         if new.listen != self.config.listen {
-            warn!("reload: [listen] changes take effect only after a restart; keeping the current sockets");
+            warn!(
+                "reload: [listen] changes take effect only after a restart; keeping the current sockets"
+            );
         }
         self.counters.reloads += 1;
         let worker_changed = new.worker != self.config.worker;
@@ -641,10 +770,25 @@ impl Supervisor {
             self.config.worker.restart_delay,
             self.config.worker.restart_delay_max,
         );
-        self.target = self.target.clamp(self.config.pool.min, self.config.pool.max);
-        info!(event = "reload", "configuration reloaded{}", if worker_changed { "; worker settings changed" } else { "" });
+        self.target = self
+            .target
+            .clamp(self.config.pool.min, self.config.pool.max);
+        info!(
+            event = "reload",
+            "configuration reloaded{}",
+            if worker_changed {
+                "; worker settings changed"
+            } else {
+                ""
+            }
+        );
         if worker_changed {
-            let plan = match WorkerPlan::new(&self.config, &self.listeners, &self.notify.address, &self.instance) {
+            let plan = match WorkerPlan::new(
+                &self.config,
+                &self.listeners,
+                &self.notify.address,
+                &self.instance,
+            ) {
                 Ok(p) => p,
                 Err(e) => {
                     self.config = old;
@@ -656,7 +800,9 @@ impl Supervisor {
             drop(previous_plan);
             self.start_rollout("configuration reloaded", Some(old), reply);
         } else {
-            let _ = self.events.send(Event::Reloaded { generation: self.generation });
+            let _ = self.events.send(Event::Reloaded {
+                generation: self.generation,
+            });
             if let Some(r) = reply {
                 let _ = r.send(Ok(()));
             }
@@ -686,7 +832,10 @@ impl Supervisor {
             if let Some(reply) = reply {
                 r.replies.push(reply);
             }
-            info!("{why}: joined the rollout in progress (generation {})", self.generation);
+            info!(
+                "{why}: joined the rollout in progress (generation {})",
+                self.generation
+            );
             return;
         }
         let floor = self.pool.counts().ready.min(self.target);
@@ -702,15 +851,29 @@ impl Supervisor {
         self.phase = Phase::Reloading;
         let line = self.snapshot().status_line();
         self.upward.reloading(&line);
-        self.rollout = Some(Rollout { floor, previous, failures: 0, replies: reply.into_iter().collect(), why });
+        self.rollout = Some(Rollout {
+            floor,
+            previous,
+            failures: 0,
+            replies: reply.into_iter().collect(),
+            why,
+        });
     }
 
     fn abort_rollout(&mut self, why: String) {
         let Some(r) = self.rollout.take() else { return };
-        error!(event = "rollout-aborted", "rollout aborted, old workers keep serving: {why}");
+        error!(
+            event = "rollout-aborted",
+            "rollout aborted, old workers keep serving: {why}"
+        );
         let failed_generation = self.generation;
         if let Some((config, generation)) = r.previous {
-            match WorkerPlan::new(&config, &self.listeners, &self.notify.address, &self.instance) {
+            match WorkerPlan::new(
+                &config,
+                &self.listeners,
+                &self.notify.address,
+                &self.instance,
+            ) {
                 Ok(plan) => self.plan = plan,
                 Err(e) => error!("cannot restore the previous worker settings: {e}"),
             }
@@ -749,15 +912,26 @@ impl Supervisor {
     // ---- actions ------------------------------------------------------
 
     fn stop_worker(&mut self, pid: Pid, reason: StopReason, kill: bool) {
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.pool.workers.get_mut(&pid) else {
+            return;
+        };
         if w.state == WorkerState::Stopping && (w.killed || !kill) {
             return;
         }
-        let sig = if kill { Signal::SIGKILL } else { self.config.worker.stop_signal };
+        let sig = if kill {
+            Signal::SIGKILL
+        } else {
+            self.config.worker.stop_signal
+        };
         if let Err(e) = process::send_signal(pid, sig) {
             warn!(worker_pid = pid.as_raw(), "cannot signal worker: {e}");
         }
-        debug!(worker_pid = pid.as_raw(), slot = w.slot, "sent {} ({reason})", sig.as_str());
+        debug!(
+            worker_pid = pid.as_raw(),
+            slot = w.slot,
+            "sent {} ({reason})",
+            sig.as_str()
+        );
         if w.stop.is_none() {
             w.stop = Some((reason, Instant::now()));
         }
@@ -805,7 +979,11 @@ impl Supervisor {
                     "worker {pid} (slot {slot}, generation {}) started",
                     self.generation
                 );
-                let _ = self.events.send(Event::WorkerStarted { pid: pid.as_raw() as u32, slot, generation: self.generation });
+                let _ = self.events.send(Event::WorkerStarted {
+                    pid: pid.as_raw() as u32,
+                    slot,
+                    generation: self.generation,
+                });
                 self.pool.workers.insert(pid, w);
                 true
             }
@@ -813,7 +991,12 @@ impl Supervisor {
                 self.counters.failed_starts += 1;
                 let delay = self.gate.record_failure(now);
                 let why = format!("cannot start worker: {e}");
-                error!(slot, event = "spawn-failed", "{why}; retrying in {} ms", delay.as_millis());
+                error!(
+                    slot,
+                    event = "spawn-failed",
+                    "{why}; retrying in {} ms",
+                    delay.as_millis()
+                );
                 self.last_failure = Some(why);
                 false
             }
@@ -867,7 +1050,9 @@ impl Supervisor {
                     self.stop_worker(pid, StopReason::Rollout, false);
                 }
             }
-            if self.pool.outdated(generation).is_empty() && self.pool.ready_in(generation) >= floor.min(self.target) {
+            if self.pool.outdated(generation).is_empty()
+                && self.pool.ready_in(generation) >= floor.min(self.target)
+            {
                 self.finish_rollout();
             }
         }
@@ -881,12 +1066,17 @@ impl Supervisor {
             .count() as u32;
         if counts_active > self.target {
             let excess = (counts_active - self.target) as usize;
-            for pid in self.pool.pick_to_retire(excess, process::is_waiting_for_connection) {
+            for pid in self
+                .pool
+                .pick_to_retire(excess, process::is_waiting_for_connection)
+            {
                 self.stop_worker(pid, StopReason::ScaleDown, false);
             }
         }
 
-        if self.phase == Phase::Starting && self.pool.counts().ready >= self.target.min(self.config.initial_workers()) {
+        if self.phase == Phase::Starting
+            && self.pool.counts().ready >= self.target.min(self.config.initial_workers())
+        {
             self.phase = Phase::Running;
             let line = self.snapshot().status_line();
             info!(event = "ready", "pool ready: {line}");
@@ -911,16 +1101,28 @@ impl Supervisor {
         // Replace one at a time through the normal path: the slot refills
         // at once since a stopping worker no longer counts as active.
         if let Some((pid, reason)) = due.into_iter().next() {
-            info!(worker_pid = pid.as_raw(), event = "recycle", "worker {pid}: {reason}; replacing it");
+            info!(
+                worker_pid = pid.as_raw(),
+                event = "recycle",
+                "worker {pid}: {reason}; replacing it"
+            );
             self.stop_worker(pid, reason, false);
         }
     }
 
     fn finish_rollout(&mut self) {
         let Some(r) = self.rollout.take() else { return };
-        info!(event = "rollout-done", generation = self.generation, "rolling restart done ({}): generation {} serving", r.why, self.generation);
+        info!(
+            event = "rollout-done",
+            generation = self.generation,
+            "rolling restart done ({}): generation {} serving",
+            r.why,
+            self.generation
+        );
         self.phase = Phase::Running;
-        let _ = self.events.send(Event::Reloaded { generation: self.generation });
+        let _ = self.events.send(Event::Reloaded {
+            generation: self.generation,
+        });
         for reply in r.replies {
             let _ = reply.send(Ok(()));
         }
@@ -946,7 +1148,7 @@ impl Supervisor {
             stopping: counts.stopping,
             listeners: self.listener_status.clone(),
             queued: self.queued_total(),
-            last_scale: self.scaler.last_decision().map(|d| format!("{} -> {}: {}", d.from, d.to, d.reason)),
+            last_scale: self.scaler.last_decision().map(|d| d.to_string()),
             spawned: self.counters.spawned,
             exited: self.counters.exited,
             failed_starts: self.counters.failed_starts,
@@ -1001,5 +1203,8 @@ fn placeholder_snapshot() -> Snapshot {
 
 /// Where a unix listener's socket file lives, for cleanup by callers.
 pub fn owned_paths(listeners: &[Listener]) -> Vec<PathBuf> {
-    listeners.iter().filter_map(|l| l.owned_path.clone()).collect()
+    listeners
+        .iter()
+        .filter_map(|l| l.owned_path.clone())
+        .collect()
 }

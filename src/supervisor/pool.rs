@@ -169,7 +169,8 @@ impl Pool {
     /// Chooses `n` active workers to retire: starting ones first (they serve
     /// nothing yet), then idle ones (per `is_idle`), then the youngest.
     pub fn pick_to_retire(&self, n: usize, is_idle: impl Fn(Pid) -> bool) -> Vec<Pid> {
-        let mut candidates: Vec<&Worker> = self.workers.values().filter(|w| w.is_active()).collect();
+        let mut candidates: Vec<&Worker> =
+            self.workers.values().filter(|w| w.is_active()).collect();
         candidates.sort_by_key(|w| {
             (
                 w.state == WorkerState::Ready,
@@ -182,7 +183,12 @@ impl Pool {
 
     /// Workers that missed their deadline: not ready within `ready_timeout`,
     /// or silent past the watchdog interval.
-    pub fn overdue(&self, now: Instant, ready_timeout: Duration, watchdog: Option<Duration>) -> Vec<(Pid, StopReason)> {
+    pub fn overdue(
+        &self,
+        now: Instant,
+        ready_timeout: Duration,
+        watchdog: Option<Duration>,
+    ) -> Vec<(Pid, StopReason)> {
         self.workers
             .values()
             .filter_map(|w| match w.state {
@@ -190,7 +196,9 @@ impl Pool {
                     Some((w.pid, StopReason::ReadyTimeout))
                 }
                 WorkerState::Ready => match watchdog {
-                    Some(limit) if now.duration_since(w.last_ping) > limit => Some((w.pid, StopReason::Watchdog)),
+                    Some(limit) if now.duration_since(w.last_ping) > limit => {
+                        Some((w.pid, StopReason::Watchdog))
+                    }
                     _ => None,
                 },
                 _ => None,
@@ -203,7 +211,9 @@ impl Pool {
         self.workers
             .values()
             .filter(|w| !w.killed)
-            .filter(|w| matches!(w.stop, Some((_, since)) if now.duration_since(since) >= stop_timeout))
+            .filter(
+                |w| matches!(w.stop, Some((_, since)) if now.duration_since(since) >= stop_timeout),
+            )
             .map(|w| w.pid)
             .collect()
     }
@@ -216,7 +226,12 @@ mod tests {
     fn pool_with(states: &[(i32, u32, WorkerState, u64)], now: Instant) -> Pool {
         let mut pool = Pool::default();
         for &(pid, slot, state, age_ms) in states {
-            let mut w = Worker::new(Pid::from_raw(pid), slot, 1, now - Duration::from_millis(age_ms));
+            let mut w = Worker::new(
+                Pid::from_raw(pid),
+                slot,
+                1,
+                now - Duration::from_millis(age_ms),
+            );
             w.state = state;
             pool.workers.insert(w.pid, w);
         }
@@ -227,7 +242,11 @@ mod tests {
     fn free_slot_fills_gaps_first() {
         let now = Instant::now();
         let pool = pool_with(
-            &[(10, 0, WorkerState::Ready, 5), (11, 2, WorkerState::Ready, 5), (12, 3, WorkerState::Ready, 5)],
+            &[
+                (10, 0, WorkerState::Ready, 5),
+                (11, 2, WorkerState::Ready, 5),
+                (12, 3, WorkerState::Ready, 5),
+            ],
             now,
         );
         assert_eq!(pool.free_slot(), 1);
@@ -253,25 +272,41 @@ mod tests {
             pool.pick_to_retire(3, idle),
             vec![Pid::from_raw(12), Pid::from_raw(10), Pid::from_raw(11)]
         );
-        assert_eq!(pool.pick_to_retire(10, idle).len(), 4, "stopping workers are never picked");
+        assert_eq!(
+            pool.pick_to_retire(10, idle).len(),
+            4,
+            "stopping workers are never picked"
+        );
     }
 
     #[test]
     fn overdue_and_stop_deadlines() {
         let now = Instant::now();
-        let mut pool = pool_with(&[(10, 0, WorkerState::Starting, 3000), (11, 1, WorkerState::Ready, 9000)], now);
+        let mut pool = pool_with(
+            &[
+                (10, 0, WorkerState::Starting, 3000),
+                (11, 1, WorkerState::Ready, 9000),
+            ],
+            now,
+        );
         pool.workers.get_mut(&Pid::from_raw(11)).unwrap().last_ping = now - Duration::from_secs(6);
         let overdue = pool.overdue(now, Duration::from_secs(2), Some(Duration::from_secs(5)));
         assert_eq!(
             overdue,
-            vec![(Pid::from_raw(10), StopReason::ReadyTimeout), (Pid::from_raw(11), StopReason::Watchdog)]
+            vec![
+                (Pid::from_raw(10), StopReason::ReadyTimeout),
+                (Pid::from_raw(11), StopReason::Watchdog)
+            ]
         );
         assert!(pool.overdue(now, Duration::from_secs(10), None).is_empty());
 
         let w = pool.workers.get_mut(&Pid::from_raw(10)).unwrap();
         w.state = WorkerState::Stopping;
         w.stop = Some((StopReason::ScaleDown, now - Duration::from_secs(31)));
-        assert_eq!(pool.stop_expired(now, Duration::from_secs(30)), vec![Pid::from_raw(10)]);
+        assert_eq!(
+            pool.stop_expired(now, Duration::from_secs(30)),
+            vec![Pid::from_raw(10)]
+        );
         pool.workers.get_mut(&Pid::from_raw(10)).unwrap().killed = true;
         assert!(pool.stop_expired(now, Duration::from_secs(30)).is_empty());
     }

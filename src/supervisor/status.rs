@@ -73,7 +73,10 @@ impl Snapshot {
     /// The STATUS= line: short, live, the numbers an operator looks for.
     pub fn status_line(&self) -> String {
         let mut line = match self.phase {
-            Phase::Stopping => format!("stopping: {} workers left", self.ready + self.starting + self.stopping),
+            Phase::Stopping => format!(
+                "stopping: {} workers left",
+                self.ready + self.starting + self.stopping
+            ),
             _ => format!(
                 "{} worker{} ready (min {}, max {})",
                 self.ready,
@@ -100,7 +103,11 @@ impl Snapshot {
         }
         if self.failing {
             line.push_str("; FAILING: ");
-            line.push_str(self.failure.as_deref().unwrap_or("workers exit right after start"));
+            line.push_str(
+                self.failure
+                    .as_deref()
+                    .unwrap_or("workers exit right after start"),
+            );
         }
         line
     }
@@ -151,7 +158,10 @@ mod tests {
         s.ready = 1;
         s.starting = 3;
         s.queued = Some(12);
-        assert_eq!(s.status_line(), "1 worker ready (min 2, max 16), 3 starting, queue 12");
+        assert_eq!(
+            s.status_line(),
+            "1 worker ready (min 2, max 16), 3 starting, queue 12"
+        );
         s.queued = None;
         s.failing = true;
         s.failure = Some("worker exited with status 1 after 0.0 s".into());

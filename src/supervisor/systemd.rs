@@ -64,8 +64,13 @@ impl Upward {
 
     /// Pings the watchdog at half its interval; call every tick.
     pub fn watchdog_tick(&mut self, now: Instant) {
-        let Some(interval) = self.watchdog else { return };
-        if self.last_ping.is_none_or(|t| now.duration_since(t) >= interval / 2) {
+        let Some(interval) = self.watchdog else {
+            return;
+        };
+        if self
+            .last_ping
+            .is_none_or(|t| now.duration_since(t) >= interval / 2)
+        {
             self.send(&[NotifyState::Watchdog]);
             self.last_ping = Some(now);
         }

@@ -19,8 +19,18 @@ pub const DROVED: &str = env!("CARGO_BIN_EXE_droved");
 pub fn example_worker() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/debug/deps/tests-xxxx -> target/debug/examples/worker
-    let path = exe.parent().unwrap().parent().unwrap().join("examples").join("worker");
-    assert!(path.exists(), "{} is missing: run `cargo build --examples` first", path.display());
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("worker");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --examples` first",
+        path.display()
+    );
     path
 }
 
@@ -30,7 +40,11 @@ pub fn python_worker() -> PathBuf {
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -77,7 +91,10 @@ pub struct Builder {
 impl Builder {
     /// Args before `--`; `{port}` is replaced by the test's port.
     pub fn args(mut self, args: &[&str]) -> Self {
-        self.args.extend(args.iter().map(|a| a.replace("{port}", &self.port.to_string())));
+        self.args.extend(
+            args.iter()
+                .map(|a| a.replace("{port}", &self.port.to_string())),
+        );
         self
     }
     /// Writes a config file (`{port}`, `{worker}` and `{dir}` substituted) and passes `-c`.
@@ -91,7 +108,10 @@ impl Builder {
     }
     /// Runs droved under another program (e.g. systemd-socket-activate).
     pub fn launcher(mut self, argv: &[&str]) -> Self {
-        self.launcher = argv.iter().map(|a| a.replace("{port}", &self.port.to_string())).collect();
+        self.launcher = argv
+            .iter()
+            .map(|a| a.replace("{port}", &self.port.to_string()))
+            .collect();
         self
     }
 
@@ -99,7 +119,9 @@ impl Builder {
         let dir = temp_dir(&self.tag);
         let notify_path = dir.join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let log_path = dir.join("droved.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let subst = |s: &str| {
@@ -127,19 +149,41 @@ impl Builder {
             cmd.env(k, subst(v));
         }
         let child = cmd.spawn().unwrap();
-        Droved { child, dir, port: self.port, notify, upward: Upward::default(), log_path, reaped: None }
+        Droved {
+            child,
+            dir,
+            port: self.port,
+            notify,
+            upward: Upward::default(),
+            log_path,
+            reaped: None,
+        }
     }
 }
 
 impl Droved {
     pub fn builder(tag: &str) -> Builder {
-        Builder { args: vec![], config: None, env: vec![], port: free_port(), launcher: vec![], tag: tag.into() }
+        Builder {
+            args: vec![],
+            config: None,
+            env: vec![],
+            port: free_port(),
+            launcher: vec![],
+            tag: tag.into(),
+        }
     }
 
     /// A fixed pool of `n` example workers on the test port.
     pub fn example_pool(tag: &str, n: u32) -> Droved {
         Droved::builder(tag)
-            .args(&["-l", "127.0.0.1:{port}", "-w", &n.to_string(), "--", "{worker}"])
+            .args(&[
+                "-l",
+                "127.0.0.1:{port}",
+                "-w",
+                &n.to_string(),
+                "--",
+                "{worker}",
+            ])
             .start()
     }
 
@@ -173,7 +217,12 @@ impl Droved {
 
     /// Waits until `pred` holds for what droved reported, or panics with
     /// the log after `timeout`.
-    pub fn wait_for(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Upward) -> bool) -> Upward {
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Upward) -> bool,
+    ) -> Upward {
         let deadline = Instant::now() + timeout;
         loop {
             self.drain_notify();
@@ -181,10 +230,17 @@ impl Droved {
                 return self.upward.clone();
             }
             if let Some(status) = self.try_exit() {
-                panic!("droved exited ({status}) while waiting for {what}\n{}", self.log());
+                panic!(
+                    "droved exited ({status}) while waiting for {what}\n{}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
-                panic!("timed out after {timeout:?} waiting for {what}; last status {:?}\n{}", self.upward.status, self.log());
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; last status {:?}\n{}",
+                    self.upward.status,
+                    self.log()
+                );
             }
         }
     }
@@ -196,7 +252,12 @@ impl Droved {
     /// Waits for a STATUS= line containing `needle`.
     pub fn wait_status(&mut self, needle: &str, timeout: Duration) -> String {
         let n = needle.to_string();
-        self.wait_for(&format!("status containing {needle:?}"), timeout, move |u| u.status.contains(&n)).status
+        self.wait_for(
+            &format!("status containing {needle:?}"),
+            timeout,
+            move |u| u.status.contains(&n),
+        )
+        .status
     }
 
     /// Current worker processes (droved's children).
@@ -231,7 +292,11 @@ impl Droved {
                 self.drain_notify();
                 return s;
             }
-            assert!(Instant::now() < deadline, "droved did not exit within {timeout:?}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "droved did not exit within {timeout:?}\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -246,7 +311,10 @@ impl Drop for Droved {
         if self.try_exit().is_none() {
             // Workers live in their own sessions: kill them explicitly.
             for pid in self.workers() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -260,10 +328,15 @@ impl Drop for Droved {
 /// Direct children of `pid`, from /proc (CONFIG_PROC_CHILDREN).
 pub fn children_of(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
     for t in tasks.flatten() {
         if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
-            out.extend(text.split_whitespace().filter_map(|s| s.parse::<i32>().ok()));
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|s| s.parse::<i32>().ok()),
+            );
         }
     }
     out.sort_unstable();
@@ -274,7 +347,11 @@ pub fn children_of(pid: i32) -> Vec<i32> {
 pub fn alive(pid: i32) -> bool {
     // A zombie is not alive for our purposes.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').map(|(_, r)| !r.trim_start().starts_with('Z')).unwrap_or(false))
+        .map(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| !r.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
         .unwrap_or(false)
 }
 
@@ -285,13 +362,17 @@ pub fn environ(pid: i32) -> Vec<(String, String)> {
         .filter(|e| !e.is_empty())
         .filter_map(|e| {
             let s = String::from_utf8_lossy(e);
-            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect()
 }
 
 pub fn env_of(pid: i32, key: &str) -> Option<String> {
-    environ(pid).into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    environ(pid)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
 }
 
 /// Open fds of a process: number -> link target.
@@ -316,7 +397,10 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?}: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -334,12 +418,18 @@ pub fn http_get_unix(path_sock: &Path, path: &str) -> std::io::Result<String> {
 }
 
 fn http_exchange(s: &mut (impl Read + Write), path: &str) -> std::io::Result<String> {
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let (head, body) = buf
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad response {buf:?}")))?;
+    let (head, body) = buf.split_once("\r\n\r\n").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad response {buf:?}"),
+        )
+    })?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         return Err(std::io::Error::other(format!("non-200 response: {head}")));
     }
