@@ -220,6 +220,7 @@ fn run(args: Args, activated: std::io::Result<Option<Vec<Listener>>>) -> anyhow:
     }
     let instance = args.instance();
     let reload_args = args.clone();
+    let args_for_control = args.clone();
     let setup = Setup {
         config,
         load_config: Box::new(move || reload_args.load_config().map_err(|e| format!("{e:#}"))),
@@ -230,5 +231,15 @@ fn run(args: Args, activated: std::io::Result<Option<Vec<Listener>>>) -> anyhow:
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move { Supervisor::new(setup)?.run().await })
+    runtime.block_on(async move {
+        let supervisor = Supervisor::new(setup)?;
+        start_control(&args_for_control, supervisor.handle()).await?;
+        supervisor.run().await
+    })
+}
+
+/// Starts the control front-ends (D-Bus) that drive the supervisor
+/// through its handle.
+async fn start_control(_args: &Args, _handle: drove::supervisor::Handle) -> anyhow::Result<()> {
+    Ok(())
 }

@@ -39,6 +39,8 @@ pub enum ControlError {
     ReloadRejected(String),
     #[error("rollout failed: {0}")]
     RolloutFailed(String),
+    #[error("upgrade refused: {0}")]
+    UpgradeRefused(String),
     #[error("droved is stopping")]
     Stopping,
 }

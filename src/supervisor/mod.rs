@@ -687,6 +687,9 @@ impl Supervisor {
             Command::RestartWorkers { reply } => {
                 self.start_rollout("restart requested", None, Some(reply))
             }
+            Command::Upgrade { reply } => {
+                let _ = reply.send(Err(ControlError::UpgradeRefused("binary upgrade is not supported by this build".into())));
+            }
             Command::ListWorkers { reply } => {
                 let now = Instant::now();
                 let list = self
