@@ -28,6 +28,11 @@ pub enum Command {
     ListWorkers {
         reply: oneshot::Sender<Vec<WorkerInfo>>,
     },
+    /// Re-exec the binary on disk in place (same pid); answers with the
+    /// refusal reason if preflight fails.
+    Upgrade {
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
 }
 
 /// Errors a caller can act on; named on the bus as org.drove.Error.*.

@@ -688,7 +688,9 @@ impl Supervisor {
                 self.start_rollout("restart requested", None, Some(reply))
             }
             Command::Upgrade { reply } => {
-                let _ = reply.send(Err(ControlError::UpgradeRefused("binary upgrade is not supported by this build".into())));
+                let _ = reply.send(Err(ControlError::UpgradeRefused(
+                    "binary upgrade is not supported by this build".into(),
+                )));
             }
             Command::ListWorkers { reply } => {
                 let now = Instant::now();
