@@ -50,12 +50,12 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
 use std::process::exit;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::poll::{PollFd, PollFlags, poll};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage, accept4, getsockname,
@@ -68,17 +68,33 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HEAD: usize = 8 * 1024;
 /// Cap on `ms=` for /sleep and /cpu (10 minutes).
 const MAX_MS: u64 = 600_000;
-/// How often the accept loop wakes up to re-check for SIGTERM, closing the
-/// window where the signal lands between the flag check and `poll()`.
-const POLL_TICK_MS: u16 = 500;
 
 /// Set by the SIGTERM handler; checked between requests.
 static TERM: AtomicBool = AtomicBool::new(false);
+/// An fd open on /dev/null and the number of listeners (at fd 3..), for the
+/// SIGTERM handler; -1 and 0 until the listeners are taken.
+static DEVNULL: AtomicI32 = AtomicI32::new(-1);
+static LISTEN_N: AtomicI32 = AtomicI32::new(0);
 /// Set by /stop-watchdog and /hang; the watchdog thread stops pinging.
 static WATCHDOG_STOPPED: AtomicBool = AtomicBool::new(false);
 
+/// Sets TERM, and points our listener fds at /dev/null. Checking a flag
+/// before a blocking poll/accept always leaves a window where the signal
+/// lands just before the call and is missed; with the fds swapped, any later
+/// poll returns at once and accept fails (ENOTSOCK), so the loop sees TERM.
+/// Only our fd table changes: droved and the other workers keep the sockets.
 extern "C" fn on_term(_: libc::c_int) {
     TERM.store(true, Ordering::SeqCst);
+    let devnull = DEVNULL.load(Ordering::SeqCst);
+    if devnull >= 0 {
+        for fd in 3..3 + LISTEN_N.load(Ordering::SeqCst) {
+            // SAFETY: dup2 is async-signal-safe and touches no memory. It
+            // replaces what the listeners' OwnedFds refer to, but the numbers
+            // stay open and are only used for poll/accept, which then fail
+            // harmlessly.
+            unsafe { libc::dup2(devnull, fd) };
+        }
+    }
 }
 
 extern "C" fn on_quit(sig: libc::c_int) {
@@ -698,6 +714,14 @@ fn main() {
     }
     install_signal_handlers(env_flag("WORKER_IGNORE_TERM"));
     let listeners = take_listeners();
+    match std::fs::File::open("/dev/null") {
+        Ok(f) => {
+            // Leaked on purpose: the SIGTERM handler may use it until exit.
+            DEVNULL.store(std::os::fd::IntoRawFd::into_raw_fd(f), Ordering::SeqCst);
+            LISTEN_N.store(listeners.len() as i32, Ordering::SeqCst);
+        }
+        Err(e) => die(format_args!("/dev/null: {e}")),
+    }
     let notifier = Notifier::from_env();
     let n = notifier.as_deref();
 
@@ -738,8 +762,7 @@ fn main() {
         if TERM.load(Ordering::SeqCst) {
             stop(n);
         }
-        match poll(&mut fds, POLL_TICK_MS) {
-            Ok(0) => continue,
+        match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
             Err(e) => die(format_args!("poll: {e}")),
@@ -757,9 +780,10 @@ fn main() {
             }
             let l = &listeners[i];
             // Blocking accept: another worker may have taken the connection
-            // since poll() woke us all. SIGTERM still interrupts it (EINTR).
-            // The fd is shared with droved and the other workers, so setting
-            // O_NONBLOCK on it would change it for them all.
+            // since poll() woke us all. SIGTERM still interrupts it (EINTR),
+            // and EAGAIN (some other process set O_NONBLOCK) just re-polls.
+            // The socket is shared with droved and the other workers, so we
+            // never set O_NONBLOCK on it ourselves: it would change it for all.
             match accept4(&l.fd, SockFlag::SOCK_CLOEXEC) {
                 Ok(fd) => {
                     let conn = if l.unix {
@@ -769,6 +793,7 @@ fn main() {
                     };
                     handle(conn, n);
                 }
+                Err(_) if TERM.load(Ordering::SeqCst) => stop(n),
                 Err(Errno::EINTR | Errno::EAGAIN | Errno::ECONNABORTED | Errno::EPROTO) => {}
                 Err(e @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)) => {
                     eprintln!("worker: accept on {}: {e}; backing off", l.desc);
