@@ -1,9 +1,10 @@
 // Run: systemd-socket-activate -l 127.0.0.1:8080 --fdname=web target/debug/examples/worker
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! A deliberately simple, synchronous HTTP/1.1 worker for drove's tests and
 //! benchmarks.
 //!
-//! It speaks the standard worker contract (see docs/DESIGN.md, "Worker
-//! contract"): listening sockets at fd 3.. described by `LISTEN_FDS`,
+//! It speaks the standard worker contract (DESIGN.md, "Worker contract";
+//! sd_listen_fds(3), sd_notify(3)): listening sockets at fd 3.. described by `LISTEN_FDS`,
 //! `LISTEN_PID` and `LISTEN_FDNAMES`, readiness and liveness over
 //! `NOTIFY_SOCKET` (`READY=1`, `STATUS=`, `STOPPING=1`, `WATCHDOG=1`), so it
 //! runs the same under droved, systemd or `systemd-socket-activate`.
@@ -33,13 +34,17 @@
 //! Signals: SIGTERM finishes the request in progress, sends `STOPPING=1` and
 //! exits 0; SIGINT and SIGQUIT exit at once with 128+signo.
 //!
+//! Besides the listeners and the connection being served, the worker holds
+//! two fds of its own: an unbound datagram socket for NOTIFY_SOCKET and
+//! /dev/null (see `on_term`).
+//!
 //! Exit codes: 0 after SIGTERM, 2 for a broken contract (no or foreign
 //! `LISTEN_PID`, bad fds, bad knob values), N for `/exit?code=N` and
 //! `WORKER_EXIT_AT_START=N`.
 
 // The crate denies unsafe code, and [lints] apply to examples too. This
-// worker needs it in exactly two places: taking ownership of the inherited
-// fds and installing signal handlers.
+// worker needs it only to take ownership of the inherited fds and for its
+// signal handlers.
 #![allow(unsafe_code)]
 
 use std::fmt::Write as _;

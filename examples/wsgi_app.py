@@ -1,3 +1,5 @@
+# Run: python3 examples/wsgi_worker.py (drove), or any WSGI server (below)
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """A plain WSGI test app, served identically by drove, gunicorn and uWSGI.
 
     python3 examples/wsgi_worker.py                        # under drove

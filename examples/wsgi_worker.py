@@ -1,4 +1,5 @@
-#!/usr/bin/env python3
+# Run: systemd-socket-activate -l 127.0.0.1:8080 python3 examples/wsgi_worker.py
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """A drove worker for any WSGI app, standard library only.
 
     python3 examples/wsgi_worker.py [path/to/module.py:callable | package.module:callable]
@@ -16,13 +17,17 @@ removes workers as the accept queue grows or drains. The app needs no
 threading care and no async rewrite; a CPU-bound request stalls only its
 own worker.
 
-The contract is systemd's (see DESIGN.md, "Worker contract"):
+The contract is systemd's (DESIGN.md, "Worker contract"; sd_listen_fds(3),
+sd_notify(3)):
 - listening sockets at fd 3.. (LISTEN_FDS), meant for us only if
   LISTEN_PID == our pid, named by LISTEN_FDNAMES;
 - READY=1 to NOTIFY_SOCKET once the app is imported and we can serve,
   STOPPING=1 on the way out, WATCHDOG=1 every WATCHDOG_USEC/2 if set;
 - SIGTERM: finish the request in progress, then exit 0.
   SIGINT/SIGQUIT: exit at once (128 + signal number).
+
+Besides the listeners and the connection being served, the worker holds
+/dev/null (see on_term) and, once it has notified, a datagram socket.
 
 Exit codes: 0 after SIGTERM, 2 when the socket-activation contract is
 broken, 1 when the app cannot be loaded.
