@@ -1,9 +1,10 @@
 // Run: systemd-socket-activate -l 127.0.0.1:8080 --fdname=web target/debug/examples/worker
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! A deliberately simple, synchronous HTTP/1.1 worker for drove's tests and
 //! benchmarks.
 //!
-//! It speaks the standard worker contract (see docs/DESIGN.md, "Worker
-//! contract"): listening sockets at fd 3.. described by `LISTEN_FDS`,
+//! It speaks the standard worker contract (DESIGN.md, "Worker contract";
+//! sd_listen_fds(3), sd_notify(3)): listening sockets at fd 3.. described by `LISTEN_FDS`,
 //! `LISTEN_PID` and `LISTEN_FDNAMES`, readiness and liveness over
 //! `NOTIFY_SOCKET` (`READY=1`, `STATUS=`, `STOPPING=1`, `WATCHDOG=1`), so it
 //! runs the same under droved, systemd or `systemd-socket-activate`.
@@ -33,13 +34,17 @@
 //! Signals: SIGTERM finishes the request in progress, sends `STOPPING=1` and
 //! exits 0; SIGINT and SIGQUIT exit at once with 128+signo.
 //!
+//! Besides the listeners and the connection being served, the worker holds
+//! two fds of its own: an unbound datagram socket for NOTIFY_SOCKET and
+//! /dev/null (see `on_term`).
+//!
 //! Exit codes: 0 after SIGTERM, 2 for a broken contract (no or foreign
 //! `LISTEN_PID`, bad fds, bad knob values), N for `/exit?code=N` and
 //! `WORKER_EXIT_AT_START=N`.
 
 // The crate denies unsafe code, and [lints] apply to examples too. This
-// worker needs it in exactly two places: taking ownership of the inherited
-// fds and installing signal handlers.
+// worker needs it only to take ownership of the inherited fds and for its
+// signal handlers.
 #![allow(unsafe_code)]
 
 use std::fmt::Write as _;
@@ -50,12 +55,12 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
 use std::process::exit;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::poll::{PollFd, PollFlags, poll};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage, accept4, getsockname,
@@ -68,17 +73,33 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HEAD: usize = 8 * 1024;
 /// Cap on `ms=` for /sleep and /cpu (10 minutes).
 const MAX_MS: u64 = 600_000;
-/// How often the accept loop wakes up to re-check for SIGTERM, closing the
-/// window where the signal lands between the flag check and `poll()`.
-const POLL_TICK_MS: u16 = 500;
 
 /// Set by the SIGTERM handler; checked between requests.
 static TERM: AtomicBool = AtomicBool::new(false);
+/// An fd open on /dev/null and the number of listeners (at fd 3..), for the
+/// SIGTERM handler; -1 and 0 until the listeners are taken.
+static DEVNULL: AtomicI32 = AtomicI32::new(-1);
+static LISTEN_N: AtomicI32 = AtomicI32::new(0);
 /// Set by /stop-watchdog and /hang; the watchdog thread stops pinging.
 static WATCHDOG_STOPPED: AtomicBool = AtomicBool::new(false);
 
+/// Sets TERM, and points our listener fds at /dev/null. Checking a flag
+/// before a blocking poll/accept always leaves a window where the signal
+/// lands just before the call and is missed; with the fds swapped, any later
+/// poll returns at once and accept fails (ENOTSOCK), so the loop sees TERM.
+/// Only our fd table changes: droved and the other workers keep the sockets.
 extern "C" fn on_term(_: libc::c_int) {
     TERM.store(true, Ordering::SeqCst);
+    let devnull = DEVNULL.load(Ordering::SeqCst);
+    if devnull >= 0 {
+        for fd in 3..3 + LISTEN_N.load(Ordering::SeqCst) {
+            // SAFETY: dup2 is async-signal-safe and touches no memory. It
+            // replaces what the listeners' OwnedFds refer to, but the numbers
+            // stay open and are only used for poll/accept, which then fail
+            // harmlessly.
+            unsafe { libc::dup2(devnull, fd) };
+        }
+    }
 }
 
 extern "C" fn on_quit(sig: libc::c_int) {
@@ -698,6 +719,14 @@ fn main() {
     }
     install_signal_handlers(env_flag("WORKER_IGNORE_TERM"));
     let listeners = take_listeners();
+    match std::fs::File::open("/dev/null") {
+        Ok(f) => {
+            // Leaked on purpose: the SIGTERM handler may use it until exit.
+            DEVNULL.store(std::os::fd::IntoRawFd::into_raw_fd(f), Ordering::SeqCst);
+            LISTEN_N.store(listeners.len() as i32, Ordering::SeqCst);
+        }
+        Err(e) => die(format_args!("/dev/null: {e}")),
+    }
     let notifier = Notifier::from_env();
     let n = notifier.as_deref();
 
@@ -738,8 +767,7 @@ fn main() {
         if TERM.load(Ordering::SeqCst) {
             stop(n);
         }
-        match poll(&mut fds, POLL_TICK_MS) {
-            Ok(0) => continue,
+        match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
             Err(e) => die(format_args!("poll: {e}")),
@@ -757,9 +785,10 @@ fn main() {
             }
             let l = &listeners[i];
             // Blocking accept: another worker may have taken the connection
-            // since poll() woke us all. SIGTERM still interrupts it (EINTR).
-            // The fd is shared with droved and the other workers, so setting
-            // O_NONBLOCK on it would change it for them all.
+            // since poll() woke us all. SIGTERM still interrupts it (EINTR),
+            // and EAGAIN (some other process set O_NONBLOCK) just re-polls.
+            // The socket is shared with droved and the other workers, so we
+            // never set O_NONBLOCK on it ourselves: it would change it for all.
             match accept4(&l.fd, SockFlag::SOCK_CLOEXEC) {
                 Ok(fd) => {
                     let conn = if l.unix {
@@ -769,6 +798,7 @@ fn main() {
                     };
                     handle(conn, n);
                 }
+                Err(_) if TERM.load(Ordering::SeqCst) => stop(n),
                 Err(Errno::EINTR | Errno::EAGAIN | Errno::ECONNABORTED | Errno::EPROTO) => {}
                 Err(e @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)) => {
                     eprintln!("worker: accept on {}: {e}; backing off", l.desc);

@@ -1,0 +1,323 @@
+# Run: systemd-socket-activate -l 127.0.0.1:8080 python3 examples/wsgi_worker.py
+# SPDX-License-Identifier: MIT OR Apache-2.0
+"""A drove worker for any WSGI app, standard library only.
+
+    python3 examples/wsgi_worker.py [path/to/module.py:callable | package.module:callable]
+    systemd-socket-activate -l 127.0.0.1:8080 python3 examples/wsgi_worker.py
+
+Default app: wsgi_app.py next to this file, callable `application`.
+
+Why processes: CPython runs one thread's bytecode at a time (the GIL), so a
+threaded server on N cores still computes on one. This worker therefore
+does the simplest thing: one request at a time, in one process. Throughput
+comes from droved running several of these, each a separate interpreter
+with its own GIL, all accepting from the same inherited listening socket.
+The kernel hands each new connection to one of them, and droved adds or
+removes workers as the accept queue grows or drains. The app needs no
+threading care and no async rewrite; a CPU-bound request stalls only its
+own worker.
+
+The contract is systemd's (DESIGN.md, "Worker contract"; sd_listen_fds(3),
+sd_notify(3)):
+- listening sockets at fd 3.. (LISTEN_FDS), meant for us only if
+  LISTEN_PID == our pid, named by LISTEN_FDNAMES;
+- READY=1 to NOTIFY_SOCKET once the app is imported and we can serve,
+  STOPPING=1 on the way out, WATCHDOG=1 every WATCHDOG_USEC/2 if set;
+- SIGTERM: finish the request in progress, then exit 0.
+  SIGINT/SIGQUIT: exit at once (128 + signal number).
+
+Besides the listeners and the connection being served, the worker holds
+/dev/null (see on_term) and, once it has notified, a datagram socket.
+
+Exit codes: 0 after SIGTERM, 2 when the socket-activation contract is
+broken, 1 when the app cannot be loaded.
+"""
+
+import importlib
+import importlib.util
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+
+READ_TIMEOUT = 5.0  # seconds per read: a silent client cannot wedge us
+
+_stopping = False
+_listener_fds = []
+_devnull = -1
+
+
+def log(msg):
+    print(f"wsgi_worker[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+def die(msg, code=2):
+    log(msg)
+    sys.exit(code)
+
+
+# ------------------------------------------------------------------ sd_notify
+
+
+def notify_address():
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if addr.startswith("@"):
+        return "\0" + addr[1:]  # abstract namespace
+    if addr.startswith("/"):
+        return addr
+    if addr:
+        log(f"unsupported NOTIFY_SOCKET={addr!r}, not notifying")
+    return None
+
+
+_notify_addr = notify_address()
+_notify_sock = None
+_notify_lock = threading.Lock()
+
+
+def notify(msg):
+    global _notify_sock
+    if _notify_addr is None:
+        return
+    with _notify_lock:
+        try:
+            if _notify_sock is None:
+                _notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            _notify_sock.sendto(msg.encode(), _notify_addr)
+        except OSError as e:
+            log(f"sending {msg!r} to NOTIFY_SOCKET: {e}")
+
+
+def start_watchdog():
+    usec = os.environ.get("WATCHDOG_USEC", "").strip()
+    if not usec or _notify_addr is None:
+        return
+    wd_pid = os.environ.get("WATCHDOG_PID", "").strip()
+    if wd_pid and wd_pid != str(os.getpid()):
+        return
+    try:
+        interval = int(usec) / 2e6
+    except ValueError:
+        die(f"WATCHDOG_USEC={usec!r} is not an integer")
+    if interval <= 0:
+        return
+
+    def ping():
+        while True:
+            notify("WATCHDOG=1")
+            time.sleep(interval)
+
+    # Signals must reach the main thread: its blocking poll/accept is what
+    # they have to interrupt. The thread inherits the mask set around start().
+    sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    threading.Thread(target=ping, name="watchdog", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+# ------------------------------------------------------------------ signals
+
+
+def on_term(signum, frame):
+    """Graceful stop. Sets the flag, and points our listener fds at
+    /dev/null: a poll or accept that is blocked, or about to block, then
+    returns at once (PEP 475 retries the call after this handler, and the
+    retry sees the swapped fd), so the flag is never missed. The request in
+    progress is untouched. Only our fd table changes; droved and the other
+    workers keep the shared sockets."""
+    global _stopping
+    _stopping = True
+    for fd in _listener_fds:
+        os.dup2(_devnull, fd, inheritable=False)
+
+
+def on_quit(signum, frame):
+    os._exit(128 + signum)
+
+
+# ------------------------------------------------------------------ listeners
+
+
+def take_listeners():
+    """sd_listen_fds(3), strictly: the fds are ours only if LISTEN_PID is us."""
+    pid = os.environ.get("LISTEN_PID")
+    if pid is None:
+        die("LISTEN_PID is not set: not socket-activated")
+    if pid.strip() != str(os.getpid()):
+        die(f"LISTEN_PID={pid} but my pid is {os.getpid()}: these fds are not for me")
+    try:
+        n = int(os.environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        n = 0
+    if n < 1:
+        die(f"LISTEN_FDS={os.environ.get('LISTEN_FDS')!r}: expected at least 1")
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    listeners = []
+    for i, fd in enumerate(range(3, 3 + n)):
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            die(f"fd {fd} ({name}): not a socket: {e}")
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            die(f"fd {fd} ({name}) is not a listening stream socket")
+        os.set_inheritable(fd, False)  # CLOEXEC: the app's children get none
+        listeners.append((sock, name))
+    return listeners
+
+
+# ------------------------------------------------------------------ WSGI
+
+
+class CloseHandler(ServerHandler):
+    """wsgiref's handler, answering HTTP/1.1 with `Connection: close`.
+
+    A WSGI app may not set hop-by-hop headers, so the server adds it."""
+
+    http_version = "1.1"
+
+    def cleanup_headers(self):
+        super().cleanup_headers()
+        self.headers["Connection"] = "close"
+
+
+class RequestHandler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT  # applied to the connection by StreamRequestHandler
+    # Answer unparseable request lines with a status line and headers too,
+    # not as HTTP/0.9 (a bare body).
+    default_request_version = "HTTP/1.0"
+
+    def handle(self):
+        # WSGIRequestHandler.handle, with our ServerHandler.
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():  # the error response has been sent
+            return
+        self.close_connection = True
+        handler = CloseHandler(
+            self.rfile,
+            self.wfile,
+            self.get_stderr(),
+            self.get_environ(),
+            multithread=False,
+            multiprocess=True,
+        )
+        handler.request_handler = self  # for log_request
+        handler.run(self.server.get_app())
+
+    def log_request(self, code="-", size="-"):
+        pass  # per-request logs belong to the app or a proxy, not here
+
+
+class Server(WSGIServer):
+    """A WSGIServer around an inherited socket instead of a bound one."""
+
+    def __init__(self, sock, app):
+        super().__init__(None, RequestHandler, bind_and_activate=False)
+        self.socket.close()  # the unused one the constructor made
+        self.socket = sock
+        self.unix = sock.family == socket.AF_UNIX
+        addr = sock.getsockname()
+        if self.unix:
+            self.server_name, self.server_port = "localhost", 0
+        else:
+            # No getfqdn() like HTTPServer.server_bind: it may do DNS lookups.
+            self.server_name, self.server_port = addr[0], addr[1]
+        self.server_address = addr
+        self.setup_environ()
+        self.set_app(app)
+
+    def serve_one(self):
+        try:
+            conn, addr = self.socket.accept()
+        except OSError:
+            return  # another worker took it, or we are stopping
+        if self.unix:
+            addr = ("", 0)  # unix peers have no address; wsgiref wants one
+        try:
+            self.finish_request(conn, addr)
+        except OSError:
+            pass  # client went away or timed out: nothing to answer
+        except Exception:
+            self.handle_error(conn, addr)
+        finally:
+            self.shutdown_request(conn)
+
+
+def load_app(spec):
+    target, _, attr = spec.partition(":")
+    attr = attr or "application"
+    try:
+        if target.endswith(".py") or os.sep in target:
+            path = os.path.abspath(target)
+            sys.path.insert(0, os.path.dirname(path))  # for the app's own imports
+            name = os.path.splitext(os.path.basename(path))[0]
+            mod_spec = importlib.util.spec_from_file_location(name, path)
+            if mod_spec is None:
+                raise ImportError(f"cannot load {path}")
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+        return getattr(module, attr)
+    except Exception as e:
+        log(f"cannot load WSGI app {spec!r}: {type(e).__name__}: {e}")
+        sys.exit(1)
+
+
+def main():
+    global _devnull
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        sys.exit(0)
+    if len(sys.argv) > 2:
+        die(f"usage: {sys.argv[0]} [module.py:callable]")
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wsgi_app.py")
+    spec = sys.argv[1] if len(sys.argv) > 1 else default + ":application"
+
+    signal.signal(signal.SIGINT, on_quit)
+    signal.signal(signal.SIGQUIT, on_quit)
+    listeners = take_listeners()
+    _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    _listener_fds.extend(sock.fileno() for sock, _ in listeners)
+    signal.signal(signal.SIGTERM, on_term)
+
+    app = load_app(spec)
+    servers = {sock.fileno(): Server(sock, app) for sock, _ in listeners}
+    for sock, name in listeners:
+        log(f"serving fd {sock.fileno()} ({name}) {sock.getsockname()!r}")
+    start_watchdog()
+    notify("READY=1")
+
+    # select.poll, not selectors' epoll: poll() takes fd numbers on every
+    # call, so it notices when on_term swaps them for /dev/null.
+    poller = select.poll()
+    for fd in servers:
+        poller.register(fd, select.POLLIN)
+    while not _stopping:
+        for fd, _ in poller.poll():
+            if _stopping:
+                break
+            # Blocking accept on the shared socket (we never set O_NONBLOCK
+            # on it: that would change it for droved and the other workers
+            # too). If another worker won the race we block until the next
+            # connection or until SIGTERM makes the retried accept fail.
+            servers[fd].serve_one()
+
+    notify("STOPPING=1")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
