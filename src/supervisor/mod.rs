@@ -9,6 +9,7 @@
 pub mod control;
 pub mod gate;
 pub mod pool;
+pub mod pool_cpu;
 pub mod status;
 pub mod systemd;
 
@@ -86,8 +87,8 @@ pub struct Supervisor {
     fast_stop: bool,
     gate: SpawnGate,
     scaler: Scaler,
-    /// Machine CPU use, for the scaler's cpu-bound guard.
-    cpu: Option<probe::CpuSampler>,
+    /// The workers' CPU use, for the scaler's cpu-bound guard.
+    cpu: pool_cpu::PoolCpu,
     rollout: Option<Rollout>,
     upward: Upward,
     started: Instant,
@@ -204,7 +205,7 @@ impl Supervisor {
         let mut sup = Supervisor {
             target: config.initial_workers(),
             scaler: Scaler::new(scale_params(&config)),
-            cpu: probe::CpuSampler::new().ok(),
+            cpu: pool_cpu::PoolCpu::default(),
             config,
             load_config: setup.load_config,
             instance: setup.instance,
@@ -568,19 +569,25 @@ impl Supervisor {
     }
 
     fn autoscale(&mut self, now: Instant) {
+        // Sample CPU on every tick, also before the pool runs, so the
+        // first tick that sees a queue already has a baseline to judge by.
+        let cpu_busy = if self.config.scale.cpu_guard {
+            self.cpu.sample(self.pool.workers.keys().copied(), now)
+        } else {
+            None
+        };
         if !matches!(self.phase, Phase::Running) {
             return;
         }
         let counts = self.pool.counts();
-        let cpu_busy = match (&mut self.cpu, self.config.scale.cpu_guard) {
-            (Some(cpu), true) => cpu.sample().ok(),
-            _ => None,
-        };
         let sample = Sample {
             queued: self.queued_total(),
             listeners: self.listeners.len() as u32,
             cpu_busy,
         };
+        if sample.queued.unwrap_or(0) > 0 {
+            debug!(queued = ?sample.queued, cpu_busy = ?cpu_busy, ready = counts.ready, "queue sample");
+        }
         let view = PoolView {
             target: self.target,
             alive: counts.active(),
