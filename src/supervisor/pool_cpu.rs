@@ -24,16 +24,19 @@ use crate::sys::process;
 /// Waiting this much of their runnable time means the workers are CPU-starved.
 pub const CONTENTION_BUSY: f64 = 0.3;
 
+/// (time on a CPU, time waiting for one) per worker.
+type SchedTimes = HashMap<Pid, (Duration, Duration)>;
+
 #[derive(Debug, Default)]
 pub struct PoolCpu {
-    last: Option<(Instant, HashMap<Pid, (Duration, Duration)>)>,
+    last: Option<(Instant, SchedTimes)>,
 }
 
 impl PoolCpu {
     /// Busy fraction (0..=1) of the pool since the previous call; `None` on
     /// the first call or when nothing could be read.
     pub fn sample(&mut self, pids: impl Iterator<Item = Pid>, now: Instant) -> Option<f64> {
-        let current: HashMap<Pid, (Duration, Duration)> = pids
+        let current: SchedTimes = pids
             .filter_map(|pid| process::sched_times(pid).ok().map(|t| (pid, t)))
             .collect();
         let busy = self.last.as_ref().and_then(|(then, before)| {
