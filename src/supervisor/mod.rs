@@ -12,6 +12,7 @@ pub mod pool;
 pub mod pool_cpu;
 pub mod status;
 pub mod systemd;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ReadyMode};
+use crate::handover::Counters;
 use crate::notify;
 use crate::scale::{PoolView, Sample, ScaleParams, Scaler};
 use crate::sys::listen::Listener;
@@ -46,6 +48,11 @@ pub struct Setup {
     pub load_config: ConfigLoader,
     pub listeners: Vec<Listener>,
     pub instance: String,
+    /// How this process was started, to re-exec it for an upgrade.
+    pub exe: PathBuf,
+    pub argv: Vec<std::ffi::OsString>,
+    /// State handed over by the previous binary, with its notify socket.
+    pub restored: Option<(crate::handover::State, std::os::fd::OwnedFd)>,
 }
 
 /// The daemon's side of the control channel: commands in, state out.
@@ -99,15 +106,9 @@ pub struct Supervisor {
     events: broadcast::Sender<Event>,
     commands_rx: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    spawned: u64,
-    exited: u64,
-    failed_starts: u64,
-    reloads: u64,
-    upgrades: u64,
+    exe: PathBuf,
+    argv: Vec<std::ffi::OsString>,
+    upgrade: upgrade::Upgrade,
 }
 
 fn scale_params(config: &Config) -> ScaleParams {
@@ -182,8 +183,19 @@ impl WorkerPlan {
 }
 
 impl Supervisor {
-    pub fn new(setup: Setup) -> anyhow::Result<Supervisor> {
-        let notify = NotifySocket::bind("notify")?;
+    pub fn new(mut setup: Setup) -> anyhow::Result<Supervisor> {
+        let restored = setup.restored.take();
+        let notify = match &restored {
+            Some((state, _)) if state.notify.address.is_empty() => NotifySocket::bind("notify")?,
+            Some(_) => {
+                let (state, fd) = restored
+                    .as_ref()
+                    .map(|(s, fd)| (s, fd.try_clone()))
+                    .expect("some");
+                NotifySocket::from_fd(fd?, state.notify.address.clone())?
+            }
+            None => NotifySocket::bind("notify")?,
+        };
         let plan = WorkerPlan::new(
             &setup.config,
             &setup.listeners,
@@ -227,7 +239,13 @@ impl Supervisor {
             events,
             commands_rx,
             commands_tx,
+            exe: setup.exe,
+            argv: setup.argv,
+            upgrade: upgrade::Upgrade::default(),
         };
+        if let Some((state, _)) = restored {
+            sup.restore(state, now);
+        }
         sup.probe_queues();
         let snap = sup.snapshot();
         sup.snapshot_tx = watch::channel(snap).0;
@@ -253,18 +271,30 @@ impl Supervisor {
         let mut sigusr2 = signal(SignalKind::user_defined2())?;
         let mut sigttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
         let mut sigttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
+        // Signals stay blocked across an upgrade exec; our handlers are in
+        // place now, so let pending ones in.
+        if let Err(e) = crate::sys::exec::unblock_signals() {
+            warn!("cannot unblock signals: {e}");
+        }
         let mut tick = tokio::time::interval(self.config.scale.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
-        info!(
-            instance = %self.instance,
-            listeners = %self.listeners.iter().map(|l| format!("{}={}", l.name, l.address)).collect::<Vec<_>>().join(", "),
-            "droved {} starting {} workers (min {}, max {})",
-            env!("CARGO_PKG_VERSION"),
-            self.target,
-            self.config.pool.min,
-            self.config.pool.max
-        );
+        if self.pool.workers.is_empty() {
+            info!(
+                instance = %self.instance,
+                listeners = %self.listeners.iter().map(|l| format!("{}={}", l.name, l.address)).collect::<Vec<_>>().join(", "),
+                "droved {} starting {} workers (min {}, max {})",
+                crate::version(),
+                self.target,
+                self.config.pool.min,
+                self.config.pool.max
+            );
+        } else {
+            // Taken over from the previous binary: tell systemd we are back.
+            self.reap();
+            let line = self.snapshot().status_line();
+            self.upward.ready(&line);
+        }
         self.reconcile();
         self.publish();
 
@@ -284,7 +314,8 @@ impl Supervisor {
                         error!("reload on SIGHUP rejected: {e}");
                     }
                 }
-                _ = sigusr2.recv() => warn!("SIGUSR2 (binary upgrade) is not supported by this build; ignoring"),
+                _ = sigusr2.recv() => self.request_upgrade(None, "SIGUSR2"),
+                Some(result) = self.upgrade.results.recv() => self.on_preflight(result),
                 _ = sigttin.recv() => self.nudge(1, "SIGTTIN"),
                 _ = sigttou.recv() => self.nudge(-1, "SIGTTOU"),
                 Some(cmd) = self.commands_rx.recv() => self.on_command(cmd),
@@ -488,18 +519,26 @@ impl Supervisor {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if self.upgrade.exec_due(now) {
+            self.exec_upgrade();
+        }
         self.upward.watchdog_tick(now);
         for (pid, reason) in self.pool.overdue(
             now,
             self.config.worker.ready_timeout,
             self.config.worker.watchdog,
         ) {
+            // A hung worker (watchdog) gets SIGKILL at once, as systemd's
+            // watchdog would abort it; one that is merely not ready may be
+            // serving requests already: stop it gracefully.
+            let hung = reason == StopReason::Watchdog;
             warn!(
                 worker_pid = pid.as_raw(),
                 event = "timeout",
-                "worker {pid}: {reason}; killing it"
+                "worker {pid}: {reason}; {}",
+                if hung { "killing it" } else { "stopping it" }
             );
-            self.stop_worker(pid, reason, true);
+            self.stop_worker(pid, reason, hung);
         }
         for pid in self.pool.stop_expired(now, self.config.worker.stop_timeout) {
             warn!(
@@ -694,11 +733,8 @@ impl Supervisor {
             Command::RestartWorkers { reply } => {
                 self.start_rollout("restart requested", None, Some(reply))
             }
-            Command::Upgrade { reply } => {
-                let _ = reply.send(Err(ControlError::UpgradeRefused(
-                    "binary upgrade is not supported by this build".into(),
-                )));
-            }
+            Command::Upgrade { reply } => self.request_upgrade(Some(reply), "upgrade request"),
+
             Command::ListWorkers { reply } => {
                 let now = Instant::now();
                 let list = self
@@ -904,7 +940,7 @@ impl Supervisor {
             .map(|w| w.pid)
             .collect();
         for pid in doomed {
-            self.stop_worker(pid, StopReason::Rollout, true);
+            self.stop_worker(pid, StopReason::Rollout, false);
         }
         // Old workers of the restored generation stay; others are outdated.
         for w in self.pool.workers.values_mut() {
@@ -1146,7 +1182,7 @@ impl Supervisor {
         let counts = self.pool.counts();
         Snapshot {
             instance: self.instance.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: crate::version(),
             pid: std::process::id(),
             phase: self.phase,
             failing: self.gate.is_failing(),

@@ -34,7 +34,7 @@ impl std::fmt::Display for WorkerState {
 
 /// Why a worker is being stopped (logged, and decides whether its exit
 /// counts as a failure).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StopReason {
     ScaleDown,

@@ -1,3 +1,4 @@
 pub mod core;
 pub mod harness;
 pub mod scale;
+pub mod upgrade;
