@@ -998,6 +998,7 @@ impl Supervisor {
             working_directory: self.config.worker.working_directory.as_deref(),
             credentials: self.plan.credentials.as_ref(),
             listeners: self.listeners.iter().map(|l| l.as_fd()).collect(),
+            parent_death_signal: Some(self.config.worker.stop_signal),
         };
         self.gate.consume(now);
         match spawn::spawn(&spec) {

@@ -516,3 +516,18 @@ fn status_line_reports_the_queue() {
         d.upward().status
     );
 }
+
+#[test]
+fn workers_do_not_outlive_a_killed_droved() {
+    let mut d = Droved::example_pool("orphans", 3);
+    d.wait_ready();
+    let workers = d.workers();
+    assert_eq!(workers.len(), 3);
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(10 * SEC);
+    // PR_SET_PDEATHSIG delivers the stop signal: they finish and exit
+    // instead of serving on as orphans.
+    eventually("orphaned workers exit", 10 * SEC, || {
+        workers.iter().all(|&p| !alive(p)).then_some(())
+    });
+}
