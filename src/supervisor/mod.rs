@@ -109,7 +109,11 @@ pub struct Supervisor {
     exe: PathBuf,
     argv: Vec<std::ffi::OsString>,
     upgrade: upgrade::Upgrade,
+    last_rss_check: Option<Instant>,
 }
+
+/// How often workers' memory is compared with `worker.max_rss`.
+const RSS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 fn scale_params(config: &Config) -> ScaleParams {
     ScaleParams {
@@ -242,6 +246,7 @@ impl Supervisor {
             exe: setup.exe,
             argv: setup.argv,
             upgrade: upgrade::Upgrade::default(),
+            last_rss_check: None,
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);
@@ -1065,7 +1070,7 @@ impl Supervisor {
             .pool
             .workers
             .values()
-            .filter(|w| w.is_active() && w.generation == generation)
+            .filter(|w| w.is_staying(generation))
             .count() as u32;
         let current_starting = self
             .pool
@@ -1111,7 +1116,7 @@ impl Supervisor {
             .pool
             .workers
             .values()
-            .filter(|w| w.is_active() && w.generation == generation)
+            .filter(|w| w.is_staying(generation))
             .count() as u32;
         if counts_active > self.target {
             let excess = (counts_active - self.target) as usize;
@@ -1133,29 +1138,69 @@ impl Supervisor {
         }
     }
 
+    /// Recycling (max_lifetime, max_rss), one worker at a time and gated
+    /// on readiness like a rollout: the due worker keeps serving, a
+    /// replacement starts (the due one no longer counts toward the
+    /// target), and only once that one is ready does the old one get its
+    /// stop signal.
     fn recycle(&mut self, now: Instant) {
-        let due: Vec<(Pid, StopReason)> = self
+        if self.rollout.is_some() {
+            return; // a rollout replaces everyone anyway
+        }
+        let generation = self.generation;
+        if let Some(w) = self
             .pool
             .workers
             .values()
-            .filter(|w| w.state == WorkerState::Ready)
-            .filter_map(|w| {
+            .find(|w| w.is_active() && w.replace.is_some())
+        {
+            let (pid, reason) = (w.pid, w.replace.expect("checked"));
+            let ready_staying = self
+                .pool
+                .workers
+                .values()
+                .filter(|w| w.is_staying(generation) && w.state == WorkerState::Ready)
+                .count() as u32;
+            if ready_staying >= self.target {
+                self.stop_worker(pid, reason, false);
+            }
+            return;
+        }
+        let check_rss = self.config.worker.max_rss.is_some()
+            && self
+                .last_rss_check
+                .is_none_or(|t| now.duration_since(t) >= RSS_CHECK_EVERY);
+        if check_rss {
+            self.last_rss_check = Some(now);
+        }
+        let max_rss = self.config.worker.max_rss.unwrap_or(u64::MAX);
+        let due = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Ready && w.generation == generation)
+            .find_map(|w| {
                 if w.recycle_at.is_some_and(|t| now >= t) {
-                    Some((w.pid, StopReason::Lifetime))
-                } else {
-                    None
+                    return Some((w.pid, StopReason::Lifetime, String::new()));
                 }
-            })
-            .collect();
-        // Replace one at a time through the normal path: the slot refills
-        // at once since a stopping worker no longer counts as active.
-        if let Some((pid, reason)) = due.into_iter().next() {
+                if check_rss {
+                    let rss = process::rss_bytes(w.pid).unwrap_or(0);
+                    if rss > max_rss {
+                        let detail = format!(" ({} MiB > {} MiB)", rss >> 20, max_rss >> 20);
+                        return Some((w.pid, StopReason::Memory, detail));
+                    }
+                }
+                None
+            });
+        if let Some((pid, reason, detail)) = due {
             info!(
                 worker_pid = pid.as_raw(),
                 event = "recycle",
-                "worker {pid}: {reason}; replacing it"
+                "worker {pid}: {reason}{detail}; starting its replacement"
             );
-            self.stop_worker(pid, reason, false);
+            if let Some(w) = self.pool.workers.get_mut(&pid) {
+                w.replace = Some(reason);
+            }
         }
     }
 

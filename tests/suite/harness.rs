@@ -540,3 +540,70 @@ pub fn droved_build(dest: &Path, id: &str) {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&tmp, dest).unwrap();
 }
+
+/// Where a load generator connects.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+/// Closed-loop clients, each request a fresh connection, bounded by
+/// `limit` (127.0.0.1 or a unix socket only). Every failure is kept with
+/// its error text.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(target: Target, path: &str, clients: usize, limit: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + limit;
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+                let (target, path) = (target.clone(), path.to_string());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let result = match &target {
+                            Target::Tcp(port) => http_get(("127.0.0.1", *port), &path),
+                            Target::Unix(p) => http_get_unix(p, &path),
+                        };
+                        match result {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => errors.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            errors,
+            threads,
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; returns (answered, failures).
+    pub fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let errors = self.errors.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), errors)
+    }
+}

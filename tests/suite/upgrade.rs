@@ -1,8 +1,6 @@
 //! Binary upgrade by re-exec and reload by rolling restart, under real load:
 //! nothing may fail, reset or be dropped, droved's pid never changes.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -10,59 +8,6 @@ use nix::sys::signal::Signal;
 use super::harness::*;
 
 const SEC: Duration = Duration::from_secs(1);
-
-/// 64 closed-loop clients on 127.0.0.1, each request a fresh connection.
-/// Bounded by `limit`; every failure is kept with its error text.
-pub struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    errors: Arc<std::sync::Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    pub fn start(port: u16, path: &str, clients: usize, limit: Duration) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let deadline = Instant::now() + limit;
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, ok, errors, path) =
-                    (stop.clone(), ok.clone(), errors.clone(), path.to_string());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match http_get(("127.0.0.1", port), &path) {
-                            Ok(_) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => errors.lock().unwrap().push(e.to_string()),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            errors,
-            threads,
-        }
-    }
-
-    pub fn ok(&self) -> u64 {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    pub fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let errors = self.errors.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), errors)
-    }
-}
 
 const POOL: &str = r#"
 [listen]
@@ -99,7 +44,7 @@ fn twenty_upgrades_then_twenty_reloads_under_load_drop_nothing() {
     let fds_before = fds_of(pid).len();
     let workers_before = d.workers();
 
-    let load = Load::start(d.port, "/sleep?ms=5", 64, 120 * SEC);
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 64, 120 * SEC);
     eventually("load is flowing", 10 * SEC, || {
         (load.ok() > 50).then_some(())
     });
@@ -289,7 +234,7 @@ fn a_generation_that_never_gets_ready_is_rolled_back() {
         ),
     )
     .unwrap();
-    let load = Load::start(d.port, "/sleep?ms=5", 16, 30 * SEC);
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 16, 30 * SEC);
     d.signal(Signal::SIGHUP);
     d.wait_log("rollout aborted", 1, 20 * SEC);
     let (ok, errors) = load.finish();
