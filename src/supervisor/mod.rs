@@ -807,6 +807,13 @@ impl Supervisor {
             Ok(c) => c,
             Err(e) => return fail(reply, e),
         };
+        // Resolve the worker settings before touching anything: an unknown
+        // user or a missing command rejects the reload like a parse error.
+        let plan =
+            match WorkerPlan::new(&new, &self.listeners, &self.notify.address, &self.instance) {
+                Ok(p) => p,
+                Err(e) => return fail(reply, e),
+            };
         if new.listen != self.config.listen {
             warn!(
                 "reload: [listen] changes take effect only after a restart; keeping the current sockets"
@@ -816,6 +823,7 @@ impl Supervisor {
         let worker_changed = new.worker != self.config.worker;
         let old = std::mem::replace(&mut self.config, new);
         self.config.listen = old.listen.clone();
+        self.plan = plan;
         self.scaler.set_params(scale_params(&self.config));
         self.gate.set_limits(
             self.config.pool.spawn_rate,
@@ -835,31 +843,9 @@ impl Supervisor {
                 ""
             }
         );
-        if worker_changed {
-            let plan = match WorkerPlan::new(
-                &self.config,
-                &self.listeners,
-                &self.notify.address,
-                &self.instance,
-            ) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.config = old;
-                    self.scaler.set_params(scale_params(&self.config));
-                    return fail(reply, e);
-                }
-            };
-            let previous_plan = std::mem::replace(&mut self.plan, plan);
-            drop(previous_plan);
-            self.start_rollout("configuration reloaded", Some(old), reply);
-        } else {
-            let _ = self.events.send(Event::Reloaded {
-                generation: self.generation,
-            });
-            if let Some(r) = reply {
-                let _ = r.send(Ok(()));
-            }
-        }
+        // Like gunicorn's HUP: always roll the workers, since the app's own
+        // code and files may have changed even when drove's config did not.
+        self.start_rollout("configuration reloaded", Some(old), reply);
         Ok(())
     }
 

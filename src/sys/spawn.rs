@@ -394,17 +394,19 @@ unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
             fail(ChildStep::Fds);
         }
 
-        if let Some(cwd) = &p.cwd
-            && libc::chdir(cwd.as_ptr()) < 0
-        {
-            fail(ChildStep::Chdir);
-        }
         if let Some((uid, gid, groups)) = &p.creds
             && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(*gid) < 0
                 || libc::setuid(*uid) < 0)
         {
             fail(ChildStep::Credentials);
+        }
+        // As the worker's user (systemd does the same): a directory only
+        // that user may enter works without extra capabilities for droved.
+        if let Some(cwd) = &p.cwd
+            && libc::chdir(cwd.as_ptr()) < 0
+        {
+            fail(ChildStep::Chdir);
         }
 
         // After the credential change (which clears it): die with the

@@ -282,3 +282,24 @@ fn a_generation_that_never_gets_ready_is_rolled_back() {
             .then_some(())
     });
 }
+
+#[test]
+fn reload_without_config_changes_still_rolls_the_workers() {
+    // New application code with the same drove config: HUP must restart
+    // the workers (gunicorn habit), one by one.
+    let mut d = Droved::builder("plain-reload").config(POOL).start();
+    d.wait_ready();
+    let before = d.workers();
+    let readies = d.upward().ready_count;
+    d.signal(Signal::SIGHUP);
+    d.wait_for("rollout done", 30 * SEC, |u| {
+        u.ready_count > readies && u.reloading == 1
+    });
+    eventually("all workers replaced by generation 2", 20 * SEC, || {
+        let now = d.workers();
+        (now.len() == 4
+            && now.iter().all(|p| !before.contains(p))
+            && generation_of_workers(&d).iter().all(|g| g == "2"))
+        .then_some(())
+    });
+}
