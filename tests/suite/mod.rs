@@ -1,4 +1,5 @@
 pub mod core;
+pub mod faults;
 pub mod harness;
 pub mod scale;
 pub mod upgrade;
