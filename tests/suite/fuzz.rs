@@ -81,10 +81,10 @@ proptest! {
 
     #[test]
     fn notify_parser_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..5000)) {
-        if let Ok(n) = notify::parse(&bytes) {
-            if let Some(s) = n.status {
-                prop_assert!(!s.chars().any(char::is_control));
-            }
+        if let Ok(n) = notify::parse(&bytes)
+            && let Some(s) = n.status
+        {
+            prop_assert!(!s.chars().any(char::is_control));
         }
     }
 
