@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import re
 import shutil
 import signal
@@ -18,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -356,9 +358,47 @@ def wrk(url, path, conns, secs, latency=True, script=None, logdir=None, timeout=
         target = url + "/"
     else:
         target = url + path
-    out = subprocess.run(argv + [target], env=env, capture_output=True, text=True,
-                         timeout=secs + 60).stdout
+    with open(os.devnull, "w") as devnull, tempfile.TemporaryFile("w+") as buf:
+        proc = subprocess.Popen(argv + [target], env=env, stdout=buf, stderr=devnull)
+        timer = threading.Timer(secs + 60, proc.kill)
+        timer.start()
+        _, _, ru = os.wait4(proc.pid, 0)
+        timer.cancel()
+        proc.returncode = 0
+        buf.seek(0)
+        out = buf.read()
+    wrk.cpu_s = ru.ru_utime + ru.ru_stime
     return out
+
+
+class Foreign:
+    """CPU used during a phase by processes that are neither the contender
+    (supervisor and workers), nor wrk, nor this script: other load on the
+    machine, which makes the phase's numbers suspect. Call wrk() inside."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.t0 = time.monotonic()
+        self.m0 = machine_ticks()
+        self.tree0 = {p: cpu_ticks(p) or 0 for p in [pid] + descendants(pid)}
+        self.self0 = resource.getrusage(resource.RUSAGE_SELF)
+
+    def end(self, wrk_cpu_s):
+        dt = time.monotonic() - self.t0
+        m1 = machine_ticks()
+        tree1 = {p: cpu_ticks(p) for p in [self.pid] + descendants(self.pid)}
+        tree = sum(max(0, (v or 0) - self.tree0.get(p, 0)) for p, v in tree1.items())
+        self1 = resource.getrusage(resource.RUSAGE_SELF)
+        me = (self1.ru_utime + self1.ru_stime) - (self.self0.ru_utime + self.self0.ru_stime)
+        busy_s = (m1[0] - self.m0[0]) / CLK_TCK
+        foreign = busy_s - tree / CLK_TCK - wrk_cpu_s - me
+        cores = os.cpu_count() or 1
+        return {
+            "machine_busy_pct": round(100.0 * busy_s / (dt * cores), 1),
+            "pool_cpu_pct": round(100.0 * tree / CLK_TCK / (dt * cores), 1),
+            "wrk_cpu_pct": round(100.0 * wrk_cpu_s / (dt * cores), 1),
+            "foreign_cpu_pct": round(max(0.0, 100.0 * foreign / (dt * cores)), 1),
+        }
 
 
 class Sampler:
@@ -444,13 +484,16 @@ def scenario_burst(srv, secs, conns, path):
     n_events0 = len(srv.notify.events) if srv.notify else 0
     time.sleep(0.5)  # a baseline before the burst
     t0 = time.monotonic()
+    fg = Foreign(srv.pid)
     out = wrk(srv.url, path, conns, secs, script=os.path.join(BENCH, "burst.lua"), logdir=logdir)
+    load = fg.end(wrk.cpu_s)
     t_end = time.monotonic()
     time.sleep(1.0)  # and a bit after
     samples = sampler.close()
     with open(os.path.join(logdir, "wrk.out"), "w") as f:
         f.write(out)
     r = parse_wrk(out)
+    r["load"] = load
     reqs = read_wrk_logs(logdir)
     start = reqs[0][0] if reqs else t0  # the first request's send time
     r["t0_lag_ms"] = (start - t0) * 1e3
@@ -481,10 +524,13 @@ def scenario_steady(srv, loads, warm, secs):
     out = {}
     for name, path, conns in loads:
         wrk(srv.url, path, conns, warm, latency=False)
+        fg = Foreign(srv.pid)
         text = wrk(srv.url, path, conns, secs)
+        load = fg.end(wrk.cpu_s)
         with open(os.path.join(srv.workdir, f"steady-{name}.out"), "w") as f:
             f.write(text)
         r = parse_wrk(text)
+        r["load"] = load
         r["workers_after"] = len(children(srv.pid))
         out[name] = r
     return out
@@ -493,7 +539,7 @@ def scenario_steady(srv, loads, warm, secs):
 # ------------------------------------------------------------------ run
 
 
-def wait_quiet(max_wait, threshold=25.0):
+def wait_quiet(max_wait, threshold=15.0):
     """Wait (up to max_wait s) for the machine to be mostly idle; return the
     busy share (% of all cores) seen last."""
     deadline = time.monotonic() + max_wait
@@ -525,7 +571,7 @@ def run_one(ctx, c, rep, args):
                 res["burst"] = scenario_burst(srv, args.burst, args.burst_conns, args.burst_path)
                 b = res["burst"]
                 log(f"  {b.get('rps')} req/s p99 {b.get('p99_ms')} ms max {b.get('lat_max_ms')} ms "
-                    f"errors {b['errors']} to-max {b['time_to_max_ms']} ms")
+                    f"errors {b['errors']} to-max {b['time_to_max_ms']} ms; load {b['load']}")
         finally:
             srv.stop()
         if c.kind == "drove" and res.get("burst"):
@@ -538,7 +584,8 @@ def run_one(ctx, c, rep, args):
             srv.wait_ready()
             log(f"{c.name} r{rep}: steady")
             res["steady"] = scenario_steady(srv, ctx.loads, args.warm, args.steady)
-            log("  " + ", ".join(f"{k} {v.get('rps')} req/s ({v['workers_after']} workers)"
+            log("  " + ", ".join(f"{k} {v.get('rps')} req/s ({v['workers_after']} workers, "
+                                 f"other load {v['load']['foreign_cpu_pct']}%)"
                                  for k, v in res["steady"].items()))
         finally:
             srv.stop()
@@ -584,7 +631,7 @@ def main():
     ap.add_argument("--burst-path", default="/sleep?ms=20")
     ap.add_argument("--steady", type=int, default=10, help="measured part of each steady load, s")
     ap.add_argument("--warm", type=int, default=3, help="unmeasured warm-up of each steady load, s")
-    ap.add_argument("--quiet-wait", type=float, default=20.0,
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
                     help="wait up to this long for other load on the machine to stop before each phase")
     ap.add_argument("--out", default=os.path.join(BENCH, "results"))
     ap.add_argument("--droved", required=True)

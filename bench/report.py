@@ -36,6 +36,7 @@ def collect(data):
         if b:
             for k in ("rps", "p50_ms", "p99_ms", "lat_max_ms", "errors", "peak_workers"):
                 m.setdefault("burst_" + k, []).append(b.get(k))
+            m.setdefault("burst_foreign", []).append((b.get("load") or {}).get("foreign_cpu_pct"))
             # Never reaching max counts as infinitely slow for the median.
             for k in ("time_to_max_ms", "time_to_max_ready_ms"):
                 v = b.get(k)
@@ -49,6 +50,7 @@ def collect(data):
             m.setdefault(f"steady_{load}_rps", []).append(r.get("rps"))
             m.setdefault(f"steady_{load}_errors", []).append(r.get("errors"))
             m.setdefault(f"steady_{load}_workers", []).append(r.get("workers_after"))
+            m.setdefault(f"steady_{load}_foreign", []).append((r.get("load") or {}).get("foreign_cpu_pct"))
     return out
 
 
@@ -135,8 +137,9 @@ def spread(data, agg):
     labels = {c["name"]: c["label"] for c in data["contenders"]}
     loads = [l[0] for l in data["loads"]]
     lines = ["| contender | " + " | ".join(f"steady `{l}` req/s" for l in loads)
-             + " | burst p99 | time to 16 procs | idle CPU supervisor | steady workers at end |",
-             "|" + "---|" * (len(loads) + 5)]
+             + " | burst p99 | time to 16 procs | idle CPU supervisor | steady workers at end"
+             + " | other load: burst / steady |",
+             "|" + "---|" * (len(loads) + 6)]
     for n in names:
         a = agg.get(n, {})
 
@@ -149,7 +152,9 @@ def spread(data, agg):
             + " | ".join(each(f"steady_{l}_rps", lambda x: f"{x:.0f}") for l in loads)
             + f" | {each('burst_p99_ms', fmt_ms)} | {each('time_to_max_ms', fmt_ms)}"
             + f" | {each('idle_sup_cpu_pct', lambda x: f'{x:.3f} %')}"
-            + f" | {' / '.join(each(f'steady_{l}_workers', lambda x: str(x)) for l in loads)} |"
+            + f" | {' / '.join(each(f'steady_{l}_workers', lambda x: str(x)) for l in loads)}"
+            + f" | {each('burst_foreign', lambda x: f'{x:.0f}%')} / "
+            + " / ".join(each(f"steady_{l}_foreign", lambda x: f"{x:.0f}%") for l in loads) + " |"
         )
     return "\n".join(lines)
 
@@ -318,7 +323,9 @@ def write(data, out):
         "",
         spread(data, agg),
         "",
-        "Idle phases: whole-machine busy share meanwhile (other load disturbs the run if high): "
+        "Other load: CPU used meanwhile by processes other than the contender, wrk and the "
+        "benchmark script, in % of all cores (this machine is shared; a repeat with a high "
+        "value is suspect). Idle phases, whole-machine busy share: "
         + ", ".join(f"`{n}` {fmt(med(a.get('idle_machine_busy_pct', [])), ' %', 1)}"
                     for n, a in agg.items() if a.get("idle_machine_busy_pct")),
         "",
