@@ -110,7 +110,12 @@ pub struct Supervisor {
     argv: Vec<std::ffi::OsString>,
     upgrade: upgrade::Upgrade,
     last_rss_check: Option<Instant>,
+    cpu_recent_queue: bool,
+    cpu_idle_ticks: u32,
 }
+
+/// Idle ticks between CPU baselines (10 ticks of 100 ms by default).
+const CPU_IDLE_SAMPLE_TICKS: u32 = 10;
 
 /// How often workers' memory is compared with `worker.max_rss`.
 const RSS_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -247,6 +252,8 @@ impl Supervisor {
             argv: setup.argv,
             upgrade: upgrade::Upgrade::default(),
             last_rss_check: None,
+            cpu_recent_queue: false,
+            cpu_idle_ticks: 0,
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);
@@ -625,11 +632,18 @@ impl Supervisor {
     }
 
     fn autoscale(&mut self, now: Instant) {
-        // Sample CPU on every tick, also before the pool runs, so the
-        // first tick that sees a queue already has a baseline to judge by.
-        let cpu_busy = if self.config.scale.cpu_guard {
+        // The guard only judges ticks with a queue, but the first such tick
+        // needs a baseline: sample while a queue is (or just was) there,
+        // and once a second otherwise, which keeps idle ticks cheap.
+        let queued = self.queued_total().unwrap_or(0) > 0;
+        let sample_cpu =
+            queued || self.cpu_recent_queue || self.cpu_idle_ticks >= CPU_IDLE_SAMPLE_TICKS;
+        self.cpu_recent_queue = queued;
+        let cpu_busy = if self.config.scale.cpu_guard && sample_cpu {
+            self.cpu_idle_ticks = 0;
             self.cpu.sample(self.pool.workers.keys().copied(), now)
         } else {
+            self.cpu_idle_ticks += 1;
             None
         };
         if !matches!(self.phase, Phase::Running) {
@@ -990,69 +1004,94 @@ impl Supervisor {
         w.killed |= kill;
     }
 
-    fn spawn_worker(&mut self, now: Instant) -> bool {
-        let slot = self.pool.free_slot();
-        let mut env = self.plan.env.clone();
-        env.push(("DROVE_WORKER".into(), slot.to_string()));
-        env.push(("DROVE_GENERATION".into(), self.generation.to_string()));
-        let spec = SpawnSpec {
-            argv: &self.plan.argv,
-            env,
-            working_directory: self.config.worker.working_directory.as_deref(),
-            credentials: self.plan.credentials.as_ref(),
-            listeners: self.listeners.iter().map(|l| l.as_fd()).collect(),
-            parent_death_signal: Some(self.config.worker.stop_signal),
-        };
-        self.gate.consume(now);
-        match spawn::spawn(&spec) {
-            Ok(pid) => {
-                self.counters.spawned += 1;
-                let mut w = Worker::new(pid, slot, self.generation, now);
-                if self.config.worker.ready == ReadyMode::Exec {
-                    w.state = WorkerState::Ready;
-                    w.ready_at = Some(now);
+    /// Forks `n` workers, then confirms each exec: the children exec in
+    /// parallel instead of one after another (a jump to max is one step).
+    fn spawn_workers(&mut self, n: u32, now: Instant) {
+        let mut pending = Vec::new();
+        for _ in 0..n {
+            let slot = self.pool.free_slot();
+            let mut env = self.plan.env.clone();
+            env.push(("DROVE_WORKER".into(), slot.to_string()));
+            env.push(("DROVE_GENERATION".into(), self.generation.to_string()));
+            let spec = SpawnSpec {
+                argv: &self.plan.argv,
+                env,
+                working_directory: self.config.worker.working_directory.as_deref(),
+                credentials: self.plan.credentials.as_ref(),
+                listeners: self.listeners.iter().map(|l| l.as_fd()).collect(),
+                parent_death_signal: Some(self.config.worker.stop_signal),
+            };
+            self.gate.consume(now);
+            match spawn::start(&spec) {
+                Ok(p) => {
+                    // Holds the slot while the exec is confirmed.
+                    self.pool
+                        .workers
+                        .insert(p.pid(), Worker::new(p.pid(), slot, self.generation, now));
+                    pending.push((p, slot));
                 }
-                if let Some(life) = self.config.worker.max_lifetime {
-                    let jitter = self.config.worker.max_lifetime_jitter;
-                    let extra = if jitter.is_zero() {
-                        Duration::ZERO
-                    } else {
-                        // Spread recycling so workers started together do not
-                        // all restart at once; pid bits are random enough.
-                        jitter.mul_f64((pid.as_raw() as u64 * 2_654_435_761 % 1000) as f64 / 1000.0)
-                    };
-                    w.recycle_at = Some(now + life + extra);
+                Err(e) => {
+                    self.spawn_failed(slot, e, now);
+                    break;
                 }
-                info!(
-                    worker_pid = pid.as_raw(),
-                    slot,
-                    generation = self.generation,
-                    event = "started",
-                    "worker {pid} (slot {slot}, generation {}) started",
-                    self.generation
-                );
-                let _ = self.events.send(Event::WorkerStarted {
-                    pid: pid.as_raw() as u32,
-                    slot,
-                    generation: self.generation,
-                });
-                self.pool.workers.insert(pid, w);
-                true
-            }
-            Err(e) => {
-                self.counters.failed_starts += 1;
-                let delay = self.gate.record_failure(now);
-                let why = format!("cannot start worker: {e}");
-                error!(
-                    slot,
-                    event = "spawn-failed",
-                    "{why}; retrying in {} ms",
-                    delay.as_millis()
-                );
-                self.last_failure = Some(why);
-                false
             }
         }
+        for (p, slot) in pending {
+            let pid = p.pid();
+            match p.finish() {
+                Ok(_) => self.worker_started(pid, now),
+                Err(e) => {
+                    self.pool.workers.remove(&pid);
+                    self.spawn_failed(slot, e, now);
+                }
+            }
+        }
+    }
+
+    fn spawn_failed(&mut self, slot: u32, e: std::io::Error, now: Instant) {
+        self.counters.failed_starts += 1;
+        let delay = self.gate.record_failure(now);
+        let why = format!("cannot start worker: {e}");
+        error!(
+            slot,
+            event = "spawn-failed",
+            "{why}; retrying in {} ms",
+            delay.as_millis()
+        );
+        self.last_failure = Some(why);
+    }
+
+    fn worker_started(&mut self, pid: Pid, now: Instant) {
+        self.counters.spawned += 1;
+        let exec_ready = self.config.worker.ready == ReadyMode::Exec;
+        let lifetime = self.config.worker.max_lifetime;
+        let jitter = self.config.worker.max_lifetime_jitter;
+        let Some(w) = self.pool.workers.get_mut(&pid) else {
+            return;
+        };
+        if exec_ready {
+            w.state = WorkerState::Ready;
+            w.ready_at = Some(now);
+        }
+        if let Some(life) = lifetime {
+            // Spread recycling so workers started together do not all
+            // restart at once; pid bits are random enough.
+            let spread = (pid.as_raw() as u64 * 2_654_435_761 % 1000) as f64 / 1000.0;
+            w.recycle_at = Some(now + life + jitter.mul_f64(spread));
+        }
+        let (slot, generation) = (w.slot, w.generation);
+        info!(
+            worker_pid = pid.as_raw(),
+            slot,
+            generation,
+            event = "started",
+            "worker {pid} (slot {slot}, generation {generation}) started"
+        );
+        let _ = self.events.send(Event::WorkerStarted {
+            pid: pid.as_raw() as u32,
+            slot,
+            generation,
+        });
     }
 
     /// Forks or retires workers until the pool matches the target (and the
@@ -1084,10 +1123,8 @@ impl Supervisor {
             want = want.min(1u32.saturating_sub(current_starting));
         }
         let allowed = self.gate.available(now).min(want);
-        for _ in 0..allowed {
-            if !self.spawn_worker(now) {
-                break;
-            }
+        if allowed > 0 {
+            self.spawn_workers(allowed, now);
         }
 
         // Outdated workers: starting ones go at once; ready ones one by one

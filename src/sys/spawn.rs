@@ -261,6 +261,20 @@ impl SpawnSpec<'_> {
 /// Forks and execs a worker. Returns once the child has exec'd (or reports
 /// the step that failed, after reaping the child).
 pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Pid> {
+    start(spec)?.finish()
+}
+
+/// A forked child whose exec has not been confirmed yet. Forking several
+/// workers and then confirming them lets their exec (and the page-table
+/// copies) overlap instead of running one after another.
+pub struct Pending {
+    pid: Pid,
+    status: std::fs::File,
+    program: CString,
+}
+
+/// Forks a worker; [`Pending::finish`] waits for its exec.
+pub fn start(spec: &SpawnSpec<'_>) -> io::Result<Pending> {
     let mut prepared = spec.prepare()?;
     let (status_read, status_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let listen_pid_ptr = prepared.listen_pid.as_mut_ptr();
@@ -279,42 +293,52 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Pid> {
         unsafe { child_exec(&prepared, listen_pid_ptr, status_fd) }
     }
     drop(status_write);
-    let pid = Pid::from_raw(pid);
+    Ok(Pending {
+        pid: Pid::from_raw(pid),
+        status: std::fs::File::from(status_read),
+        program: prepared.program.clone(),
+    })
+}
 
-    // Wait for exec (EOF) or a failure report (step, errno).
-    let mut report = [0u8; 8];
-    let mut got = 0;
-    let file = std::fs::File::from(status_read);
-    loop {
-        match nix::unistd::read(&file, &mut report[got..]) {
-            Ok(0) => break,
-            Ok(n) => {
-                got += n;
-                if got == report.len() {
-                    break;
+impl Pending {
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Waits for exec (EOF on the status pipe) or a failure report (step,
+    /// errno); a child that failed is reaped here, it was never a worker.
+    pub fn finish(self) -> io::Result<Pid> {
+        let mut report = [0u8; 8];
+        let mut got = 0;
+        loop {
+            match nix::unistd::read(&self.status, &mut report[got..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got += n;
+                    if got == report.len() {
+                        break;
+                    }
                 }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
             }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
         }
+        if got == 0 {
+            return Ok(self.pid);
+        }
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+        let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
+        let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
+        let err = io::Error::from_raw_os_error(errno);
+        Err(io::Error::new(
+            err.kind(),
+            format!(
+                "{} failed for {:?}: {err}",
+                ChildStep::from_u32(step),
+                self.program
+            ),
+        ))
     }
-    if got == 0 {
-        return Ok(pid);
-    }
-    // The child failed before exec and _exit(127)s: reap it here, it was
-    // never a worker.
-    let _ = nix::sys::wait::waitpid(pid, None);
-    let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
-    let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
-    let err = io::Error::from_raw_os_error(errno);
-    Err(io::Error::new(
-        err.kind(),
-        format!(
-            "{} failed for {:?}: {err}",
-            ChildStep::from_u32(step),
-            prepared.program
-        ),
-    ))
 }
 
 /// The child side of [`spawn`]. Never returns.
