@@ -253,7 +253,8 @@ impl Supervisor {
             upgrade: upgrade::Upgrade::default(),
             last_rss_check: None,
             cpu_recent_queue: false,
-            cpu_idle_ticks: 0,
+            // Take a baseline on the very first tick.
+            cpu_idle_ticks: CPU_IDLE_SAMPLE_TICKS,
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);
