@@ -214,10 +214,10 @@ fn start_watchdog(notifier: Option<&Arc<Notifier>>) {
         return;
     };
     // sd_watchdog_enabled(3): WATCHDOG_PID, when set, names the process meant.
-    if let Ok(p) = std::env::var("WATCHDOG_PID") {
-        if p.trim() != std::process::id().to_string() {
-            return;
-        }
+    if let Ok(p) = std::env::var("WATCHDOG_PID")
+        && p.trim() != std::process::id().to_string()
+    {
+        return;
     }
     let Some(n) = notifier.cloned() else {
         eprintln!("worker: WATCHDOG_USEC set but no NOTIFY_SOCKET");
