@@ -9,7 +9,21 @@ use clap::Parser;
 use drove::ctl::{self, Cli};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version: clap prints them and exits 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // Usage errors keep clap's text and its exit code 2, with the
+            // same "drovectl: " prefix as every other error.
+            let text = e.render().to_string();
+            eprint!(
+                "drovectl: {}",
+                text.strip_prefix("error: ").unwrap_or(&text)
+            );
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -500,17 +500,16 @@ async fn forward(
                     .filter(|((_, new), (_, old))| new != old)
                     .map(|((name, v), _)| (*name, v.try_clone().expect("no fds in properties")))
                     .collect();
-                if !diff.is_empty() {
-                    if let Err(e) = zbus::fdo::Properties::properties_changed(
+                if !diff.is_empty()
+                    && let Err(e) = zbus::fdo::Properties::properties_changed(
                         &emitter,
                         iface.clone(),
                         diff,
                         Cow::Borrowed(&[]),
                     )
                     .await
-                    {
-                        debug!("D-Bus: PropertiesChanged: {e}");
-                    }
+                {
+                    debug!("D-Bus: PropertiesChanged: {e}");
                 }
                 last = now;
             }

@@ -33,7 +33,7 @@ pub async fn run(target: &Target, json: bool) -> Result<(), CtlError> {
 async fn fetch(target: &Target) -> Result<Status, CtlError> {
     let props = target.properties().await?;
     let map = props
-        .get_all(InterfaceName::from_static_str_unchecked(bus::INTERFACE).into())
+        .get_all(InterfaceName::from_static_str_unchecked(bus::INTERFACE))
         .await
         .map_err(|e| target.zbus_error(e.into()))?;
     decode(&map).map_err(|e| {
