@@ -25,10 +25,53 @@ struct Bus {
     child: Child,
     dir: PathBuf,
     address: String,
+    /// "session" or "system": the --bus both binaries get.
+    kind: &'static str,
 }
 
+const SESSION_POLICY: &str = r#"
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>"#;
+
+/// The default policy of Debian's system.conf (the parts that matter
+/// here): nothing may be owned or called unless a policy file allows it.
+const SYSTEM_POLICY: &str = r#"
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>"#;
+
 impl Bus {
+    /// A session-style bus where anyone may do anything.
     fn start() -> Bus {
+        Bus::start_with("session", SESSION_POLICY)
+    }
+
+    /// A system-style bus whose only holes are drove's policy file.
+    fn start_system() -> Bus {
+        let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("packaging/dbus/org.drove.Drove1.conf");
+        Bus::start_with(
+            "system",
+            &format!("{SYSTEM_POLICY}\n  <include>{}</include>", policy.display()),
+        )
+    }
+
+    fn start_with(kind: &'static str, policy: &str) -> Bus {
         let dir = temp_dir("bus");
         // nobody must reach the socket.
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -40,15 +83,9 @@ impl Bus {
                 r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
-  <type>session</type>
+  <type>{kind}</type>
   <listen>unix:path={}/bus.sock</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
+  <auth>EXTERNAL</auth>{policy}
 </busconfig>
 "#,
                 dir.display()
@@ -76,6 +113,14 @@ impl Bus {
             child,
             dir,
             address: line.trim().to_string(),
+            kind,
+        }
+    }
+
+    fn address_var(&self) -> &'static str {
+        match self.kind {
+            "system" => "DBUS_SYSTEM_BUS_ADDRESS",
+            _ => "DBUS_SESSION_BUS_ADDRESS",
         }
     }
 
@@ -86,13 +131,16 @@ impl Bus {
     }
 
     fn droved_with(&self, instance: &str, config: &str) -> Droved {
-        let mut d = Droved::builder("dbus")
-            .config(config)
-            .args(&["--bus", "session", "--instance", instance])
-            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
-            .start();
+        let mut d = self.droved_builder(instance, config).start();
         d.wait_ready();
         d
+    }
+
+    fn droved_builder(&self, instance: &str, config: &str) -> Builder {
+        Droved::builder("dbus")
+            .config(config)
+            .args(&["--bus", self.kind, "--instance", instance])
+            .env(self.address_var(), &self.address)
     }
 
     fn command(&self, prefix: &[&str], args: &[&str]) -> Command {
@@ -101,9 +149,9 @@ impl Bus {
         let mut cmd = Command::new(argv[0]);
         cmd.args(&argv[1..])
             .arg("--bus")
-            .arg("session")
+            .arg(self.kind)
             .args(args)
-            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .env(self.address_var(), &self.address)
             .stdin(Stdio::null());
         cmd
     }
@@ -477,11 +525,7 @@ fn instances_are_addressed_separately() {
     );
 
     // The same instance name twice: the second droved refuses to start.
-    let mut dup = Droved::builder("dbus-dup")
-        .config(&config(1, 1, ""))
-        .args(&["--bus", "session", "--instance", "alpha"])
-        .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
-        .start();
+    let mut dup = bus.droved_builder("alpha", &config(1, 1, "")).start();
     let status = dup.wait_exit(10 * SEC);
     assert!(!status.success());
     assert!(dup.log().contains("already taken"), "{}", dup.log());
@@ -509,6 +553,44 @@ fn instance_not_running_exits_3() {
         .output()
         .unwrap();
     assert_exit(&out, 1, &["cannot connect to the session bus"]);
+}
+
+#[test]
+fn system_bus_policy_file_lets_root_own_and_anyone_call() {
+    // Only packaging/dbus/org.drove.Drove1.conf opens this bus.
+    let bus = Bus::start_system();
+    let _d = bus.droved("sys", 2, 3);
+    let out = bus.ctl_as_nobody(&["--json", "status"]);
+    assert_ok(&out, &["status as nobody on the system bus"]);
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["bus_name"], "org.drove.Drove1.sys");
+    assert_ok(&bus.ctl_as_nobody(&["list"]), &["list as nobody"]);
+    // The bus lets the call through; droved denies it.
+    assert_exit(
+        &bus.ctl_as_nobody(&["scale", "3"]),
+        1,
+        &["[org.drove.Error.AccessDenied]"],
+    );
+    assert_eq!(bus.json(&["scale", "3"])["target"], 3);
+    // A droved that is not root may not own a drove name there.
+    let mut other = bus
+        .droved_builder("intruder", &config(1, 1, ""))
+        .launcher(&[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+        ])
+        .start();
+    let status = other.wait_exit(10 * SEC);
+    assert!(!status.success());
+    assert!(
+        other
+            .log()
+            .contains("cannot take the name org.drove.Drove1.intruder"),
+        "{}",
+        other.log()
+    );
 }
 
 /// Not asserted: prints drovectl status round-trip latency (a whole
