@@ -153,6 +153,7 @@ impl Drove1 {
 )]
 impl Drove1 {
     /// Sets the target number of workers (within Min..Max); returns it.
+    #[zbus(out_args("target"))]
     async fn scale(
         &self,
         n: u32,
@@ -364,8 +365,8 @@ impl Drove1 {
         generation: u64,
     ) -> zbus::Result<()>;
 
-    /// `status` is human-readable, e.g. "exited with status 1" or
-    /// "killed by signal 9 (SIGKILL)".
+    /// `status` is how it ended, e.g. "status 1" or "signal SIGKILL";
+    /// `uptime` is in seconds.
     #[zbus(signal)]
     async fn worker_exited(
         emitter: &SignalEmitter<'_>,

@@ -166,8 +166,8 @@ fn render(target: &Target, st: &Status) -> String {
     line(
         "Control",
         match &st.control_group {
-            Some(g) => format!("root and group {g:?}"),
-            None => "root only".into(),
+            Some(g) => format!("root, droved's user and group {g:?}"),
+            None => "root and droved's user".into(),
         },
     );
     head + &out
