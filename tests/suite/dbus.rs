@@ -669,3 +669,27 @@ fn status_latency_report() {
         times[197].as_secs_f64() * 1000.0
     );
 }
+
+#[test]
+fn completions_and_usage_need_no_bus() {
+    let run = |args: &[&str]| {
+        Command::new(DROVECTL)
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+            .output()
+            .unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        assert_ok(&out, &["completions", shell]);
+        let script = text(&out.stdout);
+        assert!(
+            script.contains("restart-workers") && script.contains("list-instances"),
+            "{shell}: {script}"
+        );
+    }
+    assert_ok(&run(&["--help"]), &["--help"]);
+    assert_exit(&run(&["frobnicate"]), 2, &["frobnicate"]);
+    assert_exit(&run(&["limits", "1"]), 2, &["MAX"]);
+    assert_exit(&run(&["--bus", "sideways", "status"]), 2, &["sideways"]);
+}
