@@ -368,19 +368,30 @@ fn reload_and_restart_workers() {
     std::fs::write(&path, good).unwrap();
     assert_eq!(d.workers().into_iter().collect::<BTreeSet<_>>(), before);
 
-    // restart-workers returns once every worker was replaced.
+    // restart-workers returns once every worker was replaced: new ones are
+    // ready, old ones told to stop (they may still be exiting).
     let out = bus.ctl(&["restart-workers"]);
     assert_ok(&out, &["restart-workers"]);
     let list = bus.json(&["list"]);
-    let after = pids_of(&list);
-    assert_eq!(after.len(), 2, "{list}");
+    let ready: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "ready")
+        .collect();
+    assert_eq!(ready.len(), 2, "{list}");
+    let after: BTreeSet<i32> = ready
+        .iter()
+        .map(|w| {
+            assert_eq!(w["generation"], 2, "{w}");
+            w["pid"].as_i64().unwrap() as i32
+        })
+        .collect();
     assert!(after.is_disjoint(&before), "{before:?} -> {after:?}");
-    assert_eq!(after, d.workers().into_iter().collect());
-    let s = bus.status("roll");
-    assert_eq!(s["generation"], 2, "{s}");
-    for w in list.as_array().unwrap() {
-        assert_eq!(w["generation"], 2, "{w}");
-    }
+    assert_eq!(bus.status("roll")["generation"], 2);
+    eventually("only the new workers remain", 10 * SEC, || {
+        (d.workers().into_iter().collect::<BTreeSet<_>>() == after).then_some(())
+    });
 }
 
 #[test]
