@@ -59,7 +59,8 @@ struct Args {
     instance: Option<String>,
 
     /// Bus to serve the control interface org.drove.Drove1 on (default:
-    /// system when started by systemd, else none).
+    /// system when started by systemd, else none). When given, failing to
+    /// serve on it stops droved from starting; by default it only logs.
     #[arg(long, value_enum, value_name = "BUS")]
     bus: Option<BusChoice>,
 
@@ -274,8 +275,21 @@ async fn start_control(
     handle: drove::supervisor::Handle,
     control_group: Option<String>,
 ) -> anyhow::Result<()> {
-    if let Some(kind) = args.bus() {
-        bus::serve(kind, handle, bus::Access::new(control_group)).await?;
+    let Some(kind) = args.bus() else {
+        return Ok(());
+    };
+    match bus::serve(kind, handle, bus::Access::new(control_group)).await {
+        Ok(()) => Ok(()),
+        // Asked for explicitly: no bus, no start.
+        Err(e) if args.bus.is_some() => Err(e.into()),
+        // Chosen by default under systemd: the pool matters more than its
+        // remote control; run without it, and say so loudly.
+        Err(e) => {
+            tracing::error!(
+                "{:#}; running without D-Bus control (pass --bus system to make this fatal, --bus none to silence it)",
+                anyhow::Error::from(e)
+            );
+            Ok(())
+        }
     }
-    Ok(())
 }

@@ -704,3 +704,32 @@ fn completions_and_usage_need_no_bus() {
     assert_exit(&run(&["limits", "1"]), 2, &["MAX"]);
     assert_exit(&run(&["--bus", "sideways", "status"]), 2, &["sideways"]);
 }
+
+#[test]
+fn default_bus_under_systemd_degrades_but_explicit_bus_is_fatal() {
+    // INVOCATION_ID says "started by systemd": the system bus by default.
+    // None reachable: droved logs it and serves anyway.
+    let mut d = Droved::builder("dbus-default")
+        .config(&config(1, 1, ""))
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+        .start();
+    d.wait_ready();
+    assert!(
+        d.log().contains("running without D-Bus control"),
+        "{}",
+        d.log()
+    );
+    // Asked for explicitly: no start.
+    let mut d = Droved::builder("dbus-explicit")
+        .config(&config(1, 1, ""))
+        .args(&["--bus", "system"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+        .start();
+    assert!(!d.wait_exit(10 * SEC).success());
+    assert!(
+        d.log().contains("cannot connect to the system bus"),
+        "{}",
+        d.log()
+    );
+}

@@ -142,6 +142,9 @@ impl Builder {
         cmd.args(&argv[1..])
             .env("NOTIFY_SOCKET", &notify_path)
             .env("DROVE_LOG", "debug")
+            // Else droved would pick the system bus when the tests run
+            // under systemd (tests that want a bus pass --bus).
+            .env_remove("INVOCATION_ID")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
