@@ -312,7 +312,13 @@ impl Droved {
 impl Drop for Droved {
     fn drop(&mut self) {
         if self.try_exit().is_none() {
-            // Workers live in their own sessions: kill them explicitly.
+            // Workers live in their own sessions: kill them explicitly,
+            // with droved frozen first so it cannot replace them meanwhile
+            // (a replacement would outlive the test).
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid()),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
             for pid in self.workers() {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
