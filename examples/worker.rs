@@ -755,6 +755,10 @@ fn main() {
     for l in &listeners {
         eprintln!("worker[{}]: serving {}", std::process::id(), l.desc);
     }
+    // Stopped while starting up: say STOPPING=1, never READY=1.
+    if TERM.load(Ordering::SeqCst) {
+        stop(n);
+    }
     if !env_flag("WORKER_NO_READY") {
         notify(n, "READY=1");
     }

@@ -168,7 +168,8 @@ def take_listeners():
         ):
             die(f"fd {fd} ({name}) is not a listening stream socket")
         os.set_inheritable(fd, False)  # CLOEXEC: the app's children get none
-        listeners.append((sock, name))
+        # Ask now: once on_term is installed the fd may be /dev/null.
+        listeners.append((sock, name, sock.getsockname()))
     return listeners
 
 
@@ -221,12 +222,11 @@ class RequestHandler(WSGIRequestHandler):
 class Server(WSGIServer):
     """A WSGIServer around an inherited socket instead of a bound one."""
 
-    def __init__(self, sock, app):
+    def __init__(self, sock, addr, app):
         super().__init__(None, RequestHandler, bind_and_activate=False)
         self.socket.close()  # the unused one the constructor made
         self.socket = sock
         self.unix = sock.family == socket.AF_UNIX
-        addr = sock.getsockname()
         if self.unix:
             self.server_name, self.server_port = "localhost", 0
         else:
@@ -290,15 +290,16 @@ def main():
     signal.signal(signal.SIGQUIT, on_quit)
     listeners = take_listeners()
     _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    _listener_fds.extend(sock.fileno() for sock, _ in listeners)
+    _listener_fds.extend(sock.fileno() for sock, _, _ in listeners)
     signal.signal(signal.SIGTERM, on_term)
 
     app = load_app(spec)
-    servers = {sock.fileno(): Server(sock, app) for sock, _ in listeners}
-    for sock, name in listeners:
-        log(f"serving fd {sock.fileno()} ({name}) {sock.getsockname()!r}")
+    servers = {sock.fileno(): Server(sock, addr, app) for sock, _, addr in listeners}
+    for sock, name, addr in listeners:
+        log(f"serving fd {sock.fileno()} ({name}) {addr!r}")
     start_watchdog()
-    notify("READY=1")
+    if not _stopping:  # stopped while importing the app: no READY=1
+        notify("READY=1")
 
     # select.poll, not selectors' epoll: poll() takes fd numbers on every
     # call, so it notices when on_term swaps them for /dev/null.

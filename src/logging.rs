@@ -40,7 +40,10 @@ pub fn init() -> Sink {
     if stderr_is_journal()
         && let Ok(journal) = tracing_journald::layer()
     {
-        let journal = journal.with_syslog_identifier("droved".to_string());
+        // No field prefix: `journalctl WORKER_PID=123` as documented.
+        let journal = journal
+            .with_syslog_identifier("droved".to_string())
+            .with_field_prefix(None);
         tracing_subscriber::registry()
             .with(filter)
             .with(journal)

@@ -5,7 +5,7 @@
 //!
 //! The supervisor calls [`Scaler::tick`] every `interval` (100 ms by
 //! default) with the total number of connections queued on all listeners
-//! ([`crate::sys::probe::queue_depth`]), the machine's CPU busy fraction
+//! ([`crate::sys::probe::queue_depth`]), the CPU share the pool's workers use
 //! ([`crate::sys::probe::CpuSampler`]) and a [`PoolView`]. A
 //! [`Decision`] says what the target should become and why; its `Display`
 //! is the log line.
@@ -46,11 +46,10 @@
 //!   waits until the CPU sample of a tick was taken wholly while the queue
 //!   was non-empty (the previous tick saw a queue too): the sample ending
 //!   at a burst's first tick is mostly idle time from before the burst, and
-//!   the one-jump policy would spend it on 14 workers. Then, if the machine
-//!   is at least [`CPU_BUSY`] busy, the scaler adds no workers and says
+//!   the one-jump policy would spend it on 14 workers. Then, if the workers
+//!   already use at least [`CPU_BUSY`] of the available cores, the scaler adds no workers and says
 //!   `cpu-bound`; otherwise it caps the jump at `ready / busy` workers, the
-//!   number that would saturate the machine if the pool is what keeps it
-//!   busy (2 ready at 50% -> at most 4). The guard costs one tick (100 ms)
+//!   number that would saturate the cores (2 ready at 50% -> at most 4). The guard costs one tick (100 ms)
 //!   of reaction time; it still raises the pool to `min` and still scales
 //!   down. It judges the latest 100 ms sample, not a window mean: a mean
 //!   over a window that began before the burst would never hold back the
@@ -103,7 +102,7 @@ pub struct ScaleParams {
     /// How far back samples count when deciding whether a small queue
     /// persists (at least two intervals).
     pub window: Duration,
-    /// Hold scale-ups while the machine is CPU-bound.
+    /// Hold scale-ups while the pool is CPU-bound.
     pub cpu_guard: bool,
 }
 
@@ -145,7 +144,7 @@ pub struct Sample {
     pub queued: Option<u32>,
     /// Number of listeners probed (for the reason text).
     pub listeners: u32,
-    /// Busy fraction `0.0..=1.0` of the machine's CPUs since the last
+    /// Share `0.0..=1.0` of the available cores the workers used since the last
     /// sample, if known.
     pub cpu_busy: Option<f64>,
 }
@@ -187,7 +186,7 @@ pub enum Reason {
     BelowMin { min: u32 },
     /// The target was above `max`.
     AboveMax { max: u32 },
-    /// Hold: the queue asks for more, but the machine is CPU-bound.
+    /// Hold: the queue asks for more, but the workers already use the CPUs.
     CpuBound { busy: f64, queued: u32 },
     /// Hold: the queue asks for more, but the pool is at `max`.
     AtMax { queued: u32, max: u32 },
@@ -257,7 +256,7 @@ impl fmt::Display for Reason {
             Reason::AboveMax { max } => write!(f, "above max {max}"),
             Reason::CpuBound { busy, queued } => write!(
                 f,
-                "cpu-bound: machine {:.0}% busy despite queue {queued}",
+                "cpu-bound: workers use {:.0}% of the CPUs despite queue {queued}",
                 busy * 100.0
             ),
             Reason::AtMax { queued, max } => write!(f, "queue {queued} at max {max}"),
@@ -287,7 +286,7 @@ impl fmt::Display for Decision {
                     _ if wanted <= to => Ok(()),
                     Some(busy) if to < max => write!(
                         f,
-                        " (wanted {wanted}, capped at {to}: machine {:.0}% busy)",
+                        " (wanted {wanted}, capped at {to}: workers use {:.0}% of the CPUs)",
                         busy * 100.0
                     ),
                     _ => write!(f, " (wanted {wanted}, capped at max {max})"),
@@ -306,7 +305,7 @@ impl fmt::Display for Decision {
             Reason::Quiet { .. } => write!(f, "{}: scale down {from} -> {to}", self.reason),
             Reason::CpuBound { busy, queued } => write!(
                 f,
-                "cpu-bound: machine {:.0}% busy, holding at {to} despite queue {queued}",
+                "cpu-bound: workers use {:.0}% of the CPUs, holding at {to} despite queue {queued}",
                 busy * 100.0
             ),
             Reason::AtMax { .. } => write!(f, "{}: holding at {to}", self.reason),
@@ -324,6 +323,9 @@ pub struct Scaler {
     queue: VecDeque<(Duration, Option<u32>)>,
     /// This tick's CPU sample, if the caller had one.
     cpu: Option<f64>,
+    /// Ready workers at the previous tick: a CPU sample only speaks for
+    /// the ready set it was taken over.
+    prev_ready: Option<u32>,
     /// Time of the first sample of the current run of empty-queue samples.
     quiet_since: Option<Duration>,
     last_up: Option<Duration>,
@@ -345,6 +347,7 @@ impl Scaler {
             params: params.sanitized(),
             queue: VecDeque::new(),
             cpu: None,
+            prev_ready: None,
             quiet_since: None,
             last_up: None,
             last_down: None,
@@ -376,6 +379,12 @@ impl Scaler {
     /// simulated time); it should not go backwards.
     pub fn tick(&mut self, now: Duration, sample: Sample, pool: PoolView) -> Option<Decision> {
         self.record(now, sample);
+        let decision = self.decide_tick(now, sample, pool);
+        self.prev_ready = Some(pool.ready);
+        decision
+    }
+
+    fn decide_tick(&mut self, now: Duration, sample: Sample, pool: PoolView) -> Option<Decision> {
         let p = self.params;
         let target = pool.target;
 
@@ -475,10 +484,17 @@ impl Scaler {
             if before.unwrap_or(0) == 0 {
                 return None;
             }
+            // After a scale-up, wait until the new workers are ready and a
+            // whole sample was taken with them: a sample from while they
+            // started understates the pool's CPU use and would open the
+            // gate to max in a few ticks for a CPU-bound app.
+            if pool.starting > 0 || self.prev_ready != Some(pool.ready) {
+                return None;
+            }
             if busy >= CPU_BUSY {
                 return self.hold(now, target, Reason::CpuBound { busy, queued });
             }
-            // The ready workers are all busy and use `busy` of the machine:
+            // The ready workers are all busy and use `busy` of the cores:
             // about ready / busy workers saturate it, more would only wait.
             if pool.ready > 0 && busy > 0.0 {
                 let saturating = (f64::from(pool.ready) / busy).ceil() as u32;
@@ -1021,7 +1037,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_bound_machine_holds_the_pool() {
+    fn cpu_bound_pool_holds() {
         let mut sim = Sim::new(ScaleParams::new(2, 16), 6);
         for _ in 0..10 {
             sim.step_with(Some(0.2), |_| Some(0));
@@ -1033,7 +1049,7 @@ mod tests {
         assert!(d.is_hold() && d.reason.is_hold());
         assert_eq!(
             d.to_string(),
-            "cpu-bound: machine 98% busy, holding at 6 despite queue 12"
+            "cpu-bound: workers use 98% of the CPUs, holding at 6 despite queue 12"
         );
         for _ in 0..15 {
             assert_eq!(sim.step_with(Some(0.99), |_| Some(12)), None);
@@ -1045,7 +1061,7 @@ mod tests {
         let up = sim.step_with(Some(0.5), |_| Some(12)).expect("scale up");
         assert_eq!(
             up.to_string(),
-            "queue 12 with 6 ready and 0 starting: scale up 6 -> 12 (wanted 18, capped at 12: machine 50% busy)"
+            "queue 12 with 6 ready and 0 starting: scale up 6 -> 12 (wanted 18, capped at 12: workers use 50% of the CPUs)"
         );
 
         // CPU-bound but idle queue: still scales down.

@@ -7,19 +7,27 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 
+use std::os::fd::OwnedFd;
+
 use drove::bus::{self, BusKind};
 use drove::config::{Config, ListenAddr, ListenSpec};
+use drove::handover;
 use drove::supervisor::{Setup, Supervisor};
+use drove::sys::exec;
 use drove::sys::listen::{self, Listener};
 
 /// The embedded default: a demo pool of the Rust example worker on
 /// 127.0.0.1:8080, used when droved gets neither a config nor a command.
 const DEMO_CONFIG: &str = include_str!("../../examples/demo.toml");
 
+fn drove_version() -> &'static str {
+    Box::leak(drove::version().into_boxed_str())
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "droved",
-    version,
+    version = drove_version(),
     about = "Supervise a pre-forked pool of workers that share listening sockets",
     long_about = "Supervise a pre-forked pool of workers that share listening sockets.\n\n\
         Workers inherit the sockets as systemd socket activation passes them \
@@ -52,6 +60,11 @@ struct Args {
     /// Validate the configuration and exit (0 when valid).
     #[arg(long)]
     check: bool,
+
+    /// Like --check, and print the handover formats this binary reads (a
+    /// running droved asks its successor this before a binary upgrade).
+    #[arg(long, hide = true)]
+    preflight: bool,
 
     /// Instance name, used in logs and the D-Bus name (default: the config
     /// file's stem, or "default").
@@ -183,11 +196,29 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let exe = std::env::current_exe();
     let args = Args::parse();
-    // Take systemd's sockets first, before anything else opens an fd or
-    // starts a thread (sd_listen_fds(3)).
-    let activated = listen::from_systemd();
+    // Take inherited fds first, before anything else opens an fd or starts
+    // a thread: a previous droved's handover after an upgrade, else
+    // systemd's sockets (sd_listen_fds(3)).
+    let inherited = match std::env::var(handover::ENV_FD) {
+        Ok(fd) => Inherited::Handover(take_handover(&fd)),
+        Err(_) => Inherited::Systemd(listen::from_systemd()),
+    };
 
+    if args.preflight {
+        return match args.load_config() {
+            Ok(_) => {
+                println!("{}", handover::preflight_line());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("droved: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.check {
         return match args.load_config() {
             Ok(config) => {
@@ -217,7 +248,14 @@ fn main() -> ExitCode {
     }
 
     drove::logging::init();
-    match run(args, activated) {
+    let exe = match exe {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("droved: cannot find my own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(args, inherited, exe, argv) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             tracing::error!("{e:#}");
@@ -227,9 +265,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, activated: std::io::Result<Option<Vec<Listener>>>) -> anyhow::Result<i32> {
+/// Fds this process inherited.
+enum Inherited {
+    /// From the previous droved image (binary upgrade).
+    Handover(anyhow::Result<(handover::State, Vec<Listener>, OwnedFd)>),
+    /// From systemd socket activation, if any.
+    Systemd(std::io::Result<Option<Vec<Listener>>>),
+}
+
+/// Reads the state the previous image left and adopts its fds.
+fn take_handover(fd: &str) -> anyhow::Result<(handover::State, Vec<Listener>, OwnedFd)> {
+    let raw: i32 = fd
+        .parse()
+        .with_context(|| format!("{}={fd:?} is not an fd number", handover::ENV_FD))?;
+    let bytes = exec::take_memfd(raw).context("cannot read the handover state")?;
+    let state = handover::decode(&bytes)?;
+    let listeners = state
+        .listeners
+        .iter()
+        .map(|l| {
+            let fd = exec::adopt_inherited(l.fd)?;
+            let mut listener = Listener::from_fd(fd, l.name.clone())?;
+            listener.owned_path = l.owned_path.clone();
+            Ok(listener)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("cannot adopt the listening sockets")?;
+    let notify =
+        exec::adopt_inherited(state.notify.fd).context("cannot adopt the notify socket")?;
+    Ok((state, listeners, notify))
+}
+
+fn run(
+    args: Args,
+    inherited: Inherited,
+    exe: PathBuf,
+    argv: Vec<std::ffi::OsString>,
+) -> anyhow::Result<i32> {
     let config = args.load_config()?;
+    let (activated, restored) = match inherited {
+        Inherited::Handover(h) => {
+            let (state, listeners, notify) = h.context("binary upgrade handover failed")?;
+            (Ok(Some(listeners)), Some((state, notify)))
+        }
+        Inherited::Systemd(s) => (s, None),
+    };
     let listeners = match activated.context("cannot use the sockets passed by systemd")? {
+        Some(fds) if restored.is_some() => fds,
         Some(fds) => {
             if !config.listen.addresses.is_empty() {
                 tracing::info!(
@@ -256,6 +338,9 @@ fn run(args: Args, activated: std::io::Result<Option<Vec<Listener>>>) -> anyhow:
         load_config: Box::new(move || reload_args.load_config().map_err(|e| format!("{e:#}"))),
         listeners,
         instance,
+        exe,
+        argv,
+        restored,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

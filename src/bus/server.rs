@@ -441,12 +441,7 @@ pub async fn serve(bus: BusKind, handle: Handle, access: Access) -> Result<(), S
         .build()
         .await
         .map_err(|e| ServeError::Connect(bus, e))?;
-    conn.request_name_with_flags(
-        name.as_str(),
-        zbus::fdo::RequestNameFlags::DoNotQueue.into(),
-    )
-    .await
-    .map_err(|e| match e {
+    take_name(&conn, &name).await.map_err(|e| match e {
         zbus::Error::NameTaken => ServeError::NameTaken(bus, name.clone(), instance.clone()),
         e => ServeError::RequestName(bus, name.clone(), e),
     })?;
@@ -454,6 +449,39 @@ pub async fn serve(bus: BusKind, handle: Handle, access: Access) -> Result<(), S
     // The task owns the connection: it lives as long as the supervisor.
     tokio::spawn(forward(conn, handle.snapshot, handle.events.subscribe()));
     Ok(())
+}
+
+/// Requests `name` without queueing. After a binary upgrade (exec in
+/// place) the name may still belong to our own pre-exec connection until
+/// the bus notices it closed: while the owner is our own pid, retry for up
+/// to 5 s instead of failing.
+async fn take_name(conn: &Connection, name: &str) -> zbus::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match conn
+            .request_name_with_flags(name, zbus::fdo::RequestNameFlags::DoNotQueue.into())
+            .await
+        {
+            Err(zbus::Error::NameTaken) if Instant::now() < deadline => {
+                let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+                let wkn = zbus::names::WellKnownName::try_from(name)?;
+                let owner_pid = match dbus.get_name_owner(wkn.into()).await {
+                    Ok(owner) => dbus
+                        .get_connection_unix_process_id(owner.into_inner().into())
+                        .await
+                        .ok(),
+                    // Released meanwhile: just ask again.
+                    Err(_) => Some(std::process::id()),
+                };
+                if owner_pid != Some(std::process::id()) {
+                    return Err(zbus::Error::NameTaken);
+                }
+                debug!("{name} still held by our pre-exec connection; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other.map(|_| ()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

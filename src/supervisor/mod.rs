@@ -9,8 +9,10 @@
 pub mod control;
 pub mod gate;
 pub mod pool;
+pub mod pool_cpu;
 pub mod status;
 pub mod systemd;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ReadyMode};
+use crate::handover::Counters;
 use crate::notify;
 use crate::scale::{PoolView, Sample, ScaleParams, Scaler};
 use crate::sys::listen::Listener;
@@ -45,6 +48,11 @@ pub struct Setup {
     pub load_config: ConfigLoader,
     pub listeners: Vec<Listener>,
     pub instance: String,
+    /// How this process was started, to re-exec it for an upgrade.
+    pub exe: PathBuf,
+    pub argv: Vec<std::ffi::OsString>,
+    /// State handed over by the previous binary, with its notify socket.
+    pub restored: Option<(crate::handover::State, std::os::fd::OwnedFd)>,
 }
 
 /// The daemon's side of the control channel: commands in, state out.
@@ -86,8 +94,8 @@ pub struct Supervisor {
     fast_stop: bool,
     gate: SpawnGate,
     scaler: Scaler,
-    /// Machine CPU use, for the scaler's cpu-bound guard.
-    cpu: Option<probe::CpuSampler>,
+    /// The workers' CPU use, for the scaler's cpu-bound guard.
+    cpu: pool_cpu::PoolCpu,
     rollout: Option<Rollout>,
     upward: Upward,
     started: Instant,
@@ -98,16 +106,14 @@ pub struct Supervisor {
     events: broadcast::Sender<Event>,
     commands_rx: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
+    exe: PathBuf,
+    argv: Vec<std::ffi::OsString>,
+    upgrade: upgrade::Upgrade,
+    last_rss_check: Option<Instant>,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    spawned: u64,
-    exited: u64,
-    failed_starts: u64,
-    reloads: u64,
-    upgrades: u64,
-}
+/// How often workers' memory is compared with `worker.max_rss`.
+const RSS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 fn scale_params(config: &Config) -> ScaleParams {
     ScaleParams {
@@ -181,8 +187,19 @@ impl WorkerPlan {
 }
 
 impl Supervisor {
-    pub fn new(setup: Setup) -> anyhow::Result<Supervisor> {
-        let notify = NotifySocket::bind("notify")?;
+    pub fn new(mut setup: Setup) -> anyhow::Result<Supervisor> {
+        let restored = setup.restored.take();
+        let notify = match &restored {
+            Some((state, _)) if state.notify.address.is_empty() => NotifySocket::bind("notify")?,
+            Some(_) => {
+                let (state, fd) = restored
+                    .as_ref()
+                    .map(|(s, fd)| (s, fd.try_clone()))
+                    .expect("some");
+                NotifySocket::from_fd(fd?, state.notify.address.clone())?
+            }
+            None => NotifySocket::bind("notify")?,
+        };
         let plan = WorkerPlan::new(
             &setup.config,
             &setup.listeners,
@@ -204,7 +221,7 @@ impl Supervisor {
         let mut sup = Supervisor {
             target: config.initial_workers(),
             scaler: Scaler::new(scale_params(&config)),
-            cpu: probe::CpuSampler::new().ok(),
+            cpu: pool_cpu::PoolCpu::default(),
             config,
             load_config: setup.load_config,
             instance: setup.instance,
@@ -226,7 +243,14 @@ impl Supervisor {
             events,
             commands_rx,
             commands_tx,
+            exe: setup.exe,
+            argv: setup.argv,
+            upgrade: upgrade::Upgrade::default(),
+            last_rss_check: None,
         };
+        if let Some((state, _)) = restored {
+            sup.restore(state, now);
+        }
         sup.probe_queues();
         let snap = sup.snapshot();
         sup.snapshot_tx = watch::channel(snap).0;
@@ -252,18 +276,30 @@ impl Supervisor {
         let mut sigusr2 = signal(SignalKind::user_defined2())?;
         let mut sigttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
         let mut sigttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
+        // Signals stay blocked across an upgrade exec; our handlers are in
+        // place now, so let pending ones in.
+        if let Err(e) = crate::sys::exec::unblock_signals() {
+            warn!("cannot unblock signals: {e}");
+        }
         let mut tick = tokio::time::interval(self.config.scale.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
-        info!(
-            instance = %self.instance,
-            listeners = %self.listeners.iter().map(|l| format!("{}={}", l.name, l.address)).collect::<Vec<_>>().join(", "),
-            "droved {} starting {} workers (min {}, max {})",
-            env!("CARGO_PKG_VERSION"),
-            self.target,
-            self.config.pool.min,
-            self.config.pool.max
-        );
+        if self.pool.workers.is_empty() {
+            info!(
+                instance = %self.instance,
+                listeners = %self.listeners.iter().map(|l| format!("{}={}", l.name, l.address)).collect::<Vec<_>>().join(", "),
+                "droved {} starting {} workers (min {}, max {})",
+                crate::version(),
+                self.target,
+                self.config.pool.min,
+                self.config.pool.max
+            );
+        } else {
+            // Taken over from the previous binary: tell systemd we are back.
+            self.reap();
+            let line = self.snapshot().status_line();
+            self.upward.ready(&line);
+        }
         self.reconcile();
         self.publish();
 
@@ -283,7 +319,8 @@ impl Supervisor {
                         error!("reload on SIGHUP rejected: {e}");
                     }
                 }
-                _ = sigusr2.recv() => warn!("SIGUSR2 (binary upgrade) is not supported by this build; ignoring"),
+                _ = sigusr2.recv() => self.request_upgrade(None, "SIGUSR2"),
+                Some(result) = self.upgrade.results.recv() => self.on_preflight(result),
                 _ = sigttin.recv() => self.nudge(1, "SIGTTIN"),
                 _ = sigttou.recv() => self.nudge(-1, "SIGTTOU"),
                 Some(cmd) = self.commands_rx.recv() => self.on_command(cmd),
@@ -487,18 +524,26 @@ impl Supervisor {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if self.upgrade.exec_due(now) {
+            self.exec_upgrade();
+        }
         self.upward.watchdog_tick(now);
         for (pid, reason) in self.pool.overdue(
             now,
             self.config.worker.ready_timeout,
             self.config.worker.watchdog,
         ) {
+            // A hung worker (watchdog) gets SIGKILL at once, as systemd's
+            // watchdog would abort it; one that is merely not ready may be
+            // serving requests already: stop it gracefully.
+            let hung = reason == StopReason::Watchdog;
             warn!(
                 worker_pid = pid.as_raw(),
                 event = "timeout",
-                "worker {pid}: {reason}; killing it"
+                "worker {pid}: {reason}; {}",
+                if hung { "killing it" } else { "stopping it" }
             );
-            self.stop_worker(pid, reason, true);
+            self.stop_worker(pid, reason, hung);
         }
         for pid in self.pool.stop_expired(now, self.config.worker.stop_timeout) {
             warn!(
@@ -568,19 +613,25 @@ impl Supervisor {
     }
 
     fn autoscale(&mut self, now: Instant) {
+        // Sample CPU on every tick, also before the pool runs, so the
+        // first tick that sees a queue already has a baseline to judge by.
+        let cpu_busy = if self.config.scale.cpu_guard {
+            self.cpu.sample(self.pool.workers.keys().copied(), now)
+        } else {
+            None
+        };
         if !matches!(self.phase, Phase::Running) {
             return;
         }
         let counts = self.pool.counts();
-        let cpu_busy = match (&mut self.cpu, self.config.scale.cpu_guard) {
-            (Some(cpu), true) => cpu.sample().ok(),
-            _ => None,
-        };
         let sample = Sample {
             queued: self.queued_total(),
             listeners: self.listeners.len() as u32,
             cpu_busy,
         };
+        if sample.queued.unwrap_or(0) > 0 {
+            debug!(queued = ?sample.queued, cpu_busy = ?cpu_busy, ready = counts.ready, "queue sample");
+        }
         let view = PoolView {
             target: self.target,
             alive: counts.active(),
@@ -687,11 +738,8 @@ impl Supervisor {
             Command::RestartWorkers { reply } => {
                 self.start_rollout("restart requested", None, Some(reply))
             }
-            Command::Upgrade { reply } => {
-                let _ = reply.send(Err(ControlError::UpgradeRefused(
-                    "binary upgrade is not supported by this build".into(),
-                )));
-            }
+            Command::Upgrade { reply } => self.request_upgrade(Some(reply), "upgrade request"),
+
             Command::ListWorkers { reply } => {
                 let now = Instant::now();
                 let list = self
@@ -759,6 +807,13 @@ impl Supervisor {
             Ok(c) => c,
             Err(e) => return fail(reply, e),
         };
+        // Resolve the worker settings before touching anything: an unknown
+        // user or a missing command rejects the reload like a parse error.
+        let plan =
+            match WorkerPlan::new(&new, &self.listeners, &self.notify.address, &self.instance) {
+                Ok(p) => p,
+                Err(e) => return fail(reply, e),
+            };
         if new.listen != self.config.listen {
             warn!(
                 "reload: [listen] changes take effect only after a restart; keeping the current sockets"
@@ -768,6 +823,7 @@ impl Supervisor {
         let worker_changed = new.worker != self.config.worker;
         let old = std::mem::replace(&mut self.config, new);
         self.config.listen = old.listen.clone();
+        self.plan = plan;
         self.scaler.set_params(scale_params(&self.config));
         self.gate.set_limits(
             self.config.pool.spawn_rate,
@@ -787,31 +843,9 @@ impl Supervisor {
                 ""
             }
         );
-        if worker_changed {
-            let plan = match WorkerPlan::new(
-                &self.config,
-                &self.listeners,
-                &self.notify.address,
-                &self.instance,
-            ) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.config = old;
-                    self.scaler.set_params(scale_params(&self.config));
-                    return fail(reply, e);
-                }
-            };
-            let previous_plan = std::mem::replace(&mut self.plan, plan);
-            drop(previous_plan);
-            self.start_rollout("configuration reloaded", Some(old), reply);
-        } else {
-            let _ = self.events.send(Event::Reloaded {
-                generation: self.generation,
-            });
-            if let Some(r) = reply {
-                let _ = r.send(Ok(()));
-            }
-        }
+        // Like gunicorn's HUP: always roll the workers, since the app's own
+        // code and files may have changed even when drove's config did not.
+        self.start_rollout("configuration reloaded", Some(old), reply);
         Ok(())
     }
 
@@ -897,7 +931,7 @@ impl Supervisor {
             .map(|w| w.pid)
             .collect();
         for pid in doomed {
-            self.stop_worker(pid, StopReason::Rollout, true);
+            self.stop_worker(pid, StopReason::Rollout, false);
         }
         // Old workers of the restored generation stay; others are outdated.
         for w in self.pool.workers.values_mut() {
@@ -955,6 +989,7 @@ impl Supervisor {
             working_directory: self.config.worker.working_directory.as_deref(),
             credentials: self.plan.credentials.as_ref(),
             listeners: self.listeners.iter().map(|l| l.as_fd()).collect(),
+            parent_death_signal: Some(self.config.worker.stop_signal),
         };
         self.gate.consume(now);
         match spawn::spawn(&spec) {
@@ -1021,7 +1056,7 @@ impl Supervisor {
             .pool
             .workers
             .values()
-            .filter(|w| w.is_active() && w.generation == generation)
+            .filter(|w| w.is_staying(generation))
             .count() as u32;
         let current_starting = self
             .pool
@@ -1067,7 +1102,7 @@ impl Supervisor {
             .pool
             .workers
             .values()
-            .filter(|w| w.is_active() && w.generation == generation)
+            .filter(|w| w.is_staying(generation))
             .count() as u32;
         if counts_active > self.target {
             let excess = (counts_active - self.target) as usize;
@@ -1089,29 +1124,69 @@ impl Supervisor {
         }
     }
 
+    /// Recycling (max_lifetime, max_rss), one worker at a time and gated
+    /// on readiness like a rollout: the due worker keeps serving, a
+    /// replacement starts (the due one no longer counts toward the
+    /// target), and only once that one is ready does the old one get its
+    /// stop signal.
     fn recycle(&mut self, now: Instant) {
-        let due: Vec<(Pid, StopReason)> = self
+        if self.rollout.is_some() {
+            return; // a rollout replaces everyone anyway
+        }
+        let generation = self.generation;
+        if let Some(w) = self
             .pool
             .workers
             .values()
-            .filter(|w| w.state == WorkerState::Ready)
-            .filter_map(|w| {
+            .find(|w| w.is_active() && w.replace.is_some())
+        {
+            let (pid, reason) = (w.pid, w.replace.expect("checked"));
+            let ready_staying = self
+                .pool
+                .workers
+                .values()
+                .filter(|w| w.is_staying(generation) && w.state == WorkerState::Ready)
+                .count() as u32;
+            if ready_staying >= self.target {
+                self.stop_worker(pid, reason, false);
+            }
+            return;
+        }
+        let check_rss = self.config.worker.max_rss.is_some()
+            && self
+                .last_rss_check
+                .is_none_or(|t| now.duration_since(t) >= RSS_CHECK_EVERY);
+        if check_rss {
+            self.last_rss_check = Some(now);
+        }
+        let max_rss = self.config.worker.max_rss.unwrap_or(u64::MAX);
+        let due = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Ready && w.generation == generation)
+            .find_map(|w| {
                 if w.recycle_at.is_some_and(|t| now >= t) {
-                    Some((w.pid, StopReason::Lifetime))
-                } else {
-                    None
+                    return Some((w.pid, StopReason::Lifetime, String::new()));
                 }
-            })
-            .collect();
-        // Replace one at a time through the normal path: the slot refills
-        // at once since a stopping worker no longer counts as active.
-        if let Some((pid, reason)) = due.into_iter().next() {
+                if check_rss {
+                    let rss = process::rss_bytes(w.pid).unwrap_or(0);
+                    if rss > max_rss {
+                        let detail = format!(" ({} MiB > {} MiB)", rss >> 20, max_rss >> 20);
+                        return Some((w.pid, StopReason::Memory, detail));
+                    }
+                }
+                None
+            });
+        if let Some((pid, reason, detail)) = due {
             info!(
                 worker_pid = pid.as_raw(),
                 event = "recycle",
-                "worker {pid}: {reason}; replacing it"
+                "worker {pid}: {reason}{detail}; starting its replacement"
             );
-            self.stop_worker(pid, reason, false);
+            if let Some(w) = self.pool.workers.get_mut(&pid) {
+                w.replace = Some(reason);
+            }
         }
     }
 
@@ -1139,7 +1214,7 @@ impl Supervisor {
         let counts = self.pool.counts();
         Snapshot {
             instance: self.instance.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: crate::version(),
             pid: std::process::id(),
             phase: self.phase,
             failing: self.gate.is_failing(),

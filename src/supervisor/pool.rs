@@ -34,7 +34,7 @@ impl std::fmt::Display for WorkerState {
 
 /// Why a worker is being stopped (logged, and decides whether its exit
 /// counts as a failure).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StopReason {
     ScaleDown,
@@ -76,6 +76,8 @@ pub struct Worker {
     pub status_text: Option<String>,
     /// Recycle deadline (max_lifetime with jitter), if configured.
     pub recycle_at: Option<Instant>,
+    /// Due for recycling: it serves until its replacement is ready.
+    pub replace: Option<StopReason>,
 }
 
 impl Worker {
@@ -92,11 +94,17 @@ impl Worker {
             killed: false,
             status_text: None,
             recycle_at: None,
+            replace: None,
         }
     }
 
     pub fn is_active(&self) -> bool {
         self.state != WorkerState::Stopping
+    }
+
+    /// Active, of `generation`, and not on its way out: what the target counts.
+    pub fn is_staying(&self, generation: u64) -> bool {
+        self.is_active() && self.generation == generation && self.replace.is_none()
     }
 }
 
@@ -169,8 +177,11 @@ impl Pool {
     /// Chooses `n` active workers to retire: starting ones first (they serve
     /// nothing yet), then idle ones (per `is_idle`), then the youngest.
     pub fn pick_to_retire(&self, n: usize, is_idle: impl Fn(Pid) -> bool) -> Vec<Pid> {
-        let mut candidates: Vec<&Worker> =
-            self.workers.values().filter(|w| w.is_active()).collect();
+        let mut candidates: Vec<&Worker> = self
+            .workers
+            .values()
+            .filter(|w| w.is_active() && w.replace.is_none())
+            .collect();
         candidates.sort_by_key(|w| {
             (
                 w.state == WorkerState::Ready,

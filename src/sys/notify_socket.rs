@@ -76,6 +76,10 @@ impl NotifySocket {
         self.fd.get_ref().as_raw_fd()
     }
 
+    pub fn borrowed_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.fd.get_ref())
+    }
+
     /// Waits for the next datagram.
     pub async fn recv(&self) -> io::Result<Datagram> {
         loop {
@@ -130,6 +134,49 @@ fn recv_one(fd: RawFd) -> io::Result<Datagram> {
         truncated,
         fds_dropped,
     })
+}
+
+/// A socket for droved's own messages to systemd's NOTIFY_SOCKET.
+///
+/// Sends never block: if the receiver's queue is full (a busy or wedged
+/// service manager), the message is dropped and the caller told, rather
+/// than stalling the supervisor and with it every worker's supervision.
+pub struct UpwardSocket {
+    fd: OwnedFd,
+    addr: UnixAddr,
+}
+
+impl UpwardSocket {
+    pub fn new(address: &str) -> io::Result<UpwardSocket> {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        let addr = match address.strip_prefix('@') {
+            Some(name) => UnixAddr::new_abstract(name.as_bytes())?,
+            None => UnixAddr::new(address)?,
+        };
+        Ok(UpwardSocket { fd, addr })
+    }
+
+    pub fn send(&self, payload: &[u8]) -> io::Result<()> {
+        socket::sendto(
+            self.fd.as_raw_fd(),
+            payload,
+            &self.addr,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        )?;
+        Ok(())
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds (for RELOADING=1's MONOTONIC_USEC).
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
 }
 
 /// Sends one datagram to a NOTIFY_SOCKET address (tests and tools).

@@ -90,6 +90,32 @@ pub fn cpu_time(pid: Pid) -> io::Result<Duration> {
     Ok(Duration::from_secs_f64(total as f64 / clock_ticks() as f64))
 }
 
+/// Time a process (all its threads) spent running on a CPU and waiting on
+/// a run queue for one, from /proc/PID/task/*/schedstat (sched_info;
+/// nanosecond precision).
+pub fn sched_times(pid: Pid) -> io::Result<(Duration, Duration)> {
+    let (mut run, mut wait) = (0u64, 0u64);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(text) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue; // the thread just exited
+        };
+        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>());
+        match (fields.next(), fields.next()) {
+            (Some(Ok(r)), Some(Ok(w))) => {
+                run += r;
+                wait += w;
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "malformed schedstat",
+                ));
+            }
+        }
+    }
+    Ok((Duration::from_nanos(run), Duration::from_nanos(wait)))
+}
+
 fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()

@@ -108,6 +108,9 @@ pub struct SpawnSpec<'a> {
     pub credentials: Option<&'a Credentials>,
     /// Listening sockets, placed at fds 3, 4, … in this order.
     pub listeners: Vec<BorrowedFd<'a>>,
+    /// Sent to the worker if droved dies (PR_SET_PDEATHSIG), so a killed
+    /// supervisor leaves no orphan pool serving stale code.
+    pub parent_death_signal: Option<nix::sys::signal::Signal>,
 }
 
 /// A spec with every byte the child needs already allocated.
@@ -122,6 +125,8 @@ struct Prepared {
     cwd: Option<CString>,
     creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     fds: Vec<RawFd>,
+    death_signal: libc::c_int,
+    parent: libc::pid_t,
 }
 
 /// Steps the child reports on failure, so the parent can say which one failed.
@@ -247,6 +252,8 @@ impl SpawnSpec<'_> {
             cwd,
             creds,
             fds: self.listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
+            death_signal: self.parent_death_signal.map_or(0, |s| s as libc::c_int),
+            parent: std::process::id() as libc::pid_t,
         })
     }
 }
@@ -315,7 +322,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Pid> {
 /// # Safety
 /// Must only be called in the child of `fork()`. It calls only
 /// async-signal-safe functions (signal(7)): sigaction, sigprocmask, setsid,
-/// fcntl, dup2, close_range, chdir, setgroups, setgid, setuid, getpid, write, execve,
+/// fcntl, dup2, close_range, chdir, setgroups, setgid, setuid, prctl,
+/// getppid, getpid, write, execve,
 /// _exit; it neither allocates nor takes locks.
 unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
     let fail = |step: ChildStep| -> ! {
@@ -386,17 +394,37 @@ unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
             fail(ChildStep::Fds);
         }
 
-        if let Some(cwd) = &p.cwd
-            && libc::chdir(cwd.as_ptr()) < 0
-        {
-            fail(ChildStep::Chdir);
-        }
         if let Some((uid, gid, groups)) = &p.creds
             && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(*gid) < 0
                 || libc::setuid(*uid) < 0)
         {
             fail(ChildStep::Credentials);
+        }
+        // As the worker's user (systemd does the same): a directory only
+        // that user may enter works without extra capabilities for droved.
+        if let Some(cwd) = &p.cwd
+            && libc::chdir(cwd.as_ptr()) < 0
+        {
+            fail(ChildStep::Chdir);
+        }
+
+        // After the credential change (which clears it): die with the
+        // supervisor. If it already died, getppid() moved on: stop now.
+        if p.death_signal != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                p.death_signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                fail(ChildStep::Credentials);
+            }
+            if libc::getppid() != p.parent {
+                libc::_exit(0);
+            }
         }
 
         // LISTEN_PID=<our pid>: write the digits over the spaces.
@@ -475,6 +503,7 @@ mod tests {
             working_directory: None,
             credentials: None,
             listeners: vec![listener.as_fd()],
+            parent_death_signal: None,
         };
         let pid = spawn(&spec).unwrap();
         assert_eq!(wait_exit(pid), 0);
@@ -506,6 +535,7 @@ mod tests {
             working_directory: None,
             credentials: None,
             listeners: vec![],
+            parent_death_signal: None,
         };
         let err = spawn(&spec).unwrap_err();
         assert!(err.to_string().contains("not an executable"), "{err}");
@@ -520,6 +550,7 @@ mod tests {
             working_directory: Some(Path::new("/nonexistent-drove-dir")),
             credentials: None,
             listeners: vec![],
+            parent_death_signal: None,
         };
         let err = spawn(&spec).unwrap_err();
         assert!(err.to_string().contains("working directory"), "{err}");

@@ -140,9 +140,9 @@ fn crashing_command_is_backed_off_and_reported_failing() {
     assert!(forks <= 8, "{forks} forks in 3 s");
     assert!(d.try_exit().is_none(), "droved stays up");
     assert!(
-        d.upward.status.starts_with("0 workers ready"),
+        d.upward().status.starts_with("0 workers ready"),
         "{}",
-        d.upward.status
+        d.upward().status
     );
 }
 
@@ -175,7 +175,7 @@ max = 2
         took >= Duration::from_millis(900),
         "stop_timeout honoured: {took:?}"
     );
-    assert!(d.upward.stopping, "STOPPING=1 sent");
+    assert!(d.upward().stopping, "STOPPING=1 sent");
     for pid in workers {
         assert!(!alive(pid), "worker {pid} is gone");
     }
@@ -246,9 +246,9 @@ max = 2
         "READY=1 only after the workers' READY=1"
     );
     assert!(
-        d.upward.status.starts_with("2 workers ready"),
+        d.upward().status.starts_with("2 workers ready"),
         "{}",
-        d.upward.status
+        d.upward().status
     );
     drop(d);
 
@@ -274,7 +274,7 @@ max = 1
         (!now.is_empty() && !now.contains(&first)).then_some(())
     });
     assert!(d.log().contains("not ready in time"), "{}", d.log());
-    assert!(!d.upward.ready);
+    assert!(!d.upward().ready);
 }
 
 #[test]
@@ -346,7 +346,7 @@ fn garbage_on_the_worker_notify_socket_changes_nothing() {
     d.wait_ready();
     let workers = d.workers();
     let address = env_of(workers[0], "NOTIFY_SOCKET").unwrap();
-    let status = d.upward.status.clone();
+    let status = d.upward().status.clone();
     let payloads: Vec<Vec<u8>> = vec![
         b"READY=1".to_vec(),
         b"STOPPING=1\nWATCHDOG=trigger".to_vec(),
@@ -371,7 +371,7 @@ fn garbage_on_the_worker_notify_socket_changes_nothing() {
     assert!(d.try_exit().is_none());
     assert_eq!(d.workers(), workers, "no worker stopped or replaced");
     d.wait_status("2 workers ready", 5 * SEC);
-    assert_eq!(d.upward.status, status);
+    assert_eq!(d.upward().status, status);
     assert!(d.log().contains("not a worker ignored"), "{}", d.log());
 }
 
@@ -510,5 +510,24 @@ fn socket_activation_with_tcp_and_unix_and_names() {
 fn status_line_reports_the_queue() {
     let mut d = Droved::example_pool("queue", 1);
     d.wait_ready();
-    assert!(d.upward.status.contains("queue 0"), "{}", d.upward.status);
+    assert!(
+        d.upward().status.contains("queue 0"),
+        "{}",
+        d.upward().status
+    );
+}
+
+#[test]
+fn workers_do_not_outlive_a_killed_droved() {
+    let mut d = Droved::example_pool("orphans", 3);
+    d.wait_ready();
+    let workers = d.workers();
+    assert_eq!(workers.len(), 3);
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(10 * SEC);
+    // PR_SET_PDEATHSIG delivers the stop signal: they finish and exit
+    // instead of serving on as orphans.
+    eventually("orphaned workers exit", 10 * SEC, || {
+        workers.iter().all(|&p| !alive(p)).then_some(())
+    });
 }

@@ -337,20 +337,54 @@ fn limits_are_validated() {
     });
 }
 
+/// After a rollout to `generation` answered: the ready workers are all new
+/// and of that generation; the old ones (told to stop, maybe still
+/// exiting) go. Returns the new pids.
+fn rolled(
+    bus: &Bus,
+    d: &Droved,
+    instance: &str,
+    before: &BTreeSet<i32>,
+    generation: u64,
+) -> BTreeSet<i32> {
+    let list = bus.json(&["--instance", instance, "list"]);
+    let ready: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "ready")
+        .collect();
+    assert_eq!(ready.len(), 2, "{list}");
+    let after: BTreeSet<i32> = ready
+        .iter()
+        .map(|w| {
+            assert_eq!(w["generation"], generation, "{w}");
+            w["pid"].as_i64().unwrap() as i32
+        })
+        .collect();
+    assert!(after.is_disjoint(before), "{before:?} -> {after:?}");
+    assert_eq!(bus.status(instance)["generation"], generation);
+    eventually("only the new workers remain", 10 * SEC, || {
+        (d.workers().into_iter().collect::<BTreeSet<_>>() == after).then_some(())
+    });
+    after
+}
+
 #[test]
 fn reload_and_restart_workers() {
     let bus = Bus::start();
     let d = bus.droved("roll", 2, 2);
-    let before: BTreeSet<i32> = d.workers().into_iter().collect();
+    let first: BTreeSet<i32> = d.workers().into_iter().collect();
     let s = bus.status("roll");
     assert_eq!(
         (s["generation"].as_u64(), s["reloads"].as_u64()),
         (Some(1), Some(0))
     );
 
-    // Unchanged config: accepted, no rollout.
+    // Reload answers once the rolling restart it starts has finished.
     assert_eq!(bus.json(&["reload"])["ok"], true);
     assert_eq!(bus.status("roll")["reloads"], 1);
+    let second = rolled(&bus, &d, "roll", &first, 2);
 
     // A broken config is rejected with the config error; nothing changes.
     let path = d.dir.join("drove.toml");
@@ -366,32 +400,12 @@ fn reload_and_restart_workers() {
         ],
     );
     std::fs::write(&path, good).unwrap();
-    assert_eq!(d.workers().into_iter().collect::<BTreeSet<_>>(), before);
-
-    // restart-workers returns once every worker was replaced: new ones are
-    // ready, old ones told to stop (they may still be exiting).
-    let out = bus.ctl(&["restart-workers"]);
-    assert_ok(&out, &["restart-workers"]);
-    let list = bus.json(&["list"]);
-    let ready: Vec<&Value> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|w| w["state"] == "ready")
-        .collect();
-    assert_eq!(ready.len(), 2, "{list}");
-    let after: BTreeSet<i32> = ready
-        .iter()
-        .map(|w| {
-            assert_eq!(w["generation"], 2, "{w}");
-            w["pid"].as_i64().unwrap() as i32
-        })
-        .collect();
-    assert!(after.is_disjoint(&before), "{before:?} -> {after:?}");
+    assert_eq!(d.workers().into_iter().collect::<BTreeSet<_>>(), second);
     assert_eq!(bus.status("roll")["generation"], 2);
-    eventually("only the new workers remain", 10 * SEC, || {
-        (d.workers().into_iter().collect::<BTreeSet<_>>() == after).then_some(())
-    });
+
+    // restart-workers, likewise.
+    assert_ok(&bus.ctl(&["restart-workers"]), &["restart-workers"]);
+    rolled(&bus, &d, "roll", &second, 3);
 }
 
 #[test]

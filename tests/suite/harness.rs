@@ -9,7 +9,8 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const DROVED: &str = env!("CARGO_BIN_EXE_droved");
@@ -73,10 +74,43 @@ pub struct Droved {
     pub child: Child,
     pub dir: PathBuf,
     pub port: u16,
-    notify: UnixDatagram,
-    pub upward: Upward,
+    /// Filled by a thread that drains droved's notifications at once, as
+    /// systemd would, so droved's queue to us never fills up.
+    upward: Arc<Mutex<Upward>>,
+    stop_drain: Arc<AtomicBool>,
+    drain: Option<std::thread::JoinHandle<()>>,
     log_path: PathBuf,
     reaped: Option<ExitStatus>,
+}
+
+impl Upward {
+    fn take(&mut self, datagram: &[u8]) {
+        let text = String::from_utf8_lossy(datagram).into_owned();
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("READY", "1")) => {
+                    self.ready = true;
+                    self.ready_count += 1;
+                }
+                Some(("STOPPING", "1")) => self.stopping = true,
+                Some(("RELOADING", "1")) => self.reloading += 1,
+                Some(("STATUS", s)) => {
+                    self.status = s.to_string();
+                    self.statuses.push(s.to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn drain_notifications(sock: UnixDatagram, upward: Arc<Mutex<Upward>>, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            upward.lock().unwrap().take(&buf[..n]);
+        }
+    }
 }
 
 pub struct Builder {
@@ -86,6 +120,7 @@ pub struct Builder {
     port: u16,
     launcher: Vec<String>,
     tag: String,
+    binary: Option<PathBuf>,
 }
 
 impl Builder {
@@ -115,6 +150,13 @@ impl Builder {
         self
     }
 
+    /// Runs this droved binary instead of the built one (upgrade tests
+    /// replace it on disk).
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_path_buf());
+        self
+    }
+
     pub fn start(self) -> Droved {
         let dir = temp_dir(&self.tag);
         let notify_path = dir.join("notify.sock");
@@ -130,7 +172,12 @@ impl Builder {
                 .replace("{dir}", &dir.display().to_string())
         };
         let mut argv: Vec<String> = self.launcher.iter().map(|s| subst(s)).collect();
-        argv.push(DROVED.to_string());
+        argv.push(
+            self.binary
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| DROVED.to_string()),
+        );
         if let Some(text) = &self.config {
             let path = dir.join("drove.toml");
             std::fs::write(&path, subst(text)).unwrap();
@@ -152,12 +199,19 @@ impl Builder {
             cmd.env(k, subst(v));
         }
         let child = cmd.spawn().unwrap();
+        let upward = Arc::new(Mutex::new(Upward::default()));
+        let stop_drain = Arc::new(AtomicBool::new(false));
+        let drain = {
+            let (upward, stop) = (upward.clone(), stop_drain.clone());
+            std::thread::spawn(move || drain_notifications(notify, upward, stop))
+        };
         Droved {
             child,
             dir,
             port: self.port,
-            notify,
-            upward: Upward::default(),
+            upward,
+            stop_drain,
+            drain: Some(drain),
             log_path,
             reaped: None,
         }
@@ -173,6 +227,7 @@ impl Droved {
             port: free_port(),
             launcher: vec![],
             tag: tag.into(),
+            binary: None,
         }
     }
 
@@ -194,28 +249,9 @@ impl Droved {
         self.child.id() as i32
     }
 
-    fn drain_notify(&mut self) {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = self.notify.recv(&mut buf) {
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            for line in text.lines() {
-                match line.split_once('=') {
-                    Some(("READY", "1")) => {
-                        self.upward.ready = true;
-                        self.upward.ready_count += 1;
-                    }
-                    Some(("STOPPING", "1")) => self.upward.stopping = true,
-                    Some(("RELOADING", "1")) => self.upward.reloading += 1,
-                    Some(("STATUS", s)) => {
-                        self.upward.status = s.to_string();
-                        self.upward.statuses.push(s.to_string());
-                    }
-                    _ => {}
-                }
-            }
-            self.notify.set_nonblocking(true).unwrap();
-        }
-        self.notify.set_nonblocking(false).unwrap();
+    /// What droved has reported so far.
+    pub fn upward(&self) -> Upward {
+        self.upward.lock().unwrap().clone()
     }
 
     /// Waits until `pred` holds for what droved reported, or panics with
@@ -228,9 +264,9 @@ impl Droved {
     ) -> Upward {
         let deadline = Instant::now() + timeout;
         loop {
-            self.drain_notify();
-            if pred(&self.upward) {
-                return self.upward.clone();
+            let upward = self.upward();
+            if pred(&upward) {
+                return upward;
             }
             if let Some(status) = self.try_exit() {
                 panic!(
@@ -238,10 +274,11 @@ impl Droved {
                     self.log()
                 );
             }
+            std::thread::sleep(Duration::from_millis(10));
             if Instant::now() > deadline {
                 panic!(
                     "timed out after {timeout:?} waiting for {what}; last status {:?}\n{}",
-                    self.upward.status,
+                    self.upward().status,
                     self.log()
                 );
             }
@@ -272,9 +309,28 @@ impl Droved {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits until the log has at least `n` lines containing `needle`.
+    pub fn wait_log(&mut self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.log_count(needle) < n {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {n}x {needle:?} in the log\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Number of log lines containing `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Path of the config file written by [`Builder::config`].
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("drove.toml")
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -292,7 +348,8 @@ impl Droved {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_exit() {
-                self.drain_notify();
+                // Give the drain thread droved's last words.
+                std::thread::sleep(Duration::from_millis(100));
                 return s;
             }
             assert!(
@@ -311,6 +368,10 @@ impl Droved {
 
 impl Drop for Droved {
     fn drop(&mut self) {
+        self.stop_drain.store(true, Ordering::Relaxed);
+        if let Some(t) = self.drain.take() {
+            let _ = t.join();
+        }
         if self.try_exit().is_none() {
             // Workers live in their own sessions: kill them explicitly,
             // with droved frozen first so it cannot replace them meanwhile
@@ -364,9 +425,9 @@ pub fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// The initial environment of a process.
+/// The initial environment of a process (empty once it is gone).
 pub fn environ(pid: i32) -> Vec<(String, String)> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     raw.split(|&b| b == 0)
         .filter(|e| !e.is_empty())
         .filter_map(|e| {
@@ -462,4 +523,96 @@ pub fn concurrent_gets(port: u16, path: &str, n: usize) -> Vec<std::io::Result<S
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Writes a copy of the built droved to `dest` whose build id reads `id`
+/// (at most 20 bytes): a different build of the same version, made by
+/// patching the marker `drove::build_id` reads, so upgrade tests need no
+/// second compilation. Written beside `dest` and renamed over it, as a
+/// package manager replaces a binary.
+pub fn droved_build(dest: &Path, id: &str) {
+    assert!(id.len() <= 20 && !id.is_empty());
+    let mut bytes = std::fs::read(DROVED).unwrap();
+    let marker = b"DROVE_BUILD_ID=dev\0";
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("build id marker in droved");
+    let start = at + b"DROVE_BUILD_ID=".len();
+    for b in &mut bytes[start..start + 21] {
+        *b = 0;
+    }
+    bytes[start..start + id.len()].copy_from_slice(id.as_bytes());
+    let tmp = dest.with_extension("new");
+    std::fs::write(&tmp, &bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, dest).unwrap();
+}
+
+/// Where a load generator connects.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+/// Closed-loop clients, each request a fresh connection, bounded by
+/// `limit` (127.0.0.1 or a unix socket only). Every failure is kept with
+/// its error text.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(target: Target, path: &str, clients: usize, limit: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + limit;
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+                let (target, path) = (target.clone(), path.to_string());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let result = match &target {
+                            Target::Tcp(port) => http_get(("127.0.0.1", *port), &path),
+                            Target::Unix(p) => http_get_unix(p, &path),
+                        };
+                        match result {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => errors.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            errors,
+            threads,
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; returns (answered, failures).
+    pub fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let errors = self.errors.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), errors)
+    }
 }

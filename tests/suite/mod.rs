@@ -1,3 +1,5 @@
 pub mod core;
 pub mod dbus;
 pub mod harness;
+pub mod scale;
+pub mod upgrade;

@@ -1,0 +1,262 @@
+//! The supervisor state handed from one droved binary to the next across
+//! `execve` (binary upgrade). Pure: encoding and decoding only.
+//!
+//! Format: the 8-byte magic `DROVEHO\0`, a little-endian u32 format
+//! version, a u32 payload length, then the payload as JSON. A new binary
+//! accepts exactly the versions in [`SUPPORTED`]; preflight asks the new
+//! binary for them (`droved --preflight`) before the old one execs it, so
+//! an incompatible binary is refused while the old one still runs.
+//!
+//! Times are stored as ages (milliseconds before the handover), because
+//! `Instant` means nothing to another process image.
+
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: &[u8; 8] = b"DROVEHO\0";
+/// The format this binary writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The formats this binary reads.
+pub const SUPPORTED: &[u32] = &[1];
+/// Environment variable naming the fd that holds the state.
+pub const ENV_FD: &str = "DROVE_HANDOVER_FD";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Version string of the binary that wrote this.
+    pub from_version: String,
+    pub instance: String,
+    pub generation: u64,
+    pub target: u32,
+    pub listeners: Vec<ListenerState>,
+    pub notify: NotifyState,
+    pub workers: Vec<WorkerState>,
+    pub counters: Counters,
+    pub uptime_ms: u64,
+    pub consecutive_failures: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerState {
+    pub fd: i32,
+    pub name: String,
+    pub address: String,
+    pub owned_path: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotifyState {
+    pub fd: i32,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerState {
+    pub pid: i32,
+    pub slot: u32,
+    pub generation: u64,
+    /// "starting", "ready" or "stopping".
+    pub state: String,
+    pub age_ms: u64,
+    pub ready_age_ms: Option<u64>,
+    pub last_ping_age_ms: u64,
+    /// Stop reason (kebab-case) and how long ago the stop began.
+    pub stop: Option<(String, u64)>,
+    pub killed: bool,
+    pub status_text: Option<String>,
+    pub recycle_in_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub spawned: u64,
+    pub exited: u64,
+    pub failed_starts: u64,
+    pub reloads: u64,
+    pub upgrades: u64,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HandoverError {
+    #[error("handover data is truncated ({0} bytes)")]
+    Truncated(usize),
+    #[error("handover data does not start with the drove magic")]
+    BadMagic,
+    #[error("handover format {found} is not supported by this binary (it reads {supported:?})")]
+    Version { found: u32, supported: Vec<u32> },
+    #[error("handover payload is malformed: {0}")]
+    Malformed(String),
+}
+
+pub fn encode(state: &State) -> Vec<u8> {
+    let payload = serde_json::to_vec(state).expect("state serializes");
+    let mut out = Vec::with_capacity(16 + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+pub fn decode(bytes: &[u8]) -> Result<State, HandoverError> {
+    if bytes.len() < 16 {
+        return Err(HandoverError::Truncated(bytes.len()));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(HandoverError::BadMagic);
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if !SUPPORTED.contains(&version) {
+        return Err(HandoverError::Version {
+            found: version,
+            supported: SUPPORTED.to_vec(),
+        });
+    }
+    let len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    let payload = &bytes[16..];
+    if payload.len() < len {
+        return Err(HandoverError::Truncated(bytes.len()));
+    }
+    serde_json::from_slice(&payload[..len]).map_err(|e| HandoverError::Malformed(e.to_string()))
+}
+
+/// The line `droved --preflight` prints, and its parser (old binary side).
+pub fn preflight_line() -> String {
+    let formats: Vec<String> = SUPPORTED.iter().map(u32::to_string).collect();
+    format!(
+        "drove-handover formats={} version={}",
+        formats.join(","),
+        crate::version()
+    )
+}
+
+/// Parses a preflight line: the new binary's version, if it can read the
+/// format this binary writes.
+pub fn check_preflight(output: &str) -> Result<String, String> {
+    let line = output
+        .lines()
+        .find(|l| l.starts_with("drove-handover "))
+        .ok_or_else(|| {
+            "the new binary printed no handover line (too old, or not droved)".to_string()
+        })?;
+    let mut formats = None;
+    // `version=` comes last and runs to the end of the line (it has spaces).
+    let (fields, rest) = match line.split_once(" version=") {
+        Some((f, v)) => (f, Some(v.trim().to_string())),
+        None => (line, None),
+    };
+    let version = rest;
+    for field in fields.split_whitespace().skip(1) {
+        if let Some(v) = field.strip_prefix("formats=") {
+            formats = Some(
+                v.split(',')
+                    .filter_map(|f| f.parse::<u32>().ok())
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+    let formats = formats.ok_or("the handover line has no formats")?;
+    if !formats.contains(&FORMAT_VERSION) {
+        return Err(format!(
+            "the new binary reads handover formats {formats:?}, this one writes {FORMAT_VERSION}"
+        ));
+    }
+    Ok(version.unwrap_or_else(|| "unknown".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State {
+            from_version: "0.1.0 (dev)".into(),
+            instance: "demo".into(),
+            generation: 3,
+            target: 4,
+            listeners: vec![ListenerState {
+                fd: 7,
+                name: "web".into(),
+                address: "127.0.0.1:8080".into(),
+                owned_path: None,
+            }],
+            notify: NotifyState {
+                fd: 9,
+                address: "@drove/1/notify-1".into(),
+            },
+            workers: vec![WorkerState {
+                pid: 1234,
+                slot: 0,
+                generation: 3,
+                state: "ready".into(),
+                age_ms: 5000,
+                ready_age_ms: Some(4900),
+                last_ping_age_ms: 100,
+                stop: None,
+                killed: false,
+                status_text: Some("serving".into()),
+                recycle_in_ms: None,
+            }],
+            counters: Counters {
+                spawned: 5,
+                exited: 1,
+                failed_starts: 0,
+                reloads: 2,
+                upgrades: 1,
+            },
+            uptime_ms: 60_000,
+            consecutive_failures: 0,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = state();
+        assert_eq!(decode(&encode(&s)).unwrap(), s);
+    }
+
+    #[test]
+    fn version_mismatch_and_truncation_and_garbage() {
+        let mut bytes = encode(&state());
+        bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
+        assert_eq!(
+            decode(&bytes),
+            Err(HandoverError::Version {
+                found: 99,
+                supported: vec![1]
+            })
+        );
+
+        let bytes = encode(&state());
+        for cut in [0, 5, 15, 16, bytes.len() - 1] {
+            assert!(
+                matches!(decode(&bytes[..cut]), Err(HandoverError::Truncated(_))),
+                "cut at {cut}"
+            );
+        }
+        let mut bytes = encode(&state());
+        bytes[0] = b'X';
+        assert_eq!(decode(&bytes), Err(HandoverError::BadMagic));
+        let mut bytes = encode(&state());
+        let last = bytes.len() - 2;
+        bytes[last] = b'#';
+        assert!(matches!(decode(&bytes), Err(HandoverError::Malformed(_))));
+    }
+
+    #[test]
+    fn preflight_lines() {
+        assert_eq!(
+            check_preflight(&preflight_line()).unwrap(),
+            crate::version()
+        );
+        assert_eq!(
+            check_preflight("drove-handover formats=1,2 version=9.9").unwrap(),
+            "9.9"
+        );
+        assert!(
+            check_preflight("drove-handover formats=2 version=9.9")
+                .unwrap_err()
+                .contains("writes 1")
+        );
+        assert!(check_preflight("hello").is_err());
+    }
+}

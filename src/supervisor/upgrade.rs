@@ -1,0 +1,345 @@
+//! Binary upgrade: preflight the binary on disk, hand the state over, and
+//! `execve` it in place. Same pid, so systemd's MainPID never changes, the
+//! workers stay our children (their exits wait as zombies across the exec,
+//! nothing is lost), and the listening sockets are never closed.
+//!
+//! Requests while an upgrade is in flight join it (one exec answers them
+//! all); requests during a rolling restart or a stop are refused with the
+//! reason, since both would have to be handed over half-done.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use super::Supervisor;
+use super::control::{ControlError, Event};
+use super::pool::{StopReason, Worker, WorkerState};
+use super::status::Phase;
+use crate::handover::{self, State};
+use crate::sys::exec;
+
+/// How long the new binary may take to answer `--preflight`.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Delay between answering the callers and exec, so their replies reach
+/// the bus before this image (and its connection) is gone.
+const EXEC_DELAY: Duration = Duration::from_millis(200);
+
+type Reply = oneshot::Sender<Result<(), ControlError>>;
+
+pub(super) struct Upgrade {
+    replies: Vec<Reply>,
+    preflighting: bool,
+    exec_at: Option<Instant>,
+    results_tx: mpsc::Sender<Result<String, String>>,
+    pub(super) results: mpsc::Receiver<Result<String, String>>,
+}
+
+impl Default for Upgrade {
+    fn default() -> Self {
+        let (results_tx, results) = mpsc::channel(4);
+        Upgrade {
+            replies: Vec::new(),
+            preflighting: false,
+            exec_at: None,
+            results_tx,
+            results,
+        }
+    }
+}
+
+impl Upgrade {
+    pub(super) fn exec_due(&self, now: Instant) -> bool {
+        self.exec_at.is_some_and(|t| now >= t)
+    }
+
+    fn busy(&self) -> bool {
+        self.preflighting || self.exec_at.is_some()
+    }
+}
+
+fn age_ms(now: Instant, t: Instant) -> u64 {
+    now.saturating_duration_since(t).as_millis() as u64
+}
+
+fn stop_reason_name(r: StopReason) -> String {
+    serde_json::to_value(r)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn stop_reason_from(name: &str) -> StopReason {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .unwrap_or(StopReason::Shutdown)
+}
+
+impl Supervisor {
+    pub(super) fn request_upgrade(&mut self, reply: Option<Reply>, why: &str) {
+        let refuse = |reply: Option<Reply>, msg: &str| {
+            warn!(event = "upgrade-refused", "{why}: upgrade refused: {msg}");
+            if let Some(r) = reply {
+                let _ = r.send(Err(ControlError::UpgradeRefused(msg.to_string())));
+            }
+        };
+        if self.phase == Phase::Stopping {
+            return refuse(reply, "droved is stopping");
+        }
+        if self.rollout.is_some() {
+            return refuse(
+                reply,
+                "a rolling restart is in progress; retry when it has finished",
+            );
+        }
+        if let Some(r) = reply {
+            self.upgrade.replies.push(r);
+        }
+        if self.upgrade.busy() {
+            info!("{why}: joined the upgrade in progress");
+            return;
+        }
+        self.upgrade.preflighting = true;
+        info!(
+            event = "upgrade",
+            "{why}: checking {} before re-executing it",
+            self.exe.display()
+        );
+        let exe = self.exe.clone();
+        let args: Vec<_> = self.argv.iter().skip(1).cloned().collect();
+        let tx = self.upgrade.results_tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(preflight(&exe, &args).await).await;
+        });
+    }
+
+    pub(super) fn on_preflight(&mut self, result: Result<String, String>) {
+        self.upgrade.preflighting = false;
+        let replies = std::mem::take(&mut self.upgrade.replies);
+        match result {
+            Err(msg) => {
+                error!(
+                    event = "upgrade-refused",
+                    "upgrade refused, still running {}: {msg}",
+                    crate::version()
+                );
+                for r in replies {
+                    let _ = r.send(Err(ControlError::UpgradeRefused(msg.clone())));
+                }
+            }
+            Ok(version) if self.phase == Phase::Stopping || self.rollout.is_some() => {
+                let msg = format!(
+                    "{version} passed preflight, but droved is now busy ({})",
+                    self.phase
+                );
+                for r in replies {
+                    let _ = r.send(Err(ControlError::UpgradeRefused(msg.clone())));
+                }
+            }
+            Ok(version) => {
+                info!(
+                    event = "upgrade",
+                    "preflight passed; re-executing as {version}"
+                );
+                self.phase = Phase::Upgrading;
+                let line = self.snapshot().status_line();
+                self.upward.reloading(&line);
+                for r in replies {
+                    let _ = r.send(Ok(()));
+                }
+                self.upgrade.exec_at = Some(Instant::now() + EXEC_DELAY);
+            }
+        }
+    }
+
+    fn capture(&self, notify_fd: i32, now: Instant) -> State {
+        State {
+            from_version: crate::version(),
+            instance: self.instance.clone(),
+            generation: self.generation,
+            target: self.target,
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| handover::ListenerState {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&l.fd),
+                    name: l.name.clone(),
+                    address: l.address.clone(),
+                    owned_path: l.owned_path.clone(),
+                })
+                .collect(),
+            notify: handover::NotifyState {
+                fd: notify_fd,
+                address: self.notify.address.clone(),
+            },
+            workers: self
+                .pool
+                .workers
+                .values()
+                .map(|w| handover::WorkerState {
+                    pid: w.pid.as_raw(),
+                    slot: w.slot,
+                    generation: w.generation,
+                    state: w.state.to_string(),
+                    age_ms: age_ms(now, w.started),
+                    ready_age_ms: w.ready_at.map(|t| age_ms(now, t)),
+                    last_ping_age_ms: age_ms(now, w.last_ping),
+                    stop: w.stop.map(|(r, t)| (stop_reason_name(r), age_ms(now, t))),
+                    killed: w.killed,
+                    status_text: w.status_text.clone(),
+                    recycle_in_ms: w
+                        .recycle_at
+                        .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                })
+                .collect(),
+            counters: self.counters,
+            uptime_ms: age_ms(now, self.started),
+            consecutive_failures: self.gate.consecutive_failures,
+        }
+    }
+
+    /// Hands over and execs. Returns only if exec failed; then everything is
+    /// as before and the pool keeps running.
+    pub(super) fn exec_upgrade(&mut self) {
+        self.upgrade.exec_at = None;
+        let now = Instant::now();
+        let notify_fd = self.notify.raw_fd();
+        let state = self.capture(notify_fd, now);
+        let memfd = match exec::memfd_with(&handover::encode(&state)) {
+            Ok(fd) => fd,
+            Err(e) => return self.upgrade_failed(format!("cannot write the handover state: {e}")),
+        };
+        let keep: Vec<std::os::fd::BorrowedFd<'_>> = self
+            .listeners
+            .iter()
+            .map(|l| l.as_fd())
+            .chain(std::iter::once(self.notify.borrowed_fd()))
+            .collect();
+        for fd in &keep {
+            if let Err(e) = exec::set_inheritable(*fd, true) {
+                for fd in &keep {
+                    let _ = exec::set_inheritable(*fd, false);
+                }
+                return self.upgrade_failed(format!("cannot keep fds across exec: {e}"));
+            }
+        }
+        let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.to_str(),
+                    Some("LISTEN_FDS" | "LISTEN_PID" | "LISTEN_FDNAMES" | handover::ENV_FD)
+                )
+            })
+            .chain(std::iter::once((
+                handover::ENV_FD.into(),
+                std::os::fd::AsRawFd::as_raw_fd(&memfd).to_string().into(),
+            )))
+            .collect();
+        info!(
+            event = "upgrade-exec",
+            "handing {} workers and {} sockets to {}",
+            state.workers.len(),
+            state.listeners.len(),
+            self.exe.display()
+        );
+        if let Err(e) = exec::block_signals() {
+            warn!("cannot block signals for the exec: {e}");
+        }
+        let err = exec::exec(&self.exe, &self.argv, &env);
+        // Still here: exec failed. Undo and keep serving.
+        let _ = exec::unblock_signals();
+        for fd in &keep {
+            let _ = exec::set_inheritable(*fd, false);
+        }
+        drop(memfd);
+        self.upgrade_failed(format!("cannot execute {}: {err}", self.exe.display()));
+    }
+
+    fn upgrade_failed(&mut self, msg: String) {
+        error!(
+            event = "upgrade-failed",
+            "upgrade failed, still running {}: {msg}",
+            crate::version()
+        );
+        self.phase = Phase::Running;
+        let line = self.snapshot().status_line();
+        self.upward.ready(&line);
+    }
+
+    /// Takes over the pool described by the previous image.
+    pub(super) fn restore(&mut self, state: State, now: Instant) {
+        let back = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+        self.generation = state.generation;
+        self.target = state
+            .target
+            .clamp(self.config.pool.min, self.config.pool.max);
+        self.counters = state.counters;
+        self.counters.upgrades += 1;
+        self.started = back(state.uptime_ms);
+        self.gate.consecutive_failures = state.consecutive_failures;
+        for w in state.workers {
+            let pid = nix::unistd::Pid::from_raw(w.pid);
+            let mut worker = Worker::new(pid, w.slot, w.generation, back(w.age_ms));
+            worker.state = match w.state.as_str() {
+                "ready" => WorkerState::Ready,
+                "stopping" => WorkerState::Stopping,
+                _ => WorkerState::Starting,
+            };
+            worker.ready_at = w.ready_age_ms.map(back);
+            worker.last_ping = back(w.last_ping_age_ms);
+            worker.stop = w.stop.map(|(r, ms)| (stop_reason_from(&r), back(ms)));
+            worker.killed = w.killed;
+            worker.status_text = w.status_text;
+            worker.recycle_at = w.recycle_in_ms.map(|ms| now + Duration::from_millis(ms));
+            self.pool.workers.insert(pid, worker);
+        }
+        self.phase = Phase::Running;
+        info!(
+            event = "upgraded",
+            "droved {} took over {} workers from {} (pid {} unchanged)",
+            crate::version(),
+            self.pool.workers.len(),
+            state.from_version,
+            std::process::id()
+        );
+        let _ = self.events.send(Event::Upgraded {
+            version: crate::version(),
+        });
+    }
+}
+
+/// Runs `exe --preflight ARGS`: the new binary must start, accept the
+/// current configuration, and read our handover format.
+async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("--preflight")
+        .args(args)
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = match tokio::time::timeout(PREFLIGHT_TIMEOUT, cmd.output()).await {
+        Err(_) => {
+            return Err(format!(
+                "{} --preflight did not finish within {PREFLIGHT_TIMEOUT:?}",
+                exe.display()
+            ));
+        }
+        Ok(Err(e)) => return Err(format!("cannot run {}: {e}", exe.display())),
+        Ok(Ok(out)) => out,
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        let detail = stderr.trim();
+        return Err(format!(
+            "{} --preflight failed ({}){}{}",
+            exe.display(),
+            output.status,
+            if detail.is_empty() { "" } else { ": " },
+            detail
+        ));
+    }
+    handover::check_preflight(&stdout)
+}

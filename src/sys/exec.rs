@@ -1,0 +1,130 @@
+//! Re-executing droved in place for a binary upgrade: the fds to keep, the
+//! state memfd, the signal mask across `execve`.
+//!
+//! Invariants: listeners and the worker notify socket are CLOEXEC except
+//! for the instant of the upgrade exec, when they (and the state memfd) are
+//! made inheritable; if `execve` fails, CLOEXEC is restored and the memfd
+//! closed. Catchable signals are blocked across `execve` so one arriving in
+//! the window stays pending (the mask and pending set survive exec) instead
+//! of meeting a default disposition; the new image unblocks them once its
+//! handlers are installed.
+
+use std::ffi::{CString, OsString};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::Path;
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+
+/// Marks `fd` inheritable across exec (`keep = true`) or not.
+pub fn set_inheritable(fd: BorrowedFd<'_>, keep: bool) -> io::Result<()> {
+    let flags = if keep {
+        FdFlag::empty()
+    } else {
+        FdFlag::FD_CLOEXEC
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
+/// An inheritable memfd holding `bytes`, positioned at the start.
+pub fn memfd_with(bytes: &[u8]) -> io::Result<OwnedFd> {
+    let fd = nix::sys::memfd::memfd_create(c"drove-handover", nix::sys::memfd::MFdFlags::empty())?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekSet)?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Reads the handover memfd named by its number, and closes it.
+pub fn take_memfd(raw: RawFd) -> io::Result<Vec<u8>> {
+    // Refuse anything that is not an open fd before taking ownership.
+    fcntl(unsafe_free_borrow(raw)?, FcntlArg::F_GETFD)?;
+    // SAFETY: the previous image passed this fd number for us alone to
+    // read; nothing else in this process knows or owns it.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    let mut bytes = Vec::new();
+    nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekSet)?;
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Takes ownership of an fd inherited from the previous image and makes it
+/// CLOEXEC again.
+pub fn adopt_inherited(raw: RawFd) -> io::Result<OwnedFd> {
+    fcntl(unsafe_free_borrow(raw)?, FcntlArg::F_GETFD)?;
+    // SAFETY: the handover state names this fd as ours; it is open (checked
+    // above) and adopted exactly once.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_inheritable(fd.as_fd(), false)?;
+    Ok(fd)
+}
+
+fn unsafe_free_borrow(raw: RawFd) -> io::Result<BorrowedFd<'static>> {
+    if raw < 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative fd"));
+    }
+    // SAFETY: only used for an fcntl(F_GETFD) probe, which is harmless on
+    // any number; a closed fd yields EBADF.
+    Ok(unsafe { BorrowedFd::borrow_raw(raw) })
+}
+
+/// Catchable signals droved handles: blocked across the exec window.
+fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ] {
+        set.add(sig);
+    }
+    set
+}
+
+pub fn block_signals() -> io::Result<()> {
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled_signals()), None)?;
+    Ok(())
+}
+
+pub fn unblock_signals() -> io::Result<()> {
+    pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled_signals()), None)?;
+    Ok(())
+}
+
+/// Replaces the process image. Returns only on failure.
+pub fn exec(path: &Path, argv: &[OsString], env: &[(OsString, OsString)]) -> io::Error {
+    let to_c = |b: Vec<u8>| {
+        CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
+    };
+    let prepared = (|| {
+        let path = to_c(path.as_os_str().to_owned().into_vec())?;
+        let argv = argv
+            .iter()
+            .map(|a| to_c(a.clone().into_vec()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let env = env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.clone().into_vec();
+                kv.push(b'=');
+                kv.extend(v.clone().into_vec());
+                to_c(kv)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok::<_, io::Error>((path, argv, env))
+    })();
+    match prepared {
+        Ok((path, argv, env)) => match nix::unistd::execve(&path, &argv, &env) {
+            Err(e) => io::Error::from(e),
+        },
+        Err(e) => e,
+    }
+}

@@ -1,0 +1,214 @@
+//! Autoscaling under real load: real droved, real example workers, real
+//! connections on 127.0.0.1 or a unix socket, bounded in count and time.
+
+use std::time::{Duration, Instant};
+
+use super::harness::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// "7 workers ready (min 1, ...)" -> 7.
+fn ready_in(status: &str) -> u32 {
+    status
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn scaling_pool(tag: &str, listen: &str) -> Droved {
+    Droved::builder(tag)
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["{listen}"]
+[worker]
+command = ["{{worker}}"]
+ready = "notify"
+[pool]
+min = 1
+max = 8
+[scale]
+cooldown = "500ms"
+"#
+        ))
+        .start()
+}
+
+fn burst_scales_up_fast_and_decays_to_min(mut d: Droved, target: Target) {
+    d.wait_ready();
+    assert_eq!(ready_in(&d.upward().status), 1, "{}", d.upward().status);
+    let t0 = Instant::now();
+    let load = Load::start(target, "/sleep?ms=50", 32, 15 * SEC);
+    let up = d.wait_for("at least 7 ready workers", 10 * SEC, |u| {
+        ready_in(&u.status) >= 7
+    });
+    let took = t0.elapsed();
+    assert!(
+        took <= SEC,
+        "pool reached {:?} after {took:?} (limit 1 s)",
+        up.status
+    );
+    let (ok, failed) = load.finish();
+    assert!(ok > 0);
+    assert!(
+        failed.is_empty(),
+        "no request failed while scaling: {failed:?}"
+    );
+    assert!(
+        d.log().contains("scale up 1 -> 8"),
+        "decision logged with its reason:\n{}",
+        d.log()
+    );
+    // After the load: one worker per cooldown (500 ms) back to min = 1;
+    // 7 steps = 3.5 s, plus margin for a noisy 2-core machine.
+    let t1 = Instant::now();
+    d.wait_for("back to min", 12 * SEC, |u| {
+        u.status.starts_with("1 worker ready")
+    });
+    assert!(
+        t1.elapsed() >= Duration::from_millis(1500),
+        "decay is gradual, not a drop: {:?}",
+        t1.elapsed()
+    );
+    eventually("scaled-down workers exit", 10 * SEC, || {
+        (d.workers().len() == 1).then_some(())
+    });
+    assert!(
+        d.log().contains("queue empty for"),
+        "scale-down reason logged"
+    );
+}
+
+#[test]
+fn tcp_burst_scales_up_within_a_second_and_decays() {
+    let d = scaling_pool("scale-tcp", "127.0.0.1:{port}");
+    let port = d.port;
+    burst_scales_up_fast_and_decays_to_min(d, Target::Tcp(port));
+}
+
+#[test]
+fn unix_burst_scales_up_within_a_second_and_decays() {
+    let sock = temp_dir("scale-unix-sock").join("app.sock");
+    let d = scaling_pool("scale-unix", &format!("unix:{}", sock.display()));
+    burst_scales_up_fast_and_decays_to_min(d, Target::Unix(sock));
+}
+
+#[test]
+fn steady_load_does_not_oscillate() {
+    let mut d = Droved::builder("steady")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+ready = "notify"
+[pool]
+min = 1
+max = 8
+"#,
+        )
+        .start();
+    d.wait_ready();
+    // Four clients in a closed loop: four workers serve them fully. With
+    // the default cooldown (10 s) a pool that exactly fits may probe one
+    // worker down once and come back, no more.
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=50", 4, 20 * SEC);
+    d.wait_for("the pool grew for the load", 10 * SEC, |u| {
+        ready_in(&u.status) >= 4
+    });
+    // Let it settle, then count decisions over 10 s.
+    std::thread::sleep(2 * SEC);
+    let before = d.log_count("event=\"scale\"");
+    std::thread::sleep(10 * SEC);
+    let events = d.log_count("event=\"scale\"") - before;
+    let (ok, failed) = load.finish();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 200, "the load ran: {ok} requests");
+    assert!(
+        events <= 2,
+        "{events} scale events in 10 s of steady load:\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn fixed_pool_reports_its_queue_and_never_scales() {
+    // A fixed pool still probes and shows the queue; with min == max the
+    // scaler never changes the target, whatever the queue says.
+    let mut d = Droved::builder("fixed")
+        .args(&["-l", "127.0.0.1:{port}", "-w", "2", "--", "{worker}"])
+        .start();
+    d.wait_ready();
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=100", 16, 3 * SEC);
+    let queued = d.wait_for("a non-empty queue", 5 * SEC, |u| {
+        u.status
+            .split(", queue ")
+            .nth(1)
+            .and_then(|q| q.parse::<u32>().ok())
+            .unwrap_or(0)
+            > 0
+    });
+    assert!(
+        queued.status.starts_with("2 workers ready"),
+        "{}",
+        queued.status
+    );
+    load.finish();
+    assert_eq!(d.workers().len(), 2, "min == max disables scaling");
+    assert!(!d.log().contains("event=\"scale\""), "{}", d.log());
+}
+
+#[test]
+fn cpu_bound_load_is_not_met_with_more_workers() {
+    // 2 cores here (any count works): a CPU-bound app gains nothing from
+    // more processes than cores, so the guard must hold the pool well
+    // below max and say why.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u32;
+    let max = 4 * cores + 4;
+    let mut d = Droved::builder("cpu-bound")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+command = ["{{worker}}"]
+ready = "notify"
+[pool]
+min = 1
+max = {max}
+"#
+        ))
+        .start();
+    d.wait_ready();
+    let load = Load::start(Target::Tcp(d.port), "/cpu?ms=40", 2 * max as usize, 6 * SEC);
+    std::thread::sleep(4 * SEC);
+    let most = d
+        .upward()
+        .statuses
+        .iter()
+        .map(|s| ready_in(s))
+        .max()
+        .unwrap_or(0);
+    let (ok, _) = load.finish();
+    assert!(ok > 0);
+    assert!(
+        d.log().contains("of the CPUs"),
+        "the CPU reason is logged:\n{}",
+        d.log()
+    );
+    let decisions: Vec<String> = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("scale"))
+        .map(String::from)
+        .collect();
+    assert!(
+        most <= 2 * cores + 1,
+        "pool grew to {most} workers on {cores} cores for a CPU-bound app:\n{}",
+        decisions.join("\n")
+    );
+}
