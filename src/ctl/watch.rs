@@ -79,9 +79,18 @@ pub async fn run(target: &Target, json: bool) -> Result<(), CtlError> {
                 }
             }
             Some(o) = owner.next() => match o {
-                Some(unique) => emit(json,
-                    json!({"event": "instance-started", "owner": unique.to_string()}),
-                    format!("instance {:?} started ({unique})", target.instance))?,
+                Some(unique) => {
+                    emit(json,
+                        json!({"event": "instance-started", "owner": unique.to_string()}),
+                        format!("instance {:?} started ({unique})", target.instance))?;
+                    // A new process announces no change from its first state.
+                    if let Ok(status) = proxy.status().await
+                        && status != last_status
+                    {
+                        emit(json, json!({"event": "status", "status": status}), format!("status: {status}"))?;
+                        last_status = status;
+                    }
+                }
                 None => emit(json,
                     json!({"event": "instance-stopped"}),
                     format!("instance {:?} stopped; waiting for it to come back", target.instance))?,
