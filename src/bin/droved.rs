@@ -196,6 +196,7 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
 }
 
 fn main() -> ExitCode {
+    exec::ignore_control_signals();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let exe = std::env::current_exe();
     let args = Args::parse();

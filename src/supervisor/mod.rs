@@ -392,7 +392,19 @@ impl Supervisor {
             return;
         }
         let never_ready = w.ready_at.is_none();
-        let failed = never_ready || uptime < self.config.worker.min_uptime;
+        // A failed start: the command does not get going. A worker that was
+        // ready and then was killed from outside (an operator, the OOM
+        // killer) says nothing about the command; backing off for it would
+        // only shrink the pool when it is needed.
+        let killed_from_outside = matches!(
+            status,
+            ExitStatus::Signaled(
+                Signal::SIGKILL | Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP,
+                _
+            )
+        );
+        let failed =
+            never_ready || (uptime < self.config.worker.min_uptime && !killed_from_outside);
         if failed {
             let why = format!(
                 "worker exited with {status} after {:.1} s{}",
@@ -1090,8 +1102,11 @@ impl Supervisor {
                     self.stop_worker(pid, StopReason::Rollout, false);
                 }
             }
+            // Done when the new generation serves at full size, not merely
+            // when the old one is gone (a rollout begun with nothing ready
+            // would otherwise "finish" at once and report READY=1 falsely).
             if self.pool.outdated(generation).is_empty()
-                && self.pool.ready_in(generation) >= floor.min(self.target)
+                && self.pool.ready_in(generation) >= self.target
             {
                 self.finish_rollout();
             }

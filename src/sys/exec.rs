@@ -128,3 +128,20 @@ pub fn exec(path: &Path, argv: &[OsString], env: &[(OsString, OsString)]) -> io:
         Err(e) => e,
     }
 }
+
+/// Ignores the control signals (HUP, USR2, TTIN, TTOU) until droved's own
+/// handlers replace this: their default actions (terminate, stop) would
+/// kill or freeze a droved that is signalled while it starts up. TERM, INT
+/// and QUIT keep their defaults: before there are workers, dying is right.
+pub fn ignore_control_signals() {
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code, so no async-signal
+        // safety question arises; it only changes the disposition.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+    }
+}

@@ -1,5 +1,7 @@
-//! Accept-queue depth of listening sockets, and machine CPU use: the two
-//! signals the scaler ([`crate::scale`]) decides on.
+//! Accept-queue depth of listening sockets: the signal the scaler
+//! ([`crate::scale`]) decides on. (Its CPU guard reads the workers' own
+//! schedstat, in `supervisor::pool_cpu`, not machine-wide CPU: other load
+//! on the host must not freeze an I/O-bound pool.)
 //!
 //! - TCP (v4 and v6): `getsockopt(IPPROTO_TCP, TCP_INFO)` on a socket in
 //!   state LISTEN reports the accept-queue length in `tcpi_unacked` and the
@@ -9,8 +11,6 @@
 //!   listener, so we ask `NETLINK_SOCK_DIAG` for the socket's inode with
 //!   `UDIAG_SHOW_RQLEN`: for a listener `udiag_rqueue` is the number of
 //!   pending connections and `udiag_wqueue` the backlog (`ss -lx`).
-//! - CPU: the aggregate `cpu` line of `/proc/stat`, differenced between
-//!   samples.
 //!
 //! Linux admits `backlog + 1` connections before the queue counts as full
 //! (`sk_acceptq_is_full()` is `>`, not `>=`), so `queued` may exceed
@@ -385,93 +385,6 @@ fn check_len(rc: isize, what: impl FnOnce() -> String) -> io::Result<usize> {
     })
 }
 
-/// CPU time counters from the aggregate `cpu` line of `/proc/stat`, in
-/// USER_HZ ticks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct CpuTimes {
-    busy: u64,
-    total: u64,
-}
-
-/// Parse the aggregate `cpu ` line of `/proc/stat` (proc(5)): `user nice
-/// system idle iowait irq softirq steal guest guest_nice`. Idle and iowait
-/// count as not busy; guest time is already included in user/nice, so it
-/// is not added again.
-fn parse_proc_stat(text: &str) -> io::Result<CpuTimes> {
-    let bad =
-        |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/stat: {what}"));
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .ok_or_else(|| bad("no aggregate cpu line"))?;
-    let fields = line
-        .split_ascii_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|f| f.parse::<u64>().map_err(|_| bad("non-numeric cpu field")))
-        .collect::<io::Result<Vec<u64>>>()?;
-    if fields.len() < 4 {
-        return Err(bad("cpu line has fewer than 4 fields"));
-    }
-    let total: u64 = fields.iter().sum();
-    let idle = fields[3] + fields.get(4).copied().unwrap_or(0);
-    Ok(CpuTimes {
-        busy: total - idle,
-        total,
-    })
-}
-
-/// Busy fraction of all the machine's CPUs between successive samples, from
-/// `/proc/stat`.
-///
-/// This is the whole machine as the kernel sees it: in a container it is
-/// the host's CPUs, not the cgroup's quota.
-#[derive(Debug)]
-pub struct CpuSampler {
-    last: CpuTimes,
-    last_busy: f64,
-}
-
-impl CpuSampler {
-    const PATH: &'static str = "/proc/stat";
-
-    /// Take the first reading, which the first [`CpuSampler::sample`] is
-    /// measured against.
-    pub fn new() -> io::Result<Self> {
-        Ok(CpuSampler {
-            last: Self::read()?,
-            last_busy: 0.0,
-        })
-    }
-
-    fn read() -> io::Result<CpuTimes> {
-        let text = std::fs::read_to_string(Self::PATH)
-            .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", Self::PATH)))?;
-        parse_proc_stat(&text)
-    }
-
-    /// Busy fraction in `0.0..=1.0` of all CPUs since the previous sample
-    /// (or since [`CpuSampler::new`]).
-    ///
-    /// The counters tick at USER_HZ (100 Hz per CPU); if none ticked since
-    /// the previous sample there is nothing new to say, and the previous
-    /// value is returned again (0.0 before any).
-    pub fn sample(&mut self) -> io::Result<f64> {
-        let now = Self::read()?;
-        Ok(self.advance(now))
-    }
-
-    fn advance(&mut self, now: CpuTimes) -> f64 {
-        let total = now.total.saturating_sub(self.last.total);
-        let busy = now.busy.saturating_sub(self.last.busy);
-        self.last = now;
-        if total > 0 {
-            self.last_busy = (busy as f64 / total as f64).clamp(0.0, 1.0);
-        }
-        self.last_busy
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -676,57 +589,6 @@ mod tests {
         drop(l);
         let err = unix_depth_by_inode(ino).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
-    }
-
-    #[test]
-    fn cpu_sampler_reports_a_fraction() {
-        let mut s = CpuSampler::new().unwrap();
-        // Burn a little CPU so at least one tick passes.
-        let deadline = Instant::now() + Duration::from_millis(30);
-        let mut x = 0u64;
-        while Instant::now() < deadline {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        }
-        std::hint::black_box(x);
-        for _ in 0..3 {
-            let v = s.sample().unwrap();
-            assert!((0.0..=1.0).contains(&v), "{v}");
-        }
-    }
-
-    #[test]
-    fn proc_stat_parsing_and_differencing() {
-        let text = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
-        let t = parse_proc_stat(text).unwrap();
-        assert_eq!(
-            t,
-            CpuTimes {
-                busy: 150,
-                total: 1000
-            }
-        );
-        let mut s = CpuSampler {
-            last: t,
-            last_busy: 0.0,
-        };
-        // 90 busy of 100 ticks.
-        assert_eq!(
-            s.advance(CpuTimes {
-                busy: 240,
-                total: 1100
-            }),
-            0.9
-        );
-        // No tick elapsed: the previous value stands.
-        assert_eq!(
-            s.advance(CpuTimes {
-                busy: 240,
-                total: 1100
-            }),
-            0.9
-        );
-        assert!(parse_proc_stat("intr 1 2 3\n").is_err());
-        assert!(parse_proc_stat("cpu  1 x 3 4\n").is_err());
     }
 
     #[test]

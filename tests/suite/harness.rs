@@ -368,6 +368,13 @@ impl Droved {
 
 impl Drop for Droved {
     fn drop(&mut self) {
+        if std::env::var_os("DROVE_TEST_DUMP").is_some() {
+            eprintln!(
+                "---- droved log ({}) ----\n{}",
+                self.dir.display(),
+                self.log()
+            );
+        }
         self.stop_drain.store(true, Ordering::Relaxed);
         if let Some(t) = self.drain.take() {
             let _ = t.join();

@@ -1,5 +1,7 @@
 pub mod core;
 pub mod dbus;
+pub mod faults;
+pub mod fuzz;
 pub mod harness;
 pub mod scale;
 pub mod upgrade;
