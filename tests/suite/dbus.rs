@@ -245,6 +245,16 @@ fn assert_exit(out: &Output, code: i32, stderr_has: &[&str]) {
     }
 }
 
+/// A child process killed and reaped when the test ends, also on panic.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn pids_of(list: &Value) -> BTreeSet<i32> {
     list.as_array()
         .unwrap()
@@ -412,14 +422,15 @@ fn reload_and_restart_workers() {
 fn watch_prints_events_when_a_worker_is_killed() {
     let bus = Bus::start();
     let d = bus.droved("watched", 2, 2);
-    let mut watch = bus
-        .command(&[], &["watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = Reaped(
+        bus.command(&[], &["watch"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel();
-    let stdout = watch.stdout.take().unwrap();
+    let stdout = watch.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             if tx.send(line.unwrap()).is_err() {
@@ -461,8 +472,8 @@ fn watch_prints_events_when_a_worker_is_killed() {
         got_status |= line.contains(" status: ");
     }
     // Ctrl-C ends it with status 0.
-    kill(Pid::from_raw(watch.id() as i32), Signal::SIGINT).unwrap();
-    let status = watch.wait().unwrap();
+    kill(Pid::from_raw(watch.0.id() as i32), Signal::SIGINT).unwrap();
+    let status = watch.0.wait().unwrap();
     assert!(status.success(), "{status}");
 }
 
@@ -784,12 +795,13 @@ fn upgrade_over_the_bus_keeps_pid_name_and_workers() {
 fn watch_sees_upgraded() {
     let bus = Bus::start();
     let mut d = bus.droved("upwatch", 1, 1);
-    let mut watch = bus
-        .command(&[], &["--instance", "upwatch", "watch"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut watch = Reaped(
+        bus.command(&[], &["--instance", "upwatch", "watch"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(watch.0.stdout.take().unwrap()).lines();
     assert!(lines.next().unwrap().unwrap().contains("watching"));
     let readies = d.upward().ready_count;
     assert_eq!(bus.json(&["--instance", "upwatch", "upgrade"])["ok"], true);
@@ -810,12 +822,7 @@ fn watch_sees_upgraded() {
     {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(l) => seen.push(l),
-            Err(_) => {
-                let _ = watch.kill();
-                panic!("no upgraded line: {seen:#?}");
-            }
+            Err(_) => panic!("no upgraded line: {seen:#?}"),
         }
     }
-    let _ = watch.kill();
-    let _ = watch.wait();
 }
