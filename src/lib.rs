@@ -12,8 +12,13 @@
 //! - [`handover`]: supervisor state across a binary upgrade (pure).
 //! - [`supervisor`]: the single owner of the pool state and its event loop.
 //! - [`logging`]: tracing setup (journald under systemd, stderr otherwise).
+//! - [`bus`]: the D-Bus interface `org.drove.Drove1`, served by droved and
+//!   called through its generated proxy by drovectl.
+//! - [`ctl`]: drovectl's verbs, one file each.
 
+pub mod bus;
 pub mod config;
+pub mod ctl;
 pub mod handover;
 pub mod logging;
 pub mod notify;

@@ -9,6 +9,7 @@ use clap::Parser;
 
 use std::os::fd::OwnedFd;
 
+use drove::bus::{self, BusKind};
 use drove::config::{Config, ListenAddr, ListenSpec};
 use drove::handover;
 use drove::supervisor::{Setup, Supervisor};
@@ -70,9 +71,36 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     instance: Option<String>,
 
+    /// Bus to serve the control interface org.drove.Drove1 on (default:
+    /// system when started by systemd, else none). When given, failing to
+    /// serve on it stops droved from starting; by default it only logs.
+    #[arg(long, value_enum, value_name = "BUS")]
+    bus: Option<BusChoice>,
+
     /// Worker command and arguments (overrides worker.command).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BusChoice {
+    System,
+    Session,
+    None,
+}
+
+impl Args {
+    /// The bus to serve on; systemd sets INVOCATION_ID for every unit it
+    /// starts (systemd.exec(5)).
+    fn bus(&self) -> Option<BusKind> {
+        match self.bus {
+            Some(BusChoice::System) => Some(BusKind::System),
+            Some(BusChoice::Session) => Some(BusKind::Session),
+            Some(BusChoice::None) => None,
+            None if std::env::var_os("INVOCATION_ID").is_some() => Some(BusKind::System),
+            None => None,
+        }
+    }
 }
 
 fn parse_listen(s: &str) -> Result<ListenAddr, String> {
@@ -304,6 +332,8 @@ fn run(
     let instance = args.instance();
     let reload_args = args.clone();
     let args_for_control = args.clone();
+    // Read once at start: a reload does not change who may control droved.
+    let control_group = config.control.group.clone();
     let setup = Setup {
         config,
         load_config: Box::new(move || reload_args.load_config().map_err(|e| format!("{e:#}"))),
@@ -319,13 +349,33 @@ fn run(
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let supervisor = Supervisor::new(setup)?;
-        start_control(&args_for_control, supervisor.handle()).await?;
+        start_control(&args_for_control, supervisor.handle(), control_group).await?;
         supervisor.run().await
     })
 }
 
 /// Starts the control front-ends (D-Bus) that drive the supervisor
-/// through its handle.
-async fn start_control(_args: &Args, _handle: drove::supervisor::Handle) -> anyhow::Result<()> {
-    Ok(())
+/// through its handle. The connection lives in a task of the runtime.
+async fn start_control(
+    args: &Args,
+    handle: drove::supervisor::Handle,
+    control_group: Option<String>,
+) -> anyhow::Result<()> {
+    let Some(kind) = args.bus() else {
+        return Ok(());
+    };
+    match bus::serve(kind, handle, bus::Access::new(control_group)).await {
+        Ok(()) => Ok(()),
+        // Asked for explicitly: no bus, no start.
+        Err(e) if args.bus.is_some() => Err(e.into()),
+        // Chosen by default under systemd: the pool matters more than its
+        // remote control; run without it, and say so loudly.
+        Err(e) => {
+            tracing::error!(
+                "{:#}; running without D-Bus control (pass --bus system to make this fatal, --bus none to silence it)",
+                anyhow::Error::from(e)
+            );
+            Ok(())
+        }
+    }
 }

@@ -189,6 +189,9 @@ impl Builder {
         cmd.args(&argv[1..])
             .env("NOTIFY_SOCKET", &notify_path)
             .env("DROVE_LOG", "debug")
+            // Else droved would pick the system bus when the tests run
+            // under systemd (tests that want a bus pass --bus).
+            .env_remove("INVOCATION_ID")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -377,7 +380,13 @@ impl Drop for Droved {
             let _ = t.join();
         }
         if self.try_exit().is_none() {
-            // Workers live in their own sessions: kill them explicitly.
+            // Workers live in their own sessions: kill them explicitly,
+            // with droved frozen first so it cannot replace them meanwhile
+            // (a replacement would outlive the test).
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid()),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
             for pid in self.workers() {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),

@@ -1,4 +1,5 @@
 pub mod core;
+pub mod dbus;
 pub mod faults;
 pub mod fuzz;
 pub mod harness;

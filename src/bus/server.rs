@@ -1,0 +1,577 @@
+//! The daemon side of `org.drove.Drove1`: an object over the supervisor's
+//! [`Handle`], the forwarding of snapshots (PropertiesChanged) and events
+//! (signals), and the access check for mutating methods. The same
+//! `#[interface]` block generates [`Drove1Proxy`] for drovectl.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+use zbus::message::Header;
+use zbus::names::{BusName, InterfaceName};
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::Value;
+use zbus::{Connection, interface};
+
+use super::{BusError, BusKind, Listener, OBJECT_PATH, Worker};
+use crate::supervisor::Handle;
+use crate::supervisor::control::{Command, ControlError, Event};
+use crate::supervisor::status::Snapshot;
+
+/// Who may call mutating methods: uid 0, the uid droved runs as, and the
+/// members of `group` (control.group) by the account database's group
+/// list (getgrouplist(3)) of the caller's user.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub group: Option<String>,
+    pub own_uid: u32,
+}
+
+impl Access {
+    pub fn new(group: Option<String>) -> Access {
+        Access {
+            group,
+            own_uid: nix::unistd::geteuid().as_raw(),
+        }
+    }
+
+    /// Whether `uid` may mutate; the error says why not.
+    async fn check(&self, uid: u32, action: &str) -> Result<(), BusError> {
+        if uid == 0 || uid == self.own_uid {
+            return Ok(());
+        }
+        let Some(group) = self.group.clone() else {
+            return Err(BusError::AccessDenied(format!(
+                "access denied: {action} needs root (uid {uid} is not root, and no control.group is configured)"
+            )));
+        };
+        // NSS may be slow (LDAP, sssd): keep it off the supervisor's thread.
+        let g = group.clone();
+        let member = tokio::task::spawn_blocking(move || is_member(uid, &g))
+            .await
+            .unwrap_or(Ok(false));
+        match member {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(BusError::AccessDenied(format!(
+                "access denied: {action} needs root or membership in group {group:?}; uid {uid} is neither"
+            ))),
+            Err(e) => Err(BusError::AccessDenied(format!(
+                "access denied: {action}: cannot check membership of uid {uid} in group {group:?}: {e}"
+            ))),
+        }
+    }
+}
+
+fn is_member(uid: u32, group: &str) -> Result<bool, String> {
+    use nix::unistd::{Group, Uid, User, getgrouplist};
+    let gid = Group::from_name(group)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no such group {group:?}"))?
+        .gid;
+    let Some(user) = User::from_uid(Uid::from_raw(uid)).map_err(|e| e.to_string())? else {
+        return Ok(false);
+    };
+    if user.gid == gid {
+        return Ok(true);
+    }
+    let name = CString::new(user.name).map_err(|e| e.to_string())?;
+    let groups = getgrouplist(&name, user.gid).map_err(|e| e.to_string())?;
+    Ok(groups.contains(&gid))
+}
+
+/// The object at /org/drove/Drove1.
+pub struct Drove1 {
+    commands: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Snapshot>,
+    access: Access,
+    /// When droved started, for the Uptime property.
+    started: Instant,
+}
+
+impl Drove1 {
+    pub fn new(handle: &Handle, access: Access) -> Drove1 {
+        let uptime = handle.snapshot.borrow().uptime_secs;
+        Drove1 {
+            commands: handle.commands.clone(),
+            snapshot: handle.snapshot.clone(),
+            access,
+            started: Instant::now() - Duration::from_secs_f64(uptime.max(0.0)),
+        }
+    }
+
+    /// Sends a command and waits for its reply.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, BusError> {
+        let (tx, rx) = oneshot::channel();
+        let stopping = || BusError::from(ControlError::Stopping);
+        self.commands.send(make(tx)).await.map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())
+    }
+
+    /// Resolves the caller's uid from the bus (never from arguments) and
+    /// checks it.
+    async fn authorize(
+        &self,
+        header: &Header<'_>,
+        conn: &Connection,
+        action: &str,
+    ) -> Result<(), BusError> {
+        let sender = header.sender().ok_or_else(|| {
+            BusError::AccessDenied("access denied: the call has no sender".into())
+        })?;
+        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+        let uid = dbus
+            .get_connection_unix_user(BusName::Unique(sender.clone()))
+            .await
+            .map_err(|e| {
+                BusError::AccessDenied(format!("access denied: cannot identify {sender}: {e}"))
+            })?;
+        let result = self.access.check(uid, action).await;
+        match &result {
+            Ok(()) => info!(
+                event = "control",
+                "{action} requested by uid {uid} ({sender})"
+            ),
+            Err(_) => warn!(event = "control", "{action} by uid {uid} ({sender}) denied"),
+        }
+        result
+    }
+
+    fn snap(&self) -> watch::Ref<'_, Snapshot> {
+        self.snapshot.borrow()
+    }
+}
+
+#[interface(
+    name = "org.drove.Drove1",
+    proxy(default_path = "/org/drove/Drove1", gen_blocking = false)
+)]
+impl Drove1 {
+    /// Sets the target number of workers (within Min..Max); returns it.
+    #[zbus(out_args("target"))]
+    async fn scale(
+        &self,
+        n: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<u32, BusError> {
+        self.authorize(&header, conn, &format!("Scale({n})"))
+            .await?;
+        Ok(self.ask(|reply| Command::Scale { n, reply }).await??)
+    }
+
+    /// Sets the pool limits; returns them.
+    #[zbus(out_args("min", "max"))]
+    async fn set_limits(
+        &self,
+        min: u32,
+        max: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(u32, u32), BusError> {
+        self.authorize(&header, conn, &format!("SetLimits({min}, {max})"))
+            .await?;
+        Ok(self
+            .ask(|reply| Command::SetLimits { min, max, reply })
+            .await??)
+    }
+
+    /// Re-reads the configuration; returns when a resulting rolling
+    /// restart has finished.
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        self.authorize(&header, conn, "Reload").await?;
+        Ok(self.ask(|reply| Command::Reload { reply }).await??)
+    }
+
+    /// Replaces the droved binary in place (same pid).
+    async fn upgrade(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        self.authorize(&header, conn, "Upgrade").await?;
+        Ok(self.ask(|reply| Command::Upgrade { reply }).await??)
+    }
+
+    /// Rolling restart of all workers; returns when it has finished.
+    async fn restart_workers(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        self.authorize(&header, conn, "RestartWorkers").await?;
+        Ok(self
+            .ask(|reply| Command::RestartWorkers { reply })
+            .await??)
+    }
+
+    /// The workers: pid, slot, state, generation, age (s), RSS (bytes),
+    /// CPU (s), last STATUS=.
+    async fn list_workers(&self) -> Result<Vec<Worker>, BusError> {
+        let list = self.ask(|reply| Command::ListWorkers { reply }).await?;
+        let mut list: Vec<Worker> = list.into_iter().map(Worker::from).collect();
+        list.sort_by_key(|w| (w.slot, w.pid));
+        Ok(list)
+    }
+
+    // ---- properties: constant -----------------------------------------
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn instance(&self) -> String {
+        self.snap().instance.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        self.snap().version.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn pid(&self) -> u32 {
+        self.snap().pid
+    }
+
+    /// control.group as droved started with ("" when none).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn control_group(&self) -> String {
+        self.access.group.clone().unwrap_or_default()
+    }
+
+    /// Seconds since droved started; changes constantly, so it is never
+    /// signalled.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn uptime(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    // ---- properties: live (PropertiesChanged from the snapshot) -------
+
+    /// starting, running, reloading, upgrading or stopping.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.snap().phase.to_string()
+    }
+
+    /// The one-line summary droved also sends as STATUS=.
+    #[zbus(property)]
+    fn status(&self) -> String {
+        self.snap().status_line()
+    }
+
+    #[zbus(property)]
+    fn failing(&self) -> bool {
+        self.snap().failing
+    }
+
+    #[zbus(property)]
+    fn failure(&self) -> String {
+        self.snap().failure.clone().unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    fn generation(&self) -> u64 {
+        self.snap().generation
+    }
+
+    #[zbus(property)]
+    fn min(&self) -> u32 {
+        self.snap().min
+    }
+
+    #[zbus(property)]
+    fn max(&self) -> u32 {
+        self.snap().max
+    }
+
+    #[zbus(property)]
+    fn target(&self) -> u32 {
+        self.snap().target
+    }
+
+    #[zbus(property)]
+    fn ready(&self) -> u32 {
+        self.snap().ready
+    }
+
+    #[zbus(property)]
+    fn starting(&self) -> u32 {
+        self.snap().starting
+    }
+
+    #[zbus(property)]
+    fn stopping(&self) -> u32 {
+        self.snap().stopping
+    }
+
+    /// Sum of the readable accept queues; -1 when none is readable.
+    #[zbus(property)]
+    fn queue_depth(&self) -> i32 {
+        super::opt_i32(self.snap().queued)
+    }
+
+    /// Per listener: name, address, family, queued, backlog, error.
+    #[zbus(property)]
+    fn listeners(&self) -> Vec<Listener> {
+        self.snap().listeners.iter().map(Listener::from).collect()
+    }
+
+    /// The last scaling decision and its reason ("" before the first).
+    #[zbus(property)]
+    fn last_scale(&self) -> String {
+        self.snap().last_scale.clone().unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    fn spawned(&self) -> u64 {
+        self.snap().spawned
+    }
+
+    #[zbus(property)]
+    fn exited(&self) -> u64 {
+        self.snap().exited
+    }
+
+    #[zbus(property)]
+    fn failed_starts(&self) -> u64 {
+        self.snap().failed_starts
+    }
+
+    #[zbus(property)]
+    fn reloads(&self) -> u64 {
+        self.snap().reloads
+    }
+
+    #[zbus(property)]
+    fn upgrades(&self) -> u64 {
+        self.snap().upgrades
+    }
+
+    // ---- signals ------------------------------------------------------
+
+    #[zbus(signal)]
+    async fn worker_started(
+        emitter: &SignalEmitter<'_>,
+        pid: u32,
+        slot: u32,
+        generation: u64,
+    ) -> zbus::Result<()>;
+
+    /// `status` is how it ended, e.g. "status 1" or "signal SIGKILL";
+    /// `uptime` is in seconds.
+    #[zbus(signal)]
+    async fn worker_exited(
+        emitter: &SignalEmitter<'_>,
+        pid: u32,
+        slot: u32,
+        status: &str,
+        uptime: f64,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn scaled(
+        emitter: &SignalEmitter<'_>,
+        old: u32,
+        new: u32,
+        reason: &str,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn reloaded(emitter: &SignalEmitter<'_>, generation: u64) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn upgraded(emitter: &SignalEmitter<'_>, version: &str) -> zbus::Result<()>;
+}
+
+/// The live properties of a snapshot, in the names and types the interface
+/// exports them with.
+fn live_properties(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
+    vec![
+        ("State", Value::from(s.phase.to_string())),
+        ("Status", Value::from(s.status_line())),
+        ("Failing", Value::from(s.failing)),
+        (
+            "Failure",
+            Value::from(s.failure.clone().unwrap_or_default()),
+        ),
+        ("Generation", Value::from(s.generation)),
+        ("Min", Value::from(s.min)),
+        ("Max", Value::from(s.max)),
+        ("Target", Value::from(s.target)),
+        ("Ready", Value::from(s.ready)),
+        ("Starting", Value::from(s.starting)),
+        ("Stopping", Value::from(s.stopping)),
+        ("QueueDepth", Value::from(super::opt_i32(s.queued))),
+        (
+            "Listeners",
+            Value::from(s.listeners.iter().map(Listener::from).collect::<Vec<_>>()),
+        ),
+        (
+            "LastScale",
+            Value::from(s.last_scale.clone().unwrap_or_default()),
+        ),
+        ("Spawned", Value::from(s.spawned)),
+        ("Exited", Value::from(s.exited)),
+        ("FailedStarts", Value::from(s.failed_starts)),
+        ("Reloads", Value::from(s.reloads)),
+        ("Upgrades", Value::from(s.upgrades)),
+    ]
+}
+
+/// Connects to `bus`, serves the object, takes the instance's name (after
+/// registering the object, so no caller sees the name without it), and
+/// forwards snapshots and events in a background task, which keeps the
+/// connection open until the supervisor is gone.
+pub async fn serve(bus: BusKind, handle: Handle, access: Access) -> Result<(), ServeError> {
+    let instance = handle.snapshot.borrow().instance.clone();
+    let name = super::bus_name(&instance)?;
+    let object = Drove1::new(&handle, access);
+    let conn = bus
+        .builder()
+        .and_then(|b| b.serve_at(OBJECT_PATH, object))
+        .map_err(|e| ServeError::Connect(bus, e))?
+        .build()
+        .await
+        .map_err(|e| ServeError::Connect(bus, e))?;
+    take_name(&conn, &name).await.map_err(|e| match e {
+        zbus::Error::NameTaken => ServeError::NameTaken(bus, name.clone(), instance.clone()),
+        e => ServeError::RequestName(bus, name.clone(), e),
+    })?;
+    info!("serving {name} on the {bus} bus");
+    // The task owns the connection: it lives as long as the supervisor.
+    tokio::spawn(forward(conn, handle.snapshot, handle.events.subscribe()));
+    Ok(())
+}
+
+/// Requests `name` without queueing. After a binary upgrade (exec in
+/// place) the name may still belong to our own pre-exec connection until
+/// the bus notices it closed: while the owner is our own pid, retry for up
+/// to 5 s instead of failing.
+async fn take_name(conn: &Connection, name: &str) -> zbus::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match conn
+            .request_name_with_flags(name, zbus::fdo::RequestNameFlags::DoNotQueue.into())
+            .await
+        {
+            Err(zbus::Error::NameTaken) if Instant::now() < deadline => {
+                let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+                let wkn = zbus::names::WellKnownName::try_from(name)?;
+                let owner_pid = match dbus.get_name_owner(wkn.into()).await {
+                    Ok(owner) => dbus
+                        .get_connection_unix_process_id(owner.into_inner().into())
+                        .await
+                        .ok(),
+                    // Released meanwhile: just ask again.
+                    Err(_) => Some(std::process::id()),
+                };
+                if owner_pid != Some(std::process::id()) {
+                    return Err(zbus::Error::NameTaken);
+                }
+                debug!("{name} still held by our pre-exec connection; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Name(#[from] super::NameTooLong),
+    #[error("cannot connect to the {0} bus")]
+    Connect(BusKind, #[source] zbus::Error),
+    #[error(
+        "{1} is already taken on the {0} bus: is another droved with instance {2:?} running? (pick another with --instance)"
+    )]
+    NameTaken(BusKind, String, String),
+    #[error(
+        "cannot take the name {1} on the {0} bus (is the D-Bus policy org.drove.Drove1.conf installed?)"
+    )]
+    RequestName(BusKind, String, #[source] zbus::Error),
+}
+
+/// Turns snapshot changes into PropertiesChanged and events into signals,
+/// until the supervisor is gone.
+async fn forward(
+    conn: Connection,
+    mut snapshot: watch::Receiver<Snapshot>,
+    mut events: broadcast::Receiver<Event>,
+) {
+    let emitter = match SignalEmitter::new(&conn, OBJECT_PATH) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!("D-Bus: cannot emit signals: {e}");
+            return;
+        }
+    };
+    let iface = InterfaceName::from_static_str_unchecked(super::INTERFACE);
+    let mut last = live_properties(&snapshot.borrow_and_update());
+    loop {
+        tokio::select! {
+            changed = snapshot.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now = live_properties(&snapshot.borrow_and_update());
+                let diff: HashMap<&str, Value<'_>> = now
+                    .iter()
+                    .zip(&last)
+                    .filter(|((_, new), (_, old))| new != old)
+                    .map(|((name, v), _)| (*name, v.try_clone().expect("no fds in properties")))
+                    .collect();
+                if !diff.is_empty()
+                    && let Err(e) = zbus::fdo::Properties::properties_changed(
+                        &emitter,
+                        iface.clone(),
+                        diff,
+                        Cow::Borrowed(&[]),
+                    )
+                    .await
+                {
+                    debug!("D-Bus: PropertiesChanged: {e}");
+                }
+                last = now;
+            }
+            event = events.recv() => match event {
+                Ok(event) => {
+                    if let Err(e) = emit(&emitter, &event).await {
+                        debug!("D-Bus: signal for {event:?}: {e}");
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!("D-Bus: {n} events dropped (signals lagged behind)");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+}
+
+async fn emit(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
+    match event {
+        Event::WorkerStarted {
+            pid,
+            slot,
+            generation,
+        } => Drove1::worker_started(emitter, *pid, *slot, *generation).await,
+        Event::WorkerExited {
+            pid,
+            slot,
+            status,
+            uptime_secs,
+        } => Drove1::worker_exited(emitter, *pid, *slot, status, *uptime_secs).await,
+        Event::Scaled { from, to, reason } => Drove1::scaled(emitter, *from, *to, reason).await,
+        Event::Reloaded { generation } => Drove1::reloaded(emitter, *generation).await,
+        Event::Upgraded { version } => Drove1::upgraded(emitter, version).await,
+    }
+}

@@ -1,0 +1,174 @@
+//! `drovectl status`: every property in one GetAll call, shown like
+//! `systemctl status`, or as JSON (the daemon's snapshot, plus the bus
+//! name and control group).
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use zbus::names::InterfaceName;
+use zbus::zvariant::OwnedValue;
+
+use super::{CtlError, Target, human_duration, print_json};
+use crate::bus::{self, Listener};
+use crate::supervisor::status::{Phase, Snapshot};
+
+#[derive(Debug, Serialize)]
+struct Status {
+    bus_name: String,
+    control_group: Option<String>,
+    #[serde(flatten)]
+    snapshot: Snapshot,
+}
+
+pub async fn run(target: &Target, json: bool) -> Result<(), CtlError> {
+    let status = fetch(target).await?;
+    if json {
+        print_json(&status)
+    } else {
+        print!("{}", render(target, &status));
+        Ok(())
+    }
+}
+
+async fn fetch(target: &Target) -> Result<Status, CtlError> {
+    let props = target.properties().await?;
+    let map = props
+        .get_all(InterfaceName::from_static_str_unchecked(bus::INTERFACE))
+        .await
+        .map_err(|e| target.zbus_error(e.into()))?;
+    decode(&map).map_err(|e| {
+        CtlError::Failed(format!(
+            "{} answered with unexpected properties: {e}",
+            target.name
+        ))
+    })
+}
+
+fn get<T>(map: &HashMap<String, OwnedValue>, key: &str) -> Result<T, String>
+where
+    T: TryFrom<OwnedValue>,
+    T::Error: std::fmt::Display,
+{
+    let v = map.get(key).ok_or_else(|| format!("no property {key}"))?;
+    let v = v.try_clone().map_err(|e| format!("{key}: {e}"))?;
+    T::try_from(v).map_err(|e| format!("{key}: {e}"))
+}
+
+fn nonempty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+fn decode(map: &HashMap<String, OwnedValue>) -> Result<Status, String> {
+    let state: String = get(map, "State")?;
+    let phase: Phase = serde_json::from_value(serde_json::Value::String(state.clone()))
+        .map_err(|_| format!("State: unknown state {state:?}"))?;
+    let listeners: Vec<Listener> = get(map, "Listeners")?;
+    let queued: i32 = get(map, "QueueDepth")?;
+    let snapshot = Snapshot {
+        instance: get(map, "Instance")?,
+        version: get(map, "Version")?,
+        pid: get(map, "Pid")?,
+        phase,
+        failing: get(map, "Failing")?,
+        failure: nonempty(get(map, "Failure")?),
+        generation: get(map, "Generation")?,
+        min: get(map, "Min")?,
+        max: get(map, "Max")?,
+        target: get(map, "Target")?,
+        ready: get(map, "Ready")?,
+        starting: get(map, "Starting")?,
+        stopping: get(map, "Stopping")?,
+        listeners: listeners.into_iter().map(Into::into).collect(),
+        queued: u32::try_from(queued).ok(),
+        last_scale: nonempty(get(map, "LastScale")?),
+        spawned: get(map, "Spawned")?,
+        exited: get(map, "Exited")?,
+        failed_starts: get(map, "FailedStarts")?,
+        reloads: get(map, "Reloads")?,
+        upgrades: get(map, "Upgrades")?,
+        uptime_secs: get(map, "Uptime")?,
+    };
+    Ok(Status {
+        bus_name: bus::bus_name(&snapshot.instance).unwrap_or_default(),
+        control_group: nonempty(get(map, "ControlGroup")?),
+        snapshot,
+    })
+}
+
+fn render(target: &Target, st: &Status) -> String {
+    let s = &st.snapshot;
+    let mut out = String::new();
+    let mut line = |label: &str, text: String| {
+        out.push_str(&format!("{label:>11}: {text}\n"));
+    };
+    let mark = if s.failing { "×" } else { "●" };
+    let head = format!("{mark} drove instance {:?}: {}\n", s.instance, s.phase);
+    line("Bus name", format!("{} ({} bus)", target.name, target.bus));
+    line(
+        "Main PID",
+        format!(
+            "{} (droved {}), up {}",
+            s.pid,
+            s.version,
+            human_duration(s.uptime_secs)
+        ),
+    );
+    line("Status", s.status_line());
+    let mut workers = format!(
+        "{} ready, {} starting, {} stopping; target {} (min {}, max {})",
+        s.ready, s.starting, s.stopping, s.target, s.min, s.max
+    );
+    if s.failing {
+        workers.push_str(&format!(
+            "; FAILING: {}",
+            s.failure
+                .as_deref()
+                .unwrap_or("workers exit right after start")
+        ));
+    }
+    line("Workers", workers);
+    line(
+        "Queue",
+        s.queued
+            .map(|q| q.to_string())
+            .unwrap_or_else(|| "unknown".into()),
+    );
+    for l in &s.listeners {
+        let q = match (l.queued, l.backlog, &l.error) {
+            (Some(q), Some(b), _) => format!("{q} queued of backlog {b}"),
+            (Some(q), None, _) => format!("{q} queued"),
+            (None, _, Some(e)) => format!("queue unreadable: {e}"),
+            (None, _, None) => "queue unknown".into(),
+        };
+        line(
+            "Listener",
+            format!("{} {} ({}): {q}", l.name, l.address, l.family),
+        );
+    }
+    line(
+        "Last scale",
+        s.last_scale.clone().unwrap_or_else(|| "none yet".into()),
+    );
+    line(
+        "Generation",
+        format!(
+            "{} ({} reloads, {} upgrades)",
+            s.generation, s.reloads, s.upgrades
+        ),
+    );
+    line(
+        "Counters",
+        format!(
+            "{} spawned, {} exited, {} failed starts",
+            s.spawned, s.exited, s.failed_starts
+        ),
+    );
+    line(
+        "Control",
+        match &st.control_group {
+            Some(g) => format!("root, droved's user and group {g:?}"),
+            None => "root and droved's user".into(),
+        },
+    );
+    head + &out
+}
