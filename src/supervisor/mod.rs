@@ -112,6 +112,8 @@ pub struct Supervisor {
     last_rss_check: Option<Instant>,
     cpu_recent_queue: bool,
     cpu_idle_ticks: u32,
+    /// Version of the binary this one took over from (binary upgrade).
+    upgraded_from: Option<String>,
 }
 
 /// Idle ticks between CPU baselines (10 ticks of 100 ms by default).
@@ -255,6 +257,7 @@ impl Supervisor {
             cpu_recent_queue: false,
             // Take a baseline on the very first tick.
             cpu_idle_ticks: CPU_IDLE_SAMPLE_TICKS,
+            upgraded_from: None,
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);
@@ -303,7 +306,13 @@ impl Supervisor {
                 self.config.pool.max
             );
         } else {
-            // Taken over from the previous binary: tell systemd we are back.
+            // Taken over from the previous binary: tell systemd and
+            // watchers we are back.
+            if self.upgraded_from.take().is_some() {
+                let _ = self.events.send(Event::Upgraded {
+                    version: crate::version(),
+                });
+            }
             self.reap();
             let line = self.snapshot().status_line();
             self.upward.ready(&line);

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::Supervisor;
-use super::control::{ControlError, Event};
+use super::control::ControlError;
 use super::pool::{StopReason, Worker, WorkerState};
 use super::status::Phase;
 use crate::handover::{self, State};
@@ -90,6 +90,15 @@ impl Supervisor {
                 reply,
                 "a rolling restart is in progress; retry when it has finished",
             );
+        }
+        if self.upgrade.exec_at.is_some() {
+            // Preflight passed and its callers were answered: this request
+            // is served by the exec about to happen.
+            info!("{why}: the upgrade is about to happen");
+            if let Some(r) = reply {
+                let _ = r.send(Ok(()));
+            }
+            return;
         }
         if let Some(r) = reply {
             self.upgrade.replies.push(r);
@@ -301,9 +310,8 @@ impl Supervisor {
             state.from_version,
             std::process::id()
         );
-        let _ = self.events.send(Event::Upgraded {
-            version: crate::version(),
-        });
+        // Event::Upgraded goes out from run(), once front-ends listen.
+        self.upgraded_from = Some(state.from_version);
     }
 }
 

@@ -765,6 +765,7 @@ fn upgrade_over_the_bus_keeps_pid_name_and_workers() {
     let mut d = bus.droved("up", 2, 2);
     let pid = d.pid();
     let workers = d.workers();
+    let mut uptime = 0.0;
     for i in 1..=3u64 {
         let readies = d.upward().ready_count;
         // The answer comes before the exec.
@@ -782,16 +783,23 @@ fn upgrade_over_the_bus_keeps_pid_name_and_workers() {
         });
         assert_eq!(s["pid"].as_i64(), Some(pid as i64));
         assert_eq!(s["upgrades"].as_u64(), Some(i), "{s}");
+        let now = s["uptime_secs"]
+            .as_f64()
+            .or_else(|| s["uptime"].as_f64())
+            .expect("uptime in status");
+        assert!(
+            now >= uptime,
+            "uptime carries over an upgrade: {now} after {uptime}"
+        );
+        uptime = now;
     }
     assert_eq!(d.workers(), workers, "workers kept serving");
     assert!(!d.log().contains("running without D-Bus control"));
 }
 
-/// The new droved sends Event::Upgraded while restoring, inside
-/// Supervisor::new, before the bus (or anyone) has subscribed, so the
-/// Upgraded signal is lost. Un-ignore when the event is sent from run().
+/// The new droved announces the upgrade once its bus is up (the event is
+/// sent from run(), after front-ends subscribed).
 #[test]
-#[ignore = "Event::Upgraded is sent before any subscriber exists"]
 fn watch_sees_upgraded() {
     let bus = Bus::start();
     let mut d = bus.droved("upwatch", 1, 1);

@@ -3,7 +3,7 @@
 //!
 //! Bounded by default; `DROVE_SOAK=1` runs the long forms (50 kills/s for
 //! 20 s, 10,000 restarts). Each test appends a row to
-//! `target/fault-summary.tsv`, which `tests/run` prints as a table:
+//! `<target dir>/fault-summary.tsv`, which `tests/run` prints as a table:
 //! fault, injected, requests, failed, allowed failures, daemon restarts, leaks.
 
 use std::io::Write;
@@ -30,7 +30,9 @@ fn summary(
     restarts: u64,
     leaks: &str,
 ) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fault-summary.tsv");
+    // target/debug/deps/tests-… -> target/ (also under CARGO_TARGET_DIR).
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.ancestors().nth(3).unwrap().join("fault-summary.tsv");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
