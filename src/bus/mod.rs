@@ -209,34 +209,9 @@ pub fn opt_i32(v: Option<u32>) -> i32 {
         .unwrap_or(-1)
 }
 
-/// One worker as ListWorkers returns it: `(uustdtds)`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Type)]
-pub struct Worker {
-    pub pid: u32,
-    pub slot: u32,
-    pub state: String,
-    pub generation: u64,
-    pub age_secs: f64,
-    pub rss_bytes: u64,
-    pub cpu_secs: f64,
-    /// The last STATUS= the worker sent.
-    pub status: String,
-}
-
-impl From<WorkerInfo> for Worker {
-    fn from(w: WorkerInfo) -> Self {
-        Worker {
-            pid: w.pid,
-            slot: w.slot,
-            state: w.state,
-            generation: w.generation,
-            age_secs: w.age_secs,
-            rss_bytes: w.rss_bytes,
-            cpu_secs: w.cpu_secs,
-            status: w.status,
-        }
-    }
-}
+/// One worker as ListWorkers returns it: `(uustdtds)`; the supervisor's
+/// own record is the wire type.
+pub type Worker = WorkerInfo;
 
 #[cfg(test)]
 mod tests {

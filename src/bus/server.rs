@@ -217,8 +217,7 @@ impl Drove1 {
     /// The workers: pid, slot, state, generation, age (s), RSS (bytes),
     /// CPU (s), last STATUS=.
     async fn list_workers(&self) -> Result<Vec<Worker>, BusError> {
-        let list = self.ask(|reply| Command::ListWorkers { reply }).await?;
-        let mut list: Vec<Worker> = list.into_iter().map(Worker::from).collect();
+        let mut list: Vec<Worker> = self.ask(|reply| Command::ListWorkers { reply }).await?;
         list.sort_by_key(|w| (w.slot, w.pid));
         Ok(list)
     }

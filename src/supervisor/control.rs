@@ -50,8 +50,9 @@ pub enum ControlError {
     Stopping,
 }
 
-/// One worker, as `drovectl list` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One worker, as `drovectl list` shows it (also its D-Bus wire form,
+/// signature `(uustdtds)`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, zbus::zvariant::Type)]
 pub struct WorkerInfo {
     pub pid: u32,
     pub slot: u32,

@@ -133,17 +133,14 @@ fn scale_params(config: &Config) -> ScaleParams {
     }
 }
 
-/// Variables droved sets for workers, or that belong to droved's own
-/// relationship with systemd and must not reach workers.
-const PRIVATE_ENV: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "MAINPID",
-];
+/// Whether a variable of droved's own environment must stay out of
+/// workers': what droved sets for them (LISTEN_*, NOTIFY_SOCKET, DROVE_*,
+/// WATCHDOG_*) and what belongs to droved's own relationship with systemd.
+fn private_env(key: &str) -> bool {
+    crate::config::RESERVED_ENVIRONMENT.contains(&key)
+        || key == "MAINPID"
+        || key.starts_with("DROVE_")
+}
 
 impl WorkerPlan {
     fn new(
@@ -155,9 +152,8 @@ impl WorkerPlan {
         let w = &config.worker;
         let credentials = Credentials::resolve(w.user.as_deref(), w.group.as_deref())
             .map_err(|e| format!("worker user/group: {e}"))?;
-        let mut env: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| !PRIVATE_ENV.contains(&k.as_str()) && !k.starts_with("DROVE_"))
-            .collect();
+        let mut env: Vec<(String, String)> =
+            std::env::vars().filter(|(k, _)| !private_env(k)).collect();
         for (k, v) in &w.environment {
             env.retain(|(key, _)| key != k);
             env.push((k.clone(), v.clone()));

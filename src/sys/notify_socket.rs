@@ -179,22 +179,6 @@ pub fn monotonic_usec() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends one datagram to a NOTIFY_SOCKET address (tests and tools).
-pub fn send_to(address: &str, payload: &[u8]) -> io::Result<()> {
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let addr = match address.strip_prefix('@') {
-        Some(name) => UnixAddr::new_abstract(name.as_bytes())?,
-        None => UnixAddr::new(address)?,
-    };
-    socket::sendto(fd.as_raw_fd(), payload, &addr, MsgFlags::empty())?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,14 +186,15 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn receives_with_sender_pid_and_drops_fds() {
         let sock = NotifySocket::bind("test").unwrap();
-        send_to(&sock.address, b"READY=1\nSTATUS=hi").unwrap();
+        let tx = UpwardSocket::new(&sock.address).unwrap();
+        tx.send(b"READY=1\nSTATUS=hi").unwrap();
         let d = sock.recv().await.unwrap();
         assert_eq!(d.pid, Some(std::process::id() as i32));
         assert_eq!(d.bytes, b"READY=1\nSTATUS=hi");
         assert!(!d.truncated);
 
         // Oversized datagrams are flagged, not silently accepted.
-        send_to(&sock.address, &vec![b'x'; MAX_DATAGRAM + 100]).unwrap();
+        tx.send(&vec![b'x'; MAX_DATAGRAM + 100]).unwrap();
         let d = sock.recv().await.unwrap();
         assert!(d.truncated);
 
