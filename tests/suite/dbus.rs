@@ -834,3 +834,40 @@ fn watch_sees_upgraded() {
         }
     }
 }
+
+/// Issue 6's third series: 20 `drovectl restart-workers` in a row under a
+/// 64-client load (the first two series, upgrades and reloads, are in
+/// upgrade.rs): every call answers once its rollout finished, every
+/// worker is replaced each time, no request fails, droved's pid stays.
+#[test]
+fn twenty_restart_workers_under_load_drop_nothing() {
+    let bus = Bus::start();
+    let d = bus.droved("restarts", 4, 4);
+    let pid = d.pid();
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 64, 120 * SEC);
+    eventually("load flows", 10 * SEC, || (load.ok() > 50).then_some(()));
+    let mut before: BTreeSet<i32> = d.workers().into_iter().collect();
+    for i in 0..20u64 {
+        assert_ok(
+            &bus.ctl(&["--instance", "restarts", "restart-workers"]),
+            &["restart-workers"],
+        );
+        let s = bus.status("restarts");
+        assert_eq!(s["generation"].as_u64(), Some(i + 2), "{s}");
+        let after = eventually("only the new generation remains", 20 * SEC, || {
+            let now: BTreeSet<i32> = d.workers().into_iter().collect();
+            (now.len() == 4 && now.is_disjoint(&before)).then_some(now)
+        });
+        before = after;
+    }
+    let (ok, errors) = load.finish();
+    assert!(
+        errors.is_empty(),
+        "{} failed, e.g. {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(ok > 500, "the load ran: {ok}");
+    assert_eq!(d.pid(), pid);
+    eprintln!("20 restart-workers under load: {ok} requests, 0 failed");
+}
