@@ -211,6 +211,7 @@ class NotifyReceiver:
         self.sock.bind(path)
         self.sock.settimeout(0.2)
         self.events = []  # (monotonic, ready, queue)
+        self.ready_at = []  # monotonic time of every READY=1 (start-up, each upgrade, each rollout)
         self.stop = False
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -225,6 +226,8 @@ class NotifyReceiver:
                 return
             now = time.monotonic()
             for line in data.splitlines():
+                if line == "READY=1":
+                    self.ready_at.append(now)
                 if line.startswith("STATUS="):
                     m = self.STATUS.search(line)
                     if m:
