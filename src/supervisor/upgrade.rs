@@ -152,6 +152,11 @@ impl Supervisor {
                 self.phase = Phase::Upgrading;
                 let line = self.snapshot().status_line();
                 self.upward.reloading(&line);
+                if replies.is_empty() {
+                    // Nobody waits for an answer (SIGUSR2): exec right away.
+                    self.exec_upgrade();
+                    return;
+                }
                 for r in replies {
                     let _ = r.send(Ok(()));
                 }
