@@ -389,8 +389,7 @@ impl Supervisor {
             uptime_secs: uptime.as_secs_f64(),
         });
         if let Some((reason, _)) = w.stop {
-            let failed =
-                matches!(reason, StopReason::ReadyTimeout) || (reason == StopReason::Watchdog);
+            let failed = matches!(reason, StopReason::ReadyTimeout | StopReason::Watchdog);
             info!(
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
