@@ -35,7 +35,8 @@ fn serves_from_n_distinct_workers() {
 fn workers_get_the_socket_activation_contract_and_nothing_else() {
     // `sleep` as the worker: it opens nothing itself, so /proc/PID/fd shows
     // exactly what droved handed over.
-    let sock = temp_dir("contract-sock").join("api.sock");
+    let scratch = Scratch::new("contract-sock");
+    let sock = scratch.join("api.sock");
     let mut d = Droved::builder("contract")
         .config(&format!(
             r#"
@@ -469,7 +470,8 @@ fn missing_worker_command_is_a_clear_startup_error() {
 
 #[test]
 fn socket_activation_with_tcp_and_unix_and_names() {
-    let sock = temp_dir("activate-sock").join("app.sock");
+    let scratch = Scratch::new("activate-sock");
+    let sock = scratch.join("app.sock");
     let sock_arg = sock.display().to_string();
     let mut d = Droved::builder("activate")
         .launcher(&[

@@ -89,7 +89,8 @@ fn tcp_burst_scales_up_within_a_second_and_decays() {
 
 #[test]
 fn unix_burst_scales_up_within_a_second_and_decays() {
-    let sock = temp_dir("scale-unix-sock").join("app.sock");
+    let scratch = Scratch::new("scale-unix-sock");
+    let sock = scratch.join("app.sock");
     let d = scaling_pool("scale-unix", &format!("unix:{}", sock.display()));
     burst_scales_up_fast_and_decays_to_min(d, Target::Unix(sock));
 }

@@ -31,7 +31,7 @@ fn generation_of_workers(d: &Droved) -> Vec<String> {
 
 #[test]
 fn twenty_upgrades_then_twenty_reloads_under_load_drop_nothing() {
-    let dir = temp_dir("upgrade-bin");
+    let dir = Scratch::new("upgrade-bin");
     let binary = dir.join("droved");
     droved_build(&binary, "build-0");
     let mut d = Droved::builder("upgrade")
@@ -119,7 +119,7 @@ fn twenty_upgrades_then_twenty_reloads_under_load_drop_nothing() {
 
 #[test]
 fn refused_upgrades_leave_the_old_daemon_serving() {
-    let dir = temp_dir("upgrade-refused");
+    let dir = Scratch::new("upgrade-refused");
     let binary = dir.join("droved");
     droved_build(&binary, "old");
     let mut d = Droved::builder("refused")
