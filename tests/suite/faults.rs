@@ -284,13 +284,7 @@ fn max_lifetime_recycles_workers_without_failing_a_request() {
         d.workers().iter().all(|p| !first.contains(p)).then_some(())
     });
     let recycled = d.log_count("max_lifetime reached; starting its replacement") as u64;
-    let (ok, errors) = load.finish();
-    assert!(
-        errors.is_empty(),
-        "{} failed: {:?}",
-        errors.len(),
-        errors.first()
-    );
+    let ok = load.finish_clean();
     assert!(recycled >= 3);
     summary("max_lifetime recycling", recycled, ok, 0, 0, 0, "-");
 }
@@ -310,8 +304,7 @@ fn max_rss_recycles_a_bloated_worker() {
     eventually("a bloated worker was replaced", 15 * SEC, || {
         d.workers().iter().any(|p| !first.contains(p)).then_some(())
     });
-    let (ok, errors) = load.finish();
-    assert!(errors.is_empty(), "{errors:?}");
+    let ok = load.finish_clean();
     let line = d
         .log()
         .lines()
@@ -415,8 +408,7 @@ initial = 1
     d.wait_for("6 workers ready", 20 * SEC, |u| {
         u.status.starts_with("6 workers ready")
     });
-    let (ok, errors) = load.finish();
-    assert!(errors.is_empty(), "{errors:?}");
+    let ok = load.finish_clean();
     let failed_forks = d.log_count("cannot start worker") as u64;
     summary("fork EAGAIN (pids cgroup)", failed_forks, ok, 0, 0, 0, "-");
     d.signal(Signal::SIGTERM);
@@ -497,13 +489,7 @@ fn signal_bursts_in_every_phase_lose_nothing() {
     eventually("only current workers", 30 * SEC, || {
         (d.workers().len() == 3).then_some(())
     });
-    let (ok, errors) = load.finish();
-    assert!(
-        errors.is_empty(),
-        "{} failed: {:?}",
-        errors.len(),
-        errors.first()
-    );
+    let ok = load.finish_clean();
     // The old generation kept serving through the storm of rollouts (3
     // workers, 5 ms requests, 2+ s): not a trickle.
     assert!(ok > 300, "only {ok} requests served during the bursts");

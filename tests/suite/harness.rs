@@ -635,6 +635,20 @@ impl Load {
         self.ok.load(Ordering::Relaxed)
     }
 
+    /// Stops the clients and asserts that no request failed; returns how
+    /// many were answered.
+    pub fn finish_clean(self) -> u64 {
+        let (ok, errors) = self.finish();
+        assert!(
+            errors.is_empty(),
+            "{} of {} requests failed, e.g. {:?}",
+            errors.len(),
+            ok + errors.len() as u64,
+            &errors[..errors.len().min(3)]
+        );
+        ok
+    }
+
     /// Stops the clients; returns (answered, failures).
     pub fn finish(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);

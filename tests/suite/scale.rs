@@ -49,12 +49,8 @@ fn burst_scales_up_fast_and_decays_to_min(mut d: Droved, target: Target) {
         "pool reached {:?} after {took:?} (limit 1 s)",
         up.status
     );
-    let (ok, failed) = load.finish();
+    let ok = load.finish_clean();
     assert!(ok > 0);
-    assert!(
-        failed.is_empty(),
-        "no request failed while scaling: {failed:?}"
-    );
     assert!(
         d.log().contains("scale up 1 -> 8"),
         "decision logged with its reason:\n{}",
@@ -124,8 +120,7 @@ max = 8
     let before = d.log_count("event=\"scale\"");
     std::thread::sleep(10 * SEC);
     let events = d.log_count("event=\"scale\"") - before;
-    let (ok, failed) = load.finish();
-    assert!(failed.is_empty(), "{failed:?}");
+    let ok = load.finish_clean();
     assert!(ok > 200, "the load ran: {ok} requests");
     assert!(
         events <= 2,
