@@ -248,7 +248,12 @@ fn main() -> ExitCode {
         };
     }
 
-    drove::logging::init();
+    if drove::logging::init() == drove::logging::Sink::Stderr && drove::logging::stderr_is_journal()
+    {
+        tracing::warn!(
+            "the journal does not take messages now; logging to standard error (the journal stream) instead"
+        );
+    }
     let exe = match exe {
         Ok(p) => p,
         Err(e) => {

@@ -354,6 +354,16 @@ impl Drove1 {
         self.snap().upgrades
     }
 
+    #[zbus(property)]
+    fn journal_stalled(&self) -> bool {
+        self.snap().journal_stalled
+    }
+
+    #[zbus(property)]
+    fn log_dropped(&self) -> u64 {
+        self.snap().log_dropped
+    }
+
     // ---- signals ------------------------------------------------------
 
     #[zbus(signal)]
@@ -422,6 +432,8 @@ fn live_properties(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
         ("FailedStarts", Value::from(s.failed_starts)),
         ("Reloads", Value::from(s.reloads)),
         ("Upgrades", Value::from(s.upgrades)),
+        ("JournalStalled", Value::from(s.journal_stalled)),
+        ("LogDropped", Value::from(s.log_dropped)),
     ]
 }
 

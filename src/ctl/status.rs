@@ -87,6 +87,8 @@ fn decode(map: &HashMap<String, OwnedValue>) -> Result<Status, String> {
         reloads: get(map, "Reloads")?,
         upgrades: get(map, "Upgrades")?,
         uptime_secs: get(map, "Uptime")?,
+        journal_stalled: get(map, "JournalStalled")?,
+        log_dropped: get(map, "LogDropped")?,
     };
     Ok(Status {
         bus_name: bus::bus_name(&snapshot.instance).unwrap_or_default(),
@@ -163,6 +165,20 @@ fn render(target: &Target, st: &Status) -> String {
             s.spawned, s.exited, s.failed_starts
         ),
     );
+    if s.journal_stalled || s.log_dropped > 0 {
+        line(
+            "Journal",
+            format!(
+                "{}{} log message(s) from droved dropped",
+                if s.journal_stalled {
+                    "not reading; "
+                } else {
+                    ""
+                },
+                s.log_dropped
+            ),
+        );
+    }
     line(
         "Control",
         match &st.control_group {

@@ -102,6 +102,10 @@ pub struct Supervisor {
     last_failure: Option<String>,
     listener_status: Vec<ListenerStatus>,
     counters: Counters,
+    /// The journal's health at the last tick, and the drop count already
+    /// reported, to log each stall once, when it ends.
+    journal_seen: crate::logging::JournalHealth,
+    log_dropped_reported: u64,
     snapshot_tx: watch::Sender<Snapshot>,
     events: broadcast::Sender<Event>,
     commands_rx: mpsc::Receiver<Command>,
@@ -242,6 +246,8 @@ impl Supervisor {
             last_failure: None,
             listener_status: Vec::new(),
             counters: Counters::default(),
+            journal_seen: Default::default(),
+            log_dropped_reported: 0,
             snapshot_tx: watch::channel(placeholder_snapshot()).0,
             events,
             commands_rx,
@@ -597,6 +603,32 @@ impl Supervisor {
         }
         self.probe_queues();
         self.autoscale(now);
+        self.check_journal();
+    }
+
+    /// A stalled journal shows in STATUS= (systemd's notify socket still
+    /// works) and D-Bus; once it reads again, one warning says what was lost.
+    fn check_journal(&mut self) {
+        crate::logging::retry_journal();
+        let health = crate::logging::journal_health();
+        let before = std::mem::replace(&mut self.journal_seen, health);
+        if health == before {
+            return;
+        }
+        if health.stalled_since.is_none() && health.dropped > self.log_dropped_reported {
+            let lost = health.dropped - self.log_dropped_reported;
+            self.log_dropped_reported = health.dropped;
+            let stalled = before
+                .stalled_since
+                .map(|t| format!(" for {:.1}s", t.elapsed().as_secs_f64()))
+                .unwrap_or_default();
+            warn!(
+                event = "journal",
+                dropped = lost,
+                "the journal did not take log messages{stalled}; {lost} message(s) from droved were dropped"
+            );
+        }
+        self.publish();
     }
 
     fn probe_queues(&mut self) {
@@ -1292,6 +1324,8 @@ impl Supervisor {
             reloads: self.counters.reloads,
             upgrades: self.counters.upgrades,
             uptime_secs: self.started.elapsed().as_secs_f64(),
+            journal_stalled: self.journal_seen.stalled_since.is_some(),
+            log_dropped: self.journal_seen.dropped,
         }
     }
 
@@ -1334,6 +1368,8 @@ fn placeholder_snapshot() -> Snapshot {
         failed_starts: 0,
         reloads: 0,
         upgrades: 0,
+        journal_stalled: false,
+        log_dropped: 0,
         uptime_secs: 0.0,
     }
 }

@@ -67,6 +67,12 @@ pub struct Snapshot {
     pub reloads: u64,
     pub upgrades: u64,
     pub uptime_secs: f64,
+    /// The journal does not take droved's log messages (see `logging`).
+    #[serde(default)]
+    pub journal_stalled: bool,
+    /// Log messages lost to a stalled journal since droved started.
+    #[serde(default)]
+    pub log_dropped: u64,
 }
 
 impl Snapshot {
@@ -109,6 +115,13 @@ impl Snapshot {
                     .unwrap_or("workers exit right after start"),
             );
         }
+        if self.journal_stalled {
+            line.push_str(&format!(
+                "; journal not reading: {} log message{} dropped",
+                self.log_dropped,
+                if self.log_dropped == 1 { "" } else { "s" }
+            ));
+        }
         line
     }
 }
@@ -147,6 +160,8 @@ mod tests {
             failed_starts: 0,
             reloads: 0,
             upgrades: 0,
+            journal_stalled: false,
+            log_dropped: 0,
             uptime_secs: 1.0,
         }
     }
@@ -170,6 +185,13 @@ mod tests {
             "1 worker ready (min 2, max 16), 3 starting, queue unknown; FAILING: worker exited with status 1 after 0.0 s"
         );
         s.failing = false;
+        s.journal_stalled = true;
+        s.log_dropped = 1;
+        assert_eq!(
+            s.status_line(),
+            "1 worker ready (min 2, max 16), 3 starting, queue unknown; journal not reading: 1 log message dropped"
+        );
+        s.journal_stalled = false;
         s.phase = Phase::Stopping;
         s.stopping = 2;
         assert_eq!(s.status_line(), "stopping: 6 workers left");

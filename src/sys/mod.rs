@@ -4,6 +4,7 @@
 //! fork/exec path, the one place that creates processes).
 
 pub mod exec;
+pub mod journal;
 pub mod listen;
 pub mod notify_socket;
 pub mod probe;
