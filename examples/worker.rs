@@ -56,6 +56,14 @@ use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
 use std::process::exit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+/// `eprintln!` that cannot panic: a worker whose stderr is a full disk or a
+/// gone journal keeps serving; its log lines are lost.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr(), $($arg)*);
+    }};
+}
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -108,7 +116,7 @@ extern "C" fn on_quit(sig: libc::c_int) {
 }
 
 fn die(msg: impl std::fmt::Display) -> ! {
-    eprintln!("worker[{}]: {msg}", std::process::id());
+    say!("worker[{}]: {msg}", std::process::id());
     exit(2)
 }
 
@@ -166,13 +174,13 @@ impl Notifier {
         } else if raw.starts_with('/') {
             SocketAddr::from_pathname(&raw)
         } else {
-            eprintln!("worker: unsupported NOTIFY_SOCKET={raw:?}, not notifying");
+            say!("worker: unsupported NOTIFY_SOCKET={raw:?}, not notifying");
             return None;
         };
         let addr = match addr {
             Ok(a) => a,
             Err(e) => {
-                eprintln!("worker: bad NOTIFY_SOCKET={raw:?}: {e}, not notifying");
+                say!("worker: bad NOTIFY_SOCKET={raw:?}: {e}, not notifying");
                 return None;
             }
         };
@@ -183,7 +191,7 @@ impl Notifier {
                 display: raw,
             })),
             Err(e) => {
-                eprintln!("worker: cannot create notify socket: {e}");
+                say!("worker: cannot create notify socket: {e}");
                 None
             }
         }
@@ -192,7 +200,7 @@ impl Notifier {
     fn send(&self, msg: &str) -> io::Result<()> {
         let r = self.sock.send_to_addr(msg.as_bytes(), &self.addr).map(drop);
         if let Err(e) = &r {
-            eprintln!(
+            say!(
                 "worker[{}]: sending {msg:?} to {}: {e}",
                 std::process::id(),
                 self.display
@@ -220,7 +228,7 @@ fn start_watchdog(notifier: Option<&Arc<Notifier>>) {
         return;
     }
     let Some(n) = notifier.cloned() else {
-        eprintln!("worker: WATCHDOG_USEC set but no NOTIFY_SOCKET");
+        say!("worker: WATCHDOG_USEC set but no NOTIFY_SOCKET");
         return;
     };
     let interval = Duration::from_micros(usec / 2);
@@ -690,7 +698,7 @@ fn handle(mut conn: Conn, notifier: Option<&Notifier>) {
         // A wedged worker: no answer, no pings, deaf to SIGTERM (the flag is
         // set but never looked at again). Only SIGKILL/SIGINT/SIGQUIT end it.
         WATCHDOG_STOPPED.store(true, Ordering::SeqCst);
-        eprintln!("worker[{}]: /hang: blocking forever", std::process::id());
+        say!("worker[{}]: /hang: blocking forever", std::process::id());
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -753,7 +761,7 @@ fn main() {
     }
 
     for l in &listeners {
-        eprintln!("worker[{}]: serving {}", std::process::id(), l.desc);
+        say!("worker[{}]: serving {}", std::process::id(), l.desc);
     }
     // Stopped while starting up: say STOPPING=1, never READY=1.
     if TERM.load(Ordering::SeqCst) {
@@ -805,7 +813,7 @@ fn main() {
                 Err(_) if TERM.load(Ordering::SeqCst) => stop(n),
                 Err(Errno::EINTR | Errno::EAGAIN | Errno::ECONNABORTED | Errno::EPROTO) => {}
                 Err(e @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)) => {
-                    eprintln!("worker: accept on {}: {e}; backing off", l.desc);
+                    say!("worker: accept on {}: {e}; backing off", l.desc);
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => die(format_args!("accept on {}: {e}", l.desc)),

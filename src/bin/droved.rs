@@ -195,6 +195,15 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
         .context("cannot open the listening sockets")
 }
 
+/// `eprintln!` that cannot panic: with stderr on a full disk (or a closed
+/// pipe) the message is lost, but the exit status still says what happened.
+macro_rules! say_error {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     exec::ignore_control_signals();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -215,7 +224,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("droved: {e:#}");
+                say_error!("droved: {e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -242,7 +251,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("droved: {e:#}");
+                say_error!("droved: {e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -257,7 +266,7 @@ fn main() -> ExitCode {
     let exe = match exe {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("droved: cannot find my own executable: {e}");
+            say_error!("droved: cannot find my own executable: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -265,7 +274,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("droved: {e:#}");
+            say_error!("droved: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -415,6 +415,57 @@ initial = 1
     d.wait_exit(10 * SEC);
 }
 
+/// A full disk under droved's logs: its stderr (and the workers') is
+/// /dev/full, so every log line fails with ENOSPC. Supervision must not
+/// notice: restarts, a rolling reload under load, a clean stop.
+#[test]
+fn a_full_disk_under_the_logs_loses_only_log_lines() {
+    let mut d = Droved::builder("disk-full")
+        .config(&pool(4, ""))
+        .output("/dev/full")
+        .start();
+    d.wait_ready();
+    let victims = d.workers();
+    for &w in &victims[..2] {
+        kill(Pid::from_raw(w), Signal::SIGKILL).unwrap();
+    }
+    eventually("the killed workers replaced", 10 * SEC, || {
+        let now = d.workers();
+        (now.len() == 4 && !now.contains(&victims[0]) && !now.contains(&victims[1])).then_some(())
+    });
+    d.wait_for("4 workers ready", 10 * SEC, |u| {
+        u.status.starts_with("4 workers ready")
+    });
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 8, 30 * SEC);
+    eventually("load flows", 10 * SEC, || (load.ok() > 20).then_some(()));
+    let before = d.workers();
+    let readies = d.upward().ready_count;
+    d.signal(Signal::SIGHUP);
+    d.wait_for("the rolling restart done", 30 * SEC, |u| {
+        u.ready_count > readies && u.reloading == 1
+    });
+    eventually("every worker replaced", 20 * SEC, || {
+        let now = d.workers();
+        (now.len() == 4 && now.iter().all(|p| !before.contains(p))).then_some(())
+    });
+    let ok = load.finish_clean();
+    // An error exit cannot print its message, but still exits 1.
+    let mut second = Droved::builder("disk-full-2")
+        .args(&["-l", &format!("127.0.0.1:{}", d.port), "--", "{worker}"])
+        .output("/dev/full")
+        .start();
+    let status = second.wait_exit(10 * SEC);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "port in use: {status} (101 = panic)"
+    );
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(10 * SEC);
+    assert!(status.success(), "droved ended with {status} (101 = panic)");
+    summary("disk full (stderr on /dev/full)", 2 + 4, ok, 0, 0, 0, "-");
+}
+
 #[test]
 fn accept_backlog_overflow_is_survived_and_reported() {
     let mut d = Droved::builder("backlog")

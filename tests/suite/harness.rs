@@ -143,6 +143,7 @@ pub struct Builder {
     launcher: Vec<String>,
     tag: String,
     binary: Option<PathBuf>,
+    output: Option<PathBuf>,
 }
 
 impl Builder {
@@ -179,6 +180,13 @@ impl Builder {
         self
     }
 
+    /// Sends droved's (and so its workers') stdout and stderr to `path`
+    /// instead of the log file, e.g. /dev/full; `log()` is then empty.
+    pub fn output(mut self, path: &str) -> Self {
+        self.output = Some(path.into());
+        self
+    }
+
     pub fn start(self) -> Droved {
         let dir = temp_dir(&self.tag);
         let notify_path = dir.join("notify.sock");
@@ -187,7 +195,10 @@ impl Builder {
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let log_path = dir.join("droved.log");
-        let log = std::fs::File::create(&log_path).unwrap();
+        let mut log = std::fs::File::create(&log_path).unwrap();
+        if let Some(path) = &self.output {
+            log = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        }
         let subst = |s: &str| {
             s.replace("{port}", &self.port.to_string())
                 .replace("{worker}", &example_worker().display().to_string())
@@ -250,6 +261,7 @@ impl Droved {
             launcher: vec![],
             tag: tag.into(),
             binary: None,
+            output: None,
         }
     }
 
