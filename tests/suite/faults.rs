@@ -439,11 +439,10 @@ fn a_full_disk_under_the_logs_loses_only_log_lines() {
     let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 8, 30 * SEC);
     eventually("load flows", 10 * SEC, || (load.ok() > 20).then_some(()));
     let before = d.workers();
-    let readies = d.upward().ready_count;
-    d.signal(Signal::SIGHUP);
-    d.wait_for("the rolling restart done", 30 * SEC, |u| {
-        u.ready_count > readies && u.reloading == 1
+    let done = d.ready_again_after("the rolling restart done", 30 * SEC, |d| {
+        d.signal(Signal::SIGHUP)
     });
+    assert_eq!(done.reloading, 1);
     eventually("every worker replaced", 20 * SEC, || {
         let now = d.workers();
         (now.len() == 4 && now.iter().all(|p| !before.contains(p))).then_some(())

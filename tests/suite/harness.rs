@@ -319,6 +319,19 @@ impl Droved {
         }
     }
 
+    /// Runs `act` (a signal, a D-Bus call), then waits for the READY=1
+    /// droved sends once the reload or upgrade it caused is done.
+    pub fn ready_again_after(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        act: impl FnOnce(&Droved),
+    ) -> Upward {
+        let readies = self.upward().ready_count;
+        act(self);
+        self.wait_for(what, timeout, |u| u.ready_count > readies)
+    }
+
     pub fn wait_ready(&mut self) -> Upward {
         self.wait_for("READY=1", Duration::from_secs(20), |u| u.ready)
     }

@@ -51,10 +51,8 @@ fn twenty_upgrades_then_twenty_reloads_under_load_drop_nothing() {
 
     for i in 1..=20 {
         droved_build(&binary, &format!("build-{i}"));
-        let readies = d.upward().ready_count;
-        d.signal(Signal::SIGUSR2);
-        d.wait_for(&format!("READY=1 after upgrade {i}"), 20 * SEC, |u| {
-            u.ready_count > readies
+        d.ready_again_after(&format!("READY=1 after upgrade {i}"), 20 * SEC, |d| {
+            d.signal(Signal::SIGUSR2)
         });
         assert_eq!(d.pid(), pid);
         eventually("the new build took over", 10 * SEC, || {
@@ -81,15 +79,13 @@ fn twenty_upgrades_then_twenty_reloads_under_load_drop_nothing() {
 
     let config = std::fs::read_to_string(d.config_path()).unwrap();
     for i in 1..=20 {
-        let readies = d.upward().ready_count;
         std::fs::write(
             d.config_path(),
             config.replace("RELEASE = \"0\"", &format!("RELEASE = \"{i}\"")),
         )
         .unwrap();
-        d.signal(Signal::SIGHUP);
-        d.wait_for(&format!("rollout {i} done"), 30 * SEC, |u| {
-            u.ready_count > readies
+        d.ready_again_after(&format!("rollout {i} done"), 30 * SEC, |d| {
+            d.signal(Signal::SIGHUP)
         });
         // Done means every old worker was told to stop; they finish their
         // requests and exit.
@@ -173,10 +169,8 @@ fn refused_upgrades_leave_the_old_daemon_serving() {
     assert!(log.contains("reads handover formats [99]"), "{log}");
     // A good build after all that still upgrades.
     droved_build(&binary, "new");
-    let readies = d.upward().ready_count;
-    d.signal(Signal::SIGUSR2);
-    d.wait_for("READY=1 after the good upgrade", 20 * SEC, |u| {
-        u.ready_count > readies
+    d.ready_again_after("READY=1 after the good upgrade", 20 * SEC, |d| {
+        d.signal(Signal::SIGUSR2)
     });
     eventually("new build took over", 10 * SEC, || {
         d.log()
@@ -258,10 +252,8 @@ fn a_generation_that_never_gets_ready_is_rolled_back() {
         good.replace("RELEASE = \"0\"", "RELEASE = \"2\""),
     )
     .unwrap();
-    let readies = d.upward().ready_count;
-    d.signal(Signal::SIGHUP);
-    d.wait_for("the next rollout completes", 30 * SEC, |u| {
-        u.ready_count > readies
+    d.ready_again_after("the next rollout completes", 30 * SEC, |d| {
+        d.signal(Signal::SIGHUP)
     });
     eventually("old workers replaced", 20 * SEC, || {
         d.workers()
@@ -278,11 +270,8 @@ fn reload_without_config_changes_still_rolls_the_workers() {
     let mut d = Droved::builder("plain-reload").config(POOL).start();
     d.wait_ready();
     let before = d.workers();
-    let readies = d.upward().ready_count;
-    d.signal(Signal::SIGHUP);
-    d.wait_for("rollout done", 30 * SEC, |u| {
-        u.ready_count > readies && u.reloading == 1
-    });
+    let done = d.ready_again_after("rollout done", 30 * SEC, |d| d.signal(Signal::SIGHUP));
+    assert_eq!(done.reloading, 1);
     eventually("all workers replaced by generation 2", 20 * SEC, || {
         let now = d.workers();
         (now.len() == 4
