@@ -9,6 +9,7 @@ use clap::Parser;
 use drove::ctl::{self, Cli};
 
 fn main() -> ExitCode {
+    drove::sys::exec::default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help, --version: clap prints them and exits 0.

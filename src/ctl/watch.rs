@@ -240,8 +240,9 @@ fn emit(json: bool, mut value: serde_json::Value, text: String) -> Result<(), Ct
         )
     };
     let mut out = std::io::stdout().lock();
-    // A closed pipe (watch | head) ends the watch quietly.
+    // A closed pipe (watch | head) ends drovectl by SIGPIPE, quietly (see
+    // main); another write error (a full disk) ends the watch with it.
     writeln!(out, "{line}")
         .and_then(|_| out.flush())
-        .map_err(|_| CtlError::Failed(String::new()))
+        .map_err(|e| CtlError::Failed(format!("cannot write the watch: {e}")))
 }

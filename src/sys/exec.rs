@@ -129,6 +129,16 @@ pub fn exec(path: &Path, argv: &[OsString], env: &[(OsString, OsString)]) -> io:
     }
 }
 
+/// Restores SIGPIPE's default action, which Rust programs start with
+/// ignored: a command-line tool whose reader went away (`drovectl list |
+/// head -1`) should end quietly, as cat or systemctl do, not panic on EPIPE.
+pub fn default_sigpipe() {
+    // SAFETY: SIG_DFL installs no handler code; it only changes the
+    // disposition, before any thread exists.
+    let _ =
+        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
+}
+
 /// Ignores the control signals (HUP, USR2, TTIN, TTOU) until droved's own
 /// handlers replace this: their default actions (terminate, stop) would
 /// kill or freeze a droved that is signalled while it starts up. TERM, INT

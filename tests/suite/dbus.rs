@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -725,6 +726,22 @@ fn completions_and_usage_need_no_bus() {
         );
     }
     assert_ok(&run(&["--help"]), &["--help"]);
+    // A reader that goes away (`| head -1`) ends drovectl quietly.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(DROVECTL)
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(Signal::SIGPIPE as i32),
+        "{:?}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stderr), "");
     assert_exit(&run(&["frobnicate"]), 2, &["frobnicate"]);
     assert_exit(&run(&["limits", "1"]), 2, &["MAX"]);
     assert_exit(&run(&["--bus", "sideways", "status"]), 2, &["sideways"]);
