@@ -19,6 +19,8 @@ use zbus::zvariant::{OwnedValue, Type, Value};
 use crate::supervisor::control::{ControlError, WorkerInfo};
 use crate::supervisor::status::ListenerStatus;
 
+#[cfg(test)]
+pub(crate) use server::live_properties;
 pub use server::{Access, Drove1, Drove1Proxy, ServeError, serve};
 
 /// The D-Bus interface name.

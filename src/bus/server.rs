@@ -402,7 +402,7 @@ impl Drove1 {
 
 /// The live properties of a snapshot, in the names and types the interface
 /// exports them with.
-fn live_properties(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
+pub(crate) fn live_properties(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
     vec![
         ("State", Value::from(s.phase.to_string())),
         ("Status", Value::from(s.status_line())),

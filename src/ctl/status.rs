@@ -54,6 +54,19 @@ where
     T::try_from(v).map_err(|e| format!("{key}: {e}"))
 }
 
+/// For properties newer than drove 0.1.0: a droved that predates them (an
+/// upgrade it refused, the exec window) still gets a status.
+fn get_or_default<T>(map: &HashMap<String, OwnedValue>, key: &str) -> Result<T, String>
+where
+    T: TryFrom<OwnedValue> + Default,
+    T::Error: std::fmt::Display,
+{
+    match map.contains_key(key) {
+        true => get(map, key),
+        false => Ok(T::default()),
+    }
+}
+
 fn nonempty(s: String) -> Option<String> {
     Some(s).filter(|s| !s.is_empty())
 }
@@ -87,8 +100,8 @@ fn decode(map: &HashMap<String, OwnedValue>) -> Result<Status, String> {
         reloads: get(map, "Reloads")?,
         upgrades: get(map, "Upgrades")?,
         uptime_secs: get(map, "Uptime")?,
-        journal_stalled: get(map, "JournalStalled")?,
-        log_dropped: get(map, "LogDropped")?,
+        journal_stalled: get_or_default(map, "JournalStalled")?,
+        log_dropped: get_or_default(map, "LogDropped")?,
     };
     Ok(Status {
         bus_name: bus::bus_name(&snapshot.instance).unwrap_or_default(),
@@ -187,4 +200,93 @@ fn render(target: &Target, st: &Status) -> String {
         },
     );
     head + &out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::status::ListenerStatus;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            instance: "demo".into(),
+            version: "0.1.0".into(),
+            pid: 42,
+            phase: Phase::Running,
+            failing: false,
+            failure: None,
+            generation: 3,
+            min: 2,
+            max: 8,
+            target: 4,
+            ready: 4,
+            starting: 0,
+            stopping: 1,
+            listeners: vec![ListenerStatus {
+                name: "web".into(),
+                address: "127.0.0.1:8080".into(),
+                family: "tcp".into(),
+                queued: Some(2),
+                backlog: Some(128),
+                error: None,
+            }],
+            queued: Some(2),
+            last_scale: Some("scale up 2 -> 4".into()),
+            spawned: 9,
+            exited: 5,
+            failed_starts: 1,
+            reloads: 2,
+            upgrades: 0,
+            uptime_secs: 12.5,
+            journal_stalled: true,
+            log_dropped: 17,
+        }
+    }
+
+    /// GetAll's answer for `s`, as the daemon builds it.
+    fn properties(s: &Snapshot) -> HashMap<String, OwnedValue> {
+        let mut map: HashMap<String, OwnedValue> = bus::live_properties(s)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), OwnedValue::try_from(v).unwrap()))
+            .collect();
+        for (k, v) in [
+            (
+                "Instance",
+                OwnedValue::from(zbus::zvariant::Str::from(s.instance.clone())),
+            ),
+            (
+                "Version",
+                OwnedValue::from(zbus::zvariant::Str::from(s.version.clone())),
+            ),
+            ("Pid", OwnedValue::from(s.pid)),
+            (
+                "ControlGroup",
+                OwnedValue::from(zbus::zvariant::Str::from("")),
+            ),
+            ("Uptime", OwnedValue::from(s.uptime_secs)),
+        ] {
+            map.insert(k.into(), v);
+        }
+        map
+    }
+
+    #[test]
+    fn the_bus_properties_decode_to_the_daemons_snapshot() {
+        let s = snapshot();
+        assert_eq!(decode(&properties(&s)).unwrap().snapshot, s);
+    }
+
+    #[test]
+    fn a_droved_without_the_journal_properties_still_has_a_status() {
+        let s = snapshot();
+        let mut map = properties(&s);
+        map.remove("JournalStalled");
+        map.remove("LogDropped");
+        let got = decode(&map).unwrap().snapshot;
+        assert!(!got.journal_stalled);
+        assert_eq!(got.log_dropped, 0);
+        // An older property stays required: its absence is an error.
+        map.remove("Ready");
+        assert_eq!(decode(&map).unwrap_err(), "no property Ready");
+    }
 }
