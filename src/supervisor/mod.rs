@@ -102,10 +102,12 @@ pub struct Supervisor {
     last_failure: Option<String>,
     listener_status: Vec<ListenerStatus>,
     counters: Counters,
-    /// The journal's health at the last tick, and the drop count already
-    /// reported, to log each stall once, when it ends.
+    /// The journal's health at the last tick, the drop count already
+    /// reported and when the unreported stall began, to log each stall
+    /// once, when it ends.
     journal_seen: crate::logging::JournalHealth,
     log_dropped_reported: u64,
+    unreported_stall: Option<Instant>,
     snapshot_tx: watch::Sender<Snapshot>,
     events: broadcast::Sender<Event>,
     commands_rx: mpsc::Receiver<Command>,
@@ -248,6 +250,7 @@ impl Supervisor {
             counters: Counters::default(),
             journal_seen: Default::default(),
             log_dropped_reported: 0,
+            unreported_stall: None,
             snapshot_tx: watch::channel(placeholder_snapshot()).0,
             events,
             commands_rx,
@@ -611,15 +614,16 @@ impl Supervisor {
     fn check_journal(&mut self) {
         crate::logging::retry_journal();
         let health = crate::logging::journal_health();
-        let before = std::mem::replace(&mut self.journal_seen, health);
-        if health == before {
+        if let Some(t) = health.stalled_since {
+            self.unreported_stall.get_or_insert(t);
+        }
+        if health == std::mem::replace(&mut self.journal_seen, health) {
             return;
         }
         if health.stalled_since.is_none() && health.dropped > self.log_dropped_reported {
             let lost = health.dropped - self.log_dropped_reported;
-            self.log_dropped_reported = health.dropped;
-            let stalled = before
-                .stalled_since
+            let stalled = self
+                .unreported_stall
                 .map(|t| format!(" for {:.1}s", t.elapsed().as_secs_f64()))
                 .unwrap_or_default();
             warn!(
@@ -627,6 +631,12 @@ impl Supervisor {
                 dropped = lost,
                 "the journal did not take log messages{stalled}; {lost} message(s) from droved were dropped"
             );
+            // A journald still catching up may time out this warning too:
+            // then the next one covers this stall as well.
+            if crate::logging::journal_health().stalled_since.is_none() {
+                self.log_dropped_reported = health.dropped;
+                self.unreported_stall = None;
+            }
         }
         self.publish();
     }
