@@ -217,6 +217,12 @@ fn main() -> ExitCode {
         Err(_) => Inherited::Systemd(listen::from_systemd()),
     };
 
+    if args.preflight || args.check {
+        // One-shot modes print and exit: a reader that went away (`droved
+        // --check | true`) ends them quietly, as it does cat. The daemon
+        // itself keeps SIGPIPE ignored (a closed socket must not kill it).
+        exec::default_sigpipe();
+    }
     if args.preflight {
         return match args.load_config() {
             Ok(_) => {
