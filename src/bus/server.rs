@@ -527,6 +527,20 @@ async fn forward(
     };
     let iface = InterfaceName::from_static_str_unchecked(super::INTERFACE);
     let mut last = live_properties(&snapshot.borrow_and_update());
+    // Once, as this connection starts serving: observers that cached the
+    // properties of a previous image (a binary upgrade, a restart) would
+    // otherwise keep its last values, e.g. State "upgrading", until the
+    // next change.
+    let all: HashMap<&str, Value<'_>> = last
+        .iter()
+        .map(|(name, v)| (*name, v.try_clone().expect("no fds in properties")))
+        .collect();
+    if let Err(e) =
+        zbus::fdo::Properties::properties_changed(&emitter, iface.clone(), all, Cow::Borrowed(&[]))
+            .await
+    {
+        debug!("D-Bus: PropertiesChanged: {e}");
+    }
     loop {
         tokio::select! {
             changed = snapshot.changed() => {
