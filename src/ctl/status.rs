@@ -44,19 +44,33 @@ async fn fetch(target: &Target) -> Result<Status, CtlError> {
     })
 }
 
-fn get<T>(map: &HashMap<String, OwnedValue>, key: &str) -> Result<T, String>
+/// Why droved's properties do not make a status.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum PropertyError {
+    #[error("no property {0}")]
+    Missing(String),
+    #[error("{0}: {1}")]
+    Malformed(String, String),
+    #[error("State: unknown state {0:?}")]
+    UnknownState(String),
+}
+
+fn get<T>(map: &HashMap<String, OwnedValue>, key: &str) -> Result<T, PropertyError>
 where
     T: TryFrom<OwnedValue>,
     T::Error: std::fmt::Display,
 {
-    let v = map.get(key).ok_or_else(|| format!("no property {key}"))?;
-    let v = v.try_clone().map_err(|e| format!("{key}: {e}"))?;
-    T::try_from(v).map_err(|e| format!("{key}: {e}"))
+    let malformed = |e: &dyn std::fmt::Display| PropertyError::Malformed(key.into(), e.to_string());
+    let v = map
+        .get(key)
+        .ok_or_else(|| PropertyError::Missing(key.into()))?;
+    let v = v.try_clone().map_err(|e| malformed(&e))?;
+    T::try_from(v).map_err(|e| malformed(&e))
 }
 
 /// For properties newer than drove 0.1.0: a droved that predates them (an
 /// upgrade it refused, the exec window) still gets a status.
-fn get_or_default<T>(map: &HashMap<String, OwnedValue>, key: &str) -> Result<T, String>
+fn get_or_default<T>(map: &HashMap<String, OwnedValue>, key: &str) -> Result<T, PropertyError>
 where
     T: TryFrom<OwnedValue> + Default,
     T::Error: std::fmt::Display,
@@ -71,10 +85,10 @@ fn nonempty(s: String) -> Option<String> {
     Some(s).filter(|s| !s.is_empty())
 }
 
-fn decode(map: &HashMap<String, OwnedValue>) -> Result<Status, String> {
+fn decode(map: &HashMap<String, OwnedValue>) -> Result<Status, PropertyError> {
     let state: String = get(map, "State")?;
     let phase: Phase = serde_json::from_value(serde_json::Value::String(state.clone()))
-        .map_err(|_| format!("State: unknown state {state:?}"))?;
+        .map_err(|_| PropertyError::UnknownState(state))?;
     let listeners: Vec<Listener> = get(map, "Listeners")?;
     let queued: i32 = get(map, "QueueDepth")?;
     let snapshot = Snapshot {
@@ -287,6 +301,6 @@ mod tests {
         assert_eq!(got.log_dropped, 0);
         // An older property stays required: its absence is an error.
         map.remove("Ready");
-        assert_eq!(decode(&map).unwrap_err(), "no property Ready");
+        assert_eq!(decode(&map).unwrap_err().to_string(), "no property Ready");
     }
 }
