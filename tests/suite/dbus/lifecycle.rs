@@ -248,14 +248,31 @@ fn stop_during_an_upgrade_preflight_wins_and_the_caller_hears_it() {
 
 /// Regression (review): a SIGTERM in the 200 ms between the Upgrade
 /// caller's answer and the exec was lost; droved re-executed and ran on,
-/// 2 times in 5 by hand. Now the exec happens at once and hands the stop
+/// 2 times in 5 by hand, whenever the workers took longer than that to
+/// stop. Now the exec happens at once and hands the stop
 /// over: the caller's "upgraded" stays true and the new image stops.
 #[test]
 fn stop_while_the_upgrade_exec_is_due_is_not_lost() {
     let bus = Bus::start();
+    // Workers that take a while to stop (here: until SIGKILL after 1 s),
+    // as real apps finishing their requests do: the old image was still
+    // waiting for them when the exec came.
+    let slow_to_stop = r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+ready = "notify"
+stop_timeout = "1s"
+[worker.environment]
+WORKER_IGNORE_TERM = "1"
+[pool]
+min = 2
+max = 2
+"#;
     for round in 0..3 {
         let instance = format!("st-stop-exec{round}");
-        let mut d = bus.droved(&instance, 2, 2);
+        let mut d = bus.droved_with(&instance, slow_to_stop);
         let workers = d.workers();
         assert_eq!(bus.json(&["--instance", &instance, "upgrade"])["ok"], true);
         d.signal(Signal::SIGTERM);
