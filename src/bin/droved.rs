@@ -57,6 +57,12 @@ struct Args {
     #[arg(short = 'w', long = "workers", value_name = "N")]
     workers: Option<u32>,
 
+    /// How workers are created: "exec" (fork+exec each one) or "template"
+    /// (fork them from a loaded template; docs/template.md). Overrides
+    /// worker.mode.
+    #[arg(long, value_name = "MODE")]
+    mode: Option<drove::config::WorkerMode>,
+
     /// Validate the configuration and exit (0 when valid).
     #[arg(long)]
     check: bool,
@@ -128,6 +134,9 @@ impl Args {
         }
         if let Some(n) = self.max {
             config.pool.max = n;
+        }
+        if let Some(mode) = self.mode {
+            config.worker.mode = mode;
         }
         if !self.command.is_empty() {
             config.worker.command = self.command.clone();

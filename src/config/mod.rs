@@ -50,7 +50,7 @@ mod values;
 pub use error::{ConfigError, Position};
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, PoolConfig, ReadyMode,
-    ReadyModeError, ScaleConfig, WorkerConfig,
+    ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,
@@ -211,6 +211,7 @@ mod tests {
         assert!(c.listen.addresses.is_empty());
         assert!(c.worker.command.is_empty());
         assert_eq!(c.worker.ready, ReadyMode::Exec);
+        assert_eq!(c.worker.mode, WorkerMode::Exec);
         assert_eq!(c.worker.ready_timeout, Duration::from_secs(30));
         assert_eq!(c.worker.stop_signal, Signal::SIGTERM);
         assert_eq!(c.worker.stop_timeout, Duration::from_secs(30));
@@ -260,6 +261,7 @@ working_directory = "/srv/app"
 environment = { PORT = 8080, DEBUG = false, NAME = "x=y" }
 user = "app"
 group = "appgrp"
+mode = "template"
 ready = "notify"
 ready_timeout = "5s"
 stop_signal = "quit"
@@ -327,6 +329,7 @@ group = "drove"
                 environment: env,
                 user: Some("app".into()),
                 group: Some("appgrp".into()),
+                mode: WorkerMode::Template,
                 ready: ReadyMode::Notify,
                 ready_timeout: Duration::from_secs(5),
                 stop_signal: Signal::SIGQUIT,

@@ -179,6 +179,8 @@ pub struct WorkerConfig {
     pub environment: BTreeMap<String, String>,
     pub user: Option<String>,
     pub group: Option<String>,
+    /// How workers are created; default [`WorkerMode::Exec`].
+    pub mode: WorkerMode,
     /// Default [`ReadyMode::Exec`].
     pub ready: ReadyMode,
     /// How long a starting worker may take to become ready; default 30s.
@@ -213,6 +215,7 @@ impl Default for WorkerConfig {
             environment: BTreeMap::new(),
             user: None,
             group: None,
+            mode: WorkerMode::Exec,
             ready: ReadyMode::Exec,
             ready_timeout: Duration::from_secs(30),
             stop_signal: Signal::SIGTERM,
@@ -363,5 +366,42 @@ mod tests {
             "127.0.0.1".parse::<ListenAddr>(),
             Err(ListenAddrError::Invalid(_))
         ));
+    }
+}
+
+/// How workers are created (docs/template.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerMode {
+    /// fork+exec of the command for every worker.
+    #[default]
+    Exec,
+    /// One template per generation runs the command, loads the app once and
+    /// forks workers on droved's request.
+    Template,
+}
+
+/// Why a string is not a [`WorkerMode`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown worker mode `{0}`; expected \"exec\" or \"template\"")]
+pub struct WorkerModeError(pub String);
+
+impl FromStr for WorkerMode {
+    type Err = WorkerModeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exec" => Ok(WorkerMode::Exec),
+            "template" => Ok(WorkerMode::Template),
+            _ => Err(WorkerModeError(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for WorkerMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WorkerMode::Exec => "exec",
+            WorkerMode::Template => "template",
+        })
     }
 }

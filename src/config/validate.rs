@@ -366,6 +366,12 @@ impl Cx<'_> {
         }
         out.user = self.name(&raw.user, "worker.user")?;
         out.group = self.name(&raw.group, "worker.group")?;
+        if let Some(v) = &raw.mode {
+            let s = self.string(v, "worker.mode", "\"exec\" or \"template\"")?;
+            out.mode = s.parse().map_err(|e: WorkerModeError| {
+                self.at(v, "worker.mode", format!("worker.mode: {e}"))
+            })?;
+        }
         if let Some(v) = &raw.ready {
             let s = self.string(v, "worker.ready", "\"notify\" or \"exec\"")?;
             out.ready = s.parse().map_err(|e: ReadyModeError| {
@@ -597,7 +603,7 @@ mod tests {
         );
         assert_err(
             "[worker]\n  comand = []",
-            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss (did you mean `command`?)",
+            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss (did you mean `command`?)",
         );
         assert_err(
             "[listen]\nport = 80",

@@ -29,6 +29,8 @@ mod reconcile;
 mod rollout;
 pub mod status;
 pub mod systemd;
+pub mod template;
+mod template_io;
 mod tick;
 mod upgrade;
 mod workers;
@@ -123,6 +125,10 @@ pub struct Supervisor {
     preflight_rx: mpsc::Receiver<upgrade::PreflightResult>,
     /// Version of the binary this one took over from (binary upgrade).
     upgraded_from: Option<String>,
+    /// Template mode: the current template's socket.
+    template_io: template_io::TemplateIo,
+    /// Template mode: what forked workers did before they were named.
+    early: template_io::Early,
 }
 
 fn scale_params(config: &Config) -> ScaleParams {
@@ -196,6 +202,8 @@ impl Supervisor {
             preflight_tx,
             preflight_rx,
             upgraded_from: None,
+            template_io: None,
+            early: Default::default(),
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);
@@ -259,6 +267,7 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = sigchld.recv() => self.reap(),
+                (pid, msg) = template_io::recv(&self.template_io) => self.on_template_message(pid, msg),
                 datagram = self.notify.recv() => match datagram {
                     Ok(d) => self.on_datagram(d),
                     Err(e) => warn!("notify socket: {e}"),
@@ -282,7 +291,10 @@ impl Supervisor {
             self.reap();
             self.reconcile();
             self.publish();
-            if self.lifecycle.is_stopping() && self.pool.workers.is_empty() {
+            if self.lifecycle.is_stopping()
+                && self.pool.workers.is_empty()
+                && self.pool.templates.all.is_empty()
+            {
                 break;
             }
         }

@@ -49,16 +49,21 @@ pub struct Goal {
 pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<Action> {
     let mut actions = Vec::new();
     let generation = goal.generation;
+    // Forks asked of a template and not answered yet count as starting
+    // workers (template mode; none in exec mode).
+    let asked = pool.templates.forks_of(generation);
     let staying = pool
         .workers
         .values()
         .filter(|w| w.is_staying(generation))
-        .count() as u32;
+        .count() as u32
+        + asked;
     let starting = pool
         .workers
         .values()
         .filter(|w| w.state == WorkerState::Starting && w.generation == generation)
-        .count() as u32;
+        .count() as u32
+        + asked;
 
     // Current-generation workers up to the target; during a rollout one at
     // a time beside the old ones (a batch of 1).

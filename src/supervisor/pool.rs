@@ -108,10 +108,12 @@ impl Worker {
     }
 }
 
-/// All live worker processes, keyed by pid.
+/// All live worker processes, keyed by pid, and in template mode the
+/// templates and the forks asked of them.
 #[derive(Debug, Default)]
 pub struct Pool {
     pub workers: BTreeMap<Pid, Worker>,
+    pub templates: super::template::Templates,
 }
 
 /// Counts by state, for status and scaling.
@@ -161,7 +163,13 @@ impl Pool {
     /// Lowest slot number no live worker holds. Slots are stable names for
     /// workers (DROVE_WORKER), reused as workers come and go.
     pub fn free_slot(&self) -> u32 {
-        let mut used: Vec<u32> = self.workers.values().map(|w| w.slot).collect();
+        // A fork asked of a template holds its slot until answered.
+        let mut used: Vec<u32> = self
+            .workers
+            .values()
+            .map(|w| w.slot)
+            .chain(self.templates.forks.iter().map(|f| f.slot))
+            .collect();
         used.sort_unstable();
         let mut slot = 0;
         for u in used {

@@ -18,10 +18,11 @@ impl Supervisor {
     /// Forks or retires workers until the pool matches the target (and the
     /// rollout, if one runs, makes progress).
     pub(super) fn reconcile(&mut self) {
+        let now = Instant::now();
+        self.reconcile_templates(now);
         if self.lifecycle.is_stopping() {
             return;
         }
-        let now = Instant::now();
         // A rollout replaces everyone anyway: no recycling during one.
         if self.lifecycle.rollout().is_none()
             && let Some(action) = self.recycle_step(now)

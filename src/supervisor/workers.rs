@@ -106,9 +106,10 @@ impl Supervisor {
                 }
             }
         }
+        self.reap_templates();
     }
 
-    fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
+    pub(super) fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
         let Some(w) = self.pool.workers.remove(&pid) else {
             return;
         };
@@ -215,6 +216,10 @@ impl Supervisor {
                 "closed {} fds attached to a notify datagram", d.fds_dropped
             );
         }
+        // A forked worker whose template has not named it yet is kept.
+        let Some(d) = self.keep_early_datagram(pid, d) else {
+            return;
+        };
         let Some(w) = self.pool.workers.get_mut(&pid) else {
             debug!(
                 sender = pid.as_raw(),
@@ -307,6 +312,9 @@ impl Supervisor {
     /// Forks `n` workers, then confirms each exec: the children exec in
     /// parallel instead of one after another (a jump to max is one step).
     pub(super) fn spawn_workers(&mut self, n: u32, now: Instant) {
+        if self.template_mode() {
+            return self.ask_template(n, now);
+        }
         let mut pending = Vec::new();
         for _ in 0..n {
             let slot = self.pool.free_slot();
@@ -361,7 +369,7 @@ impl Supervisor {
         self.last_failure = Some(why);
     }
 
-    fn worker_started(&mut self, pid: Pid, now: Instant) {
+    pub(super) fn worker_started(&mut self, pid: Pid, now: Instant) {
         self.counters.spawned += 1;
         let exec_ready = self.config.worker.ready == ReadyMode::Exec;
         let lifetime = self.config.worker.max_lifetime;

@@ -52,6 +52,43 @@ pub fn try_reap(pid: Pid) -> io::Result<Option<ExitStatus>> {
     }
 }
 
+/// Makes droved the parent of orphans in its process subtree
+/// (PR_SET_CHILD_SUBREAPER): a template's double-forked workers become
+/// droved's children, reaped and signalled like exec'd ones.
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// The pid of some exited child not yet reaped, without reaping it
+/// (`waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT)`); `None` when none has exited.
+pub fn exited_child() -> io::Result<Option<Pid>> {
+    use nix::sys::wait::{Id, waitid};
+    loop {
+        match waitid(
+            Id::All,
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) => {
+                return Ok(Some(pid));
+            }
+            Ok(_) | Err(nix::errno::Errno::ECHILD) => return Ok(None),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The parent pid of `pid`, from /proc/PID/stat.
+pub fn parent_pid(pid: Pid) -> io::Result<Pid> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the ")" that ends comm: state, then ppid.
+    text.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .map(Pid::from_raw)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))
+}
+
 /// Sends `sig` to `pid`; a process that is already gone is not an error.
 pub fn send_signal(pid: Pid, sig: Signal) -> io::Result<()> {
     match signal::kill(pid, sig) {

@@ -1,0 +1,443 @@
+//! Template mode, the pure part: the template's states, the forks asked of
+//! it, the protocol's messages (docs/template.md) and the decisions about
+//! templates, all without I/O and table-tested here. `template_io` carries
+//! them out.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::sys::process::ExitStatus;
+
+/// The protocol version this droved speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How long a ready template may take to answer a `spawn`.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a stopping template gets before SIGKILL (it only forks; it has
+/// nothing to drain).
+pub const TEMPLATE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a template is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateState {
+    /// Exec'd; loading the app, no hello yet.
+    Starting,
+    /// Said hello: forks on request.
+    Ready,
+    /// Asked to go (replaced, broken, or droved stops); `killed` once
+    /// SIGKILL was sent.
+    Stopping { since: Instant, killed: bool },
+}
+
+/// One template process.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub pid: Pid,
+    pub generation: u64,
+    pub state: TemplateState,
+    pub started: Instant,
+    /// Why droved killed it as broken (its exit then counts as failed).
+    pub broken: Option<&'static str>,
+}
+
+impl Template {
+    pub fn new(pid: Pid, generation: u64, now: Instant) -> Template {
+        Template {
+            pid,
+            generation,
+            state: TemplateState::Starting,
+            started: now,
+            broken: None,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        !matches!(self.state, TemplateState::Stopping { .. })
+    }
+}
+
+/// A `spawn` sent to the template, not answered yet. Holds its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingFork {
+    pub template: Pid,
+    pub slot: u32,
+    pub generation: u64,
+    pub asked: Instant,
+}
+
+/// Templates and their unanswered forks (part of the pool).
+#[derive(Debug, Default)]
+pub struct Templates {
+    pub all: Vec<Template>,
+    /// Answered in order (the template handles one request at a time).
+    pub forks: VecDeque<PendingFork>,
+}
+
+impl Templates {
+    /// The active template of `generation`, if any.
+    pub fn current(&self, generation: u64) -> Option<&Template> {
+        self.all
+            .iter()
+            .find(|t| t.generation == generation && t.is_active())
+    }
+
+    pub fn get_mut(&mut self, pid: Pid) -> Option<&mut Template> {
+        self.all.iter_mut().find(|t| t.pid == pid)
+    }
+
+    pub fn remove(&mut self, pid: Pid) -> Option<Template> {
+        let i = self.all.iter().position(|t| t.pid == pid)?;
+        Some(self.all.remove(i))
+    }
+
+    /// Forks of `generation` still unanswered.
+    pub fn forks_of(&self, generation: u64) -> u32 {
+        self.forks
+            .iter()
+            .filter(|f| f.generation == generation)
+            .count() as u32
+    }
+}
+
+/// A message from a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// `DROVE-TEMPLATE <version>`
+    Hello(u32),
+    /// `pid <n>`: the worker of the oldest unanswered `spawn`.
+    Pid(Pid),
+    /// `error <text>`: that fork failed.
+    Error(String),
+}
+
+/// Why a template's message is garbage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("the template closed its socket")]
+    Closed,
+    #[error("unreadable message {0:?}")]
+    Garbage(String),
+}
+
+/// Parses one datagram of the template's (an optional trailing newline is
+/// allowed).
+pub fn parse(bytes: &[u8]) -> Result<Message, MessageError> {
+    if bytes.is_empty() {
+        return Err(MessageError::Closed);
+    }
+    let garbage =
+        || MessageError::Garbage(String::from_utf8_lossy(bytes).chars().take(80).collect());
+    let text = std::str::from_utf8(bytes).map_err(|_| garbage())?;
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
+    match word {
+        "DROVE-TEMPLATE" => rest.parse().map(Message::Hello).map_err(|_| garbage()),
+        "pid" => match rest.parse::<i32>() {
+            Ok(n) if n > 1 => Ok(Message::Pid(Pid::from_raw(n))),
+            _ => Err(garbage()),
+        },
+        "error" => Ok(Message::Error(rest.chars().take(200).collect())),
+        _ => Err(garbage()),
+    }
+}
+
+/// droved's request for one worker.
+pub fn spawn_request(slot: u32, generation: u64) -> Vec<u8> {
+    format!("spawn {slot} {generation}").into_bytes()
+}
+
+/// What to do about templates now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateAction {
+    /// Start a template for the current generation.
+    Start,
+    /// Ask a template to go (an older generation's).
+    Stop(Pid),
+    /// Kill a template at once: broken, or past its stop grace.
+    Kill(Pid, &'static str),
+}
+
+/// Decisions about templates: one active template of the current
+/// generation, started when the spawn gate allows; older ones stopped; one
+/// that is not ready within `ready_timeout`, or leaves a `spawn`
+/// unanswered past [`ANSWER_TIMEOUT`], killed (its exit is then judged a
+/// failed start, which backs off).
+///
+/// `generation` is `None` once droved stops: every template goes.
+pub fn plan_templates(
+    t: &Templates,
+    generation: Option<u64>,
+    now: Instant,
+    ready_timeout: Duration,
+    spawn_budget: u32,
+) -> Vec<TemplateAction> {
+    let mut actions = Vec::new();
+    for tpl in &t.all {
+        match tpl.state {
+            TemplateState::Stopping { since, killed } => {
+                if !killed && now.duration_since(since) >= TEMPLATE_STOP_TIMEOUT {
+                    actions.push(TemplateAction::Kill(tpl.pid, "did not stop in time"));
+                }
+            }
+            _ if Some(tpl.generation) != generation => actions.push(TemplateAction::Stop(tpl.pid)),
+            TemplateState::Starting => {
+                if now.duration_since(tpl.started) > ready_timeout {
+                    actions.push(TemplateAction::Kill(
+                        tpl.pid,
+                        "sent no hello within ready_timeout",
+                    ));
+                }
+            }
+            TemplateState::Ready => {
+                if t.forks
+                    .iter()
+                    .any(|f| f.template == tpl.pid && now.duration_since(f.asked) > ANSWER_TIMEOUT)
+                {
+                    actions.push(TemplateAction::Kill(tpl.pid, "left a spawn unanswered"));
+                }
+            }
+        }
+    }
+    if let Some(generation) = generation
+        && t.current(generation).is_none()
+        && spawn_budget > 0
+    {
+        actions.push(TemplateAction::Start);
+    }
+    actions
+}
+
+/// How a template's exit is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateExit {
+    /// droved asked it to go.
+    Stopped,
+    /// It never got ready, or died soon after: back off before the next.
+    Failed,
+    /// It served, then died (killed from outside, a crash after a while):
+    /// start the next at once.
+    Ended,
+}
+
+pub fn judge_exit(
+    t: &Template,
+    status: ExitStatus,
+    uptime: Duration,
+    min_uptime: Duration,
+    killed_as_broken: bool,
+) -> TemplateExit {
+    if killed_as_broken {
+        return TemplateExit::Failed;
+    }
+    if matches!(t.state, TemplateState::Stopping { .. }) {
+        return TemplateExit::Stopped;
+    }
+    let from_outside = matches!(
+        status,
+        ExitStatus::Signaled(Signal::SIGKILL | Signal::SIGTERM | Signal::SIGINT, _)
+    );
+    if t.state == TemplateState::Starting || (uptime < min_uptime && !from_outside) {
+        TemplateExit::Failed
+    } else {
+        TemplateExit::Ended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(n: i32) -> Pid {
+        Pid::from_raw(n)
+    }
+
+    #[test]
+    fn parses_the_protocol() {
+        assert_eq!(parse(b"DROVE-TEMPLATE 1"), Ok(Message::Hello(1)));
+        assert_eq!(parse(b"DROVE-TEMPLATE 2\n"), Ok(Message::Hello(2)));
+        assert_eq!(parse(b"pid 4242"), Ok(Message::Pid(pid(4242))));
+        assert_eq!(parse(b"pid 4242\n"), Ok(Message::Pid(pid(4242))));
+        assert_eq!(
+            parse(b"error fork: EAGAIN"),
+            Ok(Message::Error("fork: EAGAIN".into()))
+        );
+        assert_eq!(parse(b""), Err(MessageError::Closed));
+        for bad in [
+            &b"pid"[..],
+            b"pid 1",
+            b"pid -5",
+            b"pid 12x",
+            b"hello",
+            b"DROVE-TEMPLATE one",
+            b"\xff\xfe",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(MessageError::Garbage(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(spawn_request(3, 7), b"spawn 3 7".to_vec());
+    }
+
+    fn templates(list: &[(i32, u64, TemplateState, u64)], now: Instant) -> Templates {
+        Templates {
+            all: list
+                .iter()
+                .map(|&(p, generation, state, age_ms)| Template {
+                    pid: pid(p),
+                    generation,
+                    state,
+                    started: now - Duration::from_millis(age_ms),
+                    broken: None,
+                })
+                .collect(),
+            forks: VecDeque::new(),
+        }
+    }
+
+    #[test]
+    fn plans_templates() {
+        use TemplateAction::*;
+        let now = Instant::now();
+        let rt = Duration::from_secs(2);
+        let stopping = |ms| TemplateState::Stopping {
+            since: now - Duration::from_millis(ms),
+            killed: false,
+        };
+        let cases: Vec<(&str, Templates, u32, Vec<TemplateAction>)> = vec![
+            ("none yet: start", templates(&[], now), 1, vec![Start]),
+            (
+                "none yet, backing off: wait",
+                templates(&[], now),
+                0,
+                vec![],
+            ),
+            (
+                "starting, in time",
+                templates(&[(10, 1, TemplateState::Starting, 100)], now),
+                1,
+                vec![],
+            ),
+            (
+                "starting too long: kill (no new one until it is reaped)",
+                templates(&[(10, 1, TemplateState::Starting, 3000)], now),
+                1,
+                vec![Kill(pid(10), "sent no hello within ready_timeout")],
+            ),
+            (
+                "ready: nothing",
+                templates(&[(10, 1, TemplateState::Ready, 9000)], now),
+                1,
+                vec![],
+            ),
+            (
+                "old generation: stop it, start the new one",
+                templates(&[(10, 1, TemplateState::Ready, 9000)], now),
+                0,
+                vec![Stop(pid(10))],
+            ),
+            (
+                "stopping past its grace: kill; a current one is ready",
+                templates(
+                    &[
+                        (10, 1, stopping(6000), 9000),
+                        (11, 2, TemplateState::Ready, 10),
+                    ],
+                    now,
+                ),
+                1,
+                vec![Kill(pid(10), "did not stop in time")],
+            ),
+        ];
+        for (what, t, budget, want) in cases {
+            let generation = if what.starts_with("old") { 2 } else { 1 };
+            let generation = if what.starts_with("stopping") {
+                2
+            } else {
+                generation
+            };
+            let mut got = plan_templates(&t, Some(generation), now, rt, budget);
+            if what.starts_with("old") {
+                // budget 0: no Start
+                assert_eq!(got, want, "{what}");
+                got = plan_templates(&t, Some(generation), now, rt, 1);
+                assert_eq!(got, vec![Stop(pid(10)), Start], "{what}, with budget");
+            } else {
+                assert_eq!(got, want, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn unanswered_spawn_kills_the_template() {
+        let now = Instant::now();
+        let mut t = templates(&[(10, 1, TemplateState::Ready, 9000)], now);
+        t.forks.push_back(PendingFork {
+            template: pid(10),
+            slot: 0,
+            generation: 1,
+            asked: now - Duration::from_millis(100),
+        });
+        assert!(plan_templates(&t, Some(1), now, Duration::from_secs(2), 1).is_empty());
+        t.forks[0].asked = now - ANSWER_TIMEOUT - Duration::from_millis(1);
+        assert_eq!(
+            plan_templates(&t, Some(1), now, Duration::from_secs(2), 1),
+            vec![TemplateAction::Kill(pid(10), "left a spawn unanswered")]
+        );
+        assert_eq!(
+            plan_templates(&t, None, now, Duration::from_secs(2), 1),
+            vec![TemplateAction::Stop(pid(10))],
+            "droved stops: every template goes, none starts"
+        );
+        assert_eq!(t.forks_of(1), 1);
+        assert_eq!(t.forks_of(2), 0);
+    }
+
+    #[test]
+    fn judges_template_exits() {
+        let now = Instant::now();
+        let min = Duration::from_secs(1);
+        let mut t = Template::new(pid(10), 1, now);
+        let killed = ExitStatus::Signaled(Signal::SIGKILL, false);
+        let crashed = ExitStatus::Exited(1);
+        let long = Duration::from_secs(5);
+        let short = Duration::from_millis(100);
+        assert_eq!(
+            judge_exit(&t, crashed, short, min, false),
+            TemplateExit::Failed
+        );
+        assert_eq!(
+            judge_exit(&t, killed, long, min, false),
+            TemplateExit::Failed
+        );
+        t.state = TemplateState::Ready;
+        assert_eq!(
+            judge_exit(&t, killed, short, min, false),
+            TemplateExit::Ended
+        );
+        assert_eq!(
+            judge_exit(&t, crashed, short, min, false),
+            TemplateExit::Failed
+        );
+        assert_eq!(
+            judge_exit(&t, crashed, long, min, false),
+            TemplateExit::Ended
+        );
+        assert_eq!(
+            judge_exit(&t, killed, long, min, true),
+            TemplateExit::Failed
+        );
+        t.state = TemplateState::Stopping {
+            since: now,
+            killed: false,
+        };
+        assert_eq!(
+            judge_exit(&t, crashed, long, min, false),
+            TemplateExit::Stopped
+        );
+    }
+}

@@ -1,0 +1,462 @@
+//! Template mode, carried out: starting and stopping templates, asking
+//! them for workers, their answers, and reaping what the subreaper
+//! inherits. The decisions are in `template`; the protocol is
+//! docs/template.md.
+
+use std::io;
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tracing::{debug, error, info, warn};
+
+use super::Supervisor;
+use super::lifecycle::Lifecycle;
+use super::pool::Worker;
+use super::template::{
+    self, Message, PendingFork, Template, TemplateAction, TemplateExit, TemplateState,
+};
+use crate::config::WorkerMode;
+use crate::sys::notify_socket::Datagram;
+use crate::sys::process::{self, ExitStatus};
+use crate::sys::spawn::{self, SpawnSpec};
+use crate::sys::template_socket::{self, TemplateSocket};
+
+/// Datagrams and exits of unknown children kept while forks are
+/// unanswered, at most this many of each.
+const EARLY_MAX: usize = 64;
+
+/// What a worker did before its template's answer named it.
+#[derive(Default)]
+pub(super) struct Early {
+    datagrams: Vec<(Pid, Datagram)>,
+    exits: Vec<(Pid, ExitStatus)>,
+}
+
+/// The socket of the current template, if one runs.
+pub(super) type TemplateIo = Option<(Pid, TemplateSocket)>;
+
+/// The next message of the current template (pending forever without one).
+pub(super) async fn recv(io: &TemplateIo) -> (Pid, io::Result<Vec<u8>>) {
+    match io {
+        Some((pid, socket)) => (*pid, socket.recv().await),
+        None => std::future::pending().await,
+    }
+}
+
+impl Supervisor {
+    pub(super) fn template_mode(&self) -> bool {
+        self.config.worker.mode == WorkerMode::Template
+    }
+
+    /// Starts, stops and kills templates as `template::plan_templates` says.
+    pub(super) fn reconcile_templates(&mut self, now: Instant) {
+        let generation =
+            (!self.lifecycle.is_stopping() && self.template_mode()).then_some(self.generation);
+        if generation.is_none() && self.pool.templates.all.is_empty() {
+            return;
+        }
+        let budget = self.gate.available(now);
+        for action in template::plan_templates(
+            &self.pool.templates,
+            generation,
+            now,
+            self.config.worker.ready_timeout,
+            budget,
+        ) {
+            match action {
+                TemplateAction::Start => self.start_template(now),
+                TemplateAction::Stop(pid) => self.stop_template(pid, now),
+                TemplateAction::Kill(pid, why) => self.kill_template(pid, why, now),
+            }
+        }
+    }
+
+    fn start_template(&mut self, now: Instant) {
+        if let Err(e) = process::become_subreaper() {
+            self.template_failed(format!("cannot become a subreaper: {e}"), now);
+            return;
+        }
+        let (socket, theirs) = match template_socket::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                self.template_failed(format!("cannot create the template's socket: {e}"), now);
+                return;
+            }
+        };
+        let mut env = self.plan.env.clone();
+        env.push(("DROVE_GENERATION".into(), self.generation.to_string()));
+        env.push((
+            "DROVE_TEMPLATE_FD".into(),
+            (3 + self.listeners.len()).to_string(),
+        ));
+        let mut fds: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
+        // Placed right after the listeners, without CLOEXEC.
+        fds.push(std::os::fd::AsFd::as_fd(&theirs));
+        let spec = SpawnSpec {
+            argv: &self.plan.argv,
+            env,
+            working_directory: self.config.worker.working_directory.as_deref(),
+            credentials: self.plan.credentials.as_ref(),
+            listeners: fds,
+            parent_death_signal: Some(Signal::SIGKILL),
+        };
+        self.gate.consume(now);
+        match spawn::spawn(&spec) {
+            Ok(pid) => {
+                info!(
+                    template_pid = pid.as_raw(),
+                    generation = self.generation,
+                    event = "template-started",
+                    "template {pid} (generation {}) started",
+                    self.generation
+                );
+                self.pool
+                    .templates
+                    .all
+                    .push(Template::new(pid, self.generation, now));
+                self.template_io = Some((pid, socket));
+            }
+            Err(e) => self.template_failed(format!("cannot start the template: {e}"), now),
+        }
+    }
+
+    fn template_failed(&mut self, why: String, now: Instant) {
+        self.counters.failed_starts += 1;
+        let delay = self.gate.record_failure(now);
+        error!(
+            event = "template-failed",
+            "{why}; next template in {} ms{}",
+            delay.as_millis(),
+            if self.gate.is_failing() {
+                " (pool is failing)"
+            } else {
+                ""
+            }
+        );
+        self.last_failure = Some(why);
+    }
+
+    /// Closes our end (the template exits on EOF) and sends SIGTERM.
+    fn stop_template(&mut self, pid: Pid, now: Instant) {
+        self.forget_io(pid);
+        if let Some(t) = self.pool.templates.get_mut(pid) {
+            if !t.is_active() {
+                return;
+            }
+            t.state = TemplateState::Stopping {
+                since: now,
+                killed: false,
+            };
+        }
+        info!(template_pid = pid.as_raw(), "stopping template {pid}");
+        if let Err(e) = process::send_signal(pid, Signal::SIGTERM) {
+            warn!(template_pid = pid.as_raw(), "cannot signal template: {e}");
+        }
+    }
+
+    fn kill_template(&mut self, pid: Pid, why: &'static str, now: Instant) {
+        self.forget_io(pid);
+        if let Some(t) = self.pool.templates.get_mut(pid) {
+            if t.is_active() {
+                t.broken = Some(why);
+            }
+            t.state = TemplateState::Stopping {
+                since: now,
+                killed: true,
+            };
+        }
+        warn!(
+            template_pid = pid.as_raw(),
+            event = "template-killed",
+            "killing template {pid}: it {why}"
+        );
+        if let Err(e) = process::send_signal(pid, Signal::SIGKILL) {
+            warn!(template_pid = pid.as_raw(), "cannot signal template: {e}");
+        }
+    }
+
+    /// Drops our socket to `pid` and the forks it will never answer now.
+    fn forget_io(&mut self, pid: Pid) {
+        if self.template_io.as_ref().is_some_and(|(p, _)| *p == pid) {
+            self.template_io = None;
+        }
+        let before = self.pool.templates.forks.len();
+        self.pool.templates.forks.retain(|f| f.template != pid);
+        let dropped = before - self.pool.templates.forks.len();
+        if dropped > 0 {
+            warn!(
+                template_pid = pid.as_raw(),
+                "{dropped} forks asked of template {pid} stay unanswered"
+            );
+        }
+        if self.pool.templates.forks.is_empty() {
+            self.early = Early::default();
+        }
+    }
+
+    /// Asks the current template for `n` workers; none while it is not
+    /// ready (reconcile asks again).
+    pub(super) fn ask_template(&mut self, n: u32, now: Instant) {
+        let generation = self.generation;
+        let Some(t) = self.pool.templates.current(generation) else {
+            return;
+        };
+        if t.state != TemplateState::Ready {
+            return;
+        }
+        let pid = t.pid;
+        for _ in 0..n {
+            let slot = self.pool.free_slot();
+            let sent = match &self.template_io {
+                Some((p, socket)) if *p == pid => {
+                    socket.send(&template::spawn_request(slot, generation))
+                }
+                _ => return,
+            };
+            if let Err(e) = sent {
+                warn!(
+                    template_pid = pid.as_raw(),
+                    "cannot ask template {pid} to fork: {e}"
+                );
+                self.kill_template(pid, "does not read its socket", now);
+                return;
+            }
+            self.gate.consume(now);
+            debug!(
+                template_pid = pid.as_raw(),
+                slot, "asked template for a worker"
+            );
+            self.pool.templates.forks.push_back(PendingFork {
+                template: pid,
+                slot,
+                generation,
+                asked: now,
+            });
+        }
+    }
+
+    /// A message (or an error) on the current template's socket.
+    pub(super) fn on_template_message(&mut self, pid: Pid, msg: io::Result<Vec<u8>>) {
+        let now = Instant::now();
+        let parsed = match msg {
+            Ok(bytes) => template::parse(&bytes),
+            Err(e) => {
+                warn!(template_pid = pid.as_raw(), "template socket: {e}");
+                self.kill_template(pid, "broke its socket", now);
+                return;
+            }
+        };
+        let Some(t) = self.pool.templates.get_mut(pid) else {
+            return;
+        };
+        let state = t.state;
+        match (parsed, state) {
+            (Ok(Message::Hello(v)), TemplateState::Starting) if v == template::PROTOCOL_VERSION => {
+                t.state = TemplateState::Ready;
+                info!(
+                    template_pid = pid.as_raw(),
+                    event = "template-ready",
+                    "template {pid} ready after {} ms",
+                    now.duration_since(t.started).as_millis()
+                );
+            }
+            (Ok(Message::Hello(v)), TemplateState::Starting) => {
+                error!(
+                    template_pid = pid.as_raw(),
+                    "template {pid} speaks protocol version {v}; droved speaks {}",
+                    template::PROTOCOL_VERSION
+                );
+                self.kill_template(pid, "speaks another protocol version", now);
+            }
+            (Ok(Message::Pid(worker)), TemplateState::Ready) => {
+                self.template_forked(pid, worker, now)
+            }
+            (Ok(Message::Error(text)), TemplateState::Ready)
+                if self
+                    .pool
+                    .templates
+                    .forks
+                    .front()
+                    .is_some_and(|f| f.template == pid) =>
+            {
+                let f = self.pool.templates.forks.pop_front().expect("checked");
+                self.counters.failed_starts += 1;
+                let delay = self.gate.record_failure(now);
+                let why = format!("template could not fork a worker: {text}");
+                error!(
+                    slot = f.slot,
+                    event = "spawn-failed",
+                    "{why}; retrying in {} ms",
+                    delay.as_millis()
+                );
+                self.last_failure = Some(why);
+            }
+            (Err(template::MessageError::Closed), _) => {
+                self.kill_template(pid, "closed its socket", now)
+            }
+            (parsed, _) => {
+                warn!(
+                    template_pid = pid.as_raw(),
+                    "template {pid} sent {parsed:?} out of turn"
+                );
+                self.kill_template(pid, "answered garbage", now);
+            }
+        }
+    }
+
+    /// The template named the worker of its oldest unanswered fork.
+    fn template_forked(&mut self, template: Pid, pid: Pid, now: Instant) {
+        let Some(f) = self
+            .pool
+            .templates
+            .forks
+            .front()
+            .filter(|f| f.template == template)
+            .copied()
+        else {
+            self.kill_template(template, "answered a spawn never asked", now);
+            return;
+        };
+        let early_exit = self
+            .early
+            .exits
+            .iter()
+            .position(|(p, _)| *p == pid)
+            .map(|i| self.early.exits.remove(i).1);
+        // Never adopt a pid that is not ours: droved would signal it later.
+        let ours = early_exit.is_some()
+            || process::parent_pid(pid).is_ok_and(|p| p == nix::unistd::getpid());
+        if !ours || self.pool.workers.contains_key(&pid) {
+            warn!(
+                template_pid = template.as_raw(),
+                "template {template} answered pid {pid}, which is not a new child of droved's"
+            );
+            self.kill_template(template, "answered a pid that is not droved's child", now);
+            return;
+        }
+        self.pool.templates.forks.pop_front();
+        self.pool
+            .workers
+            .insert(pid, Worker::new(pid, f.slot, f.generation, now));
+        self.worker_started(pid, now);
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early.datagrams)
+            .into_iter()
+            .partition(|(p, _)| *p == pid);
+        self.early.datagrams = others;
+        for (_, d) in mine {
+            self.on_datagram(d);
+        }
+        if let Some(status) = early_exit {
+            self.on_exit(pid, status);
+        }
+        if self.pool.templates.forks.is_empty() {
+            self.early = Early::default();
+        }
+    }
+
+    /// Keeps a datagram of an unknown sender while forks are unanswered:
+    /// a forked worker may send READY=1 before its template names it.
+    /// Gives it back when not kept.
+    pub(super) fn keep_early_datagram(&mut self, pid: Pid, d: Datagram) -> Option<Datagram> {
+        if self.pool.workers.contains_key(&pid)
+            || self.pool.templates.forks.is_empty()
+            || self.early.datagrams.len() >= EARLY_MAX
+        {
+            return Some(d);
+        }
+        self.early.datagrams.push((pid, d));
+        None
+    }
+
+    /// Reaps templates and, as subreaper, every other child that exited:
+    /// forked workers not yet named (kept for their answer), and orphans
+    /// from the workers' subtrees.
+    pub(super) fn reap_templates(&mut self) {
+        let pids: Vec<Pid> = self.pool.templates.all.iter().map(|t| t.pid).collect();
+        for pid in pids {
+            match process::try_reap(pid) {
+                Ok(Some(status)) => self.on_template_exit(pid, status),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(
+                        template_pid = pid.as_raw(),
+                        "cannot wait for template: {e}; forgetting it"
+                    );
+                    self.forget_io(pid);
+                    self.pool.templates.remove(pid);
+                }
+            }
+        }
+        // The upgrade preflight is a child of droved's that tokio reaps.
+        if matches!(self.lifecycle, Lifecycle::Upgrading(_)) || !self.template_mode() {
+            return;
+        }
+        for _ in 0..1024 {
+            let pid = match process::exited_child() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) => {
+                    debug!("waitid: {e}");
+                    return;
+                }
+            };
+            let status = match process::try_reap(pid) {
+                Ok(Some(status)) => status,
+                _ => return,
+            };
+            if self.pool.workers.contains_key(&pid) {
+                self.on_exit(pid, status);
+            } else if self.pool.templates.all.iter().any(|t| t.pid == pid) {
+                self.on_template_exit(pid, status);
+            } else if !self.pool.templates.forks.is_empty() && self.early.exits.len() < EARLY_MAX {
+                self.early.exits.push((pid, status));
+            } else {
+                debug!(pid = pid.as_raw(), "reaped {pid}, not a worker ({status})");
+            }
+        }
+    }
+
+    fn on_template_exit(&mut self, pid: Pid, status: ExitStatus) {
+        let Some(t) = self.pool.templates.remove(pid) else {
+            return;
+        };
+        self.forget_io(pid);
+        let now = Instant::now();
+        let uptime = now.duration_since(t.started);
+        let secs = uptime.as_secs_f64();
+        match template::judge_exit(
+            &t,
+            status,
+            uptime,
+            self.config.worker.min_uptime,
+            t.broken.is_some(),
+        ) {
+            TemplateExit::Stopped => info!(
+                template_pid = pid.as_raw(),
+                event = "template-exited",
+                "template {pid} exited with {status} after {secs:.1} s"
+            ),
+            TemplateExit::Ended => warn!(
+                template_pid = pid.as_raw(),
+                event = "template-exited",
+                "template {pid} exited with {status} after {secs:.1} s; starting a new one \
+                 (its workers keep serving)"
+            ),
+            TemplateExit::Failed => {
+                let why = match t.broken {
+                    Some(why) => format!("template {why}"),
+                    None => format!(
+                        "template exited with {status} after {secs:.1} s{}",
+                        if t.state == TemplateState::Starting {
+                            " before it was ready"
+                        } else {
+                            ""
+                        }
+                    ),
+                };
+                self.template_failed(why, now);
+            }
+        }
+    }
+}
