@@ -293,7 +293,12 @@ impl Supervisor {
                 self.last_failure = Some(why);
             }
             (Err(template::MessageError::Closed), _) => {
-                self.kill_template(pid, "closed its socket", now)
+                // Usually it is exiting: judge its exit status if it is
+                // there already, else it is broken.
+                self.reap_templates();
+                if self.pool.templates.get_mut(pid).is_some() {
+                    self.kill_template(pid, "closed its socket", now)
+                }
             }
             (parsed, _) => {
                 warn!(
@@ -445,7 +450,7 @@ impl Supervisor {
             ),
             TemplateExit::Failed => {
                 let why = match t.broken {
-                    Some(why) => format!("template {why}"),
+                    Some(why) => format!("template {why}; it exited with {status}"),
                     None => format!(
                         "template exited with {status} after {secs:.1} s{}",
                         if t.state == TemplateState::Starting {

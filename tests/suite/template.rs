@@ -1,0 +1,334 @@
+//! Template mode (docs/template.md): workers forked from a loaded
+//! template, supervised like exec'd ones. Real processes throughout: the
+//! Python reference worker with a small app that says who loaded it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use super::harness::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// A WSGI app that answers who serves (`pid=`), who imported it
+/// (`loaded_by=`: the template for a forked worker, itself for an exec'd
+/// one), its parent and the app version read at import.
+const APP: &str = r#"
+import os
+LOADED_BY = os.getpid()
+VERSION = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "version")).read().strip()
+
+def application(environ, start_response):
+    body = "pid={} loaded_by={} ppid={} version={} worker={} generation={}\n".format(
+        os.getpid(), LOADED_BY, os.getppid(), VERSION,
+        os.environ.get("DROVE_WORKER", "-"), os.environ.get("DROVE_GENERATION", "-"))
+    data = body.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+"#;
+
+/// `key=value` of an answer.
+fn field(body: &str, key: &str) -> i32 {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {body:?}"))
+}
+
+fn text_field(body: &str, key: &str) -> String {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {body:?}"))
+        .to_string()
+}
+
+/// A template-mode pool of `n` Python workers (notify readiness, so a
+/// READY=1 that beats the template's answer must not be lost).
+/// Returns droved and the app's directory (its `version` file is read at
+/// import).
+fn template_pool(tag: &str, n: u32) -> (Droved, std::path::PathBuf) {
+    let dir = temp_dir(tag);
+    std::fs::write(dir.join("app.py"), APP).unwrap();
+    std::fs::write(dir.join("version"), "1").unwrap();
+    let config = format!(
+        r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["python3", "{worker}", "{app}:application"]
+ready = "notify"
+ready_timeout = "10s"
+stop_timeout = "5s"
+[pool]
+min = {n}
+max = {n}
+"#,
+        worker = python_worker().display(),
+        app = dir.join("app.py").display(),
+    );
+    (Droved::builder(tag).config(&config).start(), dir)
+}
+
+/// The pids of templates droved logged as started, in order.
+fn templates_started(d: &Droved) -> Vec<i32> {
+    d.log()
+        .lines()
+        .filter(|l| l.contains("event=\"template-started\""))
+        .filter_map(|l| {
+            l.split("template_pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Requests until `n` distinct workers answered; returns their answers.
+fn answers_from(d: &Droved, n: usize) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    eventually(&format!("{n} distinct workers answering"), 20 * SEC, || {
+        let body = d.get("/").ok()?;
+        if seen.insert(field(&body, "pid")) {
+            out.push(body);
+        }
+        (seen.len() >= n).then_some(())
+    });
+    out
+}
+
+#[test]
+fn workers_are_forks_of_the_template_and_children_of_droved() {
+    let (mut d, _app) = template_pool("tpl-fork", 3);
+    d.wait_ready();
+    let status = d.wait_status("3 workers ready", 10 * SEC);
+    assert!(!status.contains("starting"), "{status}");
+    let templates = templates_started(&d);
+    assert_eq!(templates.len(), 1, "{}", d.log());
+    let template = templates[0];
+    for body in answers_from(&d, 3) {
+        assert_eq!(field(&body, "loaded_by"), template, "forked: {body}");
+        assert_eq!(
+            field(&body, "ppid"),
+            d.pid(),
+            "reparented to droved: {body}"
+        );
+        assert_ne!(field(&body, "pid"), template, "the template never serves");
+        assert_eq!(text_field(&body, "generation"), "1");
+    }
+    let workers: BTreeSet<String> = answers_from(&d, 3)
+        .iter()
+        .map(|b| text_field(b, "worker"))
+        .collect();
+    assert_eq!(workers.len(), 3, "distinct slots {workers:?}");
+    // droved's children: the template and the 3 workers, no one else.
+    let children = d.workers();
+    assert_eq!(children.len(), 4, "{children:?}");
+    assert!(children.contains(&template));
+    assert_eq!(
+        env_of(template, "DROVE_TEMPLATE_FD").as_deref(),
+        Some("4"),
+        "its socket follows the one listener"
+    );
+    // Still 3 counted, not 4.
+    assert!(
+        d.upward().status.starts_with("3 workers ready"),
+        "{}",
+        d.upward().status
+    );
+}
+
+#[test]
+fn killing_the_template_keeps_workers_serving_and_a_new_one_appears() {
+    let (mut d, _app) = template_pool("tpl-kill", 2);
+    d.wait_ready();
+    let before: BTreeSet<i32> = answers_from(&d, 2)
+        .iter()
+        .map(|b| field(b, "pid"))
+        .collect();
+    let old = templates_started(&d)[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), Signal::SIGKILL).unwrap();
+    let new = eventually("a new template", 10 * SEC, || {
+        templates_started(&d).get(1).copied()
+    });
+    assert_ne!(new, old);
+    d.wait_log("event=\"template-ready\"", 2, 10 * SEC);
+    // The same workers serve, untouched.
+    let after: BTreeSet<i32> = answers_from(&d, 2)
+        .iter()
+        .map(|b| field(b, "pid"))
+        .collect();
+    assert_eq!(before, after);
+    for _ in 0..20 {
+        let body = d.get("/").expect("workers keep serving");
+        assert!(before.contains(&field(&body, "pid")), "{body}");
+    }
+    assert!(
+        !d.upward().status.contains("FAILING"),
+        "{}",
+        d.upward().status
+    );
+}
+
+#[test]
+fn a_killed_worker_is_replaced_by_a_fork_of_the_template() {
+    let (mut d, _app) = template_pool("tpl-replace", 2);
+    d.wait_ready();
+    let template = templates_started(&d)[0];
+    let first: BTreeSet<i32> = answers_from(&d, 2)
+        .iter()
+        .map(|b| field(b, "pid"))
+        .collect();
+    let victim = *first.iter().next().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    d.wait_log("event=\"started\"", 3, 10 * SEC);
+    let body = eventually("the replacement answering", 10 * SEC, || {
+        let body = d.get("/").ok()?;
+        (!first.contains(&field(&body, "pid"))).then_some(body)
+    });
+    assert_eq!(
+        field(&body, "loaded_by"),
+        template,
+        "a fork, not an exec: {body}"
+    );
+    assert_eq!(field(&body, "ppid"), d.pid(), "{body}");
+    assert_eq!(
+        templates_started(&d).len(),
+        1,
+        "the template was not replaced"
+    );
+}
+
+#[test]
+fn reload_rolls_to_a_new_template_without_failed_requests() {
+    let (mut d, app) = template_pool("tpl-reload", 2);
+    d.wait_ready();
+    let old = templates_started(&d)[0];
+    let load = Load::start(Target::Tcp(d.port), "/", 4, 60 * SEC);
+    std::fs::write(app.join("version"), "2").unwrap();
+    d.ready_again_after("the rollout to generation 2", 30 * SEC, |d| {
+        d.signal(Signal::SIGHUP)
+    });
+    let ok = load.finish_clean();
+    assert!(ok > 20, "only {ok} requests during the rollout");
+    let new = templates_started(&d)[1];
+    for body in answers_from(&d, 2) {
+        assert_eq!(text_field(&body, "version"), "2", "new app code: {body}");
+        assert_eq!(field(&body, "loaded_by"), new, "{body}");
+        assert_eq!(text_field(&body, "generation"), "2");
+    }
+    eventually("the old template gone", 10 * SEC, || {
+        (!alive(old)).then_some(())
+    });
+    assert_eq!(d.workers().len(), 3, "new template + 2 workers");
+}
+
+#[test]
+fn sigkill_of_droved_leaves_no_template_or_worker_behind() {
+    let (mut d, _app) = template_pool("tpl-sigkill", 3);
+    d.wait_ready();
+    let mut pids = d.workers();
+    assert_eq!(pids.len(), 4, "{pids:?}");
+    pids.extend(answers_from(&d, 3).iter().map(|b| field(b, "pid")));
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(5 * SEC);
+    eventually("template and workers gone", 10 * SEC, || {
+        pids.iter().all(|&p| !alive(p)).then_some(())
+    });
+}
+
+#[test]
+fn a_template_that_dies_at_once_is_backed_off_and_reported_failing() {
+    let mut d = Droved::builder("tpl-crash")
+        .args(&[
+            "-l",
+            "127.0.0.1:{port}",
+            "-w",
+            "2",
+            "--mode",
+            "template",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ])
+        .start();
+    let status = d.wait_status("FAILING", 10 * SEC);
+    assert!(status.contains("exited with status 3"), "{status}");
+    let started_before = d.log_count("event=\"template-started\"");
+    std::thread::sleep(3 * SEC);
+    let starts = d.log_count("event=\"template-started\"") - started_before;
+    assert!(starts <= 8, "{starts} templates in 3 s");
+    assert!(d.try_exit().is_none(), "droved stays up");
+    assert!(
+        d.upward().status.starts_with("0 workers ready"),
+        "{}",
+        d.upward().status
+    );
+}
+
+/// A template that says hello and then answers every `spawn` with `reply`
+/// (nothing when empty).
+fn bad_template(tag: &str, reply: &str) -> Droved {
+    let dir = temp_dir(tag);
+    let script = dir.join("bad.py");
+    std::fs::write(
+        &script,
+        format!(
+            r#"
+import os, socket, sys
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    msg = s.recv(512)
+    if not msg:
+        sys.exit(0)
+    if {reply:?}:
+        s.send({reply:?}.encode())
+"#
+        ),
+    )
+    .unwrap();
+    Droved::builder(tag)
+        .args(&[
+            "-l",
+            "127.0.0.1:{port}",
+            "-w",
+            "1",
+            "--mode",
+            "template",
+            "--",
+            "python3",
+            &script.display().to_string(),
+        ])
+        .start()
+}
+
+#[test]
+fn a_template_answering_garbage_is_killed_and_replaced() {
+    for reply in ["banana", "pid 1", "pid 999999999", "DROVE-TEMPLATE 1"] {
+        let mut d = bad_template("tpl-garbage", reply);
+        d.wait_log("killing template", 1, 10 * SEC);
+        eventually("a second template", 10 * SEC, || {
+            (templates_started(&d).len() >= 2).then_some(())
+        });
+        assert!(d.try_exit().is_none(), "droved stays up ({reply})");
+        assert!(d.log().contains("killing template"), "{reply}: {}", d.log());
+        // Nothing was adopted: no worker started, no foreign pid signalled.
+        assert_eq!(d.log_count("event=\"started\""), 0, "{reply}: {}", d.log());
+    }
+}
+
+#[test]
+fn a_silent_template_is_killed_and_replaced() {
+    let mut d = bad_template("tpl-silent", "");
+    d.wait_log("left a spawn unanswered", 1, 15 * SEC);
+    eventually("a second template", 10 * SEC, || {
+        (templates_started(&d).len() >= 2).then_some(())
+    });
+    assert!(d.try_exit().is_none(), "droved stays up");
+}
