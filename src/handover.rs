@@ -39,6 +39,19 @@ pub struct State {
     /// binaries older than this field: they handed over only when running.
     #[serde(default)]
     pub resume: Resume,
+    /// Template mode: the current, ready template, whose socket (`fd`) is
+    /// kept open across the exec. Absent otherwise and in older states.
+    #[serde(default)]
+    pub template: Option<TemplateHandover>,
+}
+
+/// A template handed over with its socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateHandover {
+    pub pid: i32,
+    pub generation: u64,
+    pub fd: i32,
+    pub age_ms: u64,
 }
 
 /// Where the new image picks up droved's lifecycle.
@@ -223,6 +236,12 @@ mod tests {
             uptime_ms: 60_000,
             consecutive_failures: 0,
             resume: Resume::Stopping { fast: false },
+            template: Some(TemplateHandover {
+                pid: 4321,
+                generation: 3,
+                fd: 9,
+                age_ms: 1000,
+            }),
         }
     }
 

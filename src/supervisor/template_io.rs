@@ -464,4 +464,46 @@ impl Supervisor {
             }
         }
     }
+
+    /// The template a binary upgrade hands over: the current one, when it
+    /// is ready and owes no answer (else the new image starts another).
+    pub(super) fn template_to_hand_over(
+        &self,
+        now: Instant,
+    ) -> Option<crate::handover::TemplateHandover> {
+        let (pid, socket) = self.template_io.as_ref()?;
+        let t = self.pool.templates.current(self.generation)?;
+        (t.pid == *pid && t.state == TemplateState::Ready && self.pool.templates.forks.is_empty())
+            .then(|| crate::handover::TemplateHandover {
+                pid: pid.as_raw(),
+                generation: t.generation,
+                fd: std::os::fd::AsRawFd::as_raw_fd(&socket.as_fd()),
+                age_ms: now.saturating_duration_since(t.started).as_millis() as u64,
+            })
+    }
+
+    /// Takes over the template the previous image handed over.
+    pub(super) fn restore_template(
+        &mut self,
+        t: crate::handover::TemplateHandover,
+        started: Instant,
+    ) {
+        let pid = Pid::from_raw(t.pid);
+        let socket = crate::sys::exec::adopt_inherited(t.fd).and_then(TemplateSocket::from_fd);
+        match socket {
+            Ok(socket) => {
+                let _ = process::become_subreaper();
+                let mut template = Template::new(pid, t.generation, started);
+                template.state = TemplateState::Ready;
+                self.pool.templates.all.push(template);
+                self.template_io = Some((pid, socket));
+                info!(template_pid = t.pid, "took over template {pid}");
+            }
+            Err(e) => {
+                // Without its socket it is useless: it exits on EOF, and
+                // the sweep reaps it.
+                warn!(template_pid = t.pid, "cannot take over template {pid}: {e}");
+            }
+        }
+    }
 }

@@ -191,6 +191,7 @@ impl Supervisor {
             uptime_ms: age_ms(now, self.started),
             consecutive_failures: self.gate.consecutive_failures,
             resume,
+            template: self.template_to_hand_over(now),
         }
     }
 
@@ -213,6 +214,12 @@ impl Supervisor {
             .iter()
             .map(|l| l.as_fd())
             .chain(std::iter::once(self.notify.borrowed_fd()))
+            .chain(
+                self.template_io
+                    .as_ref()
+                    .filter(|_| state.template.is_some())
+                    .map(|(_, socket)| socket.as_fd()),
+            )
             .collect();
         for fd in &keep {
             if let Err(e) = exec::set_inheritable(*fd, true) {
@@ -288,6 +295,10 @@ impl Supervisor {
             worker.status_text = w.status_text;
             worker.recycle_at = w.recycle_in_ms.map(|ms| now + Duration::from_millis(ms));
             self.pool.workers.insert(pid, worker);
+        }
+        if let Some(t) = state.template {
+            let started = back(t.age_ms);
+            self.restore_template(t, started);
         }
         info!(
             event = "upgraded",

@@ -43,6 +43,20 @@ pub fn pair() -> io::Result<(TemplateSocket, OwnedFd)> {
 }
 
 impl TemplateSocket {
+    /// Re-wraps droved's end inherited across a binary upgrade.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<TemplateSocket> {
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        Ok(TemplateSocket {
+            // SAFETY: an OwnedFd stays open and keeps its fd number until
+            // the AsyncFd (its only owner) drops it.
+            fd: unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?,
+        })
+    }
+
     /// Sends one message without waiting: a template that does not read
     /// its socket (the buffer is full) gets `WouldBlock`.
     pub fn send(&self, msg: &[u8]) -> io::Result<()> {

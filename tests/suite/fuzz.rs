@@ -112,6 +112,7 @@ proptest! {
             uptime_ms: 1,
             consecutive_failures: 0,
             resume: handover::Resume::Running,
+            template: None,
         };
         let mut bytes = handover::encode(&state);
         let i = flip % bytes.len();

@@ -48,6 +48,14 @@ fn text_field(body: &str, key: &str) -> String {
 /// Returns droved and the app's directory (its `version` file is read at
 /// import).
 fn template_pool(tag: &str, n: u32) -> (Droved, std::path::PathBuf) {
+    template_pool_with(tag, n, None)
+}
+
+fn template_pool_with(
+    tag: &str,
+    n: u32,
+    binary: Option<&std::path::Path>,
+) -> (Droved, std::path::PathBuf) {
     let dir = temp_dir(tag);
     std::fs::write(dir.join("app.py"), APP).unwrap();
     std::fs::write(dir.join("version"), "1").unwrap();
@@ -68,7 +76,11 @@ max = {n}
         worker = python_worker().display(),
         app = dir.join("app.py").display(),
     );
-    (Droved::builder(tag).config(&config).start(), dir)
+    let mut b = Droved::builder(tag).config(&config);
+    if let Some(path) = binary {
+        b = b.binary(path);
+    }
+    (b.start(), dir)
 }
 
 /// The pids of templates droved logged as started, in order.
@@ -331,4 +343,43 @@ fn a_silent_template_is_killed_and_replaced() {
         (templates_started(&d).len() >= 2).then_some(())
     });
     assert!(d.try_exit().is_none(), "droved stays up");
+}
+
+#[test]
+fn binary_upgrade_keeps_the_template_and_its_workers() {
+    let scratch = Scratch::new("tpl-upgrade-bin");
+    let binary = scratch.join("droved");
+    droved_build(&binary, "build-0");
+    let (mut d, _app) = template_pool_with("tpl-upgrade", 2, Some(&binary));
+    d.wait_ready();
+    let before = d.workers();
+    assert_eq!(before.len(), 3, "template + 2 workers");
+    let template = templates_started(&d)[0];
+    let fds_before = fds_of(d.pid()).len();
+    let load = Load::start(Target::Tcp(d.port), "/", 4, 60 * SEC);
+    for i in 1..=3 {
+        droved_build(&binary, &format!("build-{i}"));
+        d.ready_again_after(&format!("READY=1 after upgrade {i}"), 20 * SEC, |d| {
+            d.signal(Signal::SIGUSR2)
+        });
+        d.wait_log(&format!("took over template {template}"), i, 10 * SEC);
+    }
+    let ok = load.finish_clean();
+    assert!(ok > 10, "only {ok} requests");
+    assert_eq!(d.workers(), before, "same template, same workers");
+    assert_eq!(fds_of(d.pid()).len(), fds_before, "no fd leaked");
+    assert_eq!(templates_started(&d), vec![template], "no new template");
+    // The handed-over socket still works: a killed worker is forked anew
+    // by the same template.
+    let first: BTreeSet<i32> = answers_from(&d, 2)
+        .iter()
+        .map(|b| field(b, "pid"))
+        .collect();
+    let victim = *first.iter().next().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    let body = eventually("the replacement answering", 10 * SEC, || {
+        let body = d.get("/").ok()?;
+        (!first.contains(&field(&body, "pid"))).then_some(body)
+    });
+    assert_eq!(field(&body, "loaded_by"), template, "{body}");
 }
