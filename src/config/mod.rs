@@ -73,6 +73,7 @@ pub const RESERVED_ENVIRONMENT: &[&str] = &[
     "WATCHDOG_PID",
     "DROVE_WORKER",
     "DROVE_GENERATION",
+    "DROVE_TEMPLATE_FD",
 ];
 
 /// The whole configuration. `Default` is every default with no listen

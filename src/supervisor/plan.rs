@@ -292,6 +292,46 @@ mod tests {
     }
 
     #[test]
+    fn forks_asked_of_a_template_count_as_starting_workers() {
+        use crate::supervisor::template::PendingFork;
+        let now = Instant::now();
+        let mut p = pool(&[(10, 1, Ready)], now);
+        let ask = |slot, generation| PendingFork {
+            template: pid(99),
+            slot,
+            generation,
+            asked: now,
+        };
+        p.templates.forks.push_back(ask(1, 1));
+        p.templates.forks.push_back(ask(2, 1));
+        // (target, rollout floor, expected actions)
+        let table: &[(u32, Option<u32>, Vec<Action>)] = &[
+            (3, None, vec![]),
+            (4, None, vec![Action::Spawn(1)]),
+            // Answers are pending: they hold the slots, not new forks.
+            (2, None, vec![Action::Stop(pid(10), StopReason::ScaleDown)]),
+        ];
+        for (target, floor, want) in table {
+            let g = Goal {
+                rollout_floor: *floor,
+                ..goal(*target)
+            };
+            assert_eq!(&reconcile(&p, g, never_idle), want, "target {target}");
+        }
+        assert_eq!(p.free_slot(), 3, "slots 1 and 2 are held by the asks");
+        // A rollout forks one at a time: a pending ask of the new
+        // generation is that one.
+        let mut r = pool(&[(10, 1, Ready)], now);
+        r.templates.forks.push_back(ask(1, 2));
+        let g = Goal {
+            generation: 2,
+            rollout_floor: Some(1),
+            ..goal(1)
+        };
+        assert_eq!(reconcile(&r, g, never_idle), vec![]);
+    }
+
+    #[test]
     fn scale_down_prefers_idle_workers() {
         let now = Instant::now();
         let p = pool(&[(10, 1, Ready), (11, 1, Ready), (12, 1, Ready)], now);
