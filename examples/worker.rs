@@ -31,6 +31,11 @@
 //! - `WORKER_IGNORE_TERM=1`    ignore SIGTERM
 //! - `WORKER_MEM_MB=N`         allocate and touch N MiB at start (RSS tests)
 //!
+//! Template mode (`worker.mode = "template"`, docs/template.md): when
+//! `DROVE_TEMPLATE_FD` is set this process is the template. It says hello
+//! on that socket and forks a worker (double fork, so droved adopts it)
+//! for each `spawn`; the worker then carries on below as usual.
+//!
 //! Signals: SIGTERM finishes the request in progress, sends `STOPPING=1` and
 //! exits 0; SIGINT and SIGQUIT exit at once with 128+signo.
 //!
@@ -747,6 +752,10 @@ fn main() {
         std::hint::black_box(v)
     });
 
+    if let Some(fd) = env_num("DROVE_TEMPLATE_FD") {
+        template::serve(fd as RawFd);
+    }
+
     start_watchdog(notifier.as_ref());
 
     if let Some(ms) = env_num("WORKER_READY_DELAY_MS") {
@@ -818,6 +827,110 @@ fn main() {
                 }
                 Err(e) => die(format_args!("accept on {}: {e}", l.desc)),
             }
+        }
+    }
+}
+
+/// docs/template.md, protocol 1, for a single-threaded process.
+mod template {
+    use super::*;
+    use nix::sys::socket::{MsgFlags, recv, send};
+    use nix::sys::wait::waitpid;
+    use nix::unistd::{ForkResult, Pid, close, fork, getppid, pipe, read, write};
+
+    /// Serves `spawn` requests; returns only in a forked worker.
+    pub fn serve(fd: RawFd) {
+        let droved = getppid();
+        let sock = fd;
+        let say_hello = send(sock, b"DROVE-TEMPLATE 1", MsgFlags::empty());
+        if let Err(e) = say_hello {
+            die(format_args!("template socket: {e}"));
+        }
+        let mut buf = [0u8; 512];
+        loop {
+            let n = match recv(sock, &mut buf, MsgFlags::empty()) {
+                Ok(0) => exit(0), // droved is done with us
+                Ok(n) => n,
+                Err(Errno::EINTR) if TERM.load(Ordering::SeqCst) => exit(0),
+                Err(Errno::EINTR) => continue,
+                Err(e) => die(format_args!("template socket: {e}")),
+            };
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let mut words = msg.split_whitespace();
+            let (Some("spawn"), Some(slot), Some(generation)) =
+                (words.next(), words.next(), words.next())
+            else {
+                continue;
+            };
+            let answer = match fork_worker(droved, sock) {
+                Ok(Some(pid)) => format!("pid {pid}"),
+                Ok(None) => {
+                    become_worker(droved, slot, generation);
+                    return;
+                }
+                Err(e) => format!("error {e}"),
+            };
+            let _ = send(sock, answer.as_bytes(), MsgFlags::empty());
+        }
+    }
+
+    /// Double fork: `Ok(Some(pid))` in the template once the worker is
+    /// droved's child, `Ok(None)` in the worker.
+    fn fork_worker(_droved: Pid, sock: RawFd) -> nix::Result<Option<Pid>> {
+        let (r, w) = pipe()?;
+        // SAFETY: the template runs no threads, so the child may do anything.
+        match unsafe { fork() }? {
+            ForkResult::Child => {
+                // SAFETY: as above.
+                match unsafe { fork() } {
+                    Ok(ForkResult::Child) => {
+                        drop((r, w));
+                        let _ = close(sock);
+                        Ok(None)
+                    }
+                    Ok(ForkResult::Parent { child }) => {
+                        let _ = write(&w, child.to_string().as_bytes());
+                        // SAFETY: _exit takes no pointers.
+                        unsafe { libc::_exit(0) }
+                    }
+                    // SAFETY: as above.
+                    Err(_) => unsafe { libc::_exit(1) },
+                }
+            }
+            ForkResult::Parent { child } => {
+                drop(w);
+                let _ = waitpid(child, None);
+                let mut buf = [0u8; 32];
+                let n = read(&r, &mut buf).unwrap_or(0);
+                std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .map(|p| Some(Pid::from_raw(p)))
+                    .ok_or(Errno::ECHILD)
+            }
+        }
+    }
+
+    fn become_worker(droved: Pid, slot: &str, generation: &str) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while getppid() != droved {
+            if Instant::now() > deadline {
+                exit(1);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes no pointers.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+        if getppid() != droved {
+            exit(1);
+        }
+        // SAFETY: the worker is single-threaded here (the watchdog thread
+        // starts later), so nothing reads the environment concurrently.
+        unsafe {
+            std::env::set_var("LISTEN_PID", std::process::id().to_string());
+            std::env::set_var("DROVE_WORKER", slot);
+            std::env::set_var("DROVE_GENERATION", generation);
+            std::env::remove_var("DROVE_TEMPLATE_FD");
         }
     }
 }

@@ -383,3 +383,38 @@ fn binary_upgrade_keeps_the_template_and_its_workers() {
     });
     assert_eq!(field(&body, "loaded_by"), template, "{body}");
 }
+
+#[test]
+fn the_rust_example_worker_speaks_the_protocol_too() {
+    let mut d = Droved::builder("tpl-rust")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+mode = "template"
+command = ["{worker}"]
+ready = "notify"
+ready_timeout = "10s"
+[pool]
+min = 3
+max = 3
+"#,
+        )
+        .start();
+    d.wait_ready();
+    d.wait_status("3 workers ready", 10 * SEC);
+    let template = templates_started(&d)[0];
+    let children = d.workers();
+    assert_eq!(children.len(), 4, "template + 3 workers: {children:?}");
+    let mut slots = BTreeSet::new();
+    eventually("3 distinct workers", 20 * SEC, || {
+        let env = d.get("/env").ok()?;
+        let pid = field(&env, "pid");
+        assert_ne!(pid, template, "the template never serves");
+        assert!(children.contains(&pid), "{pid} is droved's child");
+        assert_eq!(text_field(&env, "LISTEN_PID"), pid.to_string(), "{env}");
+        slots.insert(text_field(&env, "DROVE_WORKER"));
+        (slots.len() == 3).then_some(())
+    });
+}
