@@ -136,6 +136,9 @@ pub struct Upward {
     pub ready_count: u32,
     pub status: String,
     pub statuses: Vec<String>,
+    /// When each of `statuses` arrived (read by the drain thread, not
+    /// when a test looked).
+    pub status_times: Vec<Instant>,
     /// Flush markers the harness sent itself (see `Droved::flush_upward`).
     flushed: u32,
 }
@@ -175,6 +178,7 @@ impl Upward {
                 Some(("STATUS", s)) => {
                     self.status = s.to_string();
                     self.statuses.push(s.to_string());
+                    self.status_times.push(Instant::now());
                 }
                 Some((FLUSH_MARKER, _)) => self.flushed += 1,
                 _ => {}
@@ -747,11 +751,22 @@ pub fn answered_pid(body: &str) -> i32 {
 }
 
 /// `n` concurrent requests to `path`; returns the answers (errors as Err).
+/// All `n` connections are established before any request is sent, so
+/// they are in flight together even when a busy machine starts the
+/// client threads late.
 pub fn concurrent_gets(port: u16, path: &str, n: usize) -> Vec<std::io::Result<String>> {
-    let handles: Vec<_> = (0..n)
+    let streams: Vec<std::io::Result<TcpStream>> = (0..n)
         .map(|_| {
+            let s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            Ok(s)
+        })
+        .collect();
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
             let path = path.to_string();
-            std::thread::spawn(move || http_get(("127.0.0.1", port), &path))
+            std::thread::spawn(move || http_exchange(&mut s?, &path))
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -789,10 +804,34 @@ pub enum Target {
     Unix(PathBuf),
 }
 
+/// A client's connection, TCP or unix.
+type Conn = Box<dyn ReadWrite + Send>;
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+fn connect(target: &Target) -> std::io::Result<Conn> {
+    let timeout = Some(Duration::from_secs(20));
+    Ok(match target {
+        Target::Tcp(port) => {
+            let s = TcpStream::connect(("127.0.0.1", *port))?;
+            s.set_read_timeout(timeout)?;
+            Box::new(s)
+        }
+        Target::Unix(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path)?;
+            s.set_read_timeout(timeout)?;
+            Box::new(s)
+        }
+    })
+}
+
 /// Closed-loop clients, each request a fresh connection, bounded by
 /// `limit` (127.0.0.1 or a unix socket only). Every failure is kept with
 /// its error text.
 pub struct Load {
+    /// When the first connection was opened.
+    started: Instant,
     stop: Arc<AtomicBool>,
     ok: Arc<std::sync::atomic::AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
@@ -805,17 +844,21 @@ impl Load {
         let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let deadline = Instant::now() + limit;
-        let threads = (0..clients)
-            .map(|_| {
+        // Every client's first connection is opened here, one right after
+        // the other, before any client thread runs: the load begins as a
+        // burst even when a busy machine starts the threads late.
+        let started = Instant::now();
+        let first: Vec<std::io::Result<Conn>> = (0..clients).map(|_| connect(&target)).collect();
+        let threads = first
+            .into_iter()
+            .map(|conn| {
                 let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
                 let (target, path) = (target.clone(), path.to_string());
                 std::thread::spawn(move || {
+                    let mut next = Some(conn);
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let result = match &target {
-                            Target::Tcp(port) => http_get(("127.0.0.1", *port), &path),
-                            Target::Unix(p) => http_get_unix(p, &path),
-                        };
-                        match result {
+                        let conn = next.take().unwrap_or_else(|| connect(&target));
+                        match conn.and_then(|mut c| http_exchange(&mut c, &path)) {
                             Ok(_) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
@@ -826,11 +869,17 @@ impl Load {
             })
             .collect();
         Load {
+            started,
             stop,
             ok,
             errors,
             threads,
         }
+    }
+
+    /// When the load began: when its first connection was opened.
+    pub fn started_at(&self) -> Instant {
+        self.started
     }
 
     /// Requests answered so far.
