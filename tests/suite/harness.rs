@@ -921,3 +921,26 @@ fn log_time_reads_droveds_timestamps() {
     assert_eq!(since.subsec_micros(), 460_739);
     assert_eq!(log_time("worker[12]: serving fd 3"), None);
 }
+
+#[test]
+fn a_reserved_port_is_free_for_droved_and_for_nobody_else() {
+    let (_reservation, port) = reserve_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    // What a parallel test does to find a port: the kernel never picks ours.
+    let probes: Vec<std::net::TcpListener> = (0..2000)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    assert!(
+        probes
+            .iter()
+            .all(|p| p.local_addr().unwrap().port() != port),
+        "bind to port 0 handed out the reserved port {port}"
+    );
+    drop(probes);
+    // droved's own bind (SO_REUSEADDR) takes it, and serves on it...
+    let droved = drove::sys::listen::bind_tcp(addr, 16, "drove").expect("droved binds it");
+    TcpStream::connect(addr).expect("connect to droved's listener");
+    // ...and then nobody else can listen there.
+    assert!(drove::sys::listen::bind_tcp(addr, 16, "second").is_err());
+    drop(droved);
+}
