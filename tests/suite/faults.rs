@@ -200,14 +200,16 @@ fn a_stopped_worker_cannot_hold_up_shutdown() {
 fn restart_churn_leaks_no_fds_zombies_or_memory() {
     let restarts: usize = if soak() { 10_000 } else { 1_000 };
     // Workers that serve briefly and exit on their own (status 0 after
-    // 20 ms), so droved restarts them as fast as its spawn budget allows.
+    // 20 ms), so droved restarts them as fast as its spawn budget allows;
+    // once the file `quiet` exists, new workers stay up, and the churn
+    // stops.
     let mut d = Droved::builder("churn")
         .config(
             r#"
 [listen]
 addresses = ["127.0.0.1:{port}"]
 [worker]
-command = ["sh", "-c", "sleep 0.02"]
+command = ["sh", "-c", "test -e {dir}/quiet && exec sleep 600; sleep 0.02"]
 ready = "exec"
 min_uptime = "1ms"
 [pool]
@@ -228,16 +230,23 @@ spawn_rate = 1000
         Duration::from_secs(if soak() { 900 } else { 120 }),
     );
     let took = t0.elapsed();
-    // Compare at a quiet point: stop churning by shrinking nothing; just
-    // sample a few times and take the minimum (a fork may be in flight).
-    // The pauses only spread the samples; nothing waits on them.
-    let after = (0..5)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(30));
-            resources(d.pid())
-        })
-        .min()
-        .unwrap();
+    // Compare at a quiet point: stop the churn and wait until every slot
+    // holds a worker that stays. droved starts a slot's new worker only
+    // after it reaped the old one, so any zombie left then is a leak, not
+    // an exit droved has yet to see (sampling during the churn counted
+    // those on a busy machine).
+    std::fs::write(d.dir.join("quiet"), "").unwrap();
+    eventually("8 workers that stay", 30 * SEC, || {
+        let staying = d
+            .workers()
+            .into_iter()
+            .filter(|&p| {
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == b"sleep\0600\0")
+            })
+            .count();
+        (staying == 8).then_some(())
+    });
+    let after = resources(d.pid());
     assert!(d.try_exit().is_none());
     assert!(
         after.0 <= before.0,

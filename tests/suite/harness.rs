@@ -843,22 +843,21 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
-        let deadline = Instant::now() + limit;
-        // Every client's first connection is opened here, one right after
-        // the other, before any client thread runs: the load begins as a
-        // burst even when a busy machine starts the threads late.
-        let started = Instant::now();
-        let first: Vec<std::io::Result<Conn>> = (0..clients).map(|_| connect(&target)).collect();
-        let threads = first
-            .into_iter()
-            .map(|conn| {
+        // The clients start together once all exist: the load begins as a
+        // burst even when a busy machine is slow to create threads. (Not
+        // by connecting in this thread first: a connect to a full accept
+        // queue blocks for seconds.)
+        let go = Arc::new(std::sync::Barrier::new(clients + 1));
+        let threads = (0..clients)
+            .map(|_| {
                 let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
                 let (target, path) = (target.clone(), path.to_string());
+                let go = go.clone();
                 std::thread::spawn(move || {
-                    let mut next = Some(conn);
+                    go.wait();
+                    let deadline = Instant::now() + limit;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let conn = next.take().unwrap_or_else(|| connect(&target));
-                        match conn.and_then(|mut c| http_exchange(&mut c, &path)) {
+                        match connect(&target).and_then(|mut c| http_exchange(&mut c, &path)) {
                             Ok(_) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
@@ -868,6 +867,8 @@ impl Load {
                 })
             })
             .collect();
+        let started = Instant::now();
+        go.wait();
         Load {
             started,
             stop,
@@ -877,7 +878,7 @@ impl Load {
         }
     }
 
-    /// When the load began: when its first connection was opened.
+    /// When the load began: when its clients were let go.
     pub fn started_at(&self) -> Instant {
         self.started
     }
