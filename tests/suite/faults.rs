@@ -241,7 +241,7 @@ spawn_rate = 1000
             .workers()
             .into_iter()
             .filter(|&p| {
-                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == b"sleep\0600\0")
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == b"sleep\x00600\x00")
             })
             .count();
         (staying == 8).then_some(())
