@@ -13,10 +13,16 @@ pub async fn run(target: &Target, json: bool) -> Result<(), CtlError> {
         "PID", "SLOT", "STATE", "GEN", "AGE", "RSS", "CPU"
     );
     for w in &workers {
+        // A template (worker.mode = "template") has no slot.
+        let slot = if w.slot == crate::supervisor::template::NO_SLOT {
+            "-".to_string()
+        } else {
+            w.slot.to_string()
+        };
         println!(
             "{:>8} {:>4} {:<9} {:>4} {:>11} {:>7} {:>7.2}s  {}",
             w.pid,
-            w.slot,
+            slot,
             w.state,
             w.generation,
             human_duration(w.age_secs),

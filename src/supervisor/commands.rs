@@ -61,6 +61,21 @@ impl Supervisor {
                             .unwrap_or(0.0),
                         status: w.status_text.clone().unwrap_or_default(),
                     })
+                    .chain(self.pool.templates.all.iter().map(|t| {
+                        WorkerInfo {
+                            pid: t.pid.as_raw() as u32,
+                            // Not a worker: no slot.
+                            slot: super::template::NO_SLOT,
+                            state: t.list_state().to_string(),
+                            generation: t.generation,
+                            age_secs: now.duration_since(t.started).as_secs_f64(),
+                            rss_bytes: process::rss_bytes(t.pid).unwrap_or(0),
+                            cpu_secs: process::cpu_time(t.pid)
+                                .map(|d| d.as_secs_f64())
+                                .unwrap_or(0.0),
+                            status: String::new(),
+                        }
+                    }))
                     .collect();
                 let _ = reply.send(list);
             }

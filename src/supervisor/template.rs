@@ -44,7 +44,19 @@ pub struct Template {
     pub broken: Option<&'static str>,
 }
 
+/// The slot `ListWorkers` shows for a template, which has none.
+pub const NO_SLOT: u32 = u32::MAX;
+
 impl Template {
+    /// Its state as `ListWorkers` shows it: never a worker's state.
+    pub fn list_state(&self) -> &'static str {
+        match self.state {
+            TemplateState::Starting => "template-starting",
+            TemplateState::Ready => "template",
+            TemplateState::Stopping { .. } => "template-stopping",
+        }
+    }
+
     pub fn new(pid: Pid, generation: u64, now: Instant) -> Template {
         Template {
             pid,

@@ -310,6 +310,43 @@ fn status_and_list_reflect_real_workers() {
 }
 
 #[test]
+fn list_shows_the_template_apart_from_the_workers() {
+    let bus = Bus::start();
+    let mut d = bus
+        .droved_builder("tpl", &config(2, 2, ""))
+        .args(&["--mode", "template"])
+        .start();
+    d.wait_ready();
+    let s = bus.status("tpl");
+    assert_eq!(s["ready"].as_u64(), Some(2), "the template is not counted");
+    let list = bus.json(&["--instance", "tpl", "list"]);
+    let real: BTreeSet<i32> = d.workers().into_iter().collect();
+    assert_eq!(real.len(), 3, "2 workers and the template");
+    assert_eq!(pids_of(&list), real, "{list}");
+    let rows = list.as_array().unwrap();
+    let templates: Vec<&Value> = rows.iter().filter(|w| w["state"] == "template").collect();
+    assert_eq!(templates.len(), 1, "{list}");
+    assert_eq!(
+        templates[0]["slot"].as_u64(),
+        Some(u32::MAX as u64),
+        "no slot"
+    );
+    assert_eq!(
+        rows.iter().filter(|w| w["state"] == "ready").count(),
+        2,
+        "{list}"
+    );
+    let out = bus.ctl(&["list"]);
+    assert_ok(&out, &["list"]);
+    let table = text(&out.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.contains(" template "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(line.split_whitespace().nth(1) == Some("-"), "{line}");
+}
+
+#[test]
 fn scale_changes_the_real_number_of_workers() {
     let bus = Bus::start();
     let d = bus.droved("scale", 2, 6);
