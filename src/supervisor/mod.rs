@@ -129,6 +129,10 @@ pub struct Supervisor {
     template_io: template_io::TemplateIo,
     /// Template mode: what forked workers did before they were named.
     early: template_io::Early,
+    /// Template mode: when to look for forks of a lost template.
+    stray_checks: Vec<Instant>,
+    /// The programs of templates lost with forks unanswered.
+    stray_exes: Vec<PathBuf>,
 }
 
 fn scale_params(config: &Config) -> ScaleParams {
@@ -204,6 +208,8 @@ impl Supervisor {
             upgraded_from: None,
             template_io: None,
             early: Default::default(),
+            stray_checks: Vec::new(),
+            stray_exes: Vec::new(),
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);

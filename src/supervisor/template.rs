@@ -42,6 +42,8 @@ pub struct Template {
     pub started: Instant,
     /// Why droved killed it as broken (its exit then counts as failed).
     pub broken: Option<&'static str>,
+    /// Its program, read at its hello: its forks run the same.
+    pub exe: Option<std::path::PathBuf>,
 }
 
 /// The slot `ListWorkers` shows for a template, which has none.
@@ -64,6 +66,7 @@ impl Template {
             state: TemplateState::Starting,
             started: now,
             broken: None,
+            exe: None,
         }
     }
 
@@ -305,6 +308,7 @@ mod tests {
                     state,
                     started: now - Duration::from_millis(age_ms),
                     broken: None,
+                    exe: None,
                 })
                 .collect(),
             forks: VecDeque::new(),

@@ -33,6 +33,14 @@ pub(super) struct Early {
     exits: Vec<(Pid, ExitStatus)>,
 }
 
+/// When to look for workers forked by a template that was lost before it
+/// named them (they would serve unsupervised): twice, as a slow
+/// intermediate may still fork after the template died.
+const STRAY_CHECKS: [std::time::Duration; 2] = [
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_secs(2),
+];
+
 /// The socket of the current template, if one runs.
 pub(super) type TemplateIo = Option<(Pid, TemplateSocket)>;
 
@@ -55,6 +63,14 @@ impl Supervisor {
             (!self.lifecycle.is_stopping() && self.template_mode()).then_some(self.generation);
         if generation.is_none() && self.pool.templates.all.is_empty() {
             return;
+        }
+        // Not while forks are unanswered: their workers are not strays.
+        if self.pool.templates.forks.is_empty() && self.stray_checks.iter().any(|t| now >= *t) {
+            self.stray_checks.retain(|t| now < *t);
+            self.kill_strays();
+            if self.stray_checks.is_empty() {
+                self.stray_exes.clear();
+            }
         }
         let budget = self.gate.available(now);
         for action in template::plan_templates(
@@ -185,6 +201,21 @@ impl Supervisor {
         self.pool.templates.forks.retain(|f| f.template != pid);
         let dropped = before - self.pool.templates.forks.len();
         if dropped > 0 {
+            let now = Instant::now();
+            // Its forks run its program (read when it said hello).
+            if let Some(exe) = self
+                .pool
+                .templates
+                .all
+                .iter()
+                .find(|t| t.pid == pid)
+                .and_then(|t| t.exe.clone())
+                && !self.stray_exes.contains(&exe)
+            {
+                self.stray_exes.push(exe);
+            }
+            self.stray_checks
+                .extend(STRAY_CHECKS.iter().map(|d| now + *d));
             warn!(
                 template_pid = pid.as_raw(),
                 "{dropped} forks asked of template {pid} stay unanswered"
@@ -198,6 +229,11 @@ impl Supervisor {
     /// Asks the current template for `n` workers; none while it is not
     /// ready (reconcile asks again).
     pub(super) fn ask_template(&mut self, n: u32, now: Instant) {
+        if !self.stray_checks.is_empty() {
+            // Until the lost template's forks are found, new unnamed forks
+            // would look just like them.
+            return;
+        }
         let generation = self.generation;
         let Some(t) = self.pool.templates.current(generation) else {
             return;
@@ -254,6 +290,7 @@ impl Supervisor {
         match (parsed, state) {
             (Ok(Message::Hello(v)), TemplateState::Starting) if v == template::PROTOCOL_VERSION => {
                 t.state = TemplateState::Ready;
+                t.exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
                 info!(
                     template_pid = pid.as_raw(),
                     event = "template-ready",
@@ -360,6 +397,38 @@ impl Supervisor {
         }
     }
 
+    /// Kills droved's children that are neither workers nor templates but
+    /// run the program of a template that was lost with forks unanswered:
+    /// its unnamed forks.
+    fn kill_strays(&mut self) {
+        if matches!(self.lifecycle, Lifecycle::Upgrading(_)) {
+            return;
+        }
+        let children = match process::own_children() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("cannot list droved's children to find stray forks: {e}");
+                return;
+            }
+        };
+        for pid in children {
+            if self.pool.workers.contains_key(&pid)
+                || self.pool.templates.all.iter().any(|t| t.pid == pid)
+            {
+                continue;
+            }
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
+            if exe.is_ok_and(|e| self.stray_exes.contains(&e)) {
+                warn!(
+                    pid = pid.as_raw(),
+                    event = "stray-killed",
+                    "killing {pid}: forked by a lost template that never named it"
+                );
+                let _ = process::send_signal(pid, Signal::SIGKILL);
+            }
+        }
+    }
+
     /// Keeps a datagram of an unknown sender while forks are unanswered:
     /// a forked worker may send READY=1 before its template names it.
     /// Gives it back when not kept.
@@ -423,10 +492,10 @@ impl Supervisor {
     }
 
     fn on_template_exit(&mut self, pid: Pid, status: ExitStatus) {
+        self.forget_io(pid);
         let Some(t) = self.pool.templates.remove(pid) else {
             return;
         };
-        self.forget_io(pid);
         let now = Instant::now();
         let uptime = now.duration_since(t.started);
         let secs = uptime.as_secs_f64();
@@ -495,6 +564,7 @@ impl Supervisor {
                 let _ = process::become_subreaper();
                 let mut template = Template::new(pid, t.generation, started);
                 template.state = TemplateState::Ready;
+                template.exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
                 self.pool.templates.all.push(template);
                 self.template_io = Some((pid, socket));
                 info!(template_pid = t.pid, "took over template {pid}");

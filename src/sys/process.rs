@@ -89,6 +89,24 @@ pub fn parent_pid(pid: Pid) -> io::Result<Pid> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))
 }
 
+/// droved's own children, from /proc/self/task/*/children.
+pub fn own_children() -> io::Result<Vec<Pid>> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let path = task?.path().join("children");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|s| s.parse().ok())
+                    .map(Pid::from_raw),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 /// Sends `sig` to `pid`; a process that is already gone is not an error.
 pub fn send_signal(pid: Pid, sig: Signal) -> io::Result<()> {
     match signal::kill(pid, sig) {

@@ -418,3 +418,54 @@ max = 3
         (slots.len() == 3).then_some(())
     });
 }
+
+#[test]
+fn a_worker_forked_by_a_template_lost_before_answering_is_killed() {
+    // Forks the worker properly (double fork), then never answers.
+    let dir = temp_dir("tpl-stray-app");
+    let script = dir.join("mute.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, socket, sys, time
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    if os.fork() == 0:
+        if os.fork() == 0:
+            s.close()
+            time.sleep(600)
+        os._exit(0)
+    os.wait()
+"#,
+    )
+    .unwrap();
+    let mut d = Droved::builder("tpl-stray")
+        .args(&[
+            "-l",
+            "127.0.0.1:{port}",
+            "-w",
+            "1",
+            "--mode",
+            "template",
+            "--",
+            "python3",
+            &script.display().to_string(),
+        ])
+        .start();
+    let template = eventually("a template", 10 * SEC, || {
+        templates_started(&d).first().copied()
+    });
+    // Its unnamed fork: a child of droved's that is not the template.
+    let stray = eventually("the unnamed fork", 10 * SEC, || {
+        d.workers().into_iter().find(|&p| p != template)
+    });
+    d.wait_log("left a spawn unanswered", 1, 15 * SEC);
+    eventually("the stray killed", 10 * SEC, || {
+        (!alive(stray)).then_some(())
+    });
+    assert!(d.log().contains("event=\"stray-killed\""), "{}", d.log());
+    assert!(d.try_exit().is_none(), "droved stays up");
+}
