@@ -137,9 +137,22 @@ impl Supervisor {
         }
     }
 
+    /// A template failed to start, serve or stay: back off, and abort a
+    /// rollout whose new generation's template cannot get ready (its
+    /// workers could not be forked), as failing workers do in exec mode.
     fn template_failed(&mut self, why: String, now: Instant) {
         self.counters.failed_starts += 1;
         let delay = self.gate.record_failure(now);
+        let generation = self.generation;
+        if let Some(r) = self.lifecycle.rollout_mut() {
+            r.failures += 1;
+            if super::plan::rollout_gives_up(generation, generation, r.failures) {
+                self.last_failure = Some(why.clone());
+                self.abort_rollout(format!(
+                    "new generation {generation} cannot get ready: {why}"
+                ));
+            }
+        }
         error!(
             event = "template-failed",
             "{why}; next template in {} ms{}",

@@ -469,3 +469,32 @@ while True:
     assert!(d.log().contains("event=\"stray-killed\""), "{}", d.log());
     assert!(d.try_exit().is_none(), "droved stays up");
 }
+
+#[test]
+fn reload_to_app_code_that_cannot_load_keeps_the_old_workers() {
+    let (mut d, app) = template_pool("tpl-badreload", 2);
+    d.wait_ready();
+    let before: BTreeSet<i32> = answers_from(&d, 2)
+        .iter()
+        .map(|b| field(b, "pid"))
+        .collect();
+    std::fs::write(
+        app.join("app.py"),
+        "raise SystemExit('broken on purpose')\n",
+    )
+    .unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("event=\"rollout-aborted\"", 1, 30 * SEC);
+    let log = d.log();
+    let aborted = log.lines().find(|l| l.contains("rollout-aborted")).unwrap();
+    assert!(
+        aborted.contains("new generation 2 cannot get ready: template")
+            && aborted.contains("exited with status 1"),
+        "{aborted}"
+    );
+    for _ in 0..20 {
+        let body = d.get("/").expect("the old workers keep serving");
+        assert!(before.contains(&field(&body, "pid")), "{body}");
+    }
+    assert!(d.try_exit().is_none());
+}
