@@ -118,11 +118,15 @@ class Contender:
     """One server setup. `argv(port, workdir)` says how to start it; the
     process started is the supervisor whose children are the workers."""
 
-    def __init__(self, name, label, kind, worker, lo, hi, scenarios, color, style="-"):
+    def __init__(self, name, label, kind, worker, lo, hi, scenarios, color, style="-",
+                 mode="exec", preload=False):
         self.name, self.label, self.kind, self.worker = name, label, kind, worker
         self.min, self.max = lo, hi
         self.scenarios = scenarios
         self.color, self.style = color, style
+        # drove: worker.mode ("exec" or "template"); gunicorn: --preload;
+        # uWSGI: preload means without --lazy-apps (load once, then fork).
+        self.mode, self.preload = mode, preload
 
     @property
     def dynamic(self):
@@ -142,6 +146,7 @@ class Contender:
                     "# written by bench/bench.py; everything not set here is droved's default\n"
                     f'[listen]\naddresses = ["127.0.0.1:{port}"]\nbacklog = {BACKLOG}\n'
                     f"[worker]\ncommand = {json.dumps(cmd)}\nready = \"notify\"\n"
+                    f"mode = \"{self.mode}\"\n"
                     f"[pool]\nmin = {self.min}\nmax = {self.max}\n"
                 )
             return [ctx.droved, "-c", conf, "--instance", self.name]
@@ -151,8 +156,7 @@ class Contender:
                 "-k", "sync", "-w", str(self.max),
                 "-b", f"127.0.0.1:{port}", "--backlog", str(BACKLOG),
                 "--chdir", BENCH, "--log-level", "warning",
-                "app:application",
-            ]
+            ] + (["--preload"] if self.preload else []) + ["app:application"]
         if self.kind == "uwsgi":
             argv = [
                 os.path.join(ctx.venv, "bin", "uwsgi"),
@@ -160,9 +164,11 @@ class Contender:
                 "--wsgi-file", app, "--processes", str(self.max),
                 "--listen", str(BACKLOG),
                 "--add-header", "Connection: close",
-                "--die-on-term", "--lazy-apps", "--disable-logging",
+                "--die-on-term", "--disable-logging",
                 "--need-app",
             ]
+            if not self.preload:
+                argv.append("--lazy-apps")
             if self.dynamic:
                 argv += [
                     "--cheaper", str(self.min), "--cheaper-initial", str(self.min),
@@ -188,6 +194,14 @@ def contenders():
         Contender("gunicorn-2", "gunicorn -w 2", "gunicorn", "py", MIN, MIN, full, "#9edae5", ":"),
         Contender("uwsgi-cheaper4", "uWSGI cheaper 2..16 step 4", "uwsgi", "py", MIN, MAX, full, "#2ca02c"),
         Contender("uwsgi-16", "uWSGI 16", "uwsgi", "py", MAX, MAX, full, "#98df8a", "--"),
+        Contender("drove-tpl-dyn", "drove template 2..16", "drove", "py", MIN, MAX, full,
+                  "#9467bd", mode="template"),
+        Contender("drove-tpl-16", "drove template static 16", "drove", "py", MAX, MAX, full,
+                  "#c5b0d5", "--", mode="template"),
+        Contender("gunicorn-preload-16", "gunicorn --preload -w 16", "gunicorn", "py", MAX, MAX,
+                  full, "#17becf", "--", preload=True),
+        Contender("uwsgi-preload-16", "uWSGI 16 without --lazy-apps", "uwsgi", "py", MAX, MAX,
+                  full, "#8c564b", "--", preload=True),
         Contender("drove-rust-16", "drove static 16, Rust worker", "drove", "rust", MAX, MAX,
                   ("idle", "steady"), "#7f7f7f", "--"),
         Contender("bare-py-16", "no supervisor, 16 Python workers", "bare", "py", MAX, MAX,
