@@ -498,3 +498,35 @@ fn reload_to_app_code_that_cannot_load_keeps_the_old_workers() {
     }
     assert!(d.try_exit().is_none());
 }
+
+#[test]
+fn a_template_that_never_says_hello_is_killed_and_backed_off() {
+    let mut d = Droved::builder("tpl-nohello")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+mode = "template"
+command = ["sleep", "600"]
+ready_timeout = "300ms"
+[pool]
+min = 1
+max = 1
+"#,
+        )
+        .start();
+    let status = d.wait_status("FAILING", 15 * SEC);
+    assert!(
+        status.contains("sent no hello within ready_timeout"),
+        "{status}"
+    );
+    // Back-off: far fewer templates than one per ready_timeout.
+    let before = d.log_count("event=\"template-started\"");
+    std::thread::sleep(3 * SEC);
+    let starts = d.log_count("event=\"template-started\"") - before;
+    assert!(starts <= 4, "{starts} templates in 3 s");
+    // Every template that was killed is gone (no leftovers).
+    let children = d.workers();
+    assert!(children.len() <= 1, "{children:?}");
+}
