@@ -530,3 +530,57 @@ max = 1
     let children = d.workers();
     assert!(children.len() <= 1, "{children:?}");
 }
+
+#[test]
+fn a_forked_worker_that_exits_before_it_is_named_is_judged_like_any_exit() {
+    // A correct template whose workers exit at once with status 3: their
+    // exits often reach droved before the template's answer.
+    let dir = temp_dir("tpl-early-exit-app");
+    let script = dir.join("quitter.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, socket, sys
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        worker = os.fork()
+        if worker == 0:
+            os._exit(3)
+        os.write(w, str(worker).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(middle, 0)
+    pid = os.read(r, 32).decode()
+    os.close(r)
+    import time; time.sleep(0.05)  # let the exit arrive first
+    s.send(("pid " + pid).encode())
+"#,
+    )
+    .unwrap();
+    let mut d = Droved::builder("tpl-early-exit")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["python3", "{}"]
+ready = "notify"
+ready_timeout = "60s"
+[pool]
+min = 1
+max = 1
+"#,
+            script.display()
+        ))
+        .start();
+    let status = d.wait_status("FAILING", 15 * SEC);
+    assert!(status.contains("exited with status 3"), "{status}");
+    assert_eq!(templates_started(&d).len(), 1, "the template is fine");
+}
