@@ -247,6 +247,11 @@ impl Supervisor {
             // would look just like them.
             return;
         }
+        if matches!(self.lifecycle, Lifecycle::Upgrading(_)) {
+            // No fork may be unanswered at the exec: the template is then
+            // handed over with nothing owed (forks wait for the new image).
+            return;
+        }
         let generation = self.generation;
         let Some(t) = self.pool.templates.current(generation) else {
             return;
