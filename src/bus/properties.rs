@@ -44,6 +44,10 @@ pub fn live_properties(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
         ("Upgrades", Value::from(s.upgrades)),
         ("JournalStalled", Value::from(s.journal_stalled)),
         ("LogDropped", Value::from(s.log_dropped)),
+        (
+            "Template",
+            Value::from(s.template.clone().unwrap_or_default()),
+        ),
     ]
 }
 
@@ -121,6 +125,7 @@ pub fn snapshot_from(map: &HashMap<String, OwnedValue>) -> Result<Snapshot, Prop
         uptime_secs: get(map, "Uptime")?,
         journal_stalled: get_or_default(map, "JournalStalled")?,
         log_dropped: get_or_default(map, "LogDropped")?,
+        template: nonempty(get_or_default(map, "Template")?),
     };
     Ok(snapshot)
 }

@@ -364,6 +364,11 @@ impl Drove1 {
         self.snap().log_dropped
     }
 
+    #[zbus(property)]
+    fn template(&self) -> String {
+        self.snap().template.clone().unwrap_or_default()
+    }
+
     // ---- signals ------------------------------------------------------
 
     #[zbus(signal)]

@@ -87,6 +87,9 @@ fn render(target: &Target, st: &Status) -> String {
         ));
     }
     line("Workers", workers);
+    if let Some(t) = &s.template {
+        line("Template", t.clone());
+    }
     line(
         "Queue",
         s.queued
@@ -185,6 +188,7 @@ mod tests {
             uptime_secs: 12.5,
             journal_stalled: true,
             log_dropped: 17,
+            template: Some("ready (pid 42)".into()),
         }
     }
 
@@ -227,7 +231,9 @@ mod tests {
         let mut map = properties(&s);
         map.remove("JournalStalled");
         map.remove("LogDropped");
+        map.remove("Template");
         let got = decode(&map).unwrap().snapshot;
+        assert_eq!(got.template, None);
         assert!(!got.journal_stalled);
         assert_eq!(got.log_dropped, 0);
         // An older property stays required: its absence is an error.

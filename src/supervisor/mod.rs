@@ -365,6 +365,7 @@ impl Supervisor {
             uptime_secs: self.started.elapsed().as_secs_f64(),
             journal_stalled: self.journal.seen.stalled_since.is_some(),
             log_dropped: self.journal.seen.dropped,
+            template: self.template_summary(),
         }
     }
 
@@ -409,6 +410,7 @@ fn placeholder_snapshot() -> Snapshot {
         upgrades: 0,
         journal_stalled: false,
         log_dropped: 0,
+        template: None,
         uptime_secs: 0.0,
     }
 }

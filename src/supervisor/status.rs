@@ -73,6 +73,10 @@ pub struct Snapshot {
     /// Log messages lost to a stalled journal since droved started.
     #[serde(default)]
     pub log_dropped: u64,
+    /// Template mode: the current template, e.g. "ready (pid 42)",
+    /// "starting (pid 42)" or "none"; `None` in exec mode.
+    #[serde(default)]
+    pub template: Option<String>,
 }
 
 impl Snapshot {
@@ -114,6 +118,13 @@ impl Snapshot {
                     .as_deref()
                     .unwrap_or("workers exit right after start"),
             );
+        }
+        if let Some(t) = self
+            .template
+            .as_ref()
+            .filter(|t| !t.starts_with("ready") && self.phase != Phase::Stopping)
+        {
+            line.push_str(&format!("; template {t}"));
         }
         if self.journal_stalled {
             line.push_str(&format!(
@@ -162,6 +173,7 @@ mod tests {
             upgrades: 0,
             journal_stalled: false,
             log_dropped: 0,
+            template: None,
             uptime_secs: 1.0,
         }
     }
@@ -185,6 +197,18 @@ mod tests {
             "1 worker ready (min 2, max 16), 3 starting, queue unknown; FAILING: worker exited with status 1 after 0.0 s"
         );
         s.failing = false;
+        // Template mode: only a template that is not ready is news.
+        s.template = Some("starting (pid 7)".into());
+        assert_eq!(
+            s.status_line(),
+            "1 worker ready (min 2, max 16), 3 starting, queue unknown; template starting (pid 7)"
+        );
+        s.template = Some("ready (pid 7)".into());
+        assert_eq!(
+            s.status_line(),
+            "1 worker ready (min 2, max 16), 3 starting, queue unknown"
+        );
+        s.template = None;
         s.journal_stalled = true;
         s.log_dropped = 1;
         assert_eq!(

@@ -594,4 +594,16 @@ impl Supervisor {
             }
         }
     }
+
+    /// The current template for status: `None` in exec mode.
+    pub(super) fn template_summary(&self) -> Option<String> {
+        if !self.template_mode() {
+            return None;
+        }
+        Some(match self.pool.templates.current(self.generation) {
+            Some(t) if t.state == TemplateState::Ready => format!("ready (pid {})", t.pid),
+            Some(t) => format!("starting (pid {})", t.pid),
+            None => "none".into(),
+        })
+    }
 }

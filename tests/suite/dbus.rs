@@ -336,6 +336,19 @@ fn list_shows_the_template_apart_from_the_workers() {
         2,
         "{list}"
     );
+    let template = templates[0]["pid"].as_u64().unwrap();
+    assert_eq!(
+        s["template"],
+        format!("ready (pid {template})"),
+        "status names the template"
+    );
+    let out = bus.ctl(&["--instance", "tpl", "status"]);
+    assert_ok(&out, &["status"]);
+    let human = text(&out.stdout);
+    assert!(
+        human.contains(&format!("Template: ready (pid {template})")),
+        "{human}"
+    );
     let out = bus.ctl(&["list"]);
     assert_ok(&out, &["list"]);
     let table = text(&out.stdout);
