@@ -15,6 +15,8 @@ use drove::handover;
 use drove::supervisor::{Setup, Supervisor};
 use drove::sys::exec;
 use drove::sys::listen::{self, Listener};
+use drove::sys::spawn::Credentials;
+use drove::sys::users;
 
 /// The embedded default: a demo pool of the Rust example worker on
 /// 127.0.0.1:8080, used when droved gets neither a config nor a command.
@@ -133,6 +135,13 @@ impl Args {
             config.worker.command = self.command.clone();
         }
         config.validate_runnable()?;
+        // What start-up resolves, --check resolves too.
+        socket_owner(&config)?;
+        Credentials::resolve(
+            config.worker.user.as_deref(),
+            config.worker.group.as_deref(),
+        )
+        .context("worker.user/worker.group")?;
         Ok(config)
     }
 
@@ -147,42 +156,19 @@ impl Args {
     }
 }
 
+/// The owner of droved's unix socket files, by the same lookup as workers'
+/// users (names or numeric ids).
+fn socket_owner(config: &Config) -> anyhow::Result<users::SocketOwner> {
+    let l = &config.listen;
+    Ok(users::socket_owner(
+        l.socket_user.as_deref(),
+        l.socket_group.as_deref(),
+    )?)
+}
+
 fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
     let l = &config.listen;
-    let owner = match (&l.socket_user, &l.socket_group) {
-        (None, None) => None,
-        (user, group) => {
-            let uid = user
-                .as_deref()
-                .map(|u| {
-                    nix::unistd::User::from_name(u)?
-                        .map(|u| u.uid)
-                        .ok_or(nix::errno::Errno::ENOENT)
-                })
-                .transpose()
-                .with_context(|| {
-                    format!(
-                        "listen.socket_user {:?}: no such user",
-                        user.as_deref().unwrap_or("")
-                    )
-                })?;
-            let gid = group
-                .as_deref()
-                .map(|g| {
-                    nix::unistd::Group::from_name(g)?
-                        .map(|g| g.gid)
-                        .ok_or(nix::errno::Errno::ENOENT)
-                })
-                .transpose()
-                .with_context(|| {
-                    format!(
-                        "listen.socket_group {:?}: no such group",
-                        group.as_deref().unwrap_or("")
-                    )
-                })?;
-            Some((uid, gid))
-        }
-    };
+    let owner = socket_owner(config)?;
     l.addresses
         .iter()
         .map(|spec| match &spec.address {
@@ -302,6 +288,11 @@ fn take_handover(fd: &str) -> anyhow::Result<(handover::State, Vec<Listener>, Ow
             let fd = exec::adopt_inherited(l.fd)?;
             let mut listener = Listener::from_fd(fd, l.name.clone())?;
             listener.owned_path = l.owned_path.clone();
+            if l.owned_path.is_some() {
+                // bind_unix binds through /proc/self/fd/N (see there), which
+                // is what getsockname says; the path is what we reported.
+                listener.address = l.address.clone();
+            }
             Ok(listener)
         })
         .collect::<std::io::Result<Vec<_>>>()

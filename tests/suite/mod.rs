@@ -4,4 +4,5 @@ pub mod faults;
 pub mod fuzz;
 pub mod harness;
 pub mod scale;
+pub mod security;
 pub mod upgrade;
