@@ -34,6 +34,22 @@ pub fn lookup_group(spec: &str) -> io::Result<Gid> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no such group: {spec}")))
 }
 
+/// Whether the user `uid` is in group `gid`, as primary group or by the
+/// account database's group list (getgrouplist(3)). A uid without an
+/// account is in no group. Reads NSS: may block (LDAP, sssd).
+pub fn is_member(uid: Uid, gid: Gid) -> io::Result<bool> {
+    let Some(user) = User::from_uid(uid).map_err(io::Error::from)? else {
+        return Ok(false);
+    };
+    if user.gid == gid {
+        return Ok(true);
+    }
+    let name = std::ffi::CString::new(user.name)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let groups = nix::unistd::getgrouplist(&name, user.gid).map_err(io::Error::from)?;
+    Ok(groups.contains(&gid))
+}
+
 /// The owner a socket file gets (`listen.socket_user`, `listen.socket_group`):
 /// `None` when neither is set, else the ids to change (`None` keeps that one).
 pub type SocketOwner = Option<(Option<Uid>, Option<Gid>)>;
@@ -70,6 +86,16 @@ mod tests {
         assert!(lookup_group("no-such-group-drove").is_err());
         // An id without an account is refused like an unknown name.
         assert!(lookup_user("4000000000").is_err());
+    }
+
+    #[test]
+    fn group_membership() {
+        let root = Uid::from_raw(0);
+        assert!(is_member(root, Gid::from_raw(0)).unwrap());
+        let nogroup = lookup_group("nogroup").unwrap();
+        assert!(!is_member(root, nogroup).unwrap());
+        assert!(is_member(Uid::from_raw(65534), nogroup).unwrap());
+        assert!(!is_member(Uid::from_raw(4_000_000_000), Gid::from_raw(0)).unwrap());
     }
 
     #[test]

@@ -227,3 +227,266 @@ command = ["{}"]
         text(&out.stderr)
     );
 }
+
+/// A private session-style bus anyone may use (so `nobody` can call);
+/// drove's own check is what denies. (A copy of dbus.rs's, trimmed.)
+struct PrivateBus {
+    child: std::process::Child,
+    dir: Scratch,
+    address: String,
+}
+
+impl PrivateBus {
+    fn start() -> PrivateBus {
+        use std::io::BufRead;
+        let dir = Scratch::new("sec-bus");
+        std::fs::set_permissions(&dir.0, PermissionsExt::from_mode(0o755)).unwrap();
+        let config = dir.join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}/bus.sock</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"#,
+                dir.0.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--nofork", "--print-address=1", "--nosyslog"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("bus.log")).unwrap())
+            .spawn()
+            .expect("dbus-daemon (Debian package dbus) must be installed");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("unix:"), "dbus-daemon: {line:?}");
+        PrivateBus {
+            child,
+            dir,
+            address: line.trim().to_string(),
+        }
+    }
+
+    fn droved(&self, instance: &str, config: &str) -> Droved {
+        let mut d = Droved::builder(instance)
+            .config(config)
+            .args(&["--bus", "session", "--instance", instance])
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .start();
+        d.wait_ready();
+        d
+    }
+
+    /// drovectl as root, or as nobody:nogroup without other groups.
+    fn ctl(&self, as_nobody: bool, args: &[&str]) -> Output {
+        let mut argv: Vec<&str> = if as_nobody {
+            vec![
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+            ]
+        } else {
+            vec![]
+        };
+        argv.push(env!("CARGO_BIN_EXE_drovectl"));
+        Command::new(argv[0])
+            .args(&argv[1..])
+            .args(["--bus", "session"])
+            .args(args)
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn socket_path(&self) -> std::path::PathBuf {
+        self.dir.join("bus.sock")
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal D-Bus client (stdlib Python, so it runs as nobody): connects,
+/// says Hello, then makes COUNT calls of Scale(3) to DEST, pipelined in
+/// batches, and prints "<replies> <errors> <seconds>".
+const FLOOD: &str = r#"
+import os, socket, struct, sys, time
+path, dest, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def pad(b, n): return b + b"\0" * ((-len(b)) % n)
+def field(buf, code, sig, val):
+    buf = pad(buf, 8) + bytes([code, 1]) + sig.encode() + b"\0"
+    v = val.encode()
+    if sig in "os":
+        return pad(buf, 4) + struct.pack("<I", len(v)) + v + b"\0"
+    return buf + bytes([len(v)]) + v + b"\0"
+def call(serial, path, iface, member, dest, sig="", body=b""):
+    f = field(b"", 1, "o", path)
+    f = field(f, 2, "s", iface)
+    f = field(f, 3, "s", member)
+    f = field(f, 6, "s", dest)
+    if sig:
+        f = field(f, 8, "g", sig)
+    head = struct.pack("<cBBBIII", b"l", 1, 0, 1, len(body), serial, len(f)) + f
+    return pad(head, 8) + body
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+s.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
+assert s.recv(4096).startswith(b"OK"), "auth"
+s.sendall(b"BEGIN\r\n")
+buf = b""
+def read_replies(n):
+    global buf
+    errors = got = 0
+    while got < n:
+        while len(buf) < 16 or len(buf) < 16 + (-(-struct.unpack_from("<I", buf, 12)[0] // 8) * 8) + struct.unpack_from("<I", buf, 4)[0]:
+            chunk = s.recv(65536)
+            assert chunk, "bus closed"
+            buf += chunk
+        total = 16 + (-(-struct.unpack_from("<I", buf, 12)[0] // 8) * 8) + struct.unpack_from("<I", buf, 4)[0]
+        kind = buf[1]
+        buf = buf[total:]
+        if kind in (2, 3):
+            got += 1
+            errors += kind == 3
+    return errors
+s.sendall(call(1, "/org/freedesktop/DBus", "org.freedesktop.DBus", "Hello", "org.freedesktop.DBus"))
+read_replies(1)
+start = time.monotonic()
+serial, done, errors, batch = 2, 0, 0, 100
+while done < count:
+    n = min(batch, count - done)
+    s.sendall(b"".join(call(serial + i, "/org/drove/Drove1", "org.drove.Drove1", "Scale", dest, "u", struct.pack("<I", 3)) for i in range(n)))
+    serial += n
+    errors += read_replies(n)
+    done += n
+print(done, errors, round(time.monotonic() - start, 3), flush=True)
+"#;
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn ten_thousand_denied_calls_log_a_few_lines_and_droved_stays_responsive() {
+    let bus = PrivateBus::start();
+    // A control.group nobody is not in: each denial needs the membership
+    // answer, which must come from the cache, not NSS every time.
+    let d = bus.droved(
+        "flood",
+        r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+ready = "notify"
+[pool]
+min = 1
+max = 4
+[control]
+group = "root"
+"#,
+    );
+    let denied_lines = |d: &Droved| d.log_count("denied");
+    let before = denied_lines(&d);
+    let cpu_before = cpu_ticks(d.pid());
+
+    let mut flood = Command::new("setpriv");
+    flood
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            FLOOD,
+        ])
+        .arg(bus.socket_path())
+        .args(["org.drove.Drove1.flood", "10000"])
+        .stdin(Stdio::null());
+    let flood = std::thread::spawn(move || flood.output().unwrap());
+    // Meanwhile root's status calls keep being answered promptly.
+    let deadline = Instant::now() + 60 * SEC;
+    let mut worst = Duration::ZERO;
+    let mut asked = 0;
+    while asked < 3 || !flood.is_finished() {
+        assert!(Instant::now() < deadline, "the flood took over a minute");
+        let t = Instant::now();
+        let out = bus.ctl(false, &["--instance", "flood", "--json", "status"]);
+        worst = worst.max(t.elapsed());
+        asked += 1;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let flood = flood.join().unwrap();
+    let cpu = cpu_ticks(d.pid()) - cpu_before;
+    let report = text(&flood.stdout);
+    assert!(
+        flood.status.success(),
+        "flood client: {}",
+        text(&flood.stderr)
+    );
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    assert_eq!(
+        fields[..2],
+        ["10000", "10000"],
+        "every call denied: {report}"
+    );
+    let lines = denied_lines(&d) - before;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as f64;
+    eprintln!(
+        "10000 denied calls in {}s; {lines} log lines; droved used {:.2}s of CPU; \
+         {asked} status calls meanwhile, the slowest {worst:?}",
+        fields[2],
+        cpu as f64 / ticks
+    );
+    assert!(
+        lines <= 3,
+        "denials are logged once per uid per window, with a count: {lines} lines\n{}",
+        d.log()
+    );
+    assert!(worst < 2 * SEC, "status took {worst:?} during the flood");
+    // The one line says who, and that the rest are counted.
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("denied")).unwrap();
+    assert!(line.contains("by uid 65534"), "{line}");
+    assert!(line.contains("counted"), "{line}");
+    // Still in charge: root's calls work, nobody's still fail.
+    assert!(
+        bus.ctl(false, &["--instance", "flood", "scale", "2"])
+            .status
+            .success()
+    );
+    assert!(
+        !bus.ctl(true, &["--instance", "flood", "scale", "3"])
+            .status
+            .success()
+    );
+}
