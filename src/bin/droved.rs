@@ -256,7 +256,14 @@ fn main() -> ExitCode {
         );
     }
     let exe = match exe {
-        Ok(p) => p,
+        // An upgrade execs the file it checked (sys::exec::Image); if the
+        // path was replaced meanwhile, /proc/self/exe says "PATH (deleted)".
+        // The next upgrade looks at PATH again.
+        Ok(p) => p
+            .to_str()
+            .and_then(|s| s.strip_suffix(" (deleted)"))
+            .map(PathBuf::from)
+            .unwrap_or(p),
         Err(e) => {
             say_error!("droved: cannot find my own executable: {e}");
             return ExitCode::FAILURE;

@@ -121,6 +121,9 @@ pub struct Supervisor {
     argv: Vec<std::ffi::OsString>,
     preflight_tx: mpsc::Sender<upgrade::PreflightResult>,
     preflight_rx: mpsc::Receiver<upgrade::PreflightResult>,
+    /// The new binary as its preflight opened and ran it; the upgrade execs
+    /// this very file (see `sys::exec::Image`).
+    checked_image: Option<crate::sys::exec::Image>,
     /// Version of the binary this one took over from (binary upgrade).
     upgraded_from: Option<String>,
 }
@@ -195,6 +198,7 @@ impl Supervisor {
             argv: setup.argv,
             preflight_tx,
             preflight_rx,
+            checked_image: None,
             upgraded_from: None,
         };
         if let Some((state, _)) = restored {

@@ -490,3 +490,87 @@ group = "root"
             .success()
     );
 }
+
+/// Opens the FIFO `path` for writing once a reader has it open (polling,
+/// so the wait has a deadline), runs `before`, then writes `text` and
+/// closes: one reader gets one whole config file.
+fn serve_fifo(path: &std::path::Path, text: &str, before: impl FnOnce(), timeout: Duration) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = Instant::now() + timeout;
+    let mut file = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                assert!(Instant::now() < deadline, "nobody read {}", path.display());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    };
+    before();
+    std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+}
+
+#[test]
+fn an_upgrade_execs_the_very_binary_its_preflight_checked() {
+    let dir = Scratch::new("upgrade-swap");
+    let binary = dir.join("droved");
+    droved_build(&binary, "old");
+    // The config is a FIFO: each reader (droved, its preflight, the new
+    // image) blocks until the test serves it, so the test can act exactly
+    // while the preflight runs.
+    let fifo = dir.join("drove.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let config = format!(
+        "[worker]\ncommand = [\"{}\"]\nready = \"notify\"\n[pool]\nmin = 2\nmax = 2\n",
+        example_worker().display()
+    );
+    let fifo_arg = fifo.display().to_string();
+    let mut d = Droved::builder("upgrade-swap")
+        .binary(&binary)
+        .args(&["-c", &fifo_arg, "-l", "127.0.0.1:{port}"])
+        .start();
+    serve_fifo(&fifo, &config, || {}, 20 * SEC);
+    d.wait_ready();
+    let workers = d.workers();
+
+    droved_build(&binary, "checked");
+    d.signal(nix::sys::signal::Signal::SIGUSR2);
+    // The preflight of "checked" is reading its config: a package manager
+    // replaces the binary now, before droved execs.
+    serve_fifo(
+        &fifo,
+        &config,
+        || droved_build(&binary, "swapped"),
+        20 * SEC,
+    );
+    // The new image reads the config as it starts (once the preflight's
+    // reader is gone: the exec comes after it).
+    d.wait_log("event=\"upgrade-exec\"", 1, 20 * SEC);
+    serve_fifo(&fifo, &config, || {}, 20 * SEC);
+    eventually("the upgraded image took over", 20 * SEC, || {
+        d.log().contains(" took over 2 workers").then_some(())
+    });
+    let log = d.log();
+    assert!(
+        log.contains("droved 0.1.0 (checked) took over 2 workers"),
+        "the checked image runs:\n{log}"
+    );
+    assert!(!log.contains("(swapped) took over"), "{log}");
+    assert_eq!(d.workers(), workers);
+
+    // The next upgrade looks at the path again, and finds "swapped".
+    d.signal(nix::sys::signal::Signal::SIGUSR2);
+    serve_fifo(&fifo, &config, || {}, 20 * SEC);
+    d.wait_log("event=\"upgrade-exec\"", 2, 20 * SEC);
+    serve_fifo(&fifo, &config, || {}, 20 * SEC);
+    eventually("the next upgrade took over", 20 * SEC, || {
+        d.log()
+            .contains("droved 0.1.0 (swapped) took over 2 workers")
+            .then_some(())
+    });
+}
