@@ -12,7 +12,7 @@ use std::os::fd::OwnedFd;
 use drove::bus::{self, BusKind};
 use drove::config::{Config, ListenAddr, ListenSpec};
 use drove::handover;
-use drove::supervisor::{Setup, Supervisor};
+use drove::supervisor::{LoadFailure, Setup, Supervisor};
 use drove::sys::exec;
 use drove::sys::listen::{self, Listener};
 use drove::sys::spawn::Credentials;
@@ -111,8 +111,12 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
 
 impl Args {
     /// The configuration as files and flags say, validated for running.
-    fn load_config(&self) -> anyhow::Result<Config> {
+    /// Also returns a warning for the journal (workers running as root).
+    fn load_config(&self) -> anyhow::Result<(Config, Option<String>)> {
+        let euid = nix::unistd::geteuid().as_raw();
         let mut config = match &self.config {
+            // As root, whoever can write the file chooses what root runs.
+            Some(path) if euid == 0 => Config::load_trusted(path, euid)?,
             Some(path) => Config::load(path)?,
             None if !self.command.is_empty() || !self.listen.is_empty() => Config::default(),
             None => Config::from_toml_str(DEMO_CONFIG, Path::new("<embedded demo config>"))?,
@@ -137,12 +141,17 @@ impl Args {
         config.validate_runnable()?;
         // What start-up resolves, --check resolves too.
         socket_owner(&config)?;
-        Credentials::resolve(
+        let credentials = Credentials::resolve(
             config.worker.user.as_deref(),
             config.worker.group.as_deref(),
         )
         .context("worker.user/worker.group")?;
-        Ok(config)
+        let worker_uid = credentials.map_or(euid, |c| c.uid.as_raw());
+        // Started by systemd (the packaged root service): refuse root
+        // workers unless the config asks for them; by hand: warn.
+        let service = std::env::var_os("INVOCATION_ID").is_some();
+        let warning = config.check_worker_uid(worker_uid, service)?;
+        Ok((config, warning))
     }
 
     fn instance(&self) -> String {
@@ -223,7 +232,7 @@ fn main() -> ExitCode {
     }
     if args.check {
         return match args.load_config() {
-            Ok(config) => {
+            Ok((config, warning)) => {
                 println!(
                     "{}: OK ({} listen address{}, workers {}..{}, command {:?})",
                     args.config
@@ -240,6 +249,10 @@ fn main() -> ExitCode {
                     config.pool.max,
                     config.worker.command.join(" ")
                 );
+                // After the verdict (a closed stdout ends us before it).
+                if let Some(w) = warning {
+                    say_error!("droved: warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -321,7 +334,10 @@ fn run(
     exe: PathBuf,
     argv: Vec<std::ffi::OsString>,
 ) -> anyhow::Result<i32> {
-    let config = args.load_config()?;
+    let (config, warning) = args.load_config()?;
+    if let Some(w) = warning {
+        tracing::warn!(event = "root-workers", "{w}");
+    }
     let (activated, restored) = match inherited {
         Inherited::Handover(h) => {
             let (state, listeners, notify) = (*h).context("binary upgrade handover failed")?;
@@ -354,7 +370,20 @@ fn run(
     let control_group = config.control.group.clone();
     let setup = Setup {
         config,
-        load_config: Box::new(move || reload_args.load_config().map_err(|e| format!("{e:#}"))),
+        load_config: Box::new(move || {
+            let (config, warning) = reload_args.load_config().map_err(|e| LoadFailure {
+                detail: format!("{e:#}"),
+                // D-Bus callers get no value from the file: it may hold secrets.
+                public: match e.downcast_ref::<drove::config::ConfigError>() {
+                    Some(c) => c.redacted(),
+                    None => format!("{e:#}"),
+                },
+            })?;
+            if let Some(w) = warning {
+                tracing::warn!(event = "root-workers", "{w}");
+            }
+            Ok(config)
+        }),
         listeners,
         instance,
         exe,

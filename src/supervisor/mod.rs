@@ -55,7 +55,17 @@ use systemd::Upward;
 use workers::WorkerPlan;
 
 /// Re-reads the configuration (file plus command-line overrides) on reload.
-pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send>;
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, LoadFailure> + Send>;
+
+/// Why a reload could not load the configuration: `detail` for droved's
+/// journal, `public` for D-Bus callers, which names the file, line and key
+/// but quotes no value from the file (it may hold secrets).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{detail}")]
+pub struct LoadFailure {
+    pub detail: String,
+    pub public: String,
+}
 
 /// What `droved` hands the supervisor.
 pub struct Setup {

@@ -574,3 +574,186 @@ fn an_upgrade_execs_the_very_binary_its_preflight_checked() {
             .then_some(())
     });
 }
+
+/// Real uid of a process, from /proc.
+fn uid_of(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+const ROOT_POOL: &str = r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+[pool]
+min = 1
+max = 1
+"#;
+
+#[test]
+fn as_a_service_droved_refuses_root_workers_unless_the_config_allows_them() {
+    // systemd sets INVOCATION_ID for the units it starts.
+    let service = |tag: &str, config: &str| {
+        Droved::builder(tag)
+            .config(config)
+            .args(&["--bus", "none"])
+            .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+            .start()
+    };
+    let mut d = service("root-refused", ROOT_POOL);
+    assert!(!d.wait_exit(10 * SEC).success());
+    let log = d.log();
+    assert!(
+        log.contains("workers would run as root: set worker.user"),
+        "{log}"
+    );
+    assert!(d.workers().is_empty());
+
+    let mut d = service(
+        "root-allowed",
+        &ROOT_POOL.replace("[pool]", "allow_root = true\n[pool]"),
+    );
+    d.wait_ready();
+    assert_eq!(uid_of(d.workers()[0]), 0);
+    assert!(
+        d.log()
+            .contains("workers run as root (worker.allow_root = true)"),
+        "{}",
+        d.log()
+    );
+    drop(d);
+
+    let mut d = service(
+        "root-nobody",
+        &ROOT_POOL.replace("[pool]", "user = \"nobody\"\n[pool]"),
+    );
+    d.wait_ready();
+    assert_eq!(uid_of(d.workers()[0]), NOBODY);
+    assert!(!d.log().contains("run as root"), "{}", d.log());
+    drop(d);
+
+    // Run by hand (no INVOCATION_ID), root workers start with a warning.
+    let mut d = Droved::builder("root-by-hand").config(ROOT_POOL).start();
+    d.wait_ready();
+    assert!(
+        d.log()
+            .contains("workers run as root because worker.user is not set"),
+        "{}",
+        d.log()
+    );
+
+    // --check says what start-up would refuse, and warns like start-up.
+    let scratch = Scratch::new("root-check");
+    let config = format!("[worker]\ncommand = [\"{}\"]\n", example_worker().display());
+    let path = scratch.join("c.toml");
+    std::fs::write(&path, &config).unwrap();
+    let run_check = |invocation: Option<&str>| {
+        let mut cmd = Command::new(DROVED);
+        cmd.arg("--check")
+            .arg("-c")
+            .arg(&path)
+            .env_remove("INVOCATION_ID");
+        if let Some(id) = invocation {
+            cmd.env("INVOCATION_ID", id);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run_check(Some("x"));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("workers would run as root"));
+    let out = run_check(None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("warning: workers run as root"));
+    // group without user.
+    let out = check(&scratch, &format!("{config}group = \"nogroup\"\n"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("worker.group needs worker.user"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_config_file_others_may_write_is_refused_naming_file_and_mode() {
+    let scratch = Scratch::new("config-mode");
+    let path = scratch.join("drove.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[worker]\ncommand = [\"{}\"]\nuser = \"nobody\"\n",
+            example_worker().display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        Command::new(DROVED)
+            .arg("--check")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    assert!(run().status.success(), "{}", text(&run().stderr));
+    for (mode, owner, why) in [
+        (0o666, 0, "every user may write to it"),
+        (0o664, NOBODY, "it belongs to another user"),
+    ] {
+        std::fs::set_permissions(&path, PermissionsExt::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&path, Some(owner), Some(0)).unwrap();
+        let out = run();
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "mode {mode:o} owner {owner} accepted"
+        );
+        assert!(
+            err.contains(&format!(
+                "the file {} has owner uid {owner}",
+                path.display()
+            )) && err.contains(&format!("mode {mode:04o}"))
+                && err.contains(why),
+            "{err}"
+        );
+    }
+    // Root's file in a directory anyone may write to: refused too.
+    std::fs::set_permissions(&path, PermissionsExt::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&path, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&scratch.0, PermissionsExt::from_mode(0o777)).unwrap();
+    let err = text(&run().stderr);
+    assert!(
+        err.contains(&format!("its directory {} has", scratch.0.display()))
+            && err.contains("mode 0777"),
+        "{err}"
+    );
+    std::fs::set_permissions(&scratch.0, PermissionsExt::from_mode(0o755)).unwrap();
+    assert!(run().status.success());
+}
+
+#[test]
+fn a_reload_error_sent_over_the_bus_names_key_and_line_but_not_the_value() {
+    let bus = PrivateBus::start();
+    let mut d = bus.droved(
+        "redact",
+        "[listen]\naddresses = [\"127.0.0.1:{port}\"]\n[worker]\ncommand = [\"{worker}\"]\n",
+    );
+    let good = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(
+        d.config_path(),
+        good.replace("[worker]\n", "[worker]\nready = \"hunter2-secret\"\n"),
+    )
+    .unwrap();
+    let out = bus.ctl(false, &["--instance", "redact", "reload"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("{}:4:9:", d.config_path().display()))
+            && err.contains("invalid worker.ready"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    // droved's own journal has the whole message.
+    d.wait_log("hunter2-secret", 1, 10 * SEC);
+}
