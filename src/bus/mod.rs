@@ -12,6 +12,7 @@
 //! bus for the sender's uid on every mutating call.
 
 mod access;
+pub mod properties;
 mod server;
 
 use serde::{Deserialize, Serialize};
@@ -21,8 +22,6 @@ use crate::supervisor::control::{ControlError, WorkerInfo};
 use crate::supervisor::status::ListenerStatus;
 
 pub use access::{Access, Denials, Grant};
-#[cfg(test)]
-pub(crate) use server::live_properties;
 pub use server::{Drove1, Drove1Proxy, ServeError, serve};
 
 /// The D-Bus interface name.
