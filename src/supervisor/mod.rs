@@ -20,6 +20,7 @@
 
 mod commands;
 pub mod control;
+pub mod environment;
 pub mod gate;
 pub mod lifecycle;
 pub mod plan;

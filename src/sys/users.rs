@@ -34,6 +34,11 @@ pub fn lookup_group(spec: &str) -> io::Result<Gid> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no such group: {spec}")))
 }
 
+/// The account database's entry for `uid`, if it has one.
+pub fn account(uid: Uid) -> io::Result<Option<User>> {
+    User::from_uid(uid).map_err(io::Error::from)
+}
+
 /// Whether the user `uid` is in group `gid`, as primary group or by the
 /// account database's group list (getgrouplist(3)). A uid without an
 /// account is in no group. Reads NSS: may block (LDAP, sssd).

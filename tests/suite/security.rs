@@ -757,3 +757,60 @@ fn a_reload_error_sent_over_the_bus_names_key_and_line_but_not_the_value() {
     // droved's own journal has the whole message.
     d.wait_log("hunter2-secret", 1, 10 * SEC);
 }
+
+#[test]
+fn workers_get_a_built_environment_not_droveds() {
+    let mut d = Droved::builder("env")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+user = "nobody"
+environment = { RELEASE = "7" }
+inherit_environment = ["HTTP_PROXY"]
+[pool]
+min = 1
+max = 1
+"#,
+        )
+        .env("DB_PASSWORD", "hunter2")
+        .env(
+            "CREDENTIALS_DIRECTORY",
+            "/run/credentials/drove@app.service",
+        )
+        .env("HTTP_PROXY", "http://proxy.invalid:3128")
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .env("TZ", "UTC")
+        .start();
+    d.wait_ready();
+    let worker = d.workers()[0];
+    let env = environ(worker);
+    let get = |k: &str| {
+        env.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    for secret in ["DB_PASSWORD", "CREDENTIALS_DIRECTORY", "DROVE_LOG"] {
+        assert_eq!(get(secret), None, "{secret} reached the worker: {env:?}");
+    }
+    let raw = std::fs::read(format!("/proc/{worker}/environ")).unwrap();
+    assert!(
+        !raw.windows(7).any(|w| w == b"hunter2"),
+        "the secret is in the worker's /proc/PID/environ"
+    );
+    assert_eq!(get("HOME"), Some("/nonexistent"), "nobody's home: {env:?}");
+    assert_eq!(get("USER"), Some("nobody"));
+    assert_eq!(get("LOGNAME"), Some("nobody"));
+    assert_eq!(get("SHELL"), Some("/usr/sbin/nologin"));
+    assert_eq!(get("HTTP_PROXY"), Some("http://proxy.invalid:3128"));
+    assert_eq!(get("LANG"), Some("C.UTF-8"));
+    assert_eq!(get("TZ"), Some("UTC"));
+    assert_eq!(get("RELEASE"), Some("7"));
+    assert!(get("PATH").is_some());
+    assert_eq!(get("LISTEN_FDS"), Some("1"));
+    assert!(get("NOTIFY_SOCKET").is_some());
+    assert!(d.get("/").is_ok(), "the worker serves");
+}
