@@ -124,10 +124,17 @@ impl Drove1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(u32, u32), BusError> {
-        self.authorize(&header, conn, &format!("SetLimits({min}, {max})"))
+        let grant = self
+            .authorize(&header, conn, &format!("SetLimits({min}, {max})"))
             .await?;
+        let privileged = grant == Grant::Root;
         Ok(self
-            .ask(|reply| Command::SetLimits { min, max, reply })
+            .ask(|reply| Command::SetLimits {
+                min,
+                max,
+                privileged,
+                reply,
+            })
             .await??)
     }
 

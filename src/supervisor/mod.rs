@@ -135,6 +135,9 @@ pub struct Supervisor {
     /// The new binary as its preflight opened and ran it; the upgrade execs
     /// this very file (see `sys::exec::Image`).
     checked_image: Option<crate::sys::exec::Image>,
+    /// pool.min and pool.max as the config file says (SetLimits may move
+    /// `config.pool`): the bounds a control.group member stays within.
+    file_limits: (u32, u32),
     /// Version of the binary this one took over from (binary upgrade).
     upgraded_from: Option<String>,
 }
@@ -169,6 +172,7 @@ impl Supervisor {
         )?;
         let now = Instant::now();
         let config = setup.config;
+        let file_limits = (config.pool.min, config.pool.max);
         let gate = SpawnGate::new(
             config.pool.spawn_rate,
             config.pool.max,
@@ -210,6 +214,7 @@ impl Supervisor {
             preflight_tx,
             preflight_rx,
             checked_image: None,
+            file_limits,
             upgraded_from: None,
         };
         if let Some((state, _)) = restored {

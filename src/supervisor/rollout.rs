@@ -76,6 +76,7 @@ impl Supervisor {
         }
         self.counters.reloads += 1;
         let worker_changed = new.worker != self.config.worker;
+        self.file_limits = (new.pool.min, new.pool.max);
         let old = std::mem::replace(&mut self.config, new);
         self.config.listen = old.listen.clone();
         self.plan = plan;

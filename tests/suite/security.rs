@@ -814,3 +814,51 @@ max = 1
     assert!(get("NOTIFY_SOCKET").is_some());
     assert!(d.get("/").is_ok(), "the worker serves");
 }
+
+#[test]
+fn a_control_group_member_cannot_set_limits_beyond_the_config() {
+    let bus = PrivateBus::start();
+    let _d = bus.droved(
+        "limits",
+        r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+ready = "notify"
+[pool]
+min = 2
+max = 4
+[control]
+group = "nogroup"
+"#,
+    );
+    let at = |as_nobody: bool, args: &[&str]| {
+        let mut all = vec!["--instance", "limits"];
+        all.extend_from_slice(args);
+        bus.ctl(as_nobody, &all)
+    };
+    // nobody is in nogroup: may act, within the file's 2..4.
+    let out = at(true, &["limits", "2", "3"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (min, max) in [("1", "4096"), ("2", "5"), ("1", "4")] {
+        let out = at(true, &["limits", min, max]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{min}..{max}: {err}");
+        assert!(
+            err.contains(&format!(
+                "limits {min}..{max} go beyond the configuration's 2..4"
+            )) && err.contains("only root may set those"),
+            "{err}"
+        );
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&at(false, &["--json", "status"]).stdout).unwrap();
+    assert_eq!(
+        (status["min"].as_u64(), status["max"].as_u64()),
+        (Some(2), Some(3))
+    );
+    // Root may.
+    let out = at(false, &["limits", "1", "8"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
