@@ -862,3 +862,36 @@ group = "nogroup"
     let out = at(false, &["limits", "1", "8"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_unix_socket_keeps_its_reported_address_across_an_upgrade() {
+    let bus = PrivateBus::start();
+    let scratch = Scratch::new("sock-upgrade");
+    let sock = scratch.join("app.sock");
+    let mut d = bus.droved(
+        "sockup",
+        &format!(
+            "[listen]\naddresses = [\"unix:{}\"]\n[worker]\ncommand = [\"{{worker}}\"]\n",
+            sock.display()
+        ),
+    );
+    let address = |bus: &PrivateBus| {
+        let out = bus.ctl(false, &["--instance", "sockup", "--json", "status"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["listeners"][0]["address"].as_str().unwrap().to_string()
+    };
+    let want = format!("unix:{}", sock.display());
+    assert_eq!(address(&bus), want);
+    d.ready_again_after("READY=1 after the upgrade", 20 * SEC, |d| {
+        d.signal(nix::sys::signal::Signal::SIGUSR2)
+    });
+    eventually("the upgraded droved answers", 10 * SEC, || {
+        let out = bus.ctl(false, &["--instance", "sockup", "--json", "status"]);
+        out.status.success().then_some(())
+    });
+    // bind_unix binds through /proc/self/fd/N (getsockname says so); the
+    // handed-over address is the configured path.
+    assert_eq!(address(&bus), want);
+    assert!(http_get_unix(&sock, "/").is_ok());
+}
