@@ -25,6 +25,8 @@ use crate::sys::users;
 pub const MEMBERSHIP_TTL: Duration = Duration::from_secs(5);
 /// At most one denial line per caller uid per window (plus a count).
 pub const DENIAL_WINDOW: Duration = Duration::from_secs(10);
+/// How long one membership lookup may take before the call is denied.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Cached uids beyond which expired entries are dropped.
 const MAX_CACHED: usize = 1024;
 
@@ -87,7 +89,7 @@ impl Access {
         }
         let g = group.to_string();
         let gid = cache.gid.clone().filter(|(_, at)| fresh(*at, now));
-        let answer = tokio::task::spawn_blocking(move || {
+        let lookup = tokio::task::spawn_blocking(move || {
             let gid = match gid {
                 Some((gid, _)) => gid,
                 None => users::lookup_group(&g).map_err(|e| e.to_string()),
@@ -96,12 +98,20 @@ impl Access {
                 users::is_member(Uid::from_raw(uid), gid).map_err(|e| e.to_string())
             });
             (gid, member)
-        })
-        .await;
-        let (gid, member) = answer.unwrap_or_else(|e| {
-            let msg = format!("lookup failed: {e}");
-            (Err(msg.clone()), Err(msg))
         });
+        // A hung NSS backend must not hold every later caller forever:
+        // give up, and remember the failure like any other answer.
+        let (gid, member) = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                let msg = format!("lookup failed: {e}");
+                (Err(msg.clone()), Err(msg))
+            }
+            Err(_) => {
+                let msg = format!("the account database did not answer within {LOOKUP_TIMEOUT:?}");
+                (Err(msg.clone()), Err(msg))
+            }
+        };
         let now = Instant::now();
         cache.gid = Some((gid, now));
         cache.put(uid, member.clone(), now);
