@@ -126,7 +126,10 @@ max = 1
     let began = Instant::now();
     for i in 0..starts {
         let _ = std::fs::remove_file(&sock);
-        let mut d = Droved::builder("sock-race").config(&config).start();
+        let mut d = Droved::builder("sock-race")
+            .config(&config)
+            .droved_binds()
+            .start();
         d.wait_ready();
         unchanged(&format!("after start {i}"));
     }
@@ -152,6 +155,7 @@ fn a_world_writable_socket_directory_without_sticky_bit_is_refused() {
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, PermissionsExt::from_mode(0o777)).unwrap();
     let mut d = Droved::builder("sock-dir")
+        .droved_binds()
         .args(&[
             "-l",
             &format!("unix:{}/app.sock", open.display()),
@@ -197,6 +201,7 @@ command = ["{}"]
     let out = check(&scratch, &ok);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut d = Droved::builder("sock-owner")
+        .droved_binds()
         .config(&ok.replace(&example_worker().display().to_string(), "{worker}"))
         .start();
     d.wait_ready();
@@ -284,7 +289,12 @@ impl PrivateBus {
     }
 
     fn droved(&self, instance: &str, config: &str) -> Droved {
-        let mut d = Droved::builder(instance)
+        self.droved_from(Droved::builder(instance), instance, config)
+    }
+
+    /// Like `droved`, from a builder the caller set up (e.g. droved_binds).
+    fn droved_from(&self, builder: Builder, instance: &str, config: &str) -> Droved {
+        let mut d = builder
             .config(config)
             .args(&["--bus", "session", "--instance", instance])
             .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
@@ -868,7 +878,8 @@ fn a_unix_socket_keeps_its_reported_address_across_an_upgrade() {
     let bus = PrivateBus::start();
     let scratch = Scratch::new("sock-upgrade");
     let sock = scratch.join("app.sock");
-    let mut d = bus.droved(
+    let mut d = bus.droved_from(
+        Droved::builder("sockup").droved_binds(),
         "sockup",
         &format!(
             "[listen]\naddresses = [\"unix:{}\"]\n[worker]\ncommand = [\"{{worker}}\"]\n",
