@@ -198,16 +198,20 @@ impl WorkerPlan {
 impl Supervisor {
     pub fn new(mut setup: Setup) -> anyhow::Result<Supervisor> {
         let restored = setup.restored.take();
+        let w = &setup.config.worker;
+        let workers = Credentials::resolve(w.user.as_deref(), w.group.as_deref()).unwrap_or(None);
         let notify = match &restored {
-            Some((state, _)) if state.notify.address.is_empty() => NotifySocket::bind("notify")?,
+            Some((state, _)) if state.notify.address.is_empty() => {
+                NotifySocket::open(&setup.instance, workers.as_ref())?
+            }
             Some(_) => {
                 let (state, fd) = restored
                     .as_ref()
                     .map(|(s, fd)| (s, fd.try_clone()))
                     .expect("some");
-                NotifySocket::from_fd(fd?, state.notify.address.clone())?
+                NotifySocket::from_fd(fd?, state.notify.address.clone(), workers.as_ref())?
             }
-            None => NotifySocket::bind("notify")?,
+            None => NotifySocket::open(&setup.instance, workers.as_ref())?,
         };
         let plan = WorkerPlan::new(
             &setup.config,
@@ -328,7 +332,7 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = sigchld.recv() => self.reap(),
-                datagram = self.notify.recv() => match datagram {
+                datagram = self.notify.recv_from(|pid| self.pool.workers.contains_key(&Pid::from_raw(pid))) => match datagram {
                     Ok(d) => self.on_datagram(d),
                     Err(e) => warn!("notify socket: {e}"),
                 },
@@ -896,6 +900,7 @@ impl Supervisor {
         let worker_changed = new.worker != self.config.worker;
         let old = std::mem::replace(&mut self.config, new);
         self.config.listen = old.listen.clone();
+        self.notify.admit(plan.credentials.as_ref());
         self.plan = plan;
         self.scaler.set_params(scale_params(&self.config));
         self.gate.set_limits(
@@ -986,7 +991,10 @@ impl Supervisor {
                 &self.notify.address,
                 &self.instance,
             ) {
-                Ok(plan) => self.plan = plan,
+                Ok(plan) => {
+                    self.notify.admit(plan.credentials.as_ref());
+                    self.plan = plan
+                }
                 Err(e) => error!("cannot restore the previous worker settings: {e}"),
             }
             self.config.worker = config.worker;
