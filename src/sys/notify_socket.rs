@@ -419,7 +419,7 @@ impl NotifySocket {
                 Some(None) => {}
             }
             dropped += 1;
-            if dropped % DROP_BUDGET == 0 {
+            if dropped.is_multiple_of(DROP_BUDGET) {
                 tokio::task::yield_now().await;
             }
         }
