@@ -94,10 +94,9 @@ pub struct Ignored {
 struct Filter {
     uids: Vec<u32>,
     ignored: Ignored,
-    /// Counts at the last summary line, and when it was written.
-    reported: Ignored,
-    reported_at: Option<Instant>,
-    last_foreign: Option<(u32, i32)>,
+    /// Per kind (not workers, other users): the count at the last summary
+    /// line and when it was written.
+    reported: [(u64, Option<Instant>); 2],
 }
 
 impl Filter {
@@ -105,9 +104,7 @@ impl Filter {
         let mut f = Filter {
             uids: vec![0, Uid::effective().as_raw()],
             ignored: Ignored::default(),
-            reported: Ignored::default(),
-            reported_at: None,
-            last_foreign: None,
+            reported: [(0, None); 2],
         };
         f.admit(workers);
         f
@@ -125,44 +122,45 @@ impl Filter {
         self.uids.contains(&uid)
     }
 
-    /// Counts a dropped datagram; returns the summary line to log, if one
-    /// is due, and whether it concerns other users (a warning).
+    /// Counts a dropped datagram, from another user (`foreign`: its uid and
+    /// pid) or not; returns the summary line to log if one of its kind is
+    /// due (the first at once, then at most one per [`REPORT_EVERY`]), and
+    /// whether it concerns other users (a warning).
     fn count(&mut self, foreign: Option<(u32, i32)>, now: Instant) -> Option<(String, bool)> {
-        match foreign {
-            Some(who) => {
+        let total = match foreign {
+            Some(_) => {
                 self.ignored.other_users += 1;
-                self.last_foreign = Some(who);
+                self.ignored.other_users
             }
-            None => self.ignored.not_workers += 1,
-        }
-        if self
-            .reported_at
-            .is_some_and(|t| now.duration_since(t) < REPORT_EVERY)
-        {
+            None => {
+                self.ignored.not_workers += 1;
+                self.ignored.not_workers
+            }
+        };
+        let (last_count, last_at) = &mut self.reported[usize::from(foreign.is_some())];
+        if last_at.is_some_and(|t| now.duration_since(t) < REPORT_EVERY) {
             return None;
         }
-        let since = self.reported_at.map(|t| now.duration_since(t));
-        let others = self.ignored.other_users - self.reported.other_users;
-        let strays = self.ignored.not_workers - self.reported.not_workers;
-        self.reported = self.ignored;
-        self.reported_at = Some(now);
-        let mut line = format!(
-            "ignored {} notify datagram(s){}: {others} from other users",
-            others + strays,
-            since
-                .map(|d| format!(" in the last {}s", d.as_secs()))
-                .unwrap_or_default()
-        );
-        if let (true, Some((uid, pid))) = (others > 0, self.last_foreign) {
-            line.push_str(&format!(" (latest uid {uid}, pid {pid})"));
-        }
-        line.push_str(&format!(
-            ", {strays} from processes that are not workers; totals {} and {} (next summary in {}s at the earliest)",
-            self.ignored.other_users,
-            self.ignored.not_workers,
-            REPORT_EVERY.as_secs()
-        ));
-        Some((line, others > 0))
+        let since = last_at
+            .map(|t| format!(" in the last {}s", now.duration_since(t).as_secs()))
+            .unwrap_or_default();
+        let n = total - *last_count;
+        (*last_count, *last_at) = (total, Some(now));
+        let next = REPORT_EVERY.as_secs();
+        Some(match foreign {
+            Some((uid, pid)) => (
+                format!(
+                    "ignored {n} notify datagram(s) from other users{since} (latest uid {uid}, pid {pid}); {total} since start, next summary in {next}s at the earliest"
+                ),
+                true,
+            ),
+            None => (
+                format!(
+                    "ignored {n} notify datagram(s) from processes that are not workers{since}; {total} since start, next summary in {next}s at the earliest"
+                ),
+                false,
+            ),
+        })
     }
 }
 
@@ -1054,11 +1052,17 @@ mod tests {
         f.admit(Some(&creds));
         assert!(f.uid_ok(4242));
         let t = Instant::now();
-        let (line, warn) = f.count(Some((777, 12)), t).unwrap();
+        let (line, warn) = f.count(None, t).unwrap();
         assert!(
-            warn && line.contains("1 from other users (latest uid 777, pid 12)"),
+            !warn
+                && line.starts_with(
+                    "ignored 1 notify datagram(s) from processes that are not workers;"
+                ),
             "{line}"
         );
+        // The first of the other kind is not held back by the first.
+        let (line, warn) = f.count(Some((777, 12)), t).unwrap();
+        assert!(warn && line.starts_with("ignored 1 notify datagram(s) from other users (latest uid 777, pid 12); 1 since start"), "{line}");
         for i in 0..1000 {
             assert!(
                 f.count(Some((777, i)), t + Duration::from_millis(i as u64))
@@ -1066,21 +1070,15 @@ mod tests {
             );
         }
         assert!(f.count(None, t + REPORT_EVERY / 2).is_none());
+        let (line, _) = f.count(Some((778, 5)), t + REPORT_EVERY).unwrap();
+        assert!(line.starts_with("ignored 1001 notify datagram(s) from other users in the last 10s (latest uid 778, pid 5); 1002 since start"), "{line}");
         let (line, _) = f.count(None, t + REPORT_EVERY).unwrap();
-        assert!(
-            line.contains("ignored 1002 notify datagram(s) in the last 10s"),
-            "{line}"
-        );
-        assert!(line.contains("1000 from other users"), "{line}");
-        assert!(
-            line.contains("2 from processes that are not workers"),
-            "{line}"
-        );
+        assert!(line.starts_with("ignored 2 notify datagram(s) from processes that are not workers in the last 10s; 3 since start"), "{line}");
         assert_eq!(
             f.ignored,
             Ignored {
-                other_users: 1001,
-                not_workers: 2
+                other_users: 1002,
+                not_workers: 3
             }
         );
     }
