@@ -289,25 +289,30 @@ impl NotifySocket {
     ) -> io::Result<NotifySocket> {
         nonblocking(&fd)?;
         socket::setsockopt(&fd, sockopt::PassCred, &true)?;
-        let file = if address.starts_with('/') {
-            let path = PathBuf::from(&address);
-            let st = nix::sys::stat::lstat(&path).map_err(|e| {
-                io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("the handed-over notify socket {address} is gone: {e}"),
-                )
-            })?;
-            let own_dir = path.parent().and_then(Path::file_name).is_some_and(|n| {
-                n.to_string_lossy()
-                    .ends_with(&format!(".{}", std::process::id()))
-            });
-            Some(SocketFile {
-                id: (st.st_dev, st.st_ino),
-                path,
-                own_dir,
-            })
-        } else {
-            None
+        let file = match address.starts_with('/') {
+            false => None,
+            true => match nix::sys::stat::lstat(address.as_str()) {
+                Ok(st) => {
+                    let path = PathBuf::from(&address);
+                    let own_dir = path.parent().and_then(Path::file_name).is_some_and(|n| {
+                        n.to_string_lossy()
+                            .ends_with(&format!(".{}", std::process::id()))
+                    });
+                    Some(SocketFile {
+                        id: (st.st_dev, st.st_ino),
+                        path,
+                        own_dir,
+                    })
+                }
+                // Keep supervising: the workers already running lost their
+                // way to notify, which the watchdog and ready_timeout report.
+                Err(e) => {
+                    warn!(
+                        "the notify socket file {address} handed over by the previous binary is gone ({e}); workers cannot notify until droved restarts"
+                    );
+                    None
+                }
+            },
         };
         Ok(NotifySocket {
             fd: register(fd)?,
