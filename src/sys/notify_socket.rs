@@ -170,8 +170,9 @@ pub struct SocketFile {
     pub path: PathBuf,
     /// Device and inode of the file, so we never remove someone else's.
     pub id: (u64, u64),
-    /// A directory of this process's own (`<dir>.<pid>`), removed too.
-    pub own_dir: bool,
+    /// Remove the directory too (under its lock, if empty): droved's own,
+    /// not one systemd manages (`$RUNTIME_DIRECTORY`).
+    pub remove_dir: bool,
 }
 
 pub struct NotifySocket {
@@ -223,7 +224,10 @@ impl NotifySocket {
     /// or, when a live droved already serves `dir`, in `<dir>.<pid>`.
     pub fn bind_in(dir: &Path, workers: Option<&Credentials>) -> io::Result<NotifySocket> {
         let group = workers.map(|c| c.gid).unwrap_or_else(Gid::effective);
-        let (fd, file) = match bind_private(dir, SOCKET_NAME, SockType::Datagram, group, false)? {
+        let remove_dir = Some(dir) != systemd_runtime_directory().as_deref();
+        let first = bind_private(dir, SOCKET_NAME, SockType::Datagram, group, remove_dir);
+        sweep_stale_siblings(dir);
+        let (fd, file) = match first? {
             Bound::Ours(fd, file) => (fd, file),
             Bound::Busy => {
                 let mut own = dir.as_os_str().to_owned();
@@ -294,14 +298,11 @@ impl NotifySocket {
             true => match nix::sys::stat::lstat(address.as_str()) {
                 Ok(st) => {
                     let path = PathBuf::from(&address);
-                    let own_dir = path.parent().and_then(Path::file_name).is_some_and(|n| {
-                        n.to_string_lossy()
-                            .ends_with(&format!(".{}", std::process::id()))
-                    });
+                    let remove_dir = path.parent() != systemd_runtime_directory().as_deref();
                     Some(SocketFile {
                         id: (st.st_dev, st.st_ino),
                         path,
-                        own_dir,
+                        remove_dir,
                     })
                 }
                 // Keep supervising: the workers already running lost their
@@ -433,18 +434,90 @@ impl Drop for NotifySocket {
     /// Removes the socket file (and a directory of our own), if the path
     /// still names our socket. Not run across an upgrade's exec.
     fn drop(&mut self) {
-        let Some(file) = &self.file else { return };
-        let ours =
-            nix::sys::stat::lstat(&file.path).is_ok_and(|st| (st.st_dev, st.st_ino) == file.id);
-        if ours {
-            if let Err(e) = std::fs::remove_file(&file.path) {
-                warn!("cannot remove {}: {e}", file.path.display());
+        if let Some(file) = &self.file
+            && let Err(e) = remove_socket(file)
+        {
+            warn!("cannot remove {}: {e}", file.path.display());
+        }
+    }
+}
+
+/// Removes a socket file made by [`bind_private`] if its path still names
+/// it, and its directory if asked and empty, under the directory's lock so
+/// a droved starting meanwhile never binds into a removed directory.
+pub fn remove_socket(file: &SocketFile) -> io::Result<()> {
+    let (Some(dir), Some(name)) = (file.path.parent(), file.path.file_name()) else {
+        return Ok(());
+    };
+    let lock = Flock::lock(open_dir(dir)?, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+    match fstatat(&*lock, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if (st.st_dev, st.st_ino) == file.id => {
+            unlinkat(&*lock, name, UnlinkatFlags::NoRemoveDir)?;
+        }
+        // Not ours any more: leave it, and the directory.
+        _ => return Ok(()),
+    }
+    if file.remove_dir {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+            r => r?,
+        }
+    }
+    Ok(())
+}
+
+/// `$RUNTIME_DIRECTORY` (its first entry), which systemd removes itself.
+fn systemd_runtime_directory() -> Option<PathBuf> {
+    let v = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first = v.as_bytes().split(|&b| b == b':').next()?;
+    (first.first() == Some(&b'/')).then(|| PathBuf::from(OsStr::from_bytes(first)))
+}
+
+/// Removes `<dir>.<pid>` directories (see [`NotifySocket::bind_in`]) left by
+/// droveds that were killed: ours, unlocked, with no live socket inside.
+fn sweep_stale_siblings(dir: &Path) {
+    let (Some(parent), Some(leaf)) = (dir.parent(), dir.file_name()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let mut prefix = leaf.to_owned();
+    prefix.push(".");
+    let me = format!(".{}", std::process::id());
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.as_bytes().strip_prefix(prefix.as_bytes()) else {
+            continue;
+        };
+        if pid.is_empty()
+            || !pid.iter().all(u8::is_ascii_digit)
+            || name.as_bytes().ends_with(me.as_bytes())
+        {
+            continue;
+        }
+        let path = parent.join(&name);
+        let Ok(fd) = open_dir(&path) else { continue };
+        if fstat(&fd).map_or(true, |st| st.st_uid != Uid::effective().as_raw()) {
+            continue;
+        }
+        let Ok(lock) = Flock::lock(fd, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        let socket = path.join(SOCKET_NAME);
+        match fstatat(
+            &*lock,
+            SOCKET_NAME,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Err(Errno::ENOENT) => {}
+            Ok(_) if matches!(is_live(&socket, SockType::Datagram), Ok(false)) => {
+                let _ = unlinkat(&*lock, SOCKET_NAME, UnlinkatFlags::NoRemoveDir);
             }
-            if file.own_dir
-                && let Some(dir) = file.path.parent()
-            {
-                let _ = std::fs::remove_dir(dir);
-            }
+            _ => continue,
+        }
+        if std::fs::remove_dir(&path).is_ok() {
+            debug!("removed {}, left by a droved that is gone", path.display());
         }
     }
 }
@@ -528,7 +601,7 @@ pub enum Bound {
 /// - all of it under an exclusive flock of the directory, so two processes
 ///   doing this at once cannot both take the path.
 ///
-/// `own_dir` marks a directory only this process uses (removed with the
+/// `remove_dir` says whether [`remove_socket`] should remove the directory
 /// socket). Datagram and stream sockets work; a stream socket still needs
 /// listen(2).
 pub fn bind_private(
@@ -536,7 +609,7 @@ pub fn bind_private(
     name: &str,
     kind: SockType,
     group: Gid,
-    own_dir: bool,
+    remove_dir: bool,
 ) -> io::Result<Bound> {
     let ctx = |what: &str, e: Errno| {
         io::Error::new(
@@ -581,19 +654,30 @@ pub fn bind_private(
             ),
         ));
     }
-    match mkdirat(&parent_fd, leaf, Mode::from_bits_truncate(0o700)) {
-        Ok(()) | Err(Errno::EEXIST) => {}
-        Err(e) => return Err(ctx("create", e)),
-    }
-    let dir_fd = nix::fcntl::openat(
-        &parent_fd,
-        leaf,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| ctx("open (it must be a directory, not a symlink)", e))?;
-    let lock = Flock::lock(dir_fd, FlockArg::LockExclusive).map_err(|(_, e)| ctx("lock", e))?;
-    let st = fstat(&*lock).map_err(|e| ctx("inspect", e))?;
+    // A directory found empty is removed by the droved leaving it (or by a
+    // sweep), under its lock: start over if it went in between.
+    let mut attempts = 0;
+    let (lock, st) = loop {
+        attempts += 1;
+        match mkdirat(&parent_fd, leaf, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(ctx("create", e)),
+        }
+        let dir_fd = match nix::fcntl::openat(
+            &parent_fd,
+            leaf,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Err(Errno::ENOENT) if attempts < 5 => continue,
+            r => r.map_err(|e| ctx("open (it must be a directory, not a symlink)", e))?,
+        };
+        let lock = Flock::lock(dir_fd, FlockArg::LockExclusive).map_err(|(_, e)| ctx("lock", e))?;
+        let st = fstat(&*lock).map_err(|e| ctx("inspect", e))?;
+        if st.st_nlink > 0 || attempts >= 5 {
+            break (lock, st);
+        }
+    };
     if st.st_uid != me.as_raw() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -671,7 +755,7 @@ pub fn bind_private(
         SocketFile {
             path,
             id: (f.st_dev, f.st_ino),
-            own_dir,
+            remove_dir,
         },
     ))
 }

@@ -236,6 +236,10 @@ fn workers_of_another_user_reach_a_private_notify_path_others_cannot() {
         "{address} removed when droved exits\n{}",
         d.log()
     );
+    assert!(
+        !path.parent().unwrap().exists(),
+        "its directory too, being empty"
+    );
 }
 
 #[test]
@@ -368,6 +372,9 @@ fn a_flood_from_droveds_own_uid_delays_no_worker() {
         "a summary line\n{}",
         tail(&log)
     );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(20 * SEC).success(), "{}", tail(&d.log()));
+    assert!(!Path::new(&address).exists());
 }
 
 /// utime + stime of a process, in clock ticks (USER_HZ, 100 on Linux).
