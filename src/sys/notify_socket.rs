@@ -201,7 +201,15 @@ impl NotifySocket {
         for dir in &dirs {
             match NotifySocket::bind_in(dir, workers) {
                 Ok(sock) => {
-                    info!("notify socket for workers: {}", sock.address);
+                    if tried.is_empty() {
+                        info!("notify socket for workers: {}", sock.address);
+                    } else {
+                        warn!(
+                            "notify socket for workers: {}, since {}",
+                            sock.address,
+                            tried.join("; ")
+                        );
+                    }
                     return Ok(sock);
                 }
                 Err(e) => tried.push(format!("{}: {e}", dir.display())),
