@@ -24,7 +24,7 @@
 //! from a uid other than droved's, root's or the workers' are dropped before
 //! anything else is looked at, then those from pids that are not workers;
 //! both are counted and summarised in one log line at most every
-//! [`REPORT_EVERY`], never logged one by one. Any fds a sender attaches
+//! [`REPORT_EVERY`], never logged one by one (except at trace level). Any fds a sender attaches
 //! (SCM_RIGHTS) are closed at once, never kept.
 
 use std::ffi::OsStr;
@@ -43,7 +43,7 @@ use nix::sys::socket::{
 use nix::sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, fstat, fstatat, mkdirat};
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, unlinkat};
 use tokio::io::unix::AsyncFd;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::sys::spawn::Credentials;
 
@@ -414,6 +414,18 @@ impl NotifySocket {
                     Some((_, pid)) if is_worker(pid) => None,
                     _ => Some(None),
                 };
+                // One line each only at trace level, for tests and
+                // debugging; a static level check when it is off.
+                match (foreign, got.cred) {
+                    (Some(Some((uid, pid))), _) => {
+                        trace!("notify datagram from another user ignored (uid {uid}, pid {pid})")
+                    }
+                    (Some(None), Some((uid, pid))) => trace!(
+                        "notify datagram from a pid that is not a worker ignored (pid {pid}, uid {uid})"
+                    ),
+                    (Some(None), None) => trace!("notify datagram without credentials ignored"),
+                    (None, _) => {}
+                }
                 foreign.map(|who| filter.count(who, Instant::now()))
             };
             match verdict {
