@@ -20,6 +20,7 @@
 
 mod commands;
 pub mod control;
+pub mod environment;
 pub mod gate;
 pub mod lifecycle;
 pub mod plan;
@@ -47,6 +48,7 @@ use crate::handover::Counters;
 use crate::scale::{ScaleParams, Scaler};
 use crate::sys::listen::Listener;
 use crate::sys::notify_socket::NotifySocket;
+use crate::sys::spawn::Credentials;
 
 use control::{Command, Event};
 use gate::SpawnGate;
@@ -57,7 +59,17 @@ use systemd::Upward;
 use workers::WorkerPlan;
 
 /// Re-reads the configuration (file plus command-line overrides) on reload.
-pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send>;
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, LoadFailure> + Send>;
+
+/// Why a reload could not load the configuration: `detail` for droved's
+/// journal, `public` for D-Bus callers, which names the file, line and key
+/// but quotes no value from the file (it may hold secrets).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{detail}")]
+pub struct LoadFailure {
+    pub detail: String,
+    pub public: String,
+}
 
 /// What `droved` hands the supervisor.
 pub struct Setup {
@@ -123,6 +135,12 @@ pub struct Supervisor {
     argv: Vec<std::ffi::OsString>,
     preflight_tx: mpsc::Sender<upgrade::PreflightResult>,
     preflight_rx: mpsc::Receiver<upgrade::PreflightResult>,
+    /// The new binary as its preflight opened and ran it; the upgrade execs
+    /// this very file (see `sys::exec::Image`).
+    checked_image: Option<crate::sys::exec::Image>,
+    /// pool.min and pool.max as the config file says (SetLimits may move
+    /// `config.pool`): the bounds a control.group member stays within.
+    file_limits: (u32, u32),
     /// Version of the binary this one took over from (binary upgrade).
     upgraded_from: Option<String>,
     /// Template mode: the current template's socket.
@@ -149,12 +167,14 @@ fn scale_params(config: &Config) -> ScaleParams {
 impl Supervisor {
     pub fn new(mut setup: Setup) -> Result<Supervisor, SetupError> {
         let restored = setup.restored.take();
+        let w = &setup.config.worker;
+        let workers = Credentials::resolve(w.user.as_deref(), w.group.as_deref()).unwrap_or(None);
         let notify = match &restored {
             Some((state, fd)) if !state.notify.address.is_empty() => {
                 let fd = fd.try_clone().map_err(SetupError::NotifySocket)?;
-                NotifySocket::from_fd(fd, state.notify.address.clone())
+                NotifySocket::from_fd(fd, state.notify.address.clone(), workers.as_ref())
             }
-            _ => NotifySocket::bind("notify"),
+            _ => NotifySocket::open(&setup.instance, workers.as_ref()),
         }
         .map_err(SetupError::NotifySocket)?;
         let plan = WorkerPlan::new(
@@ -165,6 +185,7 @@ impl Supervisor {
         )?;
         let now = Instant::now();
         let config = setup.config;
+        let file_limits = (config.pool.min, config.pool.max);
         let gate = SpawnGate::new(
             config.pool.spawn_rate,
             config.pool.max,
@@ -205,6 +226,8 @@ impl Supervisor {
             argv: setup.argv,
             preflight_tx,
             preflight_rx,
+            checked_image: None,
+            file_limits,
             upgraded_from: None,
             template_io: None,
             early: Default::default(),
@@ -274,7 +297,12 @@ impl Supervisor {
             tokio::select! {
                 _ = sigchld.recv() => self.reap(),
                 (pid, msg) = template_io::recv(&self.template_io) => self.on_template_message(pid, msg),
-                datagram = self.notify.recv() => match datagram {
+                // Template mode: while forks are unanswered, a worker may
+                // notify before its template names it; it is kept for then.
+                datagram = self.notify.recv_from(|pid| {
+                    self.pool.workers.contains_key(&nix::unistd::Pid::from_raw(pid))
+                        || !self.pool.templates.forks.is_empty()
+                }) => match datagram {
                     Ok(d) => self.on_datagram(d),
                     Err(e) => warn!("notify socket: {e}"),
                 },

@@ -11,3 +11,4 @@ pub mod probe;
 pub mod process;
 pub mod spawn;
 pub mod template_socket;
+pub mod users;

@@ -146,6 +146,9 @@ fn workers_are_forks_of_the_template_and_children_of_droved() {
         Some("4"),
         "its socket follows the one listener"
     );
+    // Every READY=1 counted, also those that beat the template's answer:
+    // no worker timed out and none was replaced.
+    assert_eq!(d.log_count("event=\"started\""), 3, "{}", d.log());
     // Still 3 counted, not 4.
     assert!(
         d.upward().status.starts_with("3 workers ready"),
