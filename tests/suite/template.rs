@@ -593,3 +593,45 @@ max = 1
     assert!(status.contains("exited with status 3"), "{status}");
     assert_eq!(templates_started(&d).len(), 1, "the template is fine");
 }
+
+#[test]
+fn a_ruby_template_speaks_the_protocol_too() {
+    let ruby = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/template_worker.rb");
+    let mut d = Droved::builder("tpl-ruby")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["ruby", "{}"]
+ready = "notify"
+ready_timeout = "10s"
+[pool]
+min = 3
+max = 3
+"#,
+            ruby.display()
+        ))
+        .start();
+    d.wait_ready();
+    let template = templates_started(&d)[0];
+    let answers = answers_from(&d, 3);
+    for body in &answers {
+        assert_eq!(field(body, "loaded_by"), template, "forked: {body}");
+        assert_eq!(field(body, "ppid"), d.pid(), "reparented: {body}");
+    }
+    assert_eq!(d.log_count("event=\"started\""), 3, "{}", d.log());
+    // A killed worker is forked anew by the same template.
+    let first: BTreeSet<i32> = answers.iter().map(|b| field(b, "pid")).collect();
+    let victim = *first.iter().next().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    let body = eventually("the replacement answering", 10 * SEC, || {
+        let body = d.get("/").ok()?;
+        (!first.contains(&field(&body, "pid"))).then_some(body)
+    });
+    assert_eq!(field(&body, "loaded_by"), template, "{body}");
+    // Stops cleanly: template and workers.
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(20 * SEC).success(), "{}", d.log());
+}
