@@ -80,7 +80,7 @@ max = 2
 /// same output stream as droved's report.
 #[test]
 fn a_server_binding_its_own_port_is_failing_with_backoff_not_a_fork_storm() {
-    let own_port = free_port();
+    let (_reserved, own_port) = own_port();
     let mut d = Droved::builder("own-port")
         .config(&format!(
             r#"

@@ -184,6 +184,30 @@ impl Drop for Row {
     }
 }
 
+/// A port on 127.0.0.1 for a server to bind by itself, reserved while the
+/// returned socket is open: bound with SO_REUSEADDR but not listening, so
+/// no parallel bind to port 0 gets it, while a server setting
+/// SO_REUSEADDR (Python's http.server does) can bind and listen on it.
+pub fn own_port() -> (std::os::fd::OwnedFd, u16) {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, getsockname, setsockopt, socket,
+        sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+    let any = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0);
+    bind(fd.as_raw_fd(), &SockaddrIn::from(any)).unwrap();
+    let port = getsockname::<SockaddrIn>(fd.as_raw_fd()).unwrap().port();
+    (fd, port)
+}
+
 /// Every process below `pid` (children, grandchildren…).
 pub fn descendants(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
@@ -323,8 +347,15 @@ pub fn run(server: Server) {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();
+    let mut builder = Droved::builder(&tag).config(&config(&server));
+    if server.listener == Listener::Unix {
+        // droved binds the unix socket itself (where the harness passes
+        // droved a TCP socket by activation, an empty launcher is how a
+        // test asks for droved's own binding).
+        builder = builder.launcher(&[]);
+    }
     let t0 = Instant::now();
-    let mut d = Droved::builder(&tag).config(&config(&server)).start();
+    let mut d = builder.start();
     let target = match server.listener {
         Listener::Tcp => Target::Tcp(d.port),
         Listener::Unix => Target::Unix(d.dir.join("app.sock")),
