@@ -12,6 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::supervisor::pool::{StopReason, WorkerState as PoolWorkerState};
+
 pub const MAGIC: &[u8; 8] = b"DROVEHO\0";
 /// The format this binary writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -33,6 +35,22 @@ pub struct State {
     pub counters: Counters,
     pub uptime_ms: u64,
     pub consecutive_failures: u32,
+    /// The lifecycle state the new image resumes in. Absent in states of
+    /// binaries older than this field: they handed over only when running.
+    #[serde(default)]
+    pub resume: Resume,
+}
+
+/// Where the new image picks up droved's lifecycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resume {
+    /// The pool had not become ready yet: READY=1 is still owed.
+    Starting,
+    #[default]
+    Running,
+    /// A stop arrived while the exec was due: the new image stops at once.
+    Stopping { fast: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,13 +72,12 @@ pub struct WorkerState {
     pub pid: i32,
     pub slot: u32,
     pub generation: u64,
-    /// "starting", "ready" or "stopping".
-    pub state: String,
+    pub state: PoolWorkerState,
     pub age_ms: u64,
     pub ready_age_ms: Option<u64>,
     pub last_ping_age_ms: u64,
-    /// Stop reason (kebab-case) and how long ago the stop began.
-    pub stop: Option<(String, u64)>,
+    /// Stop reason and how long ago the stop began.
+    pub stop: Option<(StopReason, u64)>,
     pub killed: bool,
     pub status_text: Option<String>,
     pub recycle_in_ms: Option<u64>,
@@ -187,7 +204,7 @@ mod tests {
                 pid: 1234,
                 slot: 0,
                 generation: 3,
-                state: "ready".into(),
+                state: PoolWorkerState::Ready,
                 age_ms: 5000,
                 ready_age_ms: Some(4900),
                 last_ping_age_ms: 100,
@@ -205,7 +222,33 @@ mod tests {
             },
             uptime_ms: 60_000,
             consecutive_failures: 0,
+            resume: Resume::Stopping { fast: false },
         }
+    }
+
+    #[test]
+    fn reads_what_the_previous_binary_wrote() {
+        // Format 1 as written before worker states were typed and before
+        // `resume` existed: plain strings, and no lifecycle.
+        let json = r#"{"from_version":"0.1.0","instance":"demo","generation":3,"target":4,
+            "listeners":[],"notify":{"fd":9,"address":"@drove/1/notify-1"},
+            "workers":[{"pid":1234,"slot":0,"generation":3,"state":"stopping","age_ms":5000,
+              "ready_age_ms":4900,"last_ping_age_ms":100,"stop":["scale-down",10],
+              "killed":false,"status_text":null,"recycle_in_ms":null}],
+            "counters":{"spawned":5,"exited":1,"failed_starts":0,"reloads":2,"upgrades":1},
+            "uptime_ms":60000,"consecutive_failures":0}"#;
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(json.as_bytes());
+        let s = decode(&bytes).unwrap();
+        assert_eq!(s.resume, Resume::Running);
+        assert_eq!(s.workers[0].state, PoolWorkerState::Stopping);
+        assert_eq!(s.workers[0].stop, Some((StopReason::ScaleDown, 10)));
+        // And what this binary writes reads the same way in the old one's
+        // terms: the same strings.
+        let text = String::from_utf8(encode(&state())[16..].to_vec()).unwrap();
+        assert!(text.contains(r#""state":"ready""#), "{text}");
     }
 
     #[test]

@@ -213,10 +213,16 @@ fn main() -> ExitCode {
     // a thread: a previous droved's handover after an upgrade, else
     // systemd's sockets (sd_listen_fds(3)).
     let inherited = match std::env::var(handover::ENV_FD) {
-        Ok(fd) => Inherited::Handover(take_handover(&fd)),
+        Ok(fd) => Inherited::Handover(Box::new(take_handover(&fd))),
         Err(_) => Inherited::Systemd(listen::from_systemd()),
     };
 
+    if args.preflight || args.check {
+        // One-shot modes print and exit: a reader that went away (`droved
+        // --check | true`) ends them quietly, as it does cat. The daemon
+        // itself keeps SIGPIPE ignored (a closed socket must not kill it).
+        exec::default_sigpipe();
+    }
     if args.preflight {
         return match args.load_config() {
             Ok(_) => {
@@ -283,7 +289,7 @@ fn main() -> ExitCode {
 /// Fds this process inherited.
 enum Inherited {
     /// From the previous droved image (binary upgrade).
-    Handover(anyhow::Result<(handover::State, Vec<Listener>, OwnedFd)>),
+    Handover(Box<anyhow::Result<(handover::State, Vec<Listener>, OwnedFd)>>),
     /// From systemd socket activation, if any.
     Systemd(std::io::Result<Option<Vec<Listener>>>),
 }
@@ -320,7 +326,7 @@ fn run(
     let config = args.load_config()?;
     let (activated, restored) = match inherited {
         Inherited::Handover(h) => {
-            let (state, listeners, notify) = h.context("binary upgrade handover failed")?;
+            let (state, listeners, notify) = (*h).context("binary upgrade handover failed")?;
             (Ok(Some(listeners)), Some((state, notify)))
         }
         Inherited::Systemd(s) => (s, None),
@@ -364,7 +370,7 @@ fn run(
     runtime.block_on(async move {
         let supervisor = Supervisor::new(setup)?;
         start_control(&args_for_control, supervisor.handle(), control_group).await?;
-        supervisor.run().await
+        Ok(supervisor.run().await?)
     })
 }
 

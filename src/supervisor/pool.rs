@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 /// Lifecycle of one worker process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerState {
     /// Exec'd, not yet ready (waiting for READY=1 in notify mode).

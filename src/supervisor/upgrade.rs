@@ -3,20 +3,22 @@
 //! workers stay our children (their exits wait as zombies across the exec,
 //! nothing is lost), and the listening sockets are never closed.
 //!
-//! Requests while an upgrade is in flight join it (one exec answers them
-//! all); requests during a rolling restart or a stop are refused with the
-//! reason, since both would have to be handed over half-done.
+//! Per state (see `lifecycle`): requests while an upgrade is in flight join
+//! it (one exec answers them all); requests during a rolling restart or a
+//! stop are refused with the reason, since both would have to be handed
+//! over half-done; a reload during an upgrade is refused likewise. A stop
+//! during the preflight drops the upgrade (callers get an error); a stop
+//! once the exec is due execs now and hands the stop over.
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::Supervisor;
 use super::control::ControlError;
-use super::pool::{StopReason, Worker, WorkerState};
-use super::status::Phase;
-use crate::handover::{self, State};
+use super::lifecycle::{Lifecycle, Reply, Upgrade, UpgradeStage};
+use super::pool::Worker;
+use crate::handover::{self, Resume, State};
 use crate::sys::exec;
 
 /// How long the new binary may take to answer `--preflight`.
@@ -25,53 +27,11 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
 /// the bus before this image (and its connection) is gone.
 const EXEC_DELAY: Duration = Duration::from_millis(200);
 
-type Reply = oneshot::Sender<Result<(), ControlError>>;
-
-pub(super) struct Upgrade {
-    replies: Vec<Reply>,
-    preflighting: bool,
-    exec_at: Option<Instant>,
-    results_tx: mpsc::Sender<Result<String, String>>,
-    pub(super) results: mpsc::Receiver<Result<String, String>>,
-}
-
-impl Default for Upgrade {
-    fn default() -> Self {
-        let (results_tx, results) = mpsc::channel(4);
-        Upgrade {
-            replies: Vec::new(),
-            preflighting: false,
-            exec_at: None,
-            results_tx,
-            results,
-        }
-    }
-}
-
-impl Upgrade {
-    pub(super) fn exec_due(&self, now: Instant) -> bool {
-        self.exec_at.is_some_and(|t| now >= t)
-    }
-
-    fn busy(&self) -> bool {
-        self.preflighting || self.exec_at.is_some()
-    }
-}
+/// The new binary's version, or why it was refused.
+pub(super) type PreflightResult = Result<String, String>;
 
 fn age_ms(now: Instant, t: Instant) -> u64 {
     now.saturating_duration_since(t).as_millis() as u64
-}
-
-fn stop_reason_name(r: StopReason) -> String {
-    serde_json::to_value(r)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
-}
-
-fn stop_reason_from(name: &str) -> StopReason {
-    serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .unwrap_or(StopReason::Shutdown)
 }
 
 impl Supervisor {
@@ -82,48 +42,71 @@ impl Supervisor {
                 let _ = r.send(Err(ControlError::UpgradeRefused(msg.to_string())));
             }
         };
-        if self.phase == Phase::Stopping {
-            return refuse(reply, "droved is stopping");
-        }
-        if self.rollout.is_some() {
-            return refuse(
-                reply,
-                "a rolling restart is in progress; retry when it has finished",
-            );
-        }
-        if self.upgrade.exec_at.is_some() {
-            // Preflight passed and its callers were answered: this request
-            // is served by the exec about to happen.
-            info!("{why}: the upgrade is about to happen");
-            if let Some(r) = reply {
-                let _ = r.send(Ok(()));
+        let from_starting = match &mut self.lifecycle {
+            Lifecycle::Stopping { .. } => return refuse(reply, "droved is stopping"),
+            Lifecycle::Rolling(_) => {
+                return refuse(
+                    reply,
+                    "a rolling restart is in progress; retry when it has finished",
+                );
             }
-            return;
-        }
-        if let Some(r) = reply {
-            self.upgrade.replies.push(r);
-        }
-        if self.upgrade.busy() {
-            info!("{why}: joined the upgrade in progress");
-            return;
-        }
-        self.upgrade.preflighting = true;
+            Lifecycle::Upgrading(Upgrade {
+                stage: UpgradeStage::Handing { .. },
+                ..
+            }) => {
+                // Preflight passed and its callers were answered: this
+                // request is served by the exec about to happen.
+                info!("{why}: the upgrade is about to happen");
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(()));
+                }
+                return;
+            }
+            Lifecycle::Upgrading(Upgrade {
+                stage: UpgradeStage::Preflight { replies },
+                ..
+            }) => {
+                replies.extend(reply);
+                info!("{why}: joined the upgrade in progress");
+                return;
+            }
+            Lifecycle::Starting => true,
+            Lifecycle::Running => false,
+        };
         info!(
             event = "upgrade",
             "{why}: checking {} before re-executing it",
             self.exe.display()
         );
+        self.enter(Lifecycle::Upgrading(Upgrade {
+            stage: UpgradeStage::Preflight {
+                replies: reply.into_iter().collect(),
+            },
+            from_starting,
+        }));
         let exe = self.exe.clone();
         let args: Vec<_> = self.argv.iter().skip(1).cloned().collect();
-        let tx = self.upgrade.results_tx.clone();
+        let tx = self.preflight_tx.clone();
         tokio::spawn(async move {
             let _ = tx.send(preflight(&exe, &args).await).await;
         });
     }
 
-    pub(super) fn on_preflight(&mut self, result: Result<String, String>) {
-        self.upgrade.preflighting = false;
-        let replies = std::mem::take(&mut self.upgrade.replies);
+    pub(super) fn on_preflight(&mut self, result: PreflightResult) {
+        let Lifecycle::Upgrading(Upgrade {
+            stage: UpgradeStage::Preflight { replies },
+            from_starting,
+        }) = &mut self.lifecycle
+        else {
+            // The upgrade was dropped meanwhile (a stop): nothing to do.
+            info!(
+                "preflight result ignored: droved is {}",
+                self.lifecycle.phase()
+            );
+            return;
+        };
+        let from_starting = *from_starting;
+        let replies = std::mem::take(replies);
         match result {
             Err(msg) => {
                 error!(
@@ -131,15 +114,7 @@ impl Supervisor {
                     "upgrade refused, still running {}: {msg}",
                     crate::version()
                 );
-                for r in replies {
-                    let _ = r.send(Err(ControlError::UpgradeRefused(msg.clone())));
-                }
-            }
-            Ok(version) if self.phase == Phase::Stopping || self.rollout.is_some() => {
-                let msg = format!(
-                    "{version} passed preflight, but droved is now busy ({})",
-                    self.phase
-                );
+                self.enter(Lifecycle::settled(from_starting));
                 for r in replies {
                     let _ = r.send(Err(ControlError::UpgradeRefused(msg.clone())));
                 }
@@ -149,23 +124,30 @@ impl Supervisor {
                     event = "upgrade",
                     "preflight passed; re-executing as {version}"
                 );
-                self.phase = Phase::Upgrading;
-                let line = self.snapshot().status_line();
-                self.upward.reloading(&line);
                 if replies.is_empty() {
                     // Nobody waits for an answer (SIGUSR2): exec right away.
-                    self.exec_upgrade();
+                    self.exec_upgrade(None);
                     return;
                 }
                 for r in replies {
                     let _ = r.send(Ok(()));
                 }
-                self.upgrade.exec_at = Some(Instant::now() + EXEC_DELAY);
+                self.enter(Lifecycle::Upgrading(Upgrade {
+                    stage: UpgradeStage::Handing {
+                        exec_at: Instant::now() + EXEC_DELAY,
+                    },
+                    from_starting,
+                }));
             }
         }
     }
 
     fn capture(&self, notify_fd: i32, now: Instant) -> State {
+        let resume = match &self.lifecycle {
+            Lifecycle::Upgrading(u) if u.from_starting => Resume::Starting,
+            Lifecycle::Starting => Resume::Starting,
+            _ => Resume::Running,
+        };
         State {
             from_version: crate::version(),
             instance: self.instance.clone(),
@@ -193,11 +175,11 @@ impl Supervisor {
                     pid: w.pid.as_raw(),
                     slot: w.slot,
                     generation: w.generation,
-                    state: w.state.to_string(),
+                    state: w.state,
                     age_ms: age_ms(now, w.started),
                     ready_age_ms: w.ready_at.map(|t| age_ms(now, t)),
                     last_ping_age_ms: age_ms(now, w.last_ping),
-                    stop: w.stop.map(|(r, t)| (stop_reason_name(r), age_ms(now, t))),
+                    stop: w.stop.map(|(r, t)| (r, age_ms(now, t))),
                     killed: w.killed,
                     status_text: w.status_text.clone(),
                     recycle_in_ms: w
@@ -208,16 +190,20 @@ impl Supervisor {
             counters: self.counters,
             uptime_ms: age_ms(now, self.started),
             consecutive_failures: self.gate.consecutive_failures,
+            resume,
         }
     }
 
-    /// Hands over and execs. Returns only if exec failed; then everything is
-    /// as before and the pool keeps running.
-    pub(super) fn exec_upgrade(&mut self) {
-        self.upgrade.exec_at = None;
+    /// Hands over and execs; `stop` hands over a stop that arrived while
+    /// the exec was due. Returns only if exec failed; then droved goes back
+    /// to the state it upgraded from and the pool keeps running.
+    pub(super) fn exec_upgrade(&mut self, stop: Option<bool>) {
         let now = Instant::now();
         let notify_fd = self.notify.raw_fd();
-        let state = self.capture(notify_fd, now);
+        let mut state = self.capture(notify_fd, now);
+        if let Some(fast) = stop {
+            state.resume = Resume::Stopping { fast };
+        }
         let memfd = match exec::memfd_with(&handover::encode(&state)) {
             Ok(fd) => fd,
             Err(e) => return self.upgrade_failed(format!("cannot write the handover state: {e}")),
@@ -274,9 +260,10 @@ impl Supervisor {
             "upgrade failed, still running {}: {msg}",
             crate::version()
         );
-        self.phase = Phase::Running;
-        let line = self.snapshot().status_line();
-        self.upward.ready(&line);
+        let from_starting = matches!(&self.lifecycle, Lifecycle::Upgrading(u) if u.from_starting);
+        if matches!(self.lifecycle, Lifecycle::Upgrading(_)) {
+            self.enter(Lifecycle::settled(from_starting));
+        }
     }
 
     /// Takes over the pool described by the previous image.
@@ -293,20 +280,15 @@ impl Supervisor {
         for w in state.workers {
             let pid = nix::unistd::Pid::from_raw(w.pid);
             let mut worker = Worker::new(pid, w.slot, w.generation, back(w.age_ms));
-            worker.state = match w.state.as_str() {
-                "ready" => WorkerState::Ready,
-                "stopping" => WorkerState::Stopping,
-                _ => WorkerState::Starting,
-            };
+            worker.state = w.state;
             worker.ready_at = w.ready_age_ms.map(back);
             worker.last_ping = back(w.last_ping_age_ms);
-            worker.stop = w.stop.map(|(r, ms)| (stop_reason_from(&r), back(ms)));
+            worker.stop = w.stop.map(|(r, ms)| (r, back(ms)));
             worker.killed = w.killed;
             worker.status_text = w.status_text;
             worker.recycle_at = w.recycle_in_ms.map(|ms| now + Duration::from_millis(ms));
             self.pool.workers.insert(pid, worker);
         }
-        self.phase = Phase::Running;
         info!(
             event = "upgraded",
             "droved {} took over {} workers from {} (pid {} unchanged)",
@@ -317,12 +299,21 @@ impl Supervisor {
         );
         // Event::Upgraded goes out from run(), once front-ends listen.
         self.upgraded_from = Some(state.from_version);
+        match state.resume {
+            // READY=1 again (systemd heard RELOADING=1 from the old image).
+            Resume::Running => {
+                self.enter(Lifecycle::Running);
+            }
+            // Still owed: reconcile sends it once the pool is ready.
+            Resume::Starting => {}
+            Resume::Stopping { fast } => self.begin_stop(fast, "stop received during the upgrade"),
+        }
     }
 }
 
 /// Runs `exe --preflight ARGS`: the new binary must start, accept the
 /// current configuration, and read our handover format.
-async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> Result<String, String> {
+async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> PreflightResult {
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("--preflight")
         .args(args)

@@ -10,15 +10,17 @@
 //! child. We pre-allocate `LISTEN_PID=` followed by 20 spaces, and the child
 //! writes its pid into that buffer with `getpid()` before `execve`.
 //!
-//! Fd invariants:
+//! Fd invariants (the moves are planned in the parent by [`fd_plan`]):
 //! - every fd of droved is CLOEXEC, so nothing leaks into a worker;
-//! - the child first duplicates each listener to a CLOEXEC fd above the
-//!   target range (so the `dup2`s cannot clobber each other, and `dup2(3, 3)`
-//!   no-ops cannot keep CLOEXEC set), then `dup2`s them to 3, 4, …, which
-//!   clears CLOEXEC on exactly those fds;
 //! - a CLOEXEC "exec status" pipe tells the parent whether `execve` happened
 //!   (EOF) or which step failed (a step code and errno), so a missing binary
-//!   is a clear error, and `ready = "exec"` means what systemd's Type=exec means.
+//!   is a clear error, and `ready = "exec"` means what systemd's Type=exec
+//!   means. The child first moves its end above the target range, wherever
+//!   the pipe landed, and reports every later failure through the moved fd;
+//! - the child then duplicates each listener to a CLOEXEC fd above the
+//!   target range (so the `dup2`s cannot clobber each other, and `dup2(3, 3)`
+//!   no-ops cannot keep CLOEXEC set), then `dup2`s them to 3, 4, …, which
+//!   clears CLOEXEC on exactly those fds.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -150,6 +152,72 @@ impl ChildStep {
     }
 }
 
+/// One fd move of the child's plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdMove {
+    /// `dup3(from, to, O_CLOEXEC)`: a copy above the target range that the
+    /// later moves cannot clobber; closed at exec.
+    Park { from: RawFd, to: RawFd },
+    /// `dup2(from, to)` into a listener slot, which clears CLOEXEC there.
+    Place { from: RawFd, to: RawFd },
+}
+
+/// Where the child puts its fds before exec; see [`fd_plan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdPlan {
+    /// The status pipe's write end as created, possibly inside the target
+    /// range (then a listener is placed over it).
+    pub status_from: RawFd,
+    /// Where the status pipe's write end is moved first (`dup3` with
+    /// CLOEXEC; equal to `status_from` when that is already safe): at or
+    /// above `high_base`, never a source or destination of `moves`.
+    pub status: RawFd,
+    /// The listener moves, in order, after the status pipe moved.
+    pub moves: Vec<FdMove>,
+    /// First fd above the listener targets `3..high_base`.
+    pub high_base: RawFd,
+}
+
+/// Plans the fds of a worker: listener `i` (fd `listeners[i]`) ends at
+/// `3 + i` without CLOEXEC, and the exec status pipe (fd `status`) ends at
+/// `FdPlan::status`, untouched by every later move. Fds that are neither
+/// listeners nor the status pipe may be overwritten: in the child they are
+/// droved's own, all closed at exec anyway. Pure, so it is tested without
+/// forking; the child only follows it.
+pub fn fd_plan(listeners: &[RawFd], status: RawFd) -> FdPlan {
+    let high_base = LISTEN_FDS_START + listeners.len() as RawFd;
+    let mut taken: Vec<RawFd> = listeners.to_vec();
+    let next_free = |taken: &mut Vec<RawFd>| {
+        let fd = (high_base..)
+            .find(|fd| !taken.contains(fd))
+            .expect("an fd number above the listeners is free");
+        taken.push(fd);
+        fd
+    };
+    let status_to = if status >= high_base && !listeners.contains(&status) {
+        taken.push(status);
+        status
+    } else {
+        next_free(&mut taken)
+    };
+    let parked: Vec<RawFd> = listeners.iter().map(|_| next_free(&mut taken)).collect();
+    let moves = listeners
+        .iter()
+        .zip(&parked)
+        .map(|(&from, &to)| FdMove::Park { from, to })
+        .chain(parked.iter().enumerate().map(|(i, &from)| FdMove::Place {
+            from,
+            to: LISTEN_FDS_START + i as RawFd,
+        }))
+        .collect();
+    FdPlan {
+        status_from: status,
+        status: status_to,
+        moves,
+        high_base,
+    }
+}
+
 /// Resolves a bare program name against `PATH` (from the worker's env).
 pub fn resolve_program(
     program: &str,
@@ -278,7 +346,7 @@ pub fn start(spec: &SpawnSpec<'_>) -> io::Result<Pending> {
     let mut prepared = spec.prepare()?;
     let (status_read, status_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let listen_pid_ptr = prepared.listen_pid.as_mut_ptr();
-    let status_fd = status_write.as_raw_fd();
+    let plan = fd_plan(&prepared.fds, status_write.as_raw_fd());
 
     // SAFETY: fork() in a multi-threaded process is sound as long as the child
     // only makes async-signal-safe calls before execve/_exit. `child_exec`
@@ -290,7 +358,7 @@ pub fn start(spec: &SpawnSpec<'_>) -> io::Result<Pending> {
     }
     if pid == 0 {
         // SAFETY: we are the child of fork(); see child_exec's contract.
-        unsafe { child_exec(&prepared, listen_pid_ptr, status_fd) }
+        unsafe { child_exec(&prepared, &plan, listen_pid_ptr) }
     }
     drop(status_write);
     Ok(Pending {
@@ -341,26 +409,30 @@ impl Pending {
     }
 }
 
+/// Reports the failed `step` and errno on the status pipe, then exits 127.
+/// Async-signal-safe.
+fn fail(status_fd: RawFd, step: ChildStep) -> ! {
+    // SAFETY: reading errno, write and _exit are async-signal-safe; `msg`
+    // is a local buffer of the length passed.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut msg = [0u8; 8];
+        msg[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+        msg[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(status_fd, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
 /// The child side of [`spawn`]. Never returns.
 ///
 /// # Safety
 /// Must only be called in the child of `fork()`. It calls only
 /// async-signal-safe functions (signal(7)): sigaction, sigprocmask, setsid,
-/// fcntl, dup2, close_range, chdir, setgroups, setgid, setuid, prctl,
+/// dup2, dup3, close_range, chdir, setgroups, setgid, setuid, prctl,
 /// getppid, getpid, write, execve,
 /// _exit; it neither allocates nor takes locks.
-unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
-    let fail = |step: ChildStep| -> ! {
-        // SAFETY: errno location, write and _exit are async-signal-safe.
-        unsafe {
-            let errno = *libc::__errno_location();
-            let mut msg = [0u8; 8];
-            msg[..4].copy_from_slice(&(step as u32).to_ne_bytes());
-            msg[4..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(status_fd, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127)
-        }
-    };
+unsafe fn child_exec(p: &Prepared, plan: &FdPlan, listen_pid: *mut u8) -> ! {
     // SAFETY: all calls below are async-signal-safe and operate on memory
     // prepared before fork; pointers are valid NUL-terminated arrays.
     unsafe {
@@ -378,30 +450,24 @@ unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
         // which then stops the workers the way it is configured to.
         libc::setsid();
 
+        // The status pipe first, out of the listeners' way; from here on
+        // every failure is reported through the moved fd (the original may
+        // become a listener's slot).
+        if plan.status != plan.status_from
+            && libc::dup3(plan.status_from, plan.status, libc::O_CLOEXEC) < 0
+        {
+            fail(plan.status_from, ChildStep::Fds);
+        }
+        let status_fd = plan.status;
         // Listeners to 3..: first above the target range (CLOEXEC copies),
-        // then dup2 down, which clears CLOEXEC on exactly the targets. The
-        // status pipe moves up too, so no dup2 can clobber it.
-        let n = p.fds.len() as RawFd;
-        let high_base = LISTEN_FDS_START + n;
-        let status_fd = libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, high_base);
-        if status_fd < 0 {
-            libc::_exit(127);
-        }
-        let mut high = [0 as RawFd; 64];
-        if p.fds.len() > high.len() {
-            *libc::__errno_location() = libc::EMFILE;
-            fail(ChildStep::Fds);
-        }
-        for (i, &fd) in p.fds.iter().enumerate() {
-            let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, high_base);
-            if h < 0 {
-                fail(ChildStep::Fds);
-            }
-            high[i] = h;
-        }
-        for (i, &h) in high.iter().take(p.fds.len()).enumerate() {
-            if libc::dup2(h, LISTEN_FDS_START + i as RawFd) < 0 {
-                fail(ChildStep::Fds);
+        // then dup2 down, which clears CLOEXEC on exactly the targets.
+        for step in &plan.moves {
+            let done = match *step {
+                FdMove::Park { from, to } => libc::dup3(from, to, libc::O_CLOEXEC),
+                FdMove::Place { from, to } => libc::dup2(from, to),
+            };
+            if done < 0 {
+                fail(status_fd, ChildStep::Fds);
             }
         }
 
@@ -410,12 +476,12 @@ unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
         // above the listeners CLOEXEC (close_range(2), Linux 5.11).
         if libc::syscall(
             libc::SYS_close_range,
-            high_base as libc::c_uint,
+            plan.high_base as libc::c_uint,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) < 0
         {
-            fail(ChildStep::Fds);
+            fail(status_fd, ChildStep::Fds);
         }
 
         if let Some((uid, gid, groups)) = &p.creds
@@ -423,14 +489,14 @@ unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
                 || libc::setgid(*gid) < 0
                 || libc::setuid(*uid) < 0)
         {
-            fail(ChildStep::Credentials);
+            fail(status_fd, ChildStep::Credentials);
         }
         // As the worker's user (systemd does the same): a directory only
         // that user may enter works without extra capabilities for droved.
         if let Some(cwd) = &p.cwd
             && libc::chdir(cwd.as_ptr()) < 0
         {
-            fail(ChildStep::Chdir);
+            fail(status_fd, ChildStep::Chdir);
         }
 
         // After the credential change (which clears it): die with the
@@ -444,7 +510,7 @@ unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
                 0,
             ) < 0
             {
-                fail(ChildStep::Credentials);
+                fail(status_fd, ChildStep::Credentials);
             }
             if libc::getppid() != p.parent {
                 libc::_exit(0);
@@ -474,7 +540,7 @@ unsafe fn child_exec(p: &Prepared, listen_pid: *mut u8, status_fd: RawFd) -> ! {
             p.argv_ptrs.as_ptr(),
             p.envp_ptrs.as_ptr(),
         );
-        fail(ChildStep::Exec)
+        fail(status_fd, ChildStep::Exec)
     }
 }
 
@@ -495,6 +561,7 @@ pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::net::TcpListener;
     use std::os::fd::AsFd;
 
@@ -586,5 +653,229 @@ mod tests {
         assert_eq!(creds.uid.as_raw(), 0);
         assert!(Credentials::resolve(Some("no-such-user-drove"), None).is_err());
         assert!(Credentials::resolve(None, None).unwrap().is_none());
+    }
+
+    /// Runs the fd plan on a model fd table and checks the invariants the
+    /// child relies on: listener `i` ends at `3 + i` without CLOEXEC, and
+    /// the status pipe, once moved, is never overwritten.
+    fn check_plan(listeners: &[RawFd], status: RawFd) {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Open {
+            Listener(usize),
+            Status,
+        }
+        let plan = fd_plan(listeners, status);
+        let ctx = format!("listeners {listeners:?}, status {status}: {plan:?}");
+        // fd -> (what is open there, CLOEXEC)
+        let mut table: BTreeMap<RawFd, (Open, bool)> = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, &fd)| (fd, (Open::Listener(i), true)))
+            .collect();
+        table.insert(status, (Open::Status, true));
+        let high_base = LISTEN_FDS_START + listeners.len() as RawFd;
+        assert_eq!(plan.high_base, high_base, "{ctx}");
+        assert_eq!(plan.status_from, status, "{ctx}");
+        assert!(plan.status >= high_base, "{ctx}");
+        if plan.status != status {
+            table.insert(plan.status, (Open::Status, true));
+        }
+        for step in &plan.moves {
+            let (from, to, cloexec) = match *step {
+                FdMove::Park { from, to } => {
+                    assert_ne!(from, to, "dup3 refuses from == to: {ctx}");
+                    assert!(to >= high_base, "parked inside the targets: {ctx}");
+                    (from, to, true)
+                }
+                FdMove::Place { from, to } => (from, to, false),
+            };
+            assert_ne!(to, plan.status, "a move overwrites the status pipe: {ctx}");
+            let (open, _) = *table
+                .get(&from)
+                .unwrap_or_else(|| panic!("{from} is closed: {ctx}"));
+            table.insert(to, (open, cloexec));
+            assert_eq!(table[&plan.status].0, Open::Status, "{ctx}");
+        }
+        for i in 0..listeners.len() {
+            let fd = LISTEN_FDS_START + i as RawFd;
+            assert_eq!(
+                table.get(&fd),
+                Some(&(Open::Listener(i), false)),
+                "fd {fd}: {ctx}"
+            );
+        }
+        assert_eq!(table[&plan.status].0, Open::Status, "{ctx}");
+    }
+
+    #[test]
+    fn fd_plan_moves() {
+        // Nothing to place: the pipe stays where it is.
+        assert_eq!(
+            fd_plan(&[], 5),
+            FdPlan {
+                status_from: 5,
+                status: 5,
+                moves: vec![],
+                high_base: 3
+            }
+        );
+        // The usual case: the pipe above the listeners stays put.
+        assert_eq!(
+            fd_plan(&[7], 8),
+            FdPlan {
+                status_from: 8,
+                status: 8,
+                moves: vec![
+                    FdMove::Park { from: 7, to: 4 },
+                    FdMove::Place { from: 4, to: 3 }
+                ],
+                high_base: 4,
+            }
+        );
+        // The pipe inside the target range (fd 4, where listener 1 goes):
+        // it moves first, above every listener's source and parking slot.
+        assert_eq!(
+            fd_plan(&[5, 6, 7], 4),
+            FdPlan {
+                status_from: 4,
+                status: 8,
+                moves: vec![
+                    FdMove::Park { from: 5, to: 9 },
+                    FdMove::Park { from: 6, to: 10 },
+                    FdMove::Park { from: 7, to: 11 },
+                    FdMove::Place { from: 9, to: 3 },
+                    FdMove::Place { from: 10, to: 4 },
+                    FdMove::Place { from: 11, to: 5 },
+                ],
+                high_base: 6,
+            }
+        );
+        // Already at its target, a listener still goes through a copy, so
+        // that the dup2 clears CLOEXEC.
+        let plan = fd_plan(&[3], 4);
+        assert_eq!(plan.status, 4);
+        assert_eq!(
+            plan.moves,
+            [
+                FdMove::Park { from: 3, to: 5 },
+                FdMove::Place { from: 5, to: 3 }
+            ]
+        );
+    }
+
+    #[test]
+    fn fd_plan_holds_for_every_small_layout() {
+        fn layouts(n: usize, from: &[RawFd], acc: &mut Vec<RawFd>, out: &mut Vec<Vec<RawFd>>) {
+            if acc.len() == n {
+                out.push(acc.clone());
+                return;
+            }
+            for &fd in from {
+                if !acc.contains(&fd) {
+                    acc.push(fd);
+                    layouts(n, from, acc, out);
+                    acc.pop();
+                }
+            }
+        }
+        let fds: Vec<RawFd> = (0..10).collect();
+        let mut checked = 0;
+        for n in 0..=3 {
+            let mut all = Vec::new();
+            layouts(n, &fds, &mut Vec::new(), &mut all);
+            for listeners in all {
+                for &status in fds.iter().filter(|fd| !listeners.contains(fd)) {
+                    check_plan(&listeners, status);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 5000, "{checked}");
+    }
+
+    /// Set when this test binary runs one test alone in a fresh process.
+    const ISOLATED: &str = "DROVE_TEST_ISOLATED";
+
+    /// Runs test `name` alone in a fresh copy of this test binary, where no
+    /// other test opens or closes fds meanwhile; fails if it fails there.
+    fn run_isolated(name: &str) {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--test-threads=1", "--nocapture"])
+            .env(ISOLATED, "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut out, mut err) = (String::new(), String::new());
+            let _ = stdout.read_to_string(&mut out);
+            let _ = stderr.read_to_string(&mut err);
+            let _ = tx.send((child.wait(), out, err));
+        });
+        let Ok((status, out, err)) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!("{name} did not finish within 60s in its own process");
+        };
+        assert!(
+            status.unwrap().success() && out.contains("test result: ok. 1 passed"),
+            "{name} in its own process:\n{out}\n{err}"
+        );
+    }
+
+    #[test]
+    fn failures_are_reported_when_the_status_pipe_lands_among_the_listener_slots() {
+        let name = "sys::spawn::tests::failures_are_reported_when_the_status_pipe_lands_among_the_listener_slots";
+        if std::env::var_os(ISOLATED).is_none() {
+            return run_isolated(name);
+        }
+        // fd numbers are process-wide, so this part runs alone in its own
+        // process. Each listener takes the lowest free fd; moving the two
+        // lowest up (clones land above the last one) frees their fds, which
+        // the exec status pipe (read end, write end) then takes: the write
+        // end lies inside the target range 3..3+N.
+        const N: usize = 16;
+        let mut listeners: Vec<OwnedFd> = (0..N)
+            .map(|_| OwnedFd::from(TcpListener::bind("127.0.0.1:0").unwrap()))
+            .collect();
+        listeners.sort_by_key(AsRawFd::as_raw_fd);
+        let moved: Vec<OwnedFd> = listeners[..2]
+            .iter()
+            .map(|l| l.try_clone().unwrap())
+            .collect();
+        listeners.splice(..2, moved);
+        let target_end = LISTEN_FDS_START + N as RawFd;
+        let (probe_read, probe_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let status_fd = probe_write.as_raw_fd();
+        assert!(
+            (LISTEN_FDS_START..target_end).contains(&status_fd),
+            "setup: the status pipe would be fd {status_fd}, not inside 3..{target_end}"
+        );
+        drop((probe_read, probe_write));
+
+        let argv = vec!["true".to_string()];
+        let spec = SpawnSpec {
+            argv: &argv,
+            env: vec![("PATH".into(), std::env::var("PATH").unwrap())],
+            working_directory: Some(Path::new("/nonexistent-drove-dir")),
+            credentials: None,
+            listeners: listeners.iter().map(|l| l.as_fd()).collect(),
+            parent_death_signal: None,
+        };
+        match spawn(&spec) {
+            Ok(pid) => panic!(
+                "spawn reported success; the child exited with {:?}",
+                nix::sys::wait::waitpid(pid, None)
+            ),
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("changing to the working directory failed"),
+                "{e}"
+            ),
+        }
     }
 }

@@ -111,6 +111,7 @@ proptest! {
             counters: handover::Counters::default(),
             uptime_ms: 1,
             consecutive_failures: 0,
+            resume: handover::Resume::Running,
         };
         let mut bytes = handover::encode(&state);
         let i = flip % bytes.len();

@@ -1,3 +1,4 @@
+pub mod cli;
 pub mod core;
 pub mod dbus;
 pub mod faults;

@@ -1,0 +1,166 @@
+//! Requests from outside: D-Bus commands, and the signals that scale or
+//! stop the pool (TTIN/TTOU, TERM/INT/QUIT).
+
+use std::time::Instant;
+
+use nix::unistd::Pid;
+use tracing::{error, info};
+
+use super::Supervisor;
+use super::control::{Command, ControlError, Event, WorkerInfo};
+use super::lifecycle::{Lifecycle, UpgradeStage};
+use super::pool::StopReason;
+use super::scale_params;
+use crate::sys::process;
+
+impl Supervisor {
+    pub(super) fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Scale { n, reply } => {
+                let r = if self.lifecycle.is_stopping() {
+                    Err(ControlError::Stopping)
+                } else if n < self.config.pool.min || n > self.config.pool.max {
+                    Err(ControlError::OutOfRange(format!(
+                        "{n} is outside the limits {}..{}; change them with SetLimits first",
+                        self.config.pool.min, self.config.pool.max
+                    )))
+                } else {
+                    self.nudge(n as i32 - self.target as i32, "scale request");
+                    Ok(self.target)
+                };
+                let _ = reply.send(r);
+            }
+            Command::SetLimits { min, max, reply } => {
+                let _ = reply.send(self.set_limits(min, max));
+            }
+            Command::Reload { reply } => {
+                if let Err(e) = self.reload(Some(reply)) {
+                    error!("reload rejected: {e}");
+                }
+            }
+            Command::RestartWorkers { reply } => {
+                self.start_rollout("restart requested", None, Some(reply))
+            }
+            Command::Upgrade { reply } => self.request_upgrade(Some(reply), "upgrade request"),
+
+            Command::ListWorkers { reply } => {
+                let now = Instant::now();
+                let list = self
+                    .pool
+                    .workers
+                    .values()
+                    .map(|w| WorkerInfo {
+                        pid: w.pid.as_raw() as u32,
+                        slot: w.slot,
+                        state: w.state.to_string(),
+                        generation: w.generation,
+                        age_secs: now.duration_since(w.started).as_secs_f64(),
+                        rss_bytes: process::rss_bytes(w.pid).unwrap_or(0),
+                        cpu_secs: process::cpu_time(w.pid)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0),
+                        status: w.status_text.clone().unwrap_or_default(),
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+        }
+    }
+
+    fn set_limits(&mut self, min: u32, max: u32) -> Result<(u32, u32), ControlError> {
+        if min == 0 || min > max || max > crate::config::MAX_WORKERS {
+            return Err(ControlError::OutOfRange(format!(
+                "limits must satisfy 1 <= min <= max <= {}; got min {min}, max {max}",
+                crate::config::MAX_WORKERS
+            )));
+        }
+        self.config.pool.min = min;
+        self.config.pool.max = max;
+        self.apply_limits();
+        let clamped = self.target.clamp(min, max);
+        if clamped != self.target {
+            self.nudge(clamped as i32 - self.target as i32, "new limits");
+        }
+        info!(event = "limits", "limits set to {min}..{max}");
+        Ok((min, max))
+    }
+
+    pub(super) fn nudge(&mut self, delta: i32, why: &str) {
+        let new = (self.target as i64 + delta as i64)
+            .clamp(self.config.pool.min as i64, self.config.pool.max as i64)
+            as u32;
+        if new == self.target {
+            info!(
+                "{why}: target stays {} (limits {}..{})",
+                self.target, self.config.pool.min, self.config.pool.max
+            );
+            return;
+        }
+        info!(
+            event = "scale",
+            from = self.target,
+            to = new,
+            "{why}: scale {} -> {new}",
+            self.target
+        );
+        let _ = self.events.send(Event::Scaled {
+            from: self.target,
+            to: new,
+            reason: why.to_string(),
+        });
+        self.target = new;
+    }
+
+    /// Stops the pool: every worker gets its stop signal (SIGKILL when
+    /// `fast`); droved exits when the last one is gone. A stop wins over
+    /// everything in progress: a rollout's callers get an error, an upgrade
+    /// still checking the new binary is dropped (its callers get an error),
+    /// and one whose exec is due happens now, with the stop handed over so
+    /// the new image stops at once (its callers were told it would happen).
+    pub(super) fn begin_stop(&mut self, fast: bool, why: &str) {
+        if matches!(self.lifecycle, Lifecycle::Stopping { fast: already } if already || !fast) {
+            return;
+        }
+        if self.lifecycle.exec_at().is_some() {
+            info!(
+                event = "stop",
+                "{why}: stopping after the upgrade that is due now"
+            );
+            self.exec_upgrade(Some(fast));
+            // Still here: the exec failed; stop in this image.
+        }
+        info!(
+            event = "stop",
+            "{why}: {} stop of {} workers",
+            if fast { "fast" } else { "graceful" },
+            self.pool.workers.len()
+        );
+        let left = self.enter(Lifecycle::Stopping { fast });
+        let replies = match left {
+            Lifecycle::Rolling(r) => r.replies,
+            Lifecycle::Upgrading(u) => match u.stage {
+                UpgradeStage::Preflight { replies } => replies,
+                UpgradeStage::Handing { .. } => vec![],
+            },
+            _ => vec![],
+        };
+        for reply in replies {
+            let _ = reply.send(Err(ControlError::Stopping));
+        }
+        let pids: Vec<Pid> = self.pool.workers.keys().copied().collect();
+        for pid in pids {
+            self.stop_worker(pid, StopReason::Shutdown, fast);
+        }
+    }
+
+    /// The spawn gate and scaler follow the config's limits.
+    pub(super) fn apply_limits(&mut self) {
+        self.scaler.set_params(scale_params(&self.config));
+        self.gate.set_limits(
+            self.config.pool.spawn_rate,
+            self.config.pool.max,
+            self.config.worker.restart_delay,
+            self.config.worker.restart_delay_max,
+        );
+    }
+}

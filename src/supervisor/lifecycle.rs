@@ -1,0 +1,210 @@
+//! droved's own lifecycle, as one enum.
+//!
+//! ```text
+//!             pool ready                      rollout done / aborted
+//!  Starting ─────────────▶ Running ◀──────────────────────────── Rolling
+//!     │  │                 │  ▲  │  reload, restart-workers          ▲
+//!     │  │  reload         │  │  └───────────────────────────────────┘
+//!     │  └─────────────────┼──┼──────────────────────────────────────┘
+//!     │  upgrade           │  │ preflight refused / exec failed
+//!     └──────────────▶ Upgrading { Preflight ─▶ Handing } ──exec──▶ (new image:
+//!                          │                                 Starting/Running/Stopping)
+//!  any state ── SIGTERM/SIGINT/SIGQUIT ──▶ Stopping { fast } ──last worker gone──▶ exit
+//! ```
+//!
+//! Every state owns exactly the data that exists in it (a rollout's floor
+//! and callers, an upgrade's callers and exec time), so "rolling and
+//! upgrading at once" or "stopping with an exec pending" cannot be written
+//! down. [`announcement`] is the one rule for what systemd hears on a change
+//! of phase; `Supervisor::enter` applies it and publishes the new State on
+//! D-Bus.
+
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::control::ControlError;
+use super::status::Phase;
+use crate::config::Config;
+
+pub type Reply = oneshot::Sender<Result<(), ControlError>>;
+
+/// Where droved is in its life. See the module docs for the diagram.
+pub enum Lifecycle {
+    /// Forking the first workers; READY=1 not sent yet.
+    Starting,
+    Running,
+    /// A rolling restart (reload or restart-workers) is under way.
+    Rolling(Box<Rollout>),
+    /// A binary upgrade: the new binary is being checked, or the exec is due.
+    Upgrading(Upgrade),
+    /// Workers were told to stop; droved exits when the last one is gone.
+    Stopping {
+        fast: bool,
+    },
+}
+
+/// A rolling restart in progress.
+pub struct Rollout {
+    /// Ready workers when it began: the floor we never go below.
+    pub floor: u32,
+    /// The config and generation to go back to if the new one fails
+    /// (`None` for a plain restart of the same config).
+    pub previous: Option<(Config, u64)>,
+    /// Failed starts of the new generation so far.
+    pub failures: u32,
+    pub replies: Vec<Reply>,
+    pub why: &'static str,
+    /// What droved was before: a rollout begun while starting still owes
+    /// systemd its first READY=1, which it sends when the rollout ends.
+    pub from_starting: bool,
+}
+
+/// A binary upgrade in progress.
+pub struct Upgrade {
+    pub stage: UpgradeStage,
+    /// Whether the pool had become ready before the upgrade began; the new
+    /// image resumes in the same state.
+    pub from_starting: bool,
+}
+
+pub enum UpgradeStage {
+    /// `droved --preflight` of the new binary runs; callers wait for it.
+    Preflight { replies: Vec<Reply> },
+    /// Preflight passed and the callers were answered; the exec happens at
+    /// `exec_at`, once their replies have left on the bus.
+    Handing { exec_at: Instant },
+}
+
+impl Lifecycle {
+    /// The phase shown in `STATUS=`, the D-Bus State property and
+    /// `drovectl status`.
+    pub fn phase(&self) -> Phase {
+        match self {
+            Lifecycle::Starting => Phase::Starting,
+            Lifecycle::Running => Phase::Running,
+            Lifecycle::Rolling(_) => Phase::Reloading,
+            Lifecycle::Upgrading(_) => Phase::Upgrading,
+            Lifecycle::Stopping { .. } => Phase::Stopping,
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        matches!(self, Lifecycle::Stopping { .. })
+    }
+
+    pub fn rollout(&self) -> Option<&Rollout> {
+        match self {
+            Lifecycle::Rolling(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub fn rollout_mut(&mut self) -> Option<&mut Rollout> {
+        match self {
+            Lifecycle::Rolling(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// When an upgrade's exec is due.
+    pub fn exec_at(&self) -> Option<Instant> {
+        match self {
+            Lifecycle::Upgrading(Upgrade {
+                stage: UpgradeStage::Handing { exec_at },
+                ..
+            }) => Some(*exec_at),
+            _ => None,
+        }
+    }
+
+    /// The state to go back to when a rollout or upgrade ends: Running,
+    /// unless the pool never got ready.
+    pub fn settled(from_starting: bool) -> Lifecycle {
+        if from_starting {
+            Lifecycle::Starting
+        } else {
+            Lifecycle::Running
+        }
+    }
+}
+
+/// What droved tells systemd (sd_notify) when its phase changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announcement {
+    /// `READY=1`: serving (again) after start-up, a reload or an upgrade.
+    Ready,
+    /// `RELOADING=1`: a rollout or an upgrade began.
+    Reloading,
+    /// `STOPPING=1`.
+    Stopping,
+    /// Only `STATUS=` (sent on every change anyway).
+    Nothing,
+}
+
+/// The one rule for what systemd hears on a change of phase. Pure.
+pub fn announcement(from: Phase, to: Phase) -> Announcement {
+    match (from, to) {
+        (a, b) if a == b => Announcement::Nothing,
+        (_, Phase::Running) => Announcement::Ready,
+        (_, Phase::Reloading | Phase::Upgrading) => Announcement::Reloading,
+        (_, Phase::Stopping) => Announcement::Stopping,
+        (_, Phase::Starting) => Announcement::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Announcement as A;
+    use Phase::*;
+
+    #[test]
+    fn what_systemd_hears_on_each_change() {
+        // (from, to, announcement): every pair droved can make.
+        let table = [
+            (Starting, Running, A::Ready),
+            (Starting, Reloading, A::Reloading),
+            (Starting, Upgrading, A::Reloading),
+            (Starting, Stopping, A::Stopping),
+            (Running, Reloading, A::Reloading),
+            (Running, Upgrading, A::Reloading),
+            (Running, Stopping, A::Stopping),
+            (Reloading, Running, A::Ready),
+            (Reloading, Stopping, A::Stopping),
+            // A rollout begun while starting that ends before the pool is
+            // ready: systemd still waits for the first READY=1.
+            (Reloading, Starting, A::Nothing),
+            (Upgrading, Running, A::Ready),
+            (Upgrading, Starting, A::Nothing),
+            (Upgrading, Stopping, A::Stopping),
+            (Running, Running, A::Nothing),
+            (Upgrading, Upgrading, A::Nothing),
+            (Stopping, Stopping, A::Nothing),
+        ];
+        for (from, to, want) in table {
+            assert_eq!(announcement(from, to), want, "{from} -> {to}");
+        }
+    }
+
+    #[test]
+    fn phase_of_each_state() {
+        assert_eq!(Lifecycle::Starting.phase(), Starting);
+        assert_eq!(Lifecycle::Running.phase(), Running);
+        assert_eq!(Lifecycle::Stopping { fast: true }.phase(), Stopping);
+        let up = Lifecycle::Upgrading(Upgrade {
+            stage: UpgradeStage::Preflight { replies: vec![] },
+            from_starting: false,
+        });
+        assert_eq!(up.phase(), Upgrading);
+        assert!(up.exec_at().is_none());
+        let now = Instant::now();
+        let handing = Lifecycle::Upgrading(Upgrade {
+            stage: UpgradeStage::Handing { exec_at: now },
+            from_starting: false,
+        });
+        assert_eq!(handing.exec_at(), Some(now));
+        assert!(matches!(Lifecycle::settled(true), Lifecycle::Starting));
+        assert!(matches!(Lifecycle::settled(false), Lifecycle::Running));
+    }
+}

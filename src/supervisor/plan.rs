@@ -1,0 +1,505 @@
+//! The pool's decisions, without I/O: what to fork, whom to stop and why,
+//! how an exit is judged. Inputs are the worker table, the time and a few
+//! numbers; outputs are [`Action`]s the supervisor carries out. Like
+//! `scale.rs`, every rule has a table test here instead of only a slow
+//! process test.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use super::pool::{Pool, StopReason, Worker, WorkerState};
+use crate::sys::process::ExitStatus;
+
+/// Failed starts of a new generation after which its rollout is aborted.
+pub const ROLLOUT_MAX_FAILURES: u32 = 3;
+
+/// Something the supervisor should do to the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Fork this many current-generation workers.
+    Spawn(u32),
+    /// Send the stop signal (graceful) to one worker.
+    Stop(Pid, StopReason),
+    /// Start a replacement for this worker (recycling); it keeps serving
+    /// until the replacement is ready.
+    Replace(Pid, StopReason),
+    /// The rolling restart has reached its goal.
+    FinishRollout,
+    /// The pool is ready for the first time: tell systemd.
+    PoolReady,
+}
+
+/// The pool's goal at this instant.
+#[derive(Debug, Clone, Copy)]
+pub struct Goal {
+    pub generation: u64,
+    pub target: u32,
+    /// Forks the spawn gate allows now (rate limit and back-off).
+    pub spawn_budget: u32,
+    /// During a rollout: the number of ready workers never to go below.
+    pub rollout_floor: Option<u32>,
+    /// While starting: ready workers needed to announce READY=1.
+    pub ready_when: Option<u32>,
+}
+
+/// Forks and stops that bring the pool to its goal. `is_idle` tells
+/// whether a worker waits for a connection (scale-down prefers those).
+pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let generation = goal.generation;
+    let staying = pool
+        .workers
+        .values()
+        .filter(|w| w.is_staying(generation))
+        .count() as u32;
+    let starting = pool
+        .workers
+        .values()
+        .filter(|w| w.state == WorkerState::Starting && w.generation == generation)
+        .count() as u32;
+
+    // Current-generation workers up to the target; during a rollout one at
+    // a time beside the old ones (a batch of 1).
+    let mut want = goal.target.saturating_sub(staying);
+    if goal.rollout_floor.is_some() {
+        want = want.min(1u32.saturating_sub(starting));
+    }
+    let spawn = goal.spawn_budget.min(want);
+    if spawn > 0 {
+        actions.push(Action::Spawn(spawn));
+    }
+
+    let mut ready = pool.counts().ready;
+    if let Some(floor) = goal.rollout_floor {
+        // Outdated workers: starting ones go at once; ready ones one by one
+        // as new ones become ready, never dropping below the floor.
+        let mut left_outdated = 0;
+        for w in pool
+            .workers
+            .values()
+            .filter(|w| w.is_active() && w.generation != generation)
+        {
+            if w.state == WorkerState::Starting {
+                actions.push(Action::Stop(w.pid, StopReason::Rollout));
+            } else if ready > floor {
+                ready -= 1;
+                actions.push(Action::Stop(w.pid, StopReason::Rollout));
+            } else {
+                left_outdated += 1;
+            }
+        }
+        // Done when the new generation serves at full size, not merely when
+        // the old one is gone: a rollout begun with nothing ready would
+        // otherwise "finish" at once and report READY=1 falsely.
+        if left_outdated == 0 && pool.ready_in(generation) >= goal.target {
+            actions.push(Action::FinishRollout);
+        }
+    }
+
+    if staying > goal.target {
+        let excess = (staying - goal.target) as usize;
+        for pid in pool.pick_to_retire(excess, is_idle) {
+            actions.push(Action::Stop(pid, StopReason::ScaleDown));
+        }
+    }
+
+    if let Some(needed) = goal.ready_when
+        && ready >= needed
+    {
+        actions.push(Action::PoolReady);
+    }
+    actions
+}
+
+/// Recycling (max_lifetime, max_rss), one worker at a time and gated on
+/// readiness like a rollout: the due worker keeps serving while its
+/// replacement starts, and gets its stop signal only once enough workers
+/// are ready without it. `rss` is asked only when `max_rss` is given (the
+/// caller passes `None` between its periodic memory checks).
+pub fn recycle(
+    pool: &Pool,
+    generation: u64,
+    target: u32,
+    now: Instant,
+    max_rss: Option<u64>,
+    rss: impl Fn(Pid) -> Option<u64>,
+) -> Option<Action> {
+    if let Some(w) = pool
+        .workers
+        .values()
+        .find(|w| w.is_active() && w.replace.is_some())
+    {
+        let ready_staying = pool
+            .workers
+            .values()
+            .filter(|w| w.is_staying(generation) && w.state == WorkerState::Ready)
+            .count() as u32;
+        return (ready_staying >= target).then(|| Action::Stop(w.pid, w.replace.expect("checked")));
+    }
+    pool.workers
+        .values()
+        .filter(|w| w.state == WorkerState::Ready && w.generation == generation)
+        .find_map(|w| {
+            if w.recycle_at.is_some_and(|t| now >= t) {
+                return Some(Action::Replace(w.pid, StopReason::Lifetime));
+            }
+            let limit = max_rss?;
+            (rss(w.pid)? > limit).then_some(Action::Replace(w.pid, StopReason::Memory))
+        })
+}
+
+/// How a worker's exit is judged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitVerdict {
+    /// droved stopped it. `failed` when the stop was for a failure of the
+    /// worker (not ready in time, watchdog), which counts as a failed start.
+    Stopped { reason: StopReason, failed: bool },
+    /// The command does not get going: back off before the next fork.
+    FailedStart { never_ready: bool },
+    /// It served and then ended (its own decision, or killed from outside):
+    /// replace it at once.
+    Ended,
+}
+
+/// Judges an exit from the worker's record, its status and its uptime.
+pub fn judge_exit(
+    w: &Worker,
+    status: ExitStatus,
+    uptime: Duration,
+    min_uptime: Duration,
+) -> ExitVerdict {
+    if let Some((reason, _)) = w.stop {
+        let failed = matches!(reason, StopReason::ReadyTimeout | StopReason::Watchdog);
+        return ExitVerdict::Stopped { reason, failed };
+    }
+    let never_ready = w.ready_at.is_none();
+    // A worker that was ready and then was killed from outside (an
+    // operator, the OOM killer) says nothing about the command; backing off
+    // for it would only shrink the pool when it is needed.
+    let killed_from_outside = matches!(
+        status,
+        ExitStatus::Signaled(
+            Signal::SIGKILL | Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP,
+            _
+        )
+    );
+    if never_ready || (uptime < min_uptime && !killed_from_outside) {
+        ExitVerdict::FailedStart { never_ready }
+    } else {
+        ExitVerdict::Ended
+    }
+}
+
+/// Whether a failed start of a `worker_generation` worker aborts the
+/// rollout to `generation` that has now seen `failures` of them.
+pub fn rollout_gives_up(worker_generation: u64, generation: u64, failures: u32) -> bool {
+    worker_generation == generation && failures >= ROLLOUT_MAX_FAILURES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use WorkerState::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A pool from rows of (pid, generation, state); ages are 1 s.
+    fn pool(rows: &[(i32, u64, WorkerState)], now: Instant) -> Pool {
+        let mut pool = Pool::default();
+        for (slot, &(pid, generation, state)) in rows.iter().enumerate() {
+            let mut w = Worker::new(Pid::from_raw(pid), slot as u32, generation, now - 1000 * MS);
+            w.state = state;
+            if state == Ready {
+                w.ready_at = Some(now - 900 * MS);
+            }
+            if state == Stopping {
+                w.stop = Some((StopReason::ScaleDown, now));
+            }
+            pool.workers.insert(w.pid, w);
+        }
+        pool
+    }
+
+    fn goal(target: u32) -> Goal {
+        Goal {
+            generation: 1,
+            target,
+            spawn_budget: 100,
+            rollout_floor: None,
+            ready_when: None,
+        }
+    }
+
+    fn pid(n: i32) -> Pid {
+        Pid::from_raw(n)
+    }
+
+    fn never_idle(_: Pid) -> bool {
+        false
+    }
+
+    #[test]
+    fn reconcile_fills_and_trims_to_the_target() {
+        let now = Instant::now();
+        let p = pool(&[(10, 1, Ready), (11, 1, Starting), (12, 1, Stopping)], now);
+        // (target, spawn budget, expected actions)
+        let table: &[(u32, u32, Vec<Action>)] = &[
+            (2, 100, vec![]),
+            (5, 100, vec![Action::Spawn(3)]),
+            (5, 1, vec![Action::Spawn(1)]),
+            (5, 0, vec![]),
+            // Starting ones go first; stopping ones never count.
+            (1, 100, vec![Action::Stop(pid(11), StopReason::ScaleDown)]),
+        ];
+        for (target, budget, want) in table {
+            let g = Goal {
+                spawn_budget: *budget,
+                ..goal(*target)
+            };
+            assert_eq!(
+                &reconcile(&p, g, never_idle),
+                want,
+                "target {target}, budget {budget}"
+            );
+        }
+    }
+
+    #[test]
+    fn scale_down_prefers_idle_workers() {
+        let now = Instant::now();
+        let p = pool(&[(10, 1, Ready), (11, 1, Ready), (12, 1, Ready)], now);
+        let idle = |p: Pid| p.as_raw() == 10;
+        assert_eq!(
+            reconcile(&p, goal(2), idle),
+            vec![Action::Stop(pid(10), StopReason::ScaleDown)]
+        );
+    }
+
+    #[test]
+    fn rollout_replaces_one_at_a_time_above_the_floor() {
+        let now = Instant::now();
+        let rolling = |target, floor| Goal {
+            generation: 2,
+            rollout_floor: Some(floor),
+            ..goal(target)
+        };
+        // Begins: one new worker at a time; no old one stops while only
+        // `floor` are ready.
+        let p = pool(&[(10, 1, Ready), (11, 1, Ready)], now);
+        assert_eq!(
+            reconcile(&p, rolling(2, 2), never_idle),
+            vec![Action::Spawn(1)]
+        );
+        // The new one starting: no second fork, still nobody stops.
+        let p = pool(&[(10, 1, Ready), (11, 1, Ready), (20, 2, Starting)], now);
+        assert_eq!(reconcile(&p, rolling(2, 2), never_idle), vec![]);
+        // The new one ready: one old one goes (3 ready > floor 2), then the
+        // next new one starts.
+        let p = pool(&[(10, 1, Ready), (11, 1, Ready), (20, 2, Ready)], now);
+        assert_eq!(
+            reconcile(&p, rolling(2, 2), never_idle),
+            vec![Action::Spawn(1), Action::Stop(pid(10), StopReason::Rollout)]
+        );
+        // An outdated worker still starting is stopped at once.
+        let p = pool(&[(10, 1, Starting), (11, 1, Ready), (20, 2, Starting)], now);
+        assert_eq!(
+            reconcile(&p, rolling(2, 1), never_idle),
+            vec![Action::Stop(pid(10), StopReason::Rollout)]
+        );
+        // All new and ready: done.
+        let p = pool(&[(20, 2, Ready), (21, 2, Ready), (10, 1, Stopping)], now);
+        assert_eq!(
+            reconcile(&p, rolling(2, 2), never_idle),
+            vec![Action::FinishRollout]
+        );
+    }
+
+    #[test]
+    fn rollout_with_nothing_ready_waits_for_the_new_generation() {
+        // Regression (fault suite): a rollout begun with no ready worker
+        // "finished" as soon as the old ones were gone, and sent READY=1
+        // for a pool that served nothing.
+        let now = Instant::now();
+        let g = Goal {
+            generation: 2,
+            rollout_floor: Some(0),
+            ..goal(2)
+        };
+        let p = pool(&[(10, 1, Starting), (11, 1, Starting)], now);
+        let actions = reconcile(&p, g, never_idle);
+        assert!(!actions.contains(&Action::FinishRollout), "{actions:?}");
+        let p = pool(&[(20, 2, Starting), (21, 2, Starting)], now);
+        assert_eq!(reconcile(&p, g, never_idle), vec![]);
+        let p = pool(&[(20, 2, Ready), (21, 2, Starting)], now);
+        assert_eq!(reconcile(&p, g, never_idle), vec![]);
+        let p = pool(&[(20, 2, Ready), (21, 2, Ready)], now);
+        assert_eq!(reconcile(&p, g, never_idle), vec![Action::FinishRollout]);
+    }
+
+    #[test]
+    fn pool_ready_once_enough_workers_are() {
+        let now = Instant::now();
+        let starting = |needed| Goal {
+            ready_when: Some(needed),
+            ..goal(3)
+        };
+        let p = pool(&[(10, 1, Ready), (11, 1, Starting), (12, 1, Starting)], now);
+        assert_eq!(reconcile(&p, starting(2), never_idle), vec![]);
+        assert_eq!(
+            reconcile(&p, starting(1), never_idle),
+            vec![Action::PoolReady]
+        );
+    }
+
+    #[test]
+    fn recycling_is_gated_on_readiness() {
+        let now = Instant::now();
+        let mut p = pool(&[(10, 1, Ready), (11, 1, Ready)], now);
+        let no_rss = |_: Pid| None;
+        assert_eq!(recycle(&p, 1, 2, now, None, no_rss), None);
+        // Lifetime over: its replacement starts first.
+        p.workers.get_mut(&pid(10)).unwrap().recycle_at = Some(now - MS);
+        assert_eq!(
+            recycle(&p, 1, 2, now, None, no_rss),
+            Some(Action::Replace(pid(10), StopReason::Lifetime))
+        );
+        // Marked: no stop while fewer than `target` others are ready.
+        p.workers.get_mut(&pid(10)).unwrap().replace = Some(StopReason::Lifetime);
+        assert_eq!(recycle(&p, 1, 2, now, None, no_rss), None);
+        let mut w = Worker::new(pid(12), 2, 1, now);
+        w.state = Ready;
+        p.workers.insert(w.pid, w);
+        assert_eq!(
+            recycle(&p, 1, 2, now, None, no_rss),
+            Some(Action::Stop(pid(10), StopReason::Lifetime))
+        );
+    }
+
+    #[test]
+    fn recycling_by_memory_only_when_checked() {
+        let now = Instant::now();
+        let p = pool(&[(10, 1, Ready), (11, 2, Ready)], now);
+        let rss = |p: Pid| Some(if p.as_raw() == 11 { 900 } else { 50 });
+        assert_eq!(recycle(&p, 1, 1, now, None, rss), None);
+        assert_eq!(
+            recycle(&p, 1, 1, now, Some(100), rss),
+            None,
+            "other generations are left alone"
+        );
+        let rss = |_: Pid| Some(900);
+        assert_eq!(
+            recycle(&p, 1, 1, now, Some(100), rss),
+            Some(Action::Replace(pid(10), StopReason::Memory))
+        );
+        assert_eq!(
+            recycle(&p, 1, 1, now, Some(100), |_| None),
+            None,
+            "unreadable is not over"
+        );
+    }
+
+    #[test]
+    fn exit_verdicts() {
+        let now = Instant::now();
+        let min_uptime = 1000 * MS;
+        let ready = {
+            let mut w = Worker::new(pid(1), 0, 1, now);
+            w.ready_at = Some(now);
+            w
+        };
+        let never_ready = Worker::new(pid(2), 0, 1, now);
+        let stopped = |reason| {
+            let mut w = ready.clone();
+            w.stop = Some((reason, now));
+            w
+        };
+        let kill = ExitStatus::Signaled(Signal::SIGKILL, false);
+        let segv = ExitStatus::Signaled(Signal::SIGSEGV, true);
+        let exit1 = ExitStatus::Exited(1);
+        use ExitVerdict::*;
+        let table = [
+            // (worker, status, uptime, verdict)
+            (
+                stopped(StopReason::ScaleDown),
+                exit1,
+                10 * MS,
+                Stopped {
+                    reason: StopReason::ScaleDown,
+                    failed: false,
+                },
+            ),
+            (
+                stopped(StopReason::Watchdog),
+                kill,
+                5000 * MS,
+                Stopped {
+                    reason: StopReason::Watchdog,
+                    failed: true,
+                },
+            ),
+            (
+                stopped(StopReason::ReadyTimeout),
+                kill,
+                5000 * MS,
+                Stopped {
+                    reason: StopReason::ReadyTimeout,
+                    failed: true,
+                },
+            ),
+            (
+                never_ready.clone(),
+                exit1,
+                5000 * MS,
+                FailedStart { never_ready: true },
+            ),
+            (
+                never_ready,
+                kill,
+                5000 * MS,
+                FailedStart { never_ready: true },
+            ),
+            (
+                ready.clone(),
+                exit1,
+                10 * MS,
+                FailedStart { never_ready: false },
+            ),
+            (
+                ready.clone(),
+                segv,
+                10 * MS,
+                FailedStart { never_ready: false },
+            ),
+            (ready.clone(), exit1, 5000 * MS, Ended),
+            // Regression (fault suite): ready workers killed from outside
+            // soon after start were counted as failed starts, and a kill
+            // storm drove the pool into back-off.
+            (ready.clone(), kill, 10 * MS, Ended),
+            (
+                ready,
+                ExitStatus::Signaled(Signal::SIGTERM, false),
+                10 * MS,
+                Ended,
+            ),
+        ];
+        for (w, status, uptime, want) in table {
+            assert_eq!(
+                judge_exit(&w, status, uptime, min_uptime),
+                want,
+                "{status} after {uptime:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rollouts_give_up_after_three_failures_of_the_new_generation() {
+        assert!(!rollout_gives_up(2, 2, 2));
+        assert!(rollout_gives_up(2, 2, 3));
+        assert!(
+            !rollout_gives_up(1, 2, 5),
+            "old workers failing say nothing of the new config"
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! Carrying out the pool's decisions (`plan`): recycling first, then forks
+//! and stops toward the target, the rollout's progress and the first
+//! READY=1.
+
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use super::Supervisor;
+use super::lifecycle::Lifecycle;
+use super::plan::{self, Action, Goal};
+use crate::sys::process;
+
+/// How often workers' memory is compared with `worker.max_rss`.
+const RSS_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+impl Supervisor {
+    /// Forks or retires workers until the pool matches the target (and the
+    /// rollout, if one runs, makes progress).
+    pub(super) fn reconcile(&mut self) {
+        if self.lifecycle.is_stopping() {
+            return;
+        }
+        let now = Instant::now();
+        // A rollout replaces everyone anyway: no recycling during one.
+        if self.lifecycle.rollout().is_none()
+            && let Some(action) = self.recycle_step(now)
+        {
+            self.apply(action, now);
+        }
+        let goal = Goal {
+            generation: self.generation,
+            target: self.target,
+            spawn_budget: self.gate.available(now),
+            rollout_floor: self.lifecycle.rollout().map(|r| r.floor),
+            ready_when: matches!(self.lifecycle, Lifecycle::Starting)
+                .then(|| self.target.min(self.config.initial_workers())),
+        };
+        for action in plan::reconcile(&self.pool, goal, process::is_waiting_for_connection) {
+            self.apply(action, now);
+        }
+    }
+
+    fn recycle_step(&mut self, now: Instant) -> Option<Action> {
+        let check_rss = self.config.worker.max_rss.is_some()
+            && self
+                .last_rss_check
+                .is_none_or(|t| now.duration_since(t) >= RSS_CHECK_EVERY);
+        if check_rss {
+            self.last_rss_check = Some(now);
+        }
+        plan::recycle(
+            &self.pool,
+            self.generation,
+            self.target,
+            now,
+            self.config.worker.max_rss.filter(|_| check_rss),
+            |pid| process::rss_bytes(pid).ok(),
+        )
+    }
+
+    fn apply(&mut self, action: Action, now: Instant) {
+        match action {
+            Action::Spawn(n) => self.spawn_workers(n, now),
+            Action::Stop(pid, reason) => self.stop_worker(pid, reason, false),
+            Action::Replace(pid, reason) => {
+                let detail = match (reason, self.config.worker.max_rss) {
+                    (super::pool::StopReason::Memory, Some(max)) => {
+                        let rss = process::rss_bytes(pid).unwrap_or(0);
+                        format!(" ({} MiB > {} MiB)", rss >> 20, max >> 20)
+                    }
+                    _ => String::new(),
+                };
+                info!(
+                    worker_pid = pid.as_raw(),
+                    event = "recycle",
+                    "worker {pid}: {reason}{detail}; starting its replacement"
+                );
+                if let Some(w) = self.pool.workers.get_mut(&pid) {
+                    w.replace = Some(reason);
+                }
+            }
+            Action::FinishRollout => self.finish_rollout(),
+            Action::PoolReady => {
+                let line = self.snapshot().status_line();
+                info!(event = "ready", "pool ready: {line}");
+                self.enter(Lifecycle::Running);
+            }
+        }
+    }
+}

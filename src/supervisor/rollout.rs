@@ -1,0 +1,217 @@
+//! Reload and rolling restarts: re-read the config, then replace every
+//! worker, one at a time and gated on readiness, never with fewer ready
+//! workers than before. Three failed starts of the new generation abort
+//! the rollout and bring the previous settings back.
+
+use nix::unistd::Pid;
+use tracing::{error, info, warn};
+
+use super::Supervisor;
+use super::control::{ControlError, Event};
+use super::lifecycle::{Lifecycle, Reply, Rollout};
+use super::pool::StopReason;
+use super::workers::WorkerPlan;
+use crate::config::Config;
+
+/// Why a reload was not started.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ReloadError {
+    #[error("droved is stopping")]
+    Stopping,
+    #[error("a binary upgrade is in progress; retry when it has finished")]
+    Upgrading,
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Workers(#[from] super::workers::PlanError),
+}
+
+impl Supervisor {
+    /// Re-reads the config. An invalid one changes nothing; a valid one
+    /// applies at once, with a rolling restart of every worker.
+    pub(super) fn reload(&mut self, reply: Option<Reply>) -> Result<(), ReloadError> {
+        let result = self.reload_config();
+        match result {
+            Ok(old) => {
+                // Like gunicorn's HUP: always roll the workers, since the
+                // app's own code and files may have changed even when
+                // drove's config did not.
+                self.start_rollout("configuration reloaded", Some(old), reply);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(ControlError::ReloadRejected(e.to_string())));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Loads and applies the new config; returns the one it replaced.
+    fn reload_config(&mut self) -> Result<Config, ReloadError> {
+        match self.lifecycle {
+            Lifecycle::Stopping { .. } => return Err(ReloadError::Stopping),
+            Lifecycle::Upgrading(_) => return Err(ReloadError::Upgrading),
+            Lifecycle::Starting | Lifecycle::Running | Lifecycle::Rolling(_) => {}
+        }
+        let new = (self.load_config)().map_err(ReloadError::Config)?;
+        // Resolve the worker settings before touching anything: an unknown
+        // user or a missing command rejects the reload like a parse error.
+        let plan = WorkerPlan::new(&new, &self.listeners, &self.notify.address, &self.instance)?;
+        if new.listen != self.config.listen {
+            warn!(
+                "reload: [listen] changes take effect only after a restart; keeping the current sockets"
+            );
+        }
+        self.counters.reloads += 1;
+        let worker_changed = new.worker != self.config.worker;
+        let old = std::mem::replace(&mut self.config, new);
+        self.config.listen = old.listen.clone();
+        self.plan = plan;
+        self.apply_limits();
+        self.target = self
+            .target
+            .clamp(self.config.pool.min, self.config.pool.max);
+        info!(
+            event = "reload",
+            "configuration reloaded{}",
+            if worker_changed {
+                "; worker settings changed"
+            } else {
+                ""
+            }
+        );
+        Ok(old)
+    }
+
+    pub(super) fn start_rollout(
+        &mut self,
+        why: &'static str,
+        previous: Option<Config>,
+        reply: Option<Reply>,
+    ) {
+        let refusal = match &mut self.lifecycle {
+            Lifecycle::Stopping { .. } => Some(ControlError::Stopping),
+            Lifecycle::Upgrading(_) => Some(ControlError::RolloutFailed(
+                ReloadError::Upgrading.to_string(),
+            )),
+            Lifecycle::Rolling(r) => {
+                // Coalesce: a rollout already replaces every older worker; a
+                // new request joins it, and a new config joins by bumping
+                // the generation so workers started with the old one roll too.
+                if previous.is_some() {
+                    self.generation += 1;
+                }
+                r.replies.extend(reply);
+                info!(
+                    "{why}: joined the rollout in progress (generation {})",
+                    self.generation
+                );
+                return;
+            }
+            Lifecycle::Starting | Lifecycle::Running => None,
+        };
+        if let Some(e) = refusal {
+            warn!("{why}: not rolling: {e}");
+            if let Some(r) = reply {
+                let _ = r.send(Err(e));
+            }
+            return;
+        }
+        let floor = self.pool.counts().ready.min(self.target);
+        let previous = previous.map(|c| (c, self.generation));
+        self.generation += 1;
+        info!(
+            event = "rollout",
+            generation = self.generation,
+            "{why}: rolling restart to generation {} ({} workers, keeping at least {floor} ready)",
+            self.generation,
+            self.pool.counts().active()
+        );
+        let from_starting = matches!(self.lifecycle, Lifecycle::Starting);
+        self.enter(Lifecycle::Rolling(Box::new(Rollout {
+            floor,
+            previous,
+            failures: 0,
+            replies: reply.into_iter().collect(),
+            why,
+            from_starting,
+        })));
+    }
+
+    pub(super) fn finish_rollout(&mut self) {
+        let Some(from_starting) = self.lifecycle.rollout().map(|r| r.from_starting) else {
+            return;
+        };
+        let Lifecycle::Rolling(r) = self.enter(Lifecycle::settled(from_starting)) else {
+            unreachable!("checked above");
+        };
+        info!(
+            event = "rollout-done",
+            generation = self.generation,
+            "rolling restart done ({}): generation {} serving",
+            r.why,
+            self.generation
+        );
+        let _ = self.events.send(Event::Reloaded {
+            generation: self.generation,
+        });
+        for reply in r.replies {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    pub(super) fn abort_rollout(&mut self, why: String) {
+        let Some(from_starting) = self.lifecycle.rollout().map(|r| r.from_starting) else {
+            return;
+        };
+        error!(
+            event = "rollout-aborted",
+            "rollout aborted, old workers keep serving: {why}"
+        );
+        let failed_generation = self.generation;
+        // Restore the previous settings before announcing READY=1 again.
+        let previous = self.lifecycle.rollout_mut().and_then(|r| r.previous.take());
+        if let Some((config, generation)) = previous {
+            match WorkerPlan::new(
+                &config,
+                &self.listeners,
+                &self.notify.address,
+                &self.instance,
+            ) {
+                Ok(plan) => self.plan = plan,
+                Err(e) => error!("cannot restore the previous worker settings: {e}"),
+            }
+            self.config.worker = config.worker;
+            self.generation = generation;
+        } else {
+            // A plain restart: the old workers are as good as the new ones;
+            // adopt them as current so nothing keeps rolling.
+            self.generation -= 1;
+        }
+        let doomed: Vec<Pid> = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.generation == failed_generation && w.is_active())
+            .map(|w| w.pid)
+            .collect();
+        for pid in doomed {
+            self.stop_worker(pid, StopReason::Rollout, false);
+        }
+        // Old workers of the restored generation stay; others are outdated.
+        for w in self.pool.workers.values_mut() {
+            if w.generation < self.generation && w.is_active() {
+                w.generation = self.generation;
+            }
+        }
+        self.gate.record_success();
+        let Lifecycle::Rolling(r) = self.enter(Lifecycle::settled(from_starting)) else {
+            unreachable!("checked above");
+        };
+        for reply in r.replies {
+            let _ = reply.send(Err(ControlError::RolloutFailed(why.clone())));
+        }
+    }
+}

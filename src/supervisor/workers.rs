@@ -1,0 +1,381 @@
+//! Workers one by one: the settings they are started with, forking and
+//! stopping them, their exits and their notify datagrams.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tracing::{debug, error, info, warn};
+
+use super::Supervisor;
+use super::control::Event;
+use super::plan::{self, ExitVerdict};
+use super::pool::{StopReason, Worker, WorkerState};
+use crate::config::{Config, ReadyMode};
+use crate::notify;
+use crate::sys::listen::Listener;
+use crate::sys::process::{self, ExitStatus};
+use crate::sys::spawn::{self, Credentials, SpawnSpec};
+
+/// Worker settings resolved once per configuration generation.
+pub(super) struct WorkerPlan {
+    pub(super) argv: Vec<String>,
+    pub(super) env: Vec<(String, String)>,
+    pub(super) credentials: Option<Credentials>,
+}
+
+/// Why the worker settings of a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("worker user/group: {0}")]
+    Credentials(#[source] std::io::Error),
+    #[error("{0}")]
+    Command(#[source] std::io::Error),
+}
+
+/// Whether a variable of droved's own environment must stay out of
+/// workers': what droved sets for them (LISTEN_*, NOTIFY_SOCKET, DROVE_*,
+/// WATCHDOG_*) and what belongs to droved's own relationship with systemd.
+fn private_env(key: &str) -> bool {
+    crate::config::RESERVED_ENVIRONMENT.contains(&key)
+        || key == "MAINPID"
+        || key.starts_with("DROVE_")
+}
+
+impl WorkerPlan {
+    pub(super) fn new(
+        config: &Config,
+        listeners: &[Listener],
+        notify_address: &str,
+        instance: &str,
+    ) -> Result<WorkerPlan, PlanError> {
+        let w = &config.worker;
+        let credentials = Credentials::resolve(w.user.as_deref(), w.group.as_deref())
+            .map_err(PlanError::Credentials)?;
+        let mut env: Vec<(String, String)> =
+            std::env::vars().filter(|(k, _)| !private_env(k)).collect();
+        for (k, v) in &w.environment {
+            env.retain(|(key, _)| key != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
+        env.push((
+            "LISTEN_FDNAMES".into(),
+            listeners
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(":"),
+        ));
+        env.push(("NOTIFY_SOCKET".into(), notify_address.to_string()));
+        if let Some(wd) = w.watchdog {
+            env.push(("WATCHDOG_USEC".into(), wd.as_micros().to_string()));
+        }
+        env.push(("DROVE_INSTANCE".into(), instance.to_string()));
+        // Fail early with a clear message rather than at every fork.
+        spawn::resolve_program(
+            w.command.first().map(String::as_str).unwrap_or(""),
+            env.iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.as_str()),
+            w.working_directory.as_deref(),
+        )
+        .map_err(PlanError::Command)?;
+        Ok(WorkerPlan {
+            argv: w.command.clone(),
+            env,
+            credentials,
+        })
+    }
+}
+
+impl Supervisor {
+    pub(super) fn reap(&mut self) {
+        let pids: Vec<Pid> = self.pool.workers.keys().copied().collect();
+        for pid in pids {
+            match process::try_reap(pid) {
+                Ok(Some(status)) => self.on_exit(pid, status),
+                Ok(None) => {}
+                Err(e) => {
+                    // ECHILD: not our child any more; forget it rather than loop.
+                    warn!(
+                        worker_pid = pid.as_raw(),
+                        "cannot wait for worker: {e}; forgetting it"
+                    );
+                    self.pool.workers.remove(&pid);
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
+        let Some(w) = self.pool.workers.remove(&pid) else {
+            return;
+        };
+        let now = Instant::now();
+        let uptime = now.duration_since(w.started);
+        self.counters.exited += 1;
+        let _ = self.events.send(Event::WorkerExited {
+            pid: pid.as_raw() as u32,
+            slot: w.slot,
+            status: status.to_string(),
+            uptime_secs: uptime.as_secs_f64(),
+        });
+        let secs = uptime.as_secs_f64();
+        match plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime) {
+            ExitVerdict::Stopped { reason, failed } => {
+                info!(
+                    worker_pid = pid.as_raw(),
+                    slot = w.slot,
+                    event = "exited",
+                    "worker {pid} (slot {}) exited with {status} after {secs:.1} s ({reason})",
+                    w.slot,
+                );
+                if failed {
+                    self.note_failed_start(&w, format!("worker {reason}"), now);
+                }
+            }
+            ExitVerdict::FailedStart { never_ready } => {
+                let why = format!(
+                    "worker exited with {status} after {secs:.1} s{}",
+                    if never_ready {
+                        " before it was ready"
+                    } else {
+                        ""
+                    }
+                );
+                let delay = self.note_failed_start(&w, why, now);
+                warn!(
+                    worker_pid = pid.as_raw(),
+                    slot = w.slot,
+                    event = "exited",
+                    "worker {pid} (slot {}) exited with {status} after {secs:.1} s; restarting in {} ms{}",
+                    w.slot,
+                    delay.as_millis(),
+                    if self.gate.is_failing() {
+                        " (pool is failing)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            ExitVerdict::Ended => warn!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "exited",
+                "worker {pid} (slot {}) exited with {status} after {secs:.1} s; restarting",
+                w.slot,
+            ),
+        }
+    }
+
+    /// A start failed: back off, and abort a rollout whose new generation
+    /// cannot get ready.
+    fn note_failed_start(&mut self, w: &Worker, why: String, now: Instant) -> Duration {
+        self.counters.failed_starts += 1;
+        let delay = self.gate.record_failure(now);
+        self.last_failure = Some(why.clone());
+        let generation = self.generation;
+        if let Some(r) = self.lifecycle.rollout_mut() {
+            if w.generation == generation {
+                r.failures += 1;
+            }
+            if plan::rollout_gives_up(w.generation, generation, r.failures) {
+                self.abort_rollout(format!(
+                    "new generation {generation} cannot get ready: {why}"
+                ));
+            }
+        }
+        delay
+    }
+
+    pub(super) fn on_datagram(&mut self, d: crate::sys::notify_socket::Datagram) {
+        let Some(pid) = d.pid.map(Pid::from_raw) else {
+            debug!("notify datagram without credentials ignored");
+            return;
+        };
+        if d.fds_dropped > 0 {
+            debug!(
+                sender = pid.as_raw(),
+                "closed {} fds attached to a notify datagram", d.fds_dropped
+            );
+        }
+        let Some(w) = self.pool.workers.get_mut(&pid) else {
+            debug!(
+                sender = pid.as_raw(),
+                "notify datagram from a pid that is not a worker ignored"
+            );
+            return;
+        };
+        if d.truncated {
+            debug!(
+                worker_pid = pid.as_raw(),
+                "oversized notify datagram ignored"
+            );
+            return;
+        }
+        let msg = match notify::parse(&d.bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(
+                    worker_pid = pid.as_raw(),
+                    "malformed notify datagram ignored: {e}"
+                );
+                return;
+            }
+        };
+        let now = Instant::now();
+        if let Some(text) = msg.status {
+            w.status_text = Some(text);
+        }
+        if msg.watchdog {
+            w.last_ping = now;
+        }
+        if msg.ready && w.state == WorkerState::Starting {
+            w.state = WorkerState::Ready;
+            w.ready_at = Some(now);
+            w.last_ping = now;
+            info!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "ready",
+                "worker {pid} (slot {}) ready after {} ms",
+                w.slot,
+                now.duration_since(w.started).as_millis()
+            );
+        }
+        if msg.watchdog_trigger && w.state == WorkerState::Ready {
+            let pid = w.pid;
+            self.stop_worker(pid, StopReason::Watchdog, true);
+        } else if msg.stopping && w.state != WorkerState::Stopping {
+            // The worker leaves by itself (e.g. its own max-requests): count
+            // it as stopping so a replacement starts now, not at its exit.
+            w.state = WorkerState::Stopping;
+            w.stop = Some((StopReason::Lifetime, now));
+            info!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "stopping",
+                "worker {pid} is stopping on its own"
+            );
+        }
+    }
+
+    pub(super) fn stop_worker(&mut self, pid: Pid, reason: StopReason, kill: bool) {
+        let Some(w) = self.pool.workers.get_mut(&pid) else {
+            return;
+        };
+        if w.state == WorkerState::Stopping && (w.killed || !kill) {
+            return;
+        }
+        let sig = if kill {
+            Signal::SIGKILL
+        } else {
+            self.config.worker.stop_signal
+        };
+        if let Err(e) = process::send_signal(pid, sig) {
+            warn!(worker_pid = pid.as_raw(), "cannot signal worker: {e}");
+        }
+        debug!(
+            worker_pid = pid.as_raw(),
+            slot = w.slot,
+            "sent {} ({reason})",
+            sig.as_str()
+        );
+        if w.stop.is_none() {
+            w.stop = Some((reason, Instant::now()));
+        }
+        w.state = WorkerState::Stopping;
+        w.killed |= kill;
+    }
+
+    /// Forks `n` workers, then confirms each exec: the children exec in
+    /// parallel instead of one after another (a jump to max is one step).
+    pub(super) fn spawn_workers(&mut self, n: u32, now: Instant) {
+        let mut pending = Vec::new();
+        for _ in 0..n {
+            let slot = self.pool.free_slot();
+            let mut env = self.plan.env.clone();
+            env.push(("DROVE_WORKER".into(), slot.to_string()));
+            env.push(("DROVE_GENERATION".into(), self.generation.to_string()));
+            let spec = SpawnSpec {
+                argv: &self.plan.argv,
+                env,
+                working_directory: self.config.worker.working_directory.as_deref(),
+                credentials: self.plan.credentials.as_ref(),
+                listeners: self.listeners.iter().map(|l| l.as_fd()).collect(),
+                parent_death_signal: Some(self.config.worker.stop_signal),
+            };
+            self.gate.consume(now);
+            match spawn::start(&spec) {
+                Ok(p) => {
+                    // Holds the slot while the exec is confirmed.
+                    self.pool
+                        .workers
+                        .insert(p.pid(), Worker::new(p.pid(), slot, self.generation, now));
+                    pending.push((p, slot));
+                }
+                Err(e) => {
+                    self.spawn_failed(slot, e, now);
+                    break;
+                }
+            }
+        }
+        for (p, slot) in pending {
+            let pid = p.pid();
+            match p.finish() {
+                Ok(_) => self.worker_started(pid, now),
+                Err(e) => {
+                    self.pool.workers.remove(&pid);
+                    self.spawn_failed(slot, e, now);
+                }
+            }
+        }
+    }
+
+    fn spawn_failed(&mut self, slot: u32, e: std::io::Error, now: Instant) {
+        self.counters.failed_starts += 1;
+        let delay = self.gate.record_failure(now);
+        let why = format!("cannot start worker: {e}");
+        error!(
+            slot,
+            event = "spawn-failed",
+            "{why}; retrying in {} ms",
+            delay.as_millis()
+        );
+        self.last_failure = Some(why);
+    }
+
+    fn worker_started(&mut self, pid: Pid, now: Instant) {
+        self.counters.spawned += 1;
+        let exec_ready = self.config.worker.ready == ReadyMode::Exec;
+        let lifetime = self.config.worker.max_lifetime;
+        let jitter = self.config.worker.max_lifetime_jitter;
+        let Some(w) = self.pool.workers.get_mut(&pid) else {
+            return;
+        };
+        if exec_ready {
+            w.state = WorkerState::Ready;
+            w.ready_at = Some(now);
+        }
+        if let Some(life) = lifetime {
+            // Spread recycling so workers started together do not all
+            // restart at once; pid bits are random enough.
+            let spread = (pid.as_raw() as u64 * 2_654_435_761 % 1000) as f64 / 1000.0;
+            w.recycle_at = Some(now + life + jitter.mul_f64(spread));
+        }
+        let (slot, generation) = (w.slot, w.generation);
+        info!(
+            worker_pid = pid.as_raw(),
+            slot,
+            generation,
+            event = "started",
+            "worker {pid} (slot {slot}, generation {generation}) started"
+        );
+        let _ = self.events.send(Event::WorkerStarted {
+            pid: pid.as_raw() as u32,
+            slot,
+            generation,
+        });
+    }
+}
