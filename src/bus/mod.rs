@@ -11,6 +11,7 @@
 //! Invariant: the daemon never trusts identity from arguments; it asks the
 //! bus for the sender's uid on every mutating call.
 
+pub mod properties;
 mod server;
 
 use serde::{Deserialize, Serialize};
@@ -19,8 +20,6 @@ use zbus::zvariant::{OwnedValue, Type, Value};
 use crate::supervisor::control::{ControlError, WorkerInfo};
 use crate::supervisor::status::ListenerStatus;
 
-#[cfg(test)]
-pub(crate) use server::live_properties;
 pub use server::{Access, Drove1, Drove1Proxy, ServeError, serve};
 
 /// The D-Bus interface name.

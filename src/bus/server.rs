@@ -400,43 +400,6 @@ impl Drove1 {
     async fn upgraded(emitter: &SignalEmitter<'_>, version: &str) -> zbus::Result<()>;
 }
 
-/// The live properties of a snapshot, in the names and types the interface
-/// exports them with.
-pub(crate) fn live_properties(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
-    vec![
-        ("State", Value::from(s.phase.to_string())),
-        ("Status", Value::from(s.status_line())),
-        ("Failing", Value::from(s.failing)),
-        (
-            "Failure",
-            Value::from(s.failure.clone().unwrap_or_default()),
-        ),
-        ("Generation", Value::from(s.generation)),
-        ("Min", Value::from(s.min)),
-        ("Max", Value::from(s.max)),
-        ("Target", Value::from(s.target)),
-        ("Ready", Value::from(s.ready)),
-        ("Starting", Value::from(s.starting)),
-        ("Stopping", Value::from(s.stopping)),
-        ("QueueDepth", Value::from(super::opt_i32(s.queued))),
-        (
-            "Listeners",
-            Value::from(s.listeners.iter().map(Listener::from).collect::<Vec<_>>()),
-        ),
-        (
-            "LastScale",
-            Value::from(s.last_scale.clone().unwrap_or_default()),
-        ),
-        ("Spawned", Value::from(s.spawned)),
-        ("Exited", Value::from(s.exited)),
-        ("FailedStarts", Value::from(s.failed_starts)),
-        ("Reloads", Value::from(s.reloads)),
-        ("Upgrades", Value::from(s.upgrades)),
-        ("JournalStalled", Value::from(s.journal_stalled)),
-        ("LogDropped", Value::from(s.log_dropped)),
-    ]
-}
-
 /// Connects to `bus`, serves the object, takes the instance's name (after
 /// registering the object, so no caller sees the name without it), and
 /// forwards snapshots and events in a background task, which keeps the
@@ -526,14 +489,28 @@ async fn forward(
         }
     };
     let iface = InterfaceName::from_static_str_unchecked(super::INTERFACE);
-    let mut last = live_properties(&snapshot.borrow_and_update());
+    let mut last = super::properties::live_properties(&snapshot.borrow_and_update());
+    // Once, as this connection starts serving: observers that cached the
+    // properties of a previous image (a binary upgrade, a restart) would
+    // otherwise keep its last values, e.g. State "upgrading", until the
+    // next change.
+    let all: HashMap<&str, Value<'_>> = last
+        .iter()
+        .map(|(name, v)| (*name, v.try_clone().expect("no fds in properties")))
+        .collect();
+    if let Err(e) =
+        zbus::fdo::Properties::properties_changed(&emitter, iface.clone(), all, Cow::Borrowed(&[]))
+            .await
+    {
+        debug!("D-Bus: PropertiesChanged: {e}");
+    }
     loop {
         tokio::select! {
             changed = snapshot.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                let now = live_properties(&snapshot.borrow_and_update());
+                let now = super::properties::live_properties(&snapshot.borrow_and_update());
                 let diff: HashMap<&str, Value<'_>> = now
                     .iter()
                     .zip(&last)

@@ -9,8 +9,9 @@ use zbus::names::InterfaceName;
 use zbus::zvariant::OwnedValue;
 
 use super::{CtlError, Target, human_duration, print_json};
-use crate::bus::{self, Listener};
-use crate::supervisor::status::{Phase, Snapshot};
+use crate::bus;
+use crate::bus::properties::{self, PropertyError};
+use crate::supervisor::status::Snapshot;
 
 #[derive(Debug, Serialize)]
 struct Status {
@@ -44,68 +45,12 @@ async fn fetch(target: &Target) -> Result<Status, CtlError> {
     })
 }
 
-fn get<T>(map: &HashMap<String, OwnedValue>, key: &str) -> Result<T, String>
-where
-    T: TryFrom<OwnedValue>,
-    T::Error: std::fmt::Display,
-{
-    let v = map.get(key).ok_or_else(|| format!("no property {key}"))?;
-    let v = v.try_clone().map_err(|e| format!("{key}: {e}"))?;
-    T::try_from(v).map_err(|e| format!("{key}: {e}"))
-}
-
-/// For properties newer than drove 0.1.0: a droved that predates them (an
-/// upgrade it refused, the exec window) still gets a status.
-fn get_or_default<T>(map: &HashMap<String, OwnedValue>, key: &str) -> Result<T, String>
-where
-    T: TryFrom<OwnedValue> + Default,
-    T::Error: std::fmt::Display,
-{
-    match map.contains_key(key) {
-        true => get(map, key),
-        false => Ok(T::default()),
-    }
-}
-
-fn nonempty(s: String) -> Option<String> {
-    Some(s).filter(|s| !s.is_empty())
-}
-
-fn decode(map: &HashMap<String, OwnedValue>) -> Result<Status, String> {
-    let state: String = get(map, "State")?;
-    let phase: Phase = serde_json::from_value(serde_json::Value::String(state.clone()))
-        .map_err(|_| format!("State: unknown state {state:?}"))?;
-    let listeners: Vec<Listener> = get(map, "Listeners")?;
-    let queued: i32 = get(map, "QueueDepth")?;
-    let snapshot = Snapshot {
-        instance: get(map, "Instance")?,
-        version: get(map, "Version")?,
-        pid: get(map, "Pid")?,
-        phase,
-        failing: get(map, "Failing")?,
-        failure: nonempty(get(map, "Failure")?),
-        generation: get(map, "Generation")?,
-        min: get(map, "Min")?,
-        max: get(map, "Max")?,
-        target: get(map, "Target")?,
-        ready: get(map, "Ready")?,
-        starting: get(map, "Starting")?,
-        stopping: get(map, "Stopping")?,
-        listeners: listeners.into_iter().map(Into::into).collect(),
-        queued: u32::try_from(queued).ok(),
-        last_scale: nonempty(get(map, "LastScale")?),
-        spawned: get(map, "Spawned")?,
-        exited: get(map, "Exited")?,
-        failed_starts: get(map, "FailedStarts")?,
-        reloads: get(map, "Reloads")?,
-        upgrades: get(map, "Upgrades")?,
-        uptime_secs: get(map, "Uptime")?,
-        journal_stalled: get_or_default(map, "JournalStalled")?,
-        log_dropped: get_or_default(map, "LogDropped")?,
-    };
+/// droved's properties as `drovectl status` shows them.
+fn decode(map: &HashMap<String, OwnedValue>) -> Result<Status, PropertyError> {
+    let snapshot = properties::snapshot_from(map)?;
     Ok(Status {
         bus_name: bus::bus_name(&snapshot.instance).unwrap_or_default(),
-        control_group: nonempty(get(map, "ControlGroup")?),
+        control_group: properties::control_group(map)?,
         snapshot,
     })
 }
@@ -205,7 +150,7 @@ fn render(target: &Target, st: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::status::ListenerStatus;
+    use crate::supervisor::status::{ListenerStatus, Phase};
 
     fn snapshot() -> Snapshot {
         Snapshot {
@@ -245,7 +190,7 @@ mod tests {
 
     /// GetAll's answer for `s`, as the daemon builds it.
     fn properties(s: &Snapshot) -> HashMap<String, OwnedValue> {
-        let mut map: HashMap<String, OwnedValue> = bus::live_properties(s)
+        let mut map: HashMap<String, OwnedValue> = properties::live_properties(s)
             .into_iter()
             .map(|(k, v)| (k.to_string(), OwnedValue::try_from(v).unwrap()))
             .collect();
@@ -287,6 +232,6 @@ mod tests {
         assert_eq!(got.log_dropped, 0);
         // An older property stays required: its absence is an error.
         map.remove("Ready");
-        assert_eq!(decode(&map).unwrap_err(), "no property Ready");
+        assert_eq!(decode(&map).unwrap_err().to_string(), "no property Ready");
     }
 }

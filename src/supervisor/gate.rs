@@ -25,6 +25,9 @@ pub struct SpawnGate {
     pub consecutive_failures: u32,
     /// No spawn before this instant (backoff).
     pub not_before: Option<Instant>,
+    /// When the last failed start was recorded (None once healthy again):
+    /// only a worker started after it can prove the command healthy.
+    pub last_failure: Option<Instant>,
 }
 
 impl SpawnGate {
@@ -45,6 +48,7 @@ impl SpawnGate {
             restart_delay_max,
             consecutive_failures: 0,
             not_before: None,
+            last_failure: None,
         }
     }
 
@@ -92,6 +96,7 @@ impl SpawnGate {
             .saturating_mul(1u32 << exp)
             .min(self.restart_delay_max);
         self.not_before = Some(now + delay);
+        self.last_failure = Some(now);
         delay
     }
 
@@ -99,6 +104,7 @@ impl SpawnGate {
     pub fn record_success(&mut self) {
         self.consecutive_failures = 0;
         self.not_before = None;
+        self.last_failure = None;
     }
 
     pub fn is_failing(&self) -> bool {

@@ -192,6 +192,26 @@ pub fn judge_exit(
     }
 }
 
+/// Whether the worker command has proven healthy again after failed
+/// starts: a current worker ready for `min_uptime`, that started after the
+/// last failure. One that was up before says nothing about its siblings
+/// dying now (a server that binds its own port keeps it while every other
+/// start fails on EADDRINUSE).
+pub fn proves_healthy(
+    pool: &Pool,
+    generation: u64,
+    last_failure: Option<Instant>,
+    now: Instant,
+    min_uptime: Duration,
+) -> bool {
+    pool.workers.values().any(|w| {
+        w.generation == generation
+            && last_failure.is_none_or(|f| w.started > f)
+            && w.ready_at
+                .is_some_and(|t| now.duration_since(t) >= min_uptime)
+    })
+}
+
 /// Whether a failed start of a `worker_generation` worker aborts the
 /// rollout to `generation` that has now seen `failures` of them.
 pub fn rollout_gives_up(worker_generation: u64, generation: u64, failures: u32) -> bool {
@@ -491,6 +511,34 @@ mod tests {
                 "{status} after {uptime:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_a_worker_started_after_the_last_failure_proves_health() {
+        let now = Instant::now();
+        let min_uptime = 500 * MS;
+        // Worker 10 started 1 s ago, ready 0.9 s ago (see `pool`).
+        let p = pool(&[(10, 1, Ready)], now);
+        // (last failure, generation, healthy)
+        let table = [
+            (None, 1, true),
+            (Some(now - 2000 * MS), 1, true),
+            // It was up before the failure: a sibling dying on EADDRINUSE
+            // while it holds the port is not cured by it.
+            (Some(now - 100 * MS), 1, false),
+            (None, 2, false),
+        ];
+        for (failure, generation, want) in table {
+            assert_eq!(
+                proves_healthy(&p, generation, failure, now, min_uptime),
+                want,
+                "{failure:?} gen {generation}"
+            );
+        }
+        assert!(
+            !proves_healthy(&p, 1, None, now, 1000 * MS),
+            "not up long enough"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tracing::{debug, info, warn};
 use super::Supervisor;
 use super::control::Event;
 use super::lifecycle::Lifecycle;
+use super::plan;
 use super::pool::StopReason;
 use super::status::ListenerStatus;
 use crate::scale::{PoolView, Sample};
@@ -60,10 +61,14 @@ impl Supervisor {
             // watchdog would abort it; one that is merely not ready may be
             // serving requests already: stop it gracefully.
             let hung = reason == StopReason::Watchdog;
+            let what = match reason {
+                StopReason::ReadyTimeout => self.no_ready_hint(),
+                _ => reason.to_string(),
+            };
             warn!(
                 worker_pid = pid.as_raw(),
                 event = "timeout",
-                "worker {pid}: {reason}; {}",
+                "worker {pid}: {what}; {}",
                 if hung { "killing it" } else { "stopping it" }
             );
             self.stop_worker(pid, reason, hung);
@@ -80,13 +85,14 @@ impl Supervisor {
                 w.killed = true;
             }
         }
-        // A worker that stays up past min_uptime proves the command healthy.
         if self.gate.consecutive_failures > 0
-            && self.pool.workers.values().any(|w| {
-                w.generation == self.generation
-                    && w.ready_at
-                        .is_some_and(|t| now.duration_since(t) >= self.config.worker.min_uptime)
-            })
+            && plan::proves_healthy(
+                &self.pool,
+                self.generation,
+                self.gate.last_failure,
+                now,
+                self.config.worker.min_uptime,
+            )
         {
             if self.gate.is_failing() {
                 info!("workers stay up again; the pool is no longer failing");

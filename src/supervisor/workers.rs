@@ -132,7 +132,11 @@ impl Supervisor {
                     w.slot,
                 );
                 if failed {
-                    self.note_failed_start(&w, format!("worker {reason}"), now);
+                    let why = match reason {
+                        StopReason::ReadyTimeout => self.no_ready_hint(),
+                        _ => format!("worker {reason}"),
+                    };
+                    self.note_failed_start(&w, why, now);
                 }
             }
             ExitVerdict::FailedStart { never_ready } => {
@@ -167,6 +171,17 @@ impl Supervisor {
                 w.slot,
             ),
         }
+    }
+
+    /// Why a worker that was not ready in time failed, with the fix for the
+    /// usual cause: a server that does not speak sd_notify under
+    /// `ready = "notify"` (only notify mode can time out).
+    pub(super) fn no_ready_hint(&self) -> String {
+        format!(
+            "worker sent no READY=1 within ready_timeout ({:?}); \
+             a server that does not send READY=1 needs ready = \"exec\"",
+            self.config.worker.ready_timeout
+        )
     }
 
     /// A start failed: back off, and abort a rollout whose new generation

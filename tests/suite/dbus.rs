@@ -17,6 +17,8 @@ use serde_json::Value;
 
 use super::harness::*;
 
+mod lifecycle;
+
 const DROVECTL: &str = env!("CARGO_BIN_EXE_drovectl");
 const SEC: Duration = Duration::from_secs(1);
 
