@@ -91,6 +91,11 @@ fn puma_single() {
     run(puma(Listener::Tcp));
 }
 
+#[test]
+fn puma_single_unix_socket() {
+    run(puma(Listener::Unix));
+}
+
 /// uWSGI adopts LISTEN_FDS by itself ("SystemD socket activation
 /// detected"); `--protocol http` makes the adopted sockets speak HTTP;
 /// without a master, the process droved starts is the one that serves, and
