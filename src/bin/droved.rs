@@ -12,9 +12,11 @@ use std::os::fd::OwnedFd;
 use drove::bus::{self, BusKind};
 use drove::config::{Config, ListenAddr, ListenSpec};
 use drove::handover;
-use drove::supervisor::{Setup, Supervisor};
+use drove::supervisor::{LoadFailure, Setup, Supervisor};
 use drove::sys::exec;
 use drove::sys::listen::{self, Listener};
+use drove::sys::spawn::Credentials;
+use drove::sys::users;
 
 /// The embedded default: a demo pool of the Rust example worker on
 /// 127.0.0.1:8080, used when droved gets neither a config nor a command.
@@ -109,8 +111,12 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
 
 impl Args {
     /// The configuration as files and flags say, validated for running.
-    fn load_config(&self) -> anyhow::Result<Config> {
+    /// Also returns a warning for the journal (workers running as root).
+    fn load_config(&self) -> anyhow::Result<(Config, Option<String>)> {
+        let euid = nix::unistd::geteuid().as_raw();
         let mut config = match &self.config {
+            // As root, whoever can write the file chooses what root runs.
+            Some(path) if euid == 0 => Config::load_trusted(path, euid)?,
             Some(path) => Config::load(path)?,
             None if !self.command.is_empty() || !self.listen.is_empty() => Config::default(),
             None => Config::from_toml_str(DEMO_CONFIG, Path::new("<embedded demo config>"))?,
@@ -133,7 +139,19 @@ impl Args {
             config.worker.command = self.command.clone();
         }
         config.validate_runnable()?;
-        Ok(config)
+        // What start-up resolves, --check resolves too.
+        socket_owner(&config)?;
+        let credentials = Credentials::resolve(
+            config.worker.user.as_deref(),
+            config.worker.group.as_deref(),
+        )
+        .context("worker.user/worker.group")?;
+        let worker_uid = credentials.map_or(euid, |c| c.uid.as_raw());
+        // Started by systemd (the packaged root service): refuse root
+        // workers unless the config asks for them; by hand: warn.
+        let service = std::env::var_os("INVOCATION_ID").is_some();
+        let warning = config.check_worker_uid(worker_uid, service)?;
+        Ok((config, warning))
     }
 
     fn instance(&self) -> String {
@@ -147,42 +165,19 @@ impl Args {
     }
 }
 
+/// The owner of droved's unix socket files, by the same lookup as workers'
+/// users (names or numeric ids).
+fn socket_owner(config: &Config) -> anyhow::Result<users::SocketOwner> {
+    let l = &config.listen;
+    Ok(users::socket_owner(
+        l.socket_user.as_deref(),
+        l.socket_group.as_deref(),
+    )?)
+}
+
 fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
     let l = &config.listen;
-    let owner = match (&l.socket_user, &l.socket_group) {
-        (None, None) => None,
-        (user, group) => {
-            let uid = user
-                .as_deref()
-                .map(|u| {
-                    nix::unistd::User::from_name(u)?
-                        .map(|u| u.uid)
-                        .ok_or(nix::errno::Errno::ENOENT)
-                })
-                .transpose()
-                .with_context(|| {
-                    format!(
-                        "listen.socket_user {:?}: no such user",
-                        user.as_deref().unwrap_or("")
-                    )
-                })?;
-            let gid = group
-                .as_deref()
-                .map(|g| {
-                    nix::unistd::Group::from_name(g)?
-                        .map(|g| g.gid)
-                        .ok_or(nix::errno::Errno::ENOENT)
-                })
-                .transpose()
-                .with_context(|| {
-                    format!(
-                        "listen.socket_group {:?}: no such group",
-                        group.as_deref().unwrap_or("")
-                    )
-                })?;
-            Some((uid, gid))
-        }
-    };
+    let owner = socket_owner(config)?;
     l.addresses
         .iter()
         .map(|spec| match &spec.address {
@@ -237,7 +232,7 @@ fn main() -> ExitCode {
     }
     if args.check {
         return match args.load_config() {
-            Ok(config) => {
+            Ok((config, warning)) => {
                 println!(
                     "{}: OK ({} listen address{}, workers {}..{}, command {:?})",
                     args.config
@@ -254,6 +249,10 @@ fn main() -> ExitCode {
                     config.pool.max,
                     config.worker.command.join(" ")
                 );
+                // After the verdict (a closed stdout ends us before it).
+                if let Some(w) = warning {
+                    say_error!("droved: warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -270,7 +269,14 @@ fn main() -> ExitCode {
         );
     }
     let exe = match exe {
-        Ok(p) => p,
+        // An upgrade execs the file it checked (sys::exec::Image); if the
+        // path was replaced meanwhile, /proc/self/exe says "PATH (deleted)".
+        // The next upgrade looks at PATH again.
+        Ok(p) => p
+            .to_str()
+            .and_then(|s| s.strip_suffix(" (deleted)"))
+            .map(PathBuf::from)
+            .unwrap_or(p),
         Err(e) => {
             say_error!("droved: cannot find my own executable: {e}");
             return ExitCode::FAILURE;
@@ -308,6 +314,11 @@ fn take_handover(fd: &str) -> anyhow::Result<(handover::State, Vec<Listener>, Ow
             let fd = exec::adopt_inherited(l.fd)?;
             let mut listener = Listener::from_fd(fd, l.name.clone())?;
             listener.owned_path = l.owned_path.clone();
+            if l.owned_path.is_some() {
+                // bind_unix binds through /proc/self/fd/N (see there), which
+                // is what getsockname says; the path is what we reported.
+                listener.address = l.address.clone();
+            }
             Ok(listener)
         })
         .collect::<std::io::Result<Vec<_>>>()
@@ -323,7 +334,10 @@ fn run(
     exe: PathBuf,
     argv: Vec<std::ffi::OsString>,
 ) -> anyhow::Result<i32> {
-    let config = args.load_config()?;
+    let (config, warning) = args.load_config()?;
+    if let Some(w) = warning {
+        tracing::warn!(event = "root-workers", "{w}");
+    }
     let (activated, restored) = match inherited {
         Inherited::Handover(h) => {
             let (state, listeners, notify) = (*h).context("binary upgrade handover failed")?;
@@ -356,7 +370,20 @@ fn run(
     let control_group = config.control.group.clone();
     let setup = Setup {
         config,
-        load_config: Box::new(move || reload_args.load_config().map_err(|e| format!("{e:#}"))),
+        load_config: Box::new(move || {
+            let (config, warning) = reload_args.load_config().map_err(|e| LoadFailure {
+                detail: format!("{e:#}"),
+                // D-Bus callers get no value from the file: it may hold secrets.
+                public: match e.downcast_ref::<drove::config::ConfigError>() {
+                    Some(c) => c.redacted(),
+                    None => format!("{e:#}"),
+                },
+            })?;
+            if let Some(w) = warning {
+                tracing::warn!(event = "root-workers", "{w}");
+            }
+            Ok(config)
+        }),
         listeners,
         instance,
         exe,

@@ -6,11 +6,12 @@
 //! `org.drove.Drove1.<label>`, where `<label>` is the instance name escaped
 //! by [`escape_instance`] (systemd's bus-label rule), and serves one object,
 //! [`OBJECT_PATH`]. Reading is open to everyone; mutating methods check the
-//! caller's uid as the bus daemon reports it (see `server::Access`).
+//! caller's uid as the bus daemon reports it (see `access::Access`).
 //!
 //! Invariant: the daemon never trusts identity from arguments; it asks the
 //! bus for the sender's uid on every mutating call.
 
+mod access;
 pub mod properties;
 mod server;
 
@@ -20,7 +21,8 @@ use zbus::zvariant::{OwnedValue, Type, Value};
 use crate::supervisor::control::{ControlError, WorkerInfo};
 use crate::supervisor::status::ListenerStatus;
 
-pub use server::{Access, Drove1, Drove1Proxy, ServeError, serve};
+pub use access::{Access, Denials, Grant};
+pub use server::{Drove1, Drove1Proxy, ServeError, serve};
 
 /// The D-Bus interface name.
 pub const INTERFACE: &str = "org.drove.Drove1";

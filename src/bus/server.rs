@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -16,77 +15,19 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::Value;
 use zbus::{Connection, interface};
 
+use super::access::{Access, DENIAL_WINDOW, Grant};
 use super::{BusError, BusKind, Listener, OBJECT_PATH, Worker};
 use crate::supervisor::Handle;
 use crate::supervisor::control::{Command, ControlError, Event};
 use crate::supervisor::status::Snapshot;
-
-/// Who may call mutating methods: uid 0, the uid droved runs as, and the
-/// members of `group` (control.group) by the account database's group
-/// list (getgrouplist(3)) of the caller's user.
-#[derive(Debug, Clone)]
-pub struct Access {
-    pub group: Option<String>,
-    pub own_uid: u32,
-}
-
-impl Access {
-    pub fn new(group: Option<String>) -> Access {
-        Access {
-            group,
-            own_uid: nix::unistd::geteuid().as_raw(),
-        }
-    }
-
-    /// Whether `uid` may mutate; the error says why not.
-    async fn check(&self, uid: u32, action: &str) -> Result<(), BusError> {
-        if uid == 0 || uid == self.own_uid {
-            return Ok(());
-        }
-        let Some(group) = self.group.clone() else {
-            return Err(BusError::AccessDenied(format!(
-                "access denied: {action} needs root (uid {uid} is not root, and no control.group is configured)"
-            )));
-        };
-        // NSS may be slow (LDAP, sssd): keep it off the supervisor's thread.
-        let g = group.clone();
-        let member = tokio::task::spawn_blocking(move || is_member(uid, &g))
-            .await
-            .unwrap_or(Ok(false));
-        match member {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(BusError::AccessDenied(format!(
-                "access denied: {action} needs root or membership in group {group:?}; uid {uid} is neither"
-            ))),
-            Err(e) => Err(BusError::AccessDenied(format!(
-                "access denied: {action}: cannot check membership of uid {uid} in group {group:?}: {e}"
-            ))),
-        }
-    }
-}
-
-fn is_member(uid: u32, group: &str) -> Result<bool, String> {
-    use nix::unistd::{Group, Uid, User, getgrouplist};
-    let gid = Group::from_name(group)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no such group {group:?}"))?
-        .gid;
-    let Some(user) = User::from_uid(Uid::from_raw(uid)).map_err(|e| e.to_string())? else {
-        return Ok(false);
-    };
-    if user.gid == gid {
-        return Ok(true);
-    }
-    let name = CString::new(user.name).map_err(|e| e.to_string())?;
-    let groups = getgrouplist(&name, user.gid).map_err(|e| e.to_string())?;
-    Ok(groups.contains(&gid))
-}
 
 /// The object at /org/drove/Drove1.
 pub struct Drove1 {
     commands: mpsc::Sender<Command>,
     snapshot: watch::Receiver<Snapshot>,
     access: Access,
+    /// The bus daemon's interface, made once (asked on every mutating call).
+    dbus: tokio::sync::OnceCell<zbus::fdo::DBusProxy<'static>>,
     /// When droved started, for the Uptime property.
     started: Instant,
 }
@@ -98,6 +39,7 @@ impl Drove1 {
             commands: handle.commands.clone(),
             snapshot: handle.snapshot.clone(),
             access,
+            dbus: tokio::sync::OnceCell::new(),
             started: Instant::now() - Duration::from_secs_f64(uptime.max(0.0)),
         }
     }
@@ -120,11 +62,19 @@ impl Drove1 {
         header: &Header<'_>,
         conn: &Connection,
         action: &str,
-    ) -> Result<(), BusError> {
+    ) -> Result<Grant, BusError> {
         let sender = header.sender().ok_or_else(|| {
             BusError::AccessDenied("access denied: the call has no sender".into())
         })?;
-        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+        let dbus = self
+            .dbus
+            .get_or_try_init(|| async {
+                zbus::fdo::DBusProxy::builder(conn)
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+            })
+            .await?;
         let uid = dbus
             .get_connection_unix_user(BusName::Unique(sender.clone()))
             .await
@@ -133,11 +83,11 @@ impl Drove1 {
             })?;
         let result = self.access.check(uid, action).await;
         match &result {
-            Ok(()) => info!(
+            Ok(_) => info!(
                 event = "control",
                 "{action} requested by uid {uid} ({sender})"
             ),
-            Err(_) => warn!(event = "control", "{action} by uid {uid} ({sender}) denied"),
+            Err(_) => self.access.log_denied(uid, sender.as_str(), action),
         }
         result
     }
@@ -174,10 +124,17 @@ impl Drove1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(u32, u32), BusError> {
-        self.authorize(&header, conn, &format!("SetLimits({min}, {max})"))
+        let grant = self
+            .authorize(&header, conn, &format!("SetLimits({min}, {max})"))
             .await?;
+        let privileged = grant == Grant::Root;
         Ok(self
-            .ask(|reply| Command::SetLimits { min, max, reply })
+            .ask(|reply| Command::SetLimits {
+                min,
+                max,
+                privileged,
+                reply,
+            })
             .await??)
     }
 
@@ -407,6 +364,7 @@ impl Drove1 {
 pub async fn serve(bus: BusKind, handle: Handle, access: Access) -> Result<(), ServeError> {
     let instance = handle.snapshot.borrow().instance.clone();
     let name = super::bus_name(&instance)?;
+    let denials = access.clone();
     let object = Drove1::new(&handle, access);
     let conn = bus
         .builder()
@@ -422,6 +380,13 @@ pub async fn serve(bus: BusKind, handle: Handle, access: Access) -> Result<(), S
     info!("serving {name} on the {bus} bus");
     // The task owns the connection: it lives as long as the supervisor.
     tokio::spawn(forward(conn, handle.snapshot, handle.events.subscribe()));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(DENIAL_WINDOW);
+        loop {
+            tick.tick().await;
+            denials.flush_denials();
+        }
+    });
     Ok(())
 }
 

@@ -78,6 +78,38 @@ impl ConfigError {
         }
     }
 
+    /// The error without any value from the file, for callers who may not
+    /// read the file itself (a D-Bus `Reload` reply to a control.group
+    /// member): the file, line and column and the key, but not the message,
+    /// which may quote a value (a secret in worker.environment, say).
+    pub fn redacted(&self) -> String {
+        match self {
+            ConfigError::Read { .. } => self.full_message(),
+            // Not about the file's text (its owner and mode, say).
+            ConfigError::Invalid {
+                position: None,
+                key: None,
+                ..
+            } => self.to_string(),
+            ConfigError::Invalid {
+                path,
+                position,
+                key,
+                ..
+            } => {
+                let what = match key {
+                    Some(k) => format!("invalid {k}"),
+                    None => "invalid configuration".to_owned(),
+                };
+                render(
+                    path.as_deref(),
+                    *position,
+                    &format!("{what} (droved's journal has the details)"),
+                )
+            }
+        }
+    }
+
     pub(super) fn unplaced(key: &str, message: String) -> Self {
         ConfigError::Invalid {
             path: None,
@@ -117,5 +149,32 @@ mod tests {
         );
         assert!(std::error::Error::source(&e).is_some());
         assert_eq!(e.position(), None);
+    }
+
+    #[test]
+    fn redacted_errors_name_file_line_and_key_but_no_value() {
+        let e = Config::from_toml_str(
+            "[worker]\nenvironment = { API_KEY = [\"hunter2\"] }",
+            Path::new(ORIGIN),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("worker.environment.API_KEY"), "{e}");
+        assert_eq!(
+            e.redacted(),
+            format!(
+                "{ORIGIN}:2:27: invalid worker.environment.API_KEY (droved's journal has the details)"
+            )
+        );
+        let e = Config::from_toml_str(
+            "[worker]\nuser = \"a\"\nuser = \"s3cret\"",
+            Path::new(ORIGIN),
+        )
+        .unwrap_err();
+        assert!(!e.redacted().contains("s3cret"), "{}", e.redacted());
+        assert!(
+            e.redacted().starts_with(&format!("{ORIGIN}:3:")),
+            "{}",
+            e.redacted()
+        );
     }
 }

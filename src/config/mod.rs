@@ -101,6 +101,80 @@ impl Config {
         Config::from_toml_str(&text, path)
     }
 
+    /// Like [`Config::load`], for a droved running as root: the file (and
+    /// each directory above it) must be writable by nobody but root and
+    /// `trusted_uid` (droved's own user), since whoever can write it picks
+    /// the command droved runs. The file checked is the file read.
+    pub fn load_trusted(path: &Path, trusted_uid: u32) -> Result<Config, ConfigError> {
+        use std::io::Read;
+        let read_err = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        let unsafe_mode = |what: &str, p: &Path, m: &std::fs::Metadata, dir: bool| {
+            use std::os::unix::fs::MetadataExt;
+            untrusted_owner_or_mode(m.uid(), m.gid(), m.mode(), dir, trusted_uid).map(|why| {
+                ConfigError::Invalid {
+                    path: Some(path.to_owned()),
+                    position: None,
+                    key: None,
+                    message: format!(
+                        "refusing the config: {what} {} has owner uid {} gid {} and mode {:04o}: {why}; droved runs as root and runs what the config says",
+                        p.display(),
+                        m.uid(),
+                        m.gid(),
+                        m.mode() & 0o7777
+                    ),
+                }
+            })
+        };
+        if let Some(e) = unsafe_mode("the file", path, &meta, false) {
+            return Err(e);
+        }
+        let absolute = std::fs::canonicalize(path).map_err(read_err)?;
+        for dir in absolute.ancestors().skip(1) {
+            let m = std::fs::metadata(dir).map_err(read_err)?;
+            if let Some(e) = unsafe_mode("its directory", dir, &m, true) {
+                return Err(e);
+            }
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(read_err)?;
+        Config::from_toml_str(&text, path)
+    }
+
+    /// Whether workers may run as `worker_uid`: uid 0 needs
+    /// `worker.allow_root = true`. `Ok(Some(warning))` when they run as root
+    /// anyway; `strict` (droved is a systemd service) refuses instead of
+    /// warning when allow_root is not set.
+    pub fn check_worker_uid(
+        &self,
+        worker_uid: u32,
+        strict: bool,
+    ) -> Result<Option<String>, ConfigError> {
+        if worker_uid != 0 {
+            return Ok(None);
+        }
+        if self.worker.allow_root {
+            return Ok(Some(
+                "workers run as root (worker.allow_root = true): a compromised worker owns the host; prefer a dedicated worker.user".into(),
+            ));
+        }
+        let advice = "set worker.user to an unprivileged user (e.g. a dedicated one), or worker.allow_root = true to run them as root on purpose";
+        if strict {
+            Err(ConfigError::unplaced(
+                "worker.user",
+                format!("workers would run as root: {advice}"),
+            ))
+        } else {
+            Ok(Some(format!(
+                "workers run as root because worker.user is not set; {advice} (droved started by systemd refuses this)"
+            )))
+        }
+    }
+
     /// Workers to start with: `pool.initial`, else `pool.min`, clamped to
     /// `[min, max]` (which command-line overrides may have moved).
     pub fn initial_workers(&self) -> u32 {
@@ -167,6 +241,30 @@ impl Config {
 }
 
 /// Helpers shared by the unit tests of the config modules.
+/// Why a config file (or a directory above it) with this owner and mode
+/// could be changed by someone other than root and `trusted_uid`, if it
+/// could: owned by another user, writable by a group other than root's, or
+/// writable by everyone (a directory with the sticky bit excepted: there,
+/// others cannot replace what they do not own).
+pub fn untrusted_owner_or_mode(
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    is_dir: bool,
+    trusted_uid: u32,
+) -> Option<&'static str> {
+    let sticky = is_dir && mode & 0o1000 != 0;
+    if uid != 0 && uid != trusted_uid {
+        Some("it belongs to another user")
+    } else if mode & 0o002 != 0 && !sticky {
+        Some("every user may write to it")
+    } else if mode & 0o020 != 0 && gid != 0 && !sticky {
+        Some("a group other than root may write to it")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod testing {
     use std::path::Path;
@@ -199,6 +297,70 @@ mod tests {
     use std::time::Duration;
 
     use nix::sys::signal::Signal;
+
+    #[test]
+    fn who_may_write_the_config() {
+        use super::untrusted_owner_or_mode as check;
+        // Root's or droved's own, not writable by others: fine.
+        assert_eq!(check(0, 0, 0o100644, false, 0), None);
+        assert_eq!(check(0, 0, 0o100664, false, 0), None);
+        assert_eq!(check(0, 0, 0o040755, true, 0), None);
+        assert_eq!(check(998, 998, 0o100600, false, 998), None);
+        // /tmp-like directories: sticky.
+        assert_eq!(check(0, 0, 0o041777, true, 0), None);
+        assert!(check(1000, 1000, 0o100644, false, 0).is_some());
+        assert!(check(0, 0, 0o100666, false, 0).is_some());
+        assert!(check(0, 1000, 0o100664, false, 0).is_some());
+        assert!(check(0, 0, 0o040777, true, 0).is_some());
+        // The sticky bit means nothing on a file.
+        assert!(check(0, 0, 0o101666, false, 0).is_some());
+    }
+
+    #[test]
+    fn root_workers_need_allow_root() {
+        let mut c = Config::default();
+        assert_eq!(c.check_worker_uid(1000, true).unwrap(), None);
+        let e = c.check_worker_uid(0, true).unwrap_err();
+        assert_eq!(e.key(), Some("worker.user"));
+        assert!(
+            e.to_string()
+                .starts_with("workers would run as root: set worker.user"),
+            "{e}"
+        );
+        let warning = c.check_worker_uid(0, false).unwrap().unwrap();
+        assert!(warning.contains("systemd refuses"), "{warning}");
+        c.worker.allow_root = true;
+        let warning = c.check_worker_uid(0, true).unwrap().unwrap();
+        assert!(warning.contains("allow_root = true"), "{warning}");
+    }
+
+    #[test]
+    fn allow_root_inherit_environment_and_group_without_user() {
+        let c = testing::parse(
+            "[worker]\nallow_root = true\ninherit_environment = [\"HTTP_PROXY\", \"SSL_CERT_FILE\"]",
+        );
+        assert!(c.worker.allow_root);
+        assert_eq!(
+            c.worker.inherit_environment,
+            ["HTTP_PROXY", "SSL_CERT_FILE"]
+        );
+        testing::assert_err(
+            "[worker]\ngroup = \"www\"",
+            "2:9: worker.group needs worker.user: without it workers would keep droved's own user (root, as a service) with only the group changed; set worker.user too",
+        );
+        testing::assert_err(
+            "[worker]\ninherit_environment = [\"LISTEN_FDS\"]",
+            "2:23: worker.inherit_environment: LISTEN_FDS is set by droved for each worker; remove it",
+        );
+        testing::assert_err(
+            "[worker]\ninherit_environment = \"PATH\"",
+            "2:23: worker.inherit_environment must be an array of variable names, found string \"PATH\"",
+        );
+        testing::assert_err(
+            "[worker]\nallow_root = \"yes\"",
+            "2:14: worker.allow_root must be true or false, found string \"yes\"",
+        );
+    }
 
     use super::testing::parse;
     use super::*;
@@ -338,6 +500,8 @@ group = "drove"
                 max_lifetime: Some(Duration::from_secs(3600)),
                 max_lifetime_jitter: Duration::from_secs(300),
                 max_rss: Some(512 << 20),
+                allow_root: false,
+                inherit_environment: vec![],
             }
         );
         assert_eq!(
@@ -466,6 +630,8 @@ group = "drove"
         expected.listen.socket_mode = Some(0o660);
         expected.worker.command = example.worker.command.clone();
         expected.worker.environment = example.worker.environment.clone();
+        // The safe setup is the example's: a dedicated, unprivileged user.
+        expected.worker.user = Some("drove-worker".into());
         assert_eq!(example, expected);
 
         let demo = Config::load(&root.join("examples/demo.toml")).unwrap();

@@ -37,6 +37,8 @@ const WORKER_KEYS: &[&str] = &[
     "max_lifetime",
     "max_lifetime_jitter",
     "max_rss",
+    "allow_root",
+    "inherit_environment",
 ];
 const POOL_KEYS: &[&str] = &["min", "max", "initial", "spawn_rate"];
 const SCALE_KEYS: &[&str] = &["interval", "cooldown", "window", "cpu_guard"];
@@ -122,6 +124,8 @@ pub(super) struct RawWorker {
     pub(super) max_lifetime: Field,
     pub(super) max_lifetime_jitter: Field,
     pub(super) max_rss: Field,
+    pub(super) allow_root: Field,
+    pub(super) inherit_environment: Field,
 }
 
 /// `worker.environment`, with a span per value.

@@ -203,6 +203,13 @@ pub struct WorkerConfig {
     pub max_lifetime_jitter: Duration,
     /// Replace a worker whose resident set exceeds this many bytes.
     pub max_rss: Option<u64>,
+    /// Let workers run as root (uid 0) when droved does; default false:
+    /// a root droved refuses to start root workers under systemd, and
+    /// warns when run by hand (see `Config::check_worker_uid`).
+    pub allow_root: bool,
+    /// Names of droved's own environment variables passed on to workers
+    /// (besides PATH, LANG, LC_*, TZ, which always are); default none.
+    pub inherit_environment: Vec<String>,
 }
 
 impl Default for WorkerConfig {
@@ -224,6 +231,8 @@ impl Default for WorkerConfig {
             max_lifetime: None,
             max_lifetime_jitter: Duration::ZERO,
             max_rss: None,
+            allow_root: false,
+            inherit_environment: Vec::new(),
         }
     }
 }

@@ -366,6 +366,19 @@ impl Cx<'_> {
         }
         out.user = self.name(&raw.user, "worker.user")?;
         out.group = self.name(&raw.group, "worker.group")?;
+        if let (Some(v), None) = (&raw.group, &out.user) {
+            return Err(self.at(
+                v,
+                "worker.group",
+                "worker.group needs worker.user: without it workers would keep droved's own user (root, as a service) with only the group changed; set worker.user too".into(),
+            ));
+        }
+        if let Some(b) = self.boolean(&raw.allow_root, "worker.allow_root")? {
+            out.allow_root = b;
+        }
+        if let Some(v) = &raw.inherit_environment {
+            out.inherit_environment = self.env_names(v)?;
+        }
         if let Some(v) = &raw.ready {
             let s = self.string(v, "worker.ready", "\"notify\" or \"exec\"")?;
             out.ready = s.parse().map_err(|e: ReadyModeError| {
@@ -484,6 +497,40 @@ impl Cx<'_> {
         Ok(argv)
     }
 
+    /// `worker.inherit_environment`: variable names, none that droved sets.
+    fn env_names(&self, v: &Spanned<Value>) -> Res<Vec<String>> {
+        let key = "worker.inherit_environment";
+        let Value::Array(items) = v.get_ref() else {
+            return Err(self.type_error(v, key, "an array of variable names"));
+        };
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(name) if !name.is_empty() && !name.contains(['=', '\0']) => {
+                    if RESERVED_ENVIRONMENT.contains(&name.as_str()) || name.starts_with("DROVE_") {
+                        Err(self.at(
+                            v,
+                            key,
+                            format!("{key}: {name} is set by droved for each worker; remove it"),
+                        ))
+                    } else {
+                        Ok(name.clone())
+                    }
+                }
+                Value::String(name) => Err(self.at(
+                    v,
+                    key,
+                    format!("{key}: {name:?} is not a variable name (non-empty, no `=` or NUL)"),
+                )),
+                other => Err(self.at(
+                    v,
+                    key,
+                    format!("{key} must hold strings, found {}", describe(other)),
+                )),
+            })
+            .collect()
+    }
+
     fn env_entry(&self, name: &str, v: &Spanned<Value>) -> Res<String> {
         let key = format!("worker.environment.{name}");
         if name.is_empty() || name.contains(['=', '\0']) {
@@ -597,7 +644,7 @@ mod tests {
         );
         assert_err(
             "[worker]\n  comand = []",
-            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss (did you mean `command`?)",
+            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
         );
         assert_err(
             "[listen]\nport = 80",

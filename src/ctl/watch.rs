@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
+use futures_lite::StreamExt;
 use serde_json::json;
 use zbus::MatchRule;
 use zbus::message::{Message, Type};

@@ -30,8 +30,13 @@ impl Supervisor {
                 };
                 let _ = reply.send(r);
             }
-            Command::SetLimits { min, max, reply } => {
-                let _ = reply.send(self.set_limits(min, max));
+            Command::SetLimits {
+                min,
+                max,
+                privileged,
+                reply,
+            } => {
+                let _ = reply.send(self.set_limits(min, max, privileged));
             }
             Command::Reload { reply } => {
                 if let Err(e) = self.reload(Some(reply)) {
@@ -67,12 +72,20 @@ impl Supervisor {
         }
     }
 
-    fn set_limits(&mut self, min: u32, max: u32) -> Result<(u32, u32), ControlError> {
+    fn set_limits(
+        &mut self,
+        min: u32,
+        max: u32,
+        privileged: bool,
+    ) -> Result<(u32, u32), ControlError> {
         if min == 0 || min > max || max > crate::config::MAX_WORKERS {
             return Err(ControlError::OutOfRange(format!(
                 "limits must satisfy 1 <= min <= max <= {}; got min {min}, max {max}",
                 crate::config::MAX_WORKERS
             )));
+        }
+        if let Some(msg) = limits_beyond_config(min, max, self.file_limits, privileged) {
+            return Err(ControlError::OutOfRange(msg));
         }
         self.config.pool.min = min;
         self.config.pool.max = max;
@@ -162,5 +175,38 @@ impl Supervisor {
             self.config.worker.restart_delay,
             self.config.worker.restart_delay_max,
         );
+    }
+}
+
+/// Why a caller who is not root may not set these limits, if they may
+/// not: a control.group member stays within the config file's
+/// `pool.min..pool.max` (`file`); root (or droved's own user) may not be
+/// held to them.
+fn limits_beyond_config(min: u32, max: u32, file: (u32, u32), privileged: bool) -> Option<String> {
+    let (fmin, fmax) = file;
+    (!privileged && (min < fmin || max > fmax)).then(|| {
+        format!(
+            "limits {min}..{max} go beyond the configuration's {fmin}..{fmax} (pool.min..pool.max): only root may set those; members of control.group may set limits within {fmin}..{fmax}"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::limits_beyond_config as beyond;
+
+    #[test]
+    fn group_members_stay_within_the_config_file() {
+        assert_eq!(beyond(2, 8, (2, 8), false), None);
+        assert_eq!(beyond(3, 5, (2, 8), false), None);
+        let msg = beyond(1, 4096, (2, 8), false).unwrap();
+        assert!(
+            msg.starts_with("limits 1..4096 go beyond the configuration's 2..8"),
+            "{msg}"
+        );
+        assert!(msg.contains("only root"), "{msg}");
+        assert!(beyond(2, 9, (2, 8), false).is_some());
+        assert!(beyond(1, 8, (2, 8), false).is_some());
+        assert_eq!(beyond(1, 4096, (2, 8), true), None);
     }
 }

@@ -15,6 +15,9 @@ pub enum Command {
     SetLimits {
         min: u32,
         max: u32,
+        /// Asked by root (or droved's own user): may go beyond the limits
+        /// of the config file; a control.group member may not.
+        privileged: bool,
         reply: oneshot::Sender<Result<(u32, u32), ControlError>>,
     },
     /// Re-read the config; answers when the rollout (if any) finished.

@@ -20,6 +20,7 @@
 
 mod commands;
 pub mod control;
+pub mod environment;
 pub mod gate;
 pub mod lifecycle;
 pub mod plan;
@@ -55,7 +56,17 @@ use systemd::Upward;
 use workers::WorkerPlan;
 
 /// Re-reads the configuration (file plus command-line overrides) on reload.
-pub type ConfigLoader = Box<dyn Fn() -> Result<Config, String> + Send>;
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, LoadFailure> + Send>;
+
+/// Why a reload could not load the configuration: `detail` for droved's
+/// journal, `public` for D-Bus callers, which names the file, line and key
+/// but quotes no value from the file (it may hold secrets).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{detail}")]
+pub struct LoadFailure {
+    pub detail: String,
+    pub public: String,
+}
 
 /// What `droved` hands the supervisor.
 pub struct Setup {
@@ -121,6 +132,12 @@ pub struct Supervisor {
     argv: Vec<std::ffi::OsString>,
     preflight_tx: mpsc::Sender<upgrade::PreflightResult>,
     preflight_rx: mpsc::Receiver<upgrade::PreflightResult>,
+    /// The new binary as its preflight opened and ran it; the upgrade execs
+    /// this very file (see `sys::exec::Image`).
+    checked_image: Option<crate::sys::exec::Image>,
+    /// pool.min and pool.max as the config file says (SetLimits may move
+    /// `config.pool`): the bounds a control.group member stays within.
+    file_limits: (u32, u32),
     /// Version of the binary this one took over from (binary upgrade).
     upgraded_from: Option<String>,
 }
@@ -155,6 +172,7 @@ impl Supervisor {
         )?;
         let now = Instant::now();
         let config = setup.config;
+        let file_limits = (config.pool.min, config.pool.max);
         let gate = SpawnGate::new(
             config.pool.spawn_rate,
             config.pool.max,
@@ -195,6 +213,8 @@ impl Supervisor {
             argv: setup.argv,
             preflight_tx,
             preflight_rx,
+            checked_image: None,
+            file_limits,
             upgraded_from: None,
         };
         if let Some((state, _)) = restored {

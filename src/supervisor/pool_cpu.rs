@@ -44,12 +44,19 @@ impl PoolCpu {
             if wall <= 0.0 {
                 return None;
             }
-            let (mut run, mut wait) = (0.0, 0.0);
+            let (mut run, mut wait, mut compared) = (0.0, 0.0, 0);
             for (pid, (r, w)) in &current {
                 if let Some((r0, w0)) = before.get(pid) {
                     run += r.saturating_sub(*r0).as_secs_f64();
                     wait += w.saturating_sub(*w0).as_secs_f64();
+                    compared += 1;
                 }
+            }
+            // No worker read twice (unreadable, or all new): unknown, not
+            // idle; an idle reading would let the scaler jump on a
+            // CPU-bound pool.
+            if compared == 0 {
+                return None;
             }
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -102,5 +109,9 @@ mod tests {
         while Instant::now() < spin_until {}
         let busy = cpu.sample([me].into_iter(), Instant::now()).unwrap();
         assert!(busy > 0.0 && busy <= 1.0, "{busy}");
+        // A pid that cannot be read (gone) makes the sample unknown, not 0.
+        let gone = Pid::from_raw(i32::MAX);
+        cpu.sample([gone].into_iter(), Instant::now());
+        assert_eq!(cpu.sample([gone].into_iter(), Instant::now()), None);
     }
 }

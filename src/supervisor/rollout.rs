@@ -21,9 +21,19 @@ pub(super) enum ReloadError {
     #[error("a binary upgrade is in progress; retry when it has finished")]
     Upgrading,
     #[error("{0}")]
-    Config(String),
+    Config(super::LoadFailure),
     #[error("{0}")]
     Workers(#[from] super::workers::PlanError),
+}
+
+impl ReloadError {
+    /// The message for a D-Bus caller: no value from the config file.
+    fn public_message(&self) -> String {
+        match self {
+            ReloadError::Config(f) => f.public.clone(),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl Supervisor {
@@ -41,7 +51,7 @@ impl Supervisor {
             }
             Err(e) => {
                 if let Some(r) = reply {
-                    let _ = r.send(Err(ControlError::ReloadRejected(e.to_string())));
+                    let _ = r.send(Err(ControlError::ReloadRejected(e.public_message())));
                 }
                 Err(e)
             }
@@ -66,6 +76,7 @@ impl Supervisor {
         }
         self.counters.reloads += 1;
         let worker_changed = new.worker != self.config.worker;
+        self.file_limits = (new.pool.min, new.pool.max);
         let old = std::mem::replace(&mut self.config, new);
         self.config.listen = old.listen.clone();
         self.plan = plan;

@@ -52,6 +52,7 @@ impl Supervisor {
             self.exec_upgrade(None);
         }
         self.upward.watchdog_tick(now);
+        self.upward.retry();
         for (pid, reason) in self.pool.overdue(
             now,
             self.config.worker.ready_timeout,

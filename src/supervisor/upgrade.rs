@@ -1,5 +1,6 @@
-//! Binary upgrade: preflight the binary on disk, hand the state over, and
-//! `execve` it in place. Same pid, so systemd's MainPID never changes, the
+//! Binary upgrade: open the binary on disk, preflight that file, hand the
+//! state over, and exec the same file in place (what was checked is what
+//! runs, whatever replaces the path meanwhile). Same pid, so systemd's MainPID never changes, the
 //! workers stay our children (their exits wait as zombies across the exec,
 //! nothing is lost), and the listening sockets are never closed.
 //!
@@ -27,8 +28,9 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
 /// the bus before this image (and its connection) is gone.
 const EXEC_DELAY: Duration = Duration::from_millis(200);
 
-/// The new binary's version, or why it was refused.
-pub(super) type PreflightResult = Result<String, String>;
+/// The new binary's version and the opened file that gave it, or why it
+/// was refused.
+pub(super) type PreflightResult = Result<(String, exec::Image), String>;
 
 fn age_ms(now: Instant, t: Instant) -> u64 {
     now.saturating_duration_since(t).as_millis() as u64
@@ -119,11 +121,12 @@ impl Supervisor {
                     let _ = r.send(Err(ControlError::UpgradeRefused(msg.clone())));
                 }
             }
-            Ok(version) => {
+            Ok((version, image)) => {
                 info!(
                     event = "upgrade",
                     "preflight passed; re-executing as {version}"
                 );
+                self.checked_image = Some(image);
                 if replies.is_empty() {
                     // Nobody waits for an answer (SIGUSR2): exec right away.
                     self.exec_upgrade(None);
@@ -198,6 +201,9 @@ impl Supervisor {
     /// the exec was due. Returns only if exec failed; then droved goes back
     /// to the state it upgraded from and the pool keeps running.
     pub(super) fn exec_upgrade(&mut self, stop: Option<bool>) {
+        let Some(image) = self.checked_image.take() else {
+            return self.upgrade_failed("no checked binary to execute".into());
+        };
         let now = Instant::now();
         let notify_fd = self.notify.raw_fd();
         let mut state = self.capture(notify_fd, now);
@@ -244,7 +250,7 @@ impl Supervisor {
         if let Err(e) = exec::block_signals() {
             warn!("cannot block signals for the exec: {e}");
         }
-        let err = exec::exec(&self.exe, &self.argv, &env);
+        let err = image.exec(&self.argv, &env);
         // Still here: exec failed. Undo and keep serving.
         let _ = exec::unblock_signals();
         for fd in &keep {
@@ -311,10 +317,12 @@ impl Supervisor {
     }
 }
 
-/// Runs `exe --preflight ARGS`: the new binary must start, accept the
-/// current configuration, and read our handover format.
+/// Opens `exe` and runs that file with `--preflight ARGS`: the new binary
+/// must start, accept the current configuration, and read our handover
+/// format. The open file is what the upgrade then execs.
 async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> PreflightResult {
-    let mut cmd = tokio::process::Command::new(exe);
+    let image = exec::Image::open(exe).map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let mut cmd = image.command();
     cmd.arg("--preflight")
         .args(args)
         .env_remove("LISTEN_FDS")
@@ -345,5 +353,5 @@ async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> Prefli
             detail
         ));
     }
-    handover::check_preflight(&stdout)
+    handover::check_preflight(&stdout).map(|version| (version, image))
 }

@@ -9,6 +9,7 @@ use tracing::{debug, error, info, warn};
 
 use super::Supervisor;
 use super::control::Event;
+use super::environment::{self, Account};
 use super::plan::{self, ExitVerdict};
 use super::pool::{StopReason, Worker, WorkerState};
 use crate::config::{Config, ReadyMode};
@@ -16,6 +17,7 @@ use crate::notify;
 use crate::sys::listen::Listener;
 use crate::sys::process::{self, ExitStatus};
 use crate::sys::spawn::{self, Credentials, SpawnSpec};
+use crate::sys::users;
 
 /// Worker settings resolved once per configuration generation.
 pub(super) struct WorkerPlan {
@@ -52,12 +54,25 @@ impl WorkerPlan {
         let w = &config.worker;
         let credentials = Credentials::resolve(w.user.as_deref(), w.group.as_deref())
             .map_err(PlanError::Credentials)?;
-        let mut env: Vec<(String, String)> =
-            std::env::vars().filter(|(k, _)| !private_env(k)).collect();
-        for (k, v) in &w.environment {
-            env.retain(|(key, _)| key != k);
-            env.push((k.clone(), v.clone()));
-        }
+        // Built, not inherited: droved's own environment may hold the
+        // unit's secrets (see `environment`).
+        let uid = credentials
+            .as_ref()
+            .map_or_else(nix::unistd::geteuid, |c| c.uid);
+        let account = users::account(uid)
+            .map_err(PlanError::Credentials)?
+            .map(|u| Account {
+                name: u.name,
+                home: u.dir.to_string_lossy().into_owned(),
+                shell: u.shell.to_string_lossy().into_owned(),
+            });
+        let parent = std::env::vars().filter(|(k, _)| !private_env(k));
+        let mut env = environment::build(
+            parent,
+            account.as_ref(),
+            &w.inherit_environment,
+            &w.environment,
+        );
         env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
         env.push((
             "LISTEN_FDNAMES".into(),

@@ -11,9 +11,9 @@
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
@@ -99,34 +99,110 @@ pub fn unblock_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Replaces the process image. Returns only on failure.
-pub fn exec(path: &Path, argv: &[OsString], env: &[(OsString, OsString)]) -> io::Error {
+/// The new droved binary of an upgrade, opened once: the preflight runs
+/// this file and the exec replaces the process with this file, so a
+/// package manager replacing the path in between cannot make droved exec
+/// an image that was never checked.
+#[derive(Debug)]
+pub struct Image {
+    file: OwnedFd,
+    path: PathBuf,
+}
+
+impl Image {
+    /// Opens the regular file at `path` (CLOEXEC; read-only).
+    pub fn open(path: &Path) -> io::Result<Image> {
+        let file = nix::fcntl::open(
+            path,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot open {}: {e}", path.display()),
+            )
+        })?;
+        let st = nix::sys::stat::fstat(&file)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        Ok(Image {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The path it was opened at (what droved reports).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A command that runs this very file, through `/proc/self/fd/N` in
+    /// the child (argv[0] stays the path). The fd is made inheritable in
+    /// the child only, so a `#!` script, whose interpreter opens that path
+    /// after exec, runs as well.
+    pub fn command(&self) -> tokio::process::Command {
+        let raw = self.file.as_raw_fd();
+        let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{raw}"));
+        cmd.arg0(&self.path);
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls fcntl(2), which is async-signal-safe; `raw` is open there
+        // (inherited through fork) and owned by this Image in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Replaces the process image with this file (execveat(2) with
+    /// AT_EMPTY_PATH). Returns only on failure. The fd stays CLOEXEC, so
+    /// the new image does not inherit it; a `#!` script therefore cannot be
+    /// exec'd this way (ENOENT, before anything is lost).
+    pub fn exec(&self, argv: &[OsString], env: &[(OsString, OsString)]) -> io::Error {
+        match exec_strings(argv, env) {
+            Ok((argv, env)) => match nix::unistd::execveat(
+                &self.file,
+                c"",
+                &argv,
+                &env,
+                nix::fcntl::AtFlags::AT_EMPTY_PATH,
+            ) {
+                Err(e) => io::Error::from(e),
+            },
+            Err(e) => e,
+        }
+    }
+}
+
+type CStrings = (Vec<CString>, Vec<CString>);
+
+fn exec_strings(argv: &[OsString], env: &[(OsString, OsString)]) -> io::Result<CStrings> {
     let to_c = |b: Vec<u8>| {
         CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
     };
-    let prepared = (|| {
-        let path = to_c(path.as_os_str().to_owned().into_vec())?;
-        let argv = argv
-            .iter()
-            .map(|a| to_c(a.clone().into_vec()))
-            .collect::<io::Result<Vec<_>>>()?;
-        let env = env
-            .iter()
-            .map(|(k, v)| {
-                let mut kv = k.clone().into_vec();
-                kv.push(b'=');
-                kv.extend(v.clone().into_vec());
-                to_c(kv)
-            })
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok::<_, io::Error>((path, argv, env))
-    })();
-    match prepared {
-        Ok((path, argv, env)) => match nix::unistd::execve(&path, &argv, &env) {
-            Err(e) => io::Error::from(e),
-        },
-        Err(e) => e,
-    }
+    let argv = argv
+        .iter()
+        .map(|a| to_c(a.clone().into_vec()))
+        .collect::<io::Result<Vec<_>>>()?;
+    let env = env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.clone().into_vec();
+            kv.push(b'=');
+            kv.extend(v.clone().into_vec());
+            to_c(kv)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok((argv, env))
 }
 
 /// Restores SIGPIPE's default action, which Rust programs start with
@@ -153,5 +229,40 @@ pub fn ignore_control_signals() {
         // SAFETY: SIG_IGN installs no handler code, so no async-signal
         // safety question arises; it only changes the disposition.
         let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn image_runs_the_file_opened_not_what_is_at_the_path_later() {
+        let dir = std::env::temp_dir().join(format!("drove-image-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("prog");
+        let write = |body: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            let tmp = dir.join("prog.new");
+            std::fs::write(&tmp, format!("#!/bin/sh\necho {body} \"$0\"\n")).unwrap();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        };
+        write("checked");
+        let image = Image::open(&path).unwrap();
+        write("replaced");
+        let out = image.command().output().await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.starts_with("checked "), "{text}");
+        assert_eq!(image.path(), path);
+        assert!(
+            Image::open(&dir)
+                .unwrap_err()
+                .to_string()
+                .contains("not a regular file")
+        );
+        assert!(Image::open(&dir.join("none")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,13 +7,15 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::socket::{
     self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrLike,
     SockaddrStorage, UnixAddr, sockopt,
 };
+use nix::sys::stat::Mode;
 
 /// What kind of socket a listener is; decides how its queue is probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -165,6 +167,20 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32, name: &str) -> io::Result<Listen
 
 /// Binds a unix stream listener at `path`. A stale socket file (nobody
 /// accepting on it) is replaced; a live one or a non-socket file is an error.
+///
+/// droved is root and the socket's directory may belong to someone less
+/// privileged (`/run/app` owned by the app's user), who could swap the
+/// fresh socket for a symlink between bind and chmod and so aim root's
+/// chmod/chown at any file. So nothing here acts on a path another user
+/// can change: the socket is bound in a private directory (mode 0700,
+/// droved's own) made beside its final place, its owner and mode are set
+/// through an `O_PATH|O_NOFOLLOW` fd checked to be a socket, and it is
+/// `rename()`d into place, which replaces a directory entry and never
+/// follows one. The socket's own address (getsockname(2), what `ss -x`
+/// shows) is therefore the `/proc/self/fd/N/NAME` it was bound at; droved
+/// reports `path`. A directory anyone may write to
+/// without the sticky bit (where anyone could replace the socket later)
+/// is refused.
 pub fn bind_unix(
     path: &Path,
     backlog: u32,
@@ -178,22 +194,73 @@ pub fn bind_unix(
             format!("cannot {what} {}: {e}", path.display()),
         )
     };
-    remove_stale_socket(path)?;
+    let (parent, file_name) = split_socket_path(path)?;
+    let dir = nix::fcntl::open(
+        parent,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("cannot open socket directory {}: {e}", parent.display()),
+        )
+    })?;
+    check_socket_dir(&dir, parent)?;
+    check_existing_socket(path)?;
+    let private = PrivateDir::create(dir, parent, file_name)?;
     let fd = socket::socket(
         AddressFamily::Unix,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    let addr = UnixAddr::new(path).map_err(|e| ctx(e, "use socket path"))?;
+    // Through the directory's fd, not its name: whoever may write to the
+    // parent could rename the private directory and put a link to another
+    // directory in its place.
+    let via_fd = Path::new("/proc/self/fd")
+        .join(private.fd.as_raw_fd().to_string())
+        .join(file_name);
+    let addr = UnixAddr::new(&via_fd).map_err(|e| ctx(e, "use socket path"))?;
     socket::bind(fd.as_raw_fd(), &addr).map_err(|e| ctx(e, "bind"))?;
-    if let Some(mode) = mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    // Only droved can add entries to the private directory (its fd, not its
+    // name, is what we look in): what is there is the socket just bound.
+    let file = nix::fcntl::openat(
+        &private.fd,
+        file_name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| ctx(e, "open the new socket file for"))?;
+    let st = nix::sys::stat::fstat(&file).map_err(|e| ctx(e, "stat the new socket file for"))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "cannot bind {}: the file bound in droved's private directory is not a socket",
+                path.display()
+            ),
+        ));
     }
     if let Some((uid, gid)) = owner {
-        nix::unistd::chown(path, uid, gid).map_err(|e| ctx(e, "chown"))?;
+        nix::unistd::fchownat(&file, "", uid, gid, AtFlags::AT_EMPTY_PATH)
+            .map_err(|e| ctx(e, "chown"))?;
+    }
+    if let Some(mode) = mode {
+        // chmod has no AT_EMPTY_PATH form; the fd's /proc link reaches the
+        // very inode checked above, whatever happens to names meanwhile.
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            link.as_str(),
+            Mode::from_bits_truncate(mode),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| ctx(e, "chmod"))?;
     }
     socket::listen(&fd, backlog_of(backlog)?).map_err(|e| ctx(e, "listen on"))?;
+    nix::fcntl::renameat(&private.fd, file_name, &private.parent, file_name)
+        .map_err(|e| ctx(e, "move the new socket into place at"))?;
     Ok(Listener {
         fd,
         name: name.to_string(),
@@ -203,13 +270,157 @@ pub fn bind_unix(
     })
 }
 
+fn split_socket_path(path: &Path) -> io::Result<(&Path, &std::ffi::OsStr)> {
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path {} names no file", path.display()),
+        )
+    })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Ok((parent, file_name))
+}
+
+/// Refuses a directory where anyone may replace droved's socket later.
+fn check_socket_dir(dir: &OwnedFd, parent: &Path) -> io::Result<()> {
+    let st = nix::sys::stat::fstat(dir)?;
+    let mode = st.st_mode & 0o7777;
+    if let Some(why) = unsafe_dir_mode(mode) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "socket directory {} has mode {mode:04o}: {why}; run chmod o-w or chmod +t on it, or put the socket elsewhere",
+                parent.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Why a directory of this mode cannot hold droved's socket, if it cannot.
+fn unsafe_dir_mode(mode: u32) -> Option<&'static str> {
+    let others_write = mode & 0o002 != 0;
+    let sticky = mode & 0o1000 != 0;
+    (others_write && !sticky)
+        .then_some("every user may write to it and it lacks the sticky bit, so anyone could replace the socket")
+}
+
+/// A directory of droved's own (0700) beside the socket's final place, on
+/// the same file system so `rename()` can move the socket out of it.
+/// Removed when dropped.
+struct PrivateDir {
+    parent: OwnedFd,
+    fd: OwnedFd,
+    name: PathBuf,
+    /// The socket's file name in it.
+    socket: PathBuf,
+    /// Its path, for messages.
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    fn create(
+        parent: OwnedFd,
+        parent_path: &Path,
+        file_name: &std::ffi::OsStr,
+    ) -> io::Result<PrivateDir> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let mut tries = 0;
+        let name = loop {
+            let name = PathBuf::from(format!(
+                ".{}.drove-{}-{}-{nanos:x}",
+                file_name.to_string_lossy(),
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            match nix::sys::stat::mkdirat(&parent, &name, Mode::S_IRWXU) {
+                Ok(()) => break name,
+                Err(nix::errno::Errno::EEXIST) if tries < 16 => tries += 1,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!(
+                            "cannot create a private directory in {} to bind the socket in: {e}",
+                            parent_path.display()
+                        ),
+                    ));
+                }
+            }
+        };
+        let path = parent_path.join(&name);
+        let opened = nix::fcntl::openat(
+            &parent,
+            &name,
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        );
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ =
+                    nix::unistd::unlinkat(&parent, &name, nix::unistd::UnlinkatFlags::RemoveDir);
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("cannot open {}: {e}", path.display()),
+                ));
+            }
+        };
+        let dir = PrivateDir {
+            parent,
+            fd,
+            name,
+            socket: PathBuf::from(file_name),
+            path,
+        };
+        // Someone who may write to the parent could have put their own
+        // directory there between mkdirat and openat.
+        let st = nix::sys::stat::fstat(&dir.fd)?;
+        if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o077 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} was replaced by another user's directory while droved created it",
+                    dir.path.display()
+                ),
+            ));
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        // Empty after the rename; after a failure, holds at most the socket.
+        let _ = nix::unistd::unlinkat(
+            &self.fd,
+            self.socket.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+        let _ = nix::unistd::unlinkat(
+            &self.parent,
+            &self.name,
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        );
+    }
+}
+
 fn backlog_of(n: u32) -> io::Result<Backlog> {
     let n = i32::try_from(n)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "backlog too large"))?;
     Backlog::new(n).map_err(io::Error::from)
 }
 
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+/// A live socket or a non-socket file at `path` is an error; a stale
+/// socket stays until the new one replaces it (so clients never find none).
+fn check_existing_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -229,7 +440,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
             io::ErrorKind::AddrInUse,
             format!("{} is in use by a running process", path.display()),
         )),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
         Err(e) => Err(io::Error::new(
             e.kind(),
             format!("cannot check {}: {e}", path.display()),
@@ -240,6 +451,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn binds_tcp_v4_and_v6_with_names() {
@@ -273,6 +485,43 @@ mod tests {
         std::fs::write(&plain, b"keep").unwrap();
         assert!(bind_unix(&plain, 8, "p", None, None).is_err());
         assert_eq!(std::fs::read(&plain).unwrap(), b"keep");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn directory_modes_that_cannot_hold_a_socket() {
+        assert_eq!(unsafe_dir_mode(0o755), None);
+        assert_eq!(unsafe_dir_mode(0o775), None);
+        assert_eq!(unsafe_dir_mode(0o1777), None);
+        assert!(unsafe_dir_mode(0o777).is_some());
+        assert!(unsafe_dir_mode(0o733).is_some());
+    }
+
+    #[test]
+    fn refuses_a_world_writable_directory_and_leaves_nothing_behind() {
+        let dir = std::env::temp_dir().join(format!("drove-listen-ww-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = bind_unix(&dir.join("a.sock"), 8, "a", None, None).unwrap_err();
+        assert!(err.to_string().contains("mode 0777"), "{err}");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let l = bind_unix(&dir.join("a.sock"), 8, "a", Some(0o600), None).unwrap();
+        assert_eq!(l.address, format!("unix:{}", dir.join("a.sock").display()));
+        let mode = std::fs::symlink_metadata(dir.join("a.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // The private directory is gone; only the socket is left.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("a.sock")]);
+        // Clients reach it at its path.
+        std::os::unix::net::UnixStream::connect(dir.join("a.sock")).unwrap();
+        drop(l);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

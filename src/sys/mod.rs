@@ -10,3 +10,4 @@ pub mod notify_socket;
 pub mod probe;
 pub mod process;
 pub mod spawn;
+pub mod users;

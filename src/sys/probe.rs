@@ -23,6 +23,10 @@ use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::unix::{ShowFlags, StateFlags, UnixRequest, nlas::Nla};
+
 /// Accept-queue depth of one listening socket, as the kernel reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueDepth {
@@ -118,38 +122,6 @@ pub fn tcp_queue_depth(fd: BorrowedFd<'_>) -> io::Result<QueueDepth> {
     })
 }
 
-// uapi/linux/sock_diag.h and uapi/linux/unix_diag.h, which libc lacks.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const UDIAG_SHOW_RQLEN: u32 = 0x10;
-const UNIX_DIAG_RQLEN: u16 = 4;
-/// `INET_DIAG_NOCOOKIE`: look the socket up by inode alone.
-const NO_COOKIE: u32 = !0;
-
-/// `struct unix_diag_req`.
-#[repr(C)]
-struct UnixDiagReq {
-    sdiag_family: u8,
-    sdiag_protocol: u8,
-    pad: u16,
-    udiag_states: u32,
-    udiag_ino: u32,
-    udiag_show: u32,
-    udiag_cookie: [u32; 2],
-}
-
-/// A netlink request: header followed by the unix_diag request, exactly as
-/// it goes on the wire (both are 4-aligned, so there is no padding).
-#[repr(C)]
-struct DiagRequest {
-    hdr: libc::nlmsghdr,
-    req: UnixDiagReq,
-}
-
-/// Sizes of the answer's parts (`nlmsghdr`, `unix_diag_msg`, `rtattr`).
-const NLMSG_HDRLEN: usize = 16;
-const UNIX_DIAG_MSG_LEN: usize = 16;
-const RTA_HDRLEN: usize = 4;
-
 /// Accept-queue depth of a unix stream or seqpacket listener, asked of
 /// `NETLINK_SOCK_DIAG` by the socket's inode.
 ///
@@ -169,24 +141,23 @@ pub fn unix_queue_depth(fd: BorrowedFd<'_>) -> io::Result<QueueDepth> {
 fn unix_depth_by_inode(ino: u32) -> io::Result<QueueDepth> {
     let nl = netlink_socket()?;
     let seq = 1;
-    let req = DiagRequest {
-        hdr: libc::nlmsghdr {
-            nlmsg_len: size_of::<DiagRequest>() as u32,
-            nlmsg_type: SOCK_DIAG_BY_FAMILY,
-            nlmsg_flags: libc::NLM_F_REQUEST as u16,
-            nlmsg_seq: seq,
-            nlmsg_pid: 0,
-        },
-        req: UnixDiagReq {
-            sdiag_family: libc::AF_UNIX as u8,
-            sdiag_protocol: 0,
-            pad: 0,
-            udiag_states: !0,
-            udiag_ino: ino,
-            udiag_show: UDIAG_SHOW_RQLEN,
-            udiag_cookie: [NO_COOKIE, NO_COOKIE],
-        },
-    };
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = seq;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::UnixRequest(UnixRequest {
+            state_flags: StateFlags::all(),
+            inode: ino,
+            show_flags: ShowFlags::RQLEN,
+            // INET_DIAG_NOCOOKIE: look the socket up by inode alone.
+            cookie: [0xff; 8],
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut req = vec![0u8; request.buffer_len()];
+    request.serialize(&mut req);
     // SAFETY: an all-zero sockaddr_nl is valid (family set below; pid 0 and
     // groups 0 address the kernel).
     let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -196,8 +167,8 @@ fn unix_depth_by_inode(ino: u32) -> io::Result<QueueDepth> {
     let sent = unsafe {
         libc::sendto(
             nl.as_raw_fd(),
-            (&raw const req).cast(),
-            size_of::<DiagRequest>(),
+            req.as_ptr().cast(),
+            req.len(),
             0,
             (&raw const kernel).cast(),
             size_of::<libc::sockaddr_nl>() as libc::socklen_t,
@@ -215,88 +186,41 @@ fn unix_depth_by_inode(ino: u32) -> io::Result<QueueDepth> {
 }
 
 /// Parse the kernel's answer to one exact unix_diag request.
-fn parse_unix_diag(mut buf: &[u8], seq: u32, ino: u32) -> io::Result<QueueDepth> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {what}"));
-    while buf.len() >= NLMSG_HDRLEN {
-        let len = u32_at(buf, 0) as usize;
-        let kind = u16_at(buf, 4);
-        let msg_seq = u32_at(buf, 8);
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            return Err(bad("truncated netlink message"));
-        }
-        let body = &buf[NLMSG_HDRLEN..len];
-        buf = &buf[align4(len).min(buf.len())..];
-        if msg_seq != seq {
-            continue;
-        }
-        match kind {
-            k if k == libc::NLMSG_ERROR as u16 => {
-                if body.len() < 4 {
-                    return Err(bad("truncated NLMSG_ERROR"));
-                }
-                let errno = -(u32_at(body, 0) as i32);
-                return Err(io::Error::new(
-                    io::Error::from_raw_os_error(errno).kind(),
-                    format!(
-                        "sock_diag lookup of inode {ino}: {}",
-                        io::Error::from_raw_os_error(errno)
-                    ),
-                ));
-            }
-            SOCK_DIAG_BY_FAMILY => return parse_unix_diag_msg(body, ino),
-            _ => continue,
-        }
-    }
-    Err(bad("no answer for our request"))
-}
-
-/// Parse `struct unix_diag_msg` and its attributes, looking for
-/// `UNIX_DIAG_RQLEN`.
-fn parse_unix_diag_msg(body: &[u8], ino: u32) -> io::Result<QueueDepth> {
+fn parse_unix_diag(buf: &[u8], seq: u32, ino: u32) -> io::Result<QueueDepth> {
     let bad =
         |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {what}"));
-    if body.len() < UNIX_DIAG_MSG_LEN {
-        return Err(bad("truncated unix_diag_msg".into()));
+    let answer =
+        NetlinkMessage::<SockDiagMessage>::deserialize(buf).map_err(|e| bad(e.to_string()))?;
+    if answer.header.sequence_number != seq {
+        return Err(bad("no answer for our request".into()));
     }
-    let state = body[2];
-    let got_ino = u32_at(body, 4);
+    let response = match answer.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(r)) => r,
+        NetlinkPayload::Error(e) => {
+            let err = io::Error::from_raw_os_error(-e.raw_code());
+            return Err(io::Error::new(
+                err.kind(),
+                format!("sock_diag lookup of inode {ino}: {err}"),
+            ));
+        }
+        other => return Err(bad(format!("unexpected answer {other:?}"))),
+    };
+    let got_ino = response.header.inode;
     if got_ino != ino {
         return Err(bad(format!("answer for inode {got_ino}, asked for {ino}")));
     }
-    if state != TCP_LISTEN {
-        return Err(not_listening_unix(ino, state));
+    if response.header.state != TCP_LISTEN {
+        return Err(not_listening_unix(ino, response.header.state));
     }
-    let mut attrs = &body[UNIX_DIAG_MSG_LEN..];
-    while attrs.len() >= RTA_HDRLEN {
-        let len = u16_at(attrs, 0) as usize;
-        let kind = u16_at(attrs, 2);
-        if len < RTA_HDRLEN || len > attrs.len() {
-            return Err(bad("truncated attribute".into()));
-        }
-        if kind == UNIX_DIAG_RQLEN {
-            if len < RTA_HDRLEN + 8 {
-                return Err(bad("short UNIX_DIAG_RQLEN".into()));
-            }
-            return Ok(QueueDepth {
-                queued: u32_at(attrs, RTA_HDRLEN),
-                backlog: u32_at(attrs, RTA_HDRLEN + 4),
-            });
-        }
-        attrs = &attrs[align4(len).min(attrs.len())..];
-    }
-    Err(bad("answer without UNIX_DIAG_RQLEN".into()))
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+    let (queued, backlog) = response
+        .nlas
+        .iter()
+        .find_map(|nla| match nla {
+            Nla::ReceiveQueueLength(queued, backlog) => Some((*queued, *backlog)),
+            _ => None,
+        })
+        .ok_or_else(|| bad("answer without UNIX_DIAG_RQLEN".into()))?;
+    Ok(QueueDepth { queued, backlog })
 }
 
 /// The inode of a socket, the key sock_diag knows it by.
@@ -590,6 +514,14 @@ mod tests {
         let err = unix_depth_by_inode(ino).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
+
+    // uapi/linux/sock_diag.h and uapi/linux/unix_diag.h: the wire format
+    // the test answers are built in.
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    const NLMSG_HDRLEN: usize = 16;
+    const UNIX_DIAG_MSG_LEN: usize = 16;
+    const RTA_HDRLEN: usize = 4;
 
     #[test]
     fn diag_answer_parsing() {

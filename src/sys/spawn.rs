@@ -30,6 +30,8 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Pid, Uid};
 
+use super::users::{lookup_group, lookup_user};
+
 /// First fd handed to workers (SD_LISTEN_FDS_START).
 pub const LISTEN_FDS_START: RawFd = 3;
 
@@ -73,27 +75,6 @@ impl Credentials {
         };
         Ok(Some(Credentials { uid, gid, groups }))
     }
-}
-
-fn lookup_user(spec: &str) -> io::Result<nix::unistd::User> {
-    let found = match spec.parse::<u32>() {
-        Ok(n) => nix::unistd::User::from_uid(Uid::from_raw(n)),
-        Err(_) => nix::unistd::User::from_name(spec),
-    };
-    found
-        .map_err(io::Error::from)?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no such user: {spec}")))
-}
-
-fn lookup_group(spec: &str) -> io::Result<Gid> {
-    let found = match spec.parse::<u32>() {
-        Ok(n) => nix::unistd::Group::from_gid(Gid::from_raw(n)),
-        Err(_) => nix::unistd::Group::from_name(spec),
-    };
-    found
-        .map_err(io::Error::from)?
-        .map(|g| g.gid)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no such group: {spec}")))
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {

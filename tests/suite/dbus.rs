@@ -753,8 +753,9 @@ fn completions_and_usage_need_no_bus() {
 fn default_bus_under_systemd_degrades_but_explicit_bus_is_fatal() {
     // INVOCATION_ID says "started by systemd": the system bus by default.
     // None reachable: droved logs it and serves anyway.
+    // (As a service, root workers must be asked for: worker.allow_root.)
     let mut d = Droved::builder("dbus-default")
-        .config(&config(1, 1, ""))
+        .config(&config(1, 1, "").replace("[worker]", "[worker]\nallow_root = true"))
         .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
         .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
         .start();

@@ -114,6 +114,7 @@ fn kill_storm_loses_only_requests_in_flight_on_killed_workers() {
                 kills += 1;
             }
         }
+        // The injection rate, part of the scenario.
         std::thread::sleep(SEC / rate);
     }
     // The pool returns to its target and serves.
@@ -199,14 +200,16 @@ fn a_stopped_worker_cannot_hold_up_shutdown() {
 fn restart_churn_leaks_no_fds_zombies_or_memory() {
     let restarts: usize = if soak() { 10_000 } else { 1_000 };
     // Workers that serve briefly and exit on their own (status 0 after
-    // 20 ms), so droved restarts them as fast as its spawn budget allows.
+    // 20 ms), so droved restarts them as fast as its spawn budget allows;
+    // once the file `quiet` exists, new workers stay up, and the churn
+    // stops.
     let mut d = Droved::builder("churn")
         .config(
             r#"
 [listen]
 addresses = ["127.0.0.1:{port}"]
 [worker]
-command = ["sh", "-c", "sleep 0.02"]
+command = ["sh", "-c", "test -e {dir}/quiet && exec sleep 600; sleep 0.02"]
 ready = "exec"
 min_uptime = "1ms"
 [pool]
@@ -227,15 +230,23 @@ spawn_rate = 1000
         Duration::from_secs(if soak() { 900 } else { 120 }),
     );
     let took = t0.elapsed();
-    // Compare at a quiet point: stop churning by shrinking nothing; just
-    // sample a few times and take the minimum (a fork may be in flight).
-    let after = (0..5)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(30));
-            resources(d.pid())
-        })
-        .min()
-        .unwrap();
+    // Compare at a quiet point: stop the churn and wait until every slot
+    // holds a worker that stays. droved starts a slot's new worker only
+    // after it reaped the old one, so any zombie left then is a leak, not
+    // an exit droved has yet to see (sampling during the churn counted
+    // those on a busy machine).
+    std::fs::write(d.dir.join("quiet"), "").unwrap();
+    eventually("8 workers that stay", 30 * SEC, || {
+        let staying = d
+            .workers()
+            .into_iter()
+            .filter(|&p| {
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == b"sleep\x00600\x00")
+            })
+            .count();
+        (staying == 8).then_some(())
+    });
+    let after = resources(d.pid());
     assert!(d.try_exit().is_none());
     assert!(
         after.0 <= before.0,
@@ -388,14 +399,18 @@ initial = 1
         .unwrap()
         .count();
     cg.limit(&(tasks + 3).to_string());
-    // Ask for 6: forks beyond the limit fail with EAGAIN.
-    for _ in 0..5 {
+    // Ask for 6: forks beyond the limit fail with EAGAIN. Signals of one
+    // kind coalesce while pending: send the next once droved took this one.
+    for i in 1..=5 {
         d.signal(Signal::SIGTTIN);
-        std::thread::sleep(Duration::from_millis(50));
+        d.wait_log("SIGTTIN: scale", i, 10 * SEC);
     }
     d.wait_log("cannot start worker", 1, 10 * SEC);
-    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 8, 10 * SEC);
-    std::thread::sleep(SEC);
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 8, 20 * SEC);
+    // Serve under load while droved retries (and fails) two more forks.
+    let failed = d.log_count("cannot start worker");
+    d.wait_log("cannot start worker", failed + 2, 10 * SEC);
+    eventually("load flows", 10 * SEC, || (load.ok() > 20).then_some(()));
     assert!(d.try_exit().is_none(), "droved survives fork failures");
     assert!(d.get("/").is_ok(), "the workers it has keep serving");
     let log = d.log();
@@ -448,8 +463,10 @@ fn a_full_disk_under_the_logs_loses_only_log_lines() {
         (now.len() == 4 && now.iter().all(|p| !before.contains(p))).then_some(())
     });
     let ok = load.finish_clean();
-    // An error exit cannot print its message, but still exits 1.
+    // An error exit cannot print its message, but still exits 1. This
+    // one binds the first one's port itself.
     let mut second = Droved::builder("disk-full-2")
+        .droved_binds()
         .args(&["-l", &format!("127.0.0.1:{}", d.port), "--", "{worker}"])
         .output("/dev/full")
         .start();
@@ -467,7 +484,9 @@ fn a_full_disk_under_the_logs_loses_only_log_lines() {
 
 #[test]
 fn accept_backlog_overflow_is_survived_and_reported() {
+    // droved binds the socket itself, with the configured backlog.
     let mut d = Droved::builder("backlog")
+        .droved_binds()
         .config(
             r#"
 [listen]
@@ -525,7 +544,8 @@ fn signal_bursts_in_every_phase_lose_nothing() {
     }
     d.wait_ready();
     let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 16, 60 * SEC);
-    // Running, rolling and upgrading: 20 rounds of mixed bursts.
+    // Running, rolling and upgrading: 20 rounds of mixed bursts, 100 ms
+    // apart (the pace is part of the scenario, it waits for nothing).
     for _ in 0..20 {
         for s in burst {
             d.signal(s);

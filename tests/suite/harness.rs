@@ -1,17 +1,28 @@
 //! Test harness: start the real `droved` with a NOTIFY_SOCKET of the test's
 //! own, so tests wait for what droved tells systemd (READY=1, STATUS=)
 //! instead of sleeping. Every wait has a deadline.
+//!
+//! Ports: tests run in parallel, so a port must never be "free a moment
+//! ago". By default the harness binds the test's TCP socket itself
+//! (127.0.0.1, port 0) and hands it to droved as systemd socket activation
+//! does (fd 3, LISTEN_FDS=1, LISTEN_FDNAMES=drove, LISTEN_PID=droved's
+//! pid); droved then ignores `-l`/`listen.addresses` (it logs so), and the
+//! test keeps the socket open, so the port stays its own. Tests of droved's
+//! own binding ([`Builder::droved_binds`]) get a reserved port instead: see
+//! [`reserve_port`].
 
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub const DROVED: &str = env!("CARGO_BIN_EXE_droved");
 
@@ -39,13 +50,48 @@ pub fn python_worker() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/wsgi_worker.py")
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The listen(2) backlog droved uses by default (`listen.backlog`), so a
+/// socket the harness passes behaves like one droved binds.
+const DROVED_BACKLOG: i32 = 1024;
+
+/// A TCP socket bound to 127.0.0.1 on a port the kernel picked, with
+/// SO_REUSEADDR, not yet listening, and its port.
+///
+/// While it is open the port is ours, whether it listens or not:
+/// - [`Builder::start`] makes it listen and passes it to droved (socket
+///   activation): nobody else can bind a port with a listener on it;
+/// - for a test where droved (or systemd-socket-activate) must bind the
+///   port itself, it stays bound but not listening, as a reservation.
+///   Linux lets another socket with SO_REUSEADDR (droved's and
+///   systemd-socket-activate's both set it) bind and listen on that port,
+///   since ours does not listen; but the kernel never hands it out for
+///   another bind to port 0 (a probe such as the old `free_port()`), and
+///   `connect` never takes it as a local port, because a socket is bound
+///   to it. So no parallel test can take it between our pick and droved's
+///   bind; a probe that was closed again (the old way) guaranteed nothing.
+pub fn reserve_port() -> (OwnedFd, u16) {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, getsockname, setsockopt, socket,
+        sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("a TCP socket");
+    setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::LOCALHOST,
+            0,
+        )),
+    )
+    .expect("bind 127.0.0.1:0");
+    let port = getsockname::<SockaddrIn>(fd.as_raw_fd()).unwrap().port();
+    (fd, port)
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -90,12 +136,25 @@ pub struct Upward {
     pub ready_count: u32,
     pub status: String,
     pub statuses: Vec<String>,
+    /// When each of `statuses` arrived (read by the drain thread, not
+    /// when a test looked).
+    pub status_times: Vec<Instant>,
+    /// Flush markers the harness sent itself (see `Droved::flush_upward`).
+    flushed: u32,
 }
+
+/// What the harness sends its own notify socket to learn that everything
+/// queued before it was read.
+const FLUSH_MARKER: &str = "X_DROVE_HARNESS_FLUSH";
 
 pub struct Droved {
     pub child: Child,
     pub dir: PathBuf,
     pub port: u16,
+    /// The test's port, kept open for the test's whole life (see
+    /// [`reserve_port`]).
+    _port_socket: OwnedFd,
+    notify_path: PathBuf,
     /// Filled by a thread that drains droved's notifications at once, as
     /// systemd would, so droved's queue to us never fills up.
     upward: Arc<Mutex<Upward>>,
@@ -119,7 +178,9 @@ impl Upward {
                 Some(("STATUS", s)) => {
                     self.status = s.to_string();
                     self.statuses.push(s.to_string());
+                    self.status_times.push(Instant::now());
                 }
+                Some((FLUSH_MARKER, _)) => self.flushed += 1,
                 _ => {}
             }
         }
@@ -140,6 +201,8 @@ pub struct Builder {
     config: Option<String>,
     env: Vec<(String, String)>,
     port: u16,
+    port_socket: OwnedFd,
+    droved_binds: bool,
     launcher: Vec<String>,
     tag: String,
     binary: Option<PathBuf>,
@@ -164,12 +227,22 @@ impl Builder {
         self.env.push((key.into(), value.into()));
         self
     }
-    /// Runs droved under another program (e.g. systemd-socket-activate).
+    /// Runs droved under another program (e.g. systemd-socket-activate),
+    /// which binds `{port}` itself: implies [`Builder::droved_binds`].
     pub fn launcher(mut self, argv: &[&str]) -> Self {
         self.launcher = argv
             .iter()
             .map(|a| a.replace("{port}", &self.port.to_string()))
             .collect();
+        self.droved_binds()
+    }
+
+    /// droved binds its sockets itself, from `-l` or `listen.addresses`:
+    /// for tests of that binding (several addresses, unix sockets, a
+    /// backlog, bind errors). `{port}` is then a port reserved for the
+    /// test's life ([`reserve_port`]) instead of a socket passed to droved.
+    pub fn droved_binds(mut self) -> Self {
+        self.droved_binds = true;
         self
     }
 
@@ -185,6 +258,49 @@ impl Builder {
     pub fn output(mut self, path: &str) -> Self {
         self.output = Some(path.into());
         self
+    }
+
+    /// A command that runs `program` as systemd would after socket
+    /// activation: the test's socket listening at fd 3, LISTEN_FDS=1,
+    /// LISTEN_FDNAMES=drove (droved's default name) and LISTEN_PID = the
+    /// pid of `program`. std's Command fixes the environment before it
+    /// forks, so `sh` sets LISTEN_PID to its own pid (`$$`) and `exec`s
+    /// the program under that same pid. The one `unsafe` of the tests:
+    /// placing an fd in the child takes `pre_exec`.
+    #[allow(unsafe_code)]
+    fn activate(&self, program: &str) -> Command {
+        nix::sys::socket::listen(
+            &self.port_socket,
+            nix::sys::socket::Backlog::new(DROVED_BACKLOG).unwrap(),
+        )
+        .expect("listen on the test's socket");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"", "sh"])
+            .arg(program)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "drove")
+            .env_remove("LISTEN_PID");
+        let fd = self.port_socket.as_raw_fd();
+        // SAFETY: runs in the forked child before exec; dup2(2) and
+        // fcntl(2) are async-signal-safe, and the closure allocates
+        // nothing. dup2 onto fd 3 clears FD_CLOEXEC there; when the
+        // socket already is fd 3, dup2 would do nothing, so clear the
+        // flag by hand. Stdio is already in place when this runs, so fd 3
+        // holds nothing the child still needs.
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
     }
 
     pub fn start(self) -> Droved {
@@ -218,7 +334,11 @@ impl Builder {
             argv.push(path.display().to_string());
         }
         argv.extend(self.args.iter().map(|s| subst(s)));
-        let mut cmd = Command::new(&argv[0]);
+        let mut cmd = if self.droved_binds {
+            Command::new(&argv[0])
+        } else {
+            self.activate(&argv[0])
+        };
         cmd.args(&argv[1..])
             .env("NOTIFY_SOCKET", &notify_path)
             .env("DROVE_LOG", "debug")
@@ -242,6 +362,8 @@ impl Builder {
             child,
             dir,
             port: self.port,
+            _port_socket: self.port_socket,
+            notify_path,
             upward,
             stop_drain,
             drain: Some(drain),
@@ -253,11 +375,14 @@ impl Builder {
 
 impl Droved {
     pub fn builder(tag: &str) -> Builder {
+        let (port_socket, port) = reserve_port();
         Builder {
             args: vec![],
             config: None,
             env: vec![],
-            port: free_port(),
+            port,
+            port_socket,
+            droved_binds: false,
             launcher: vec![],
             tag: tag.into(),
             binary: None,
@@ -395,8 +520,8 @@ impl Droved {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_exit() {
-                // Give the drain thread droved's last words.
-                std::thread::sleep(Duration::from_millis(100));
+                // droved's last words are queued on our socket by now.
+                self.flush_upward();
                 return s;
             }
             assert!(
@@ -411,6 +536,63 @@ impl Droved {
     pub fn get(&self, path: &str) -> std::io::Result<String> {
         http_get(("127.0.0.1", self.port), path)
     }
+
+    /// Waits until the drain thread has read every notification queued on
+    /// our socket so far: sends a marker behind them (a datagram socket
+    /// keeps order) and waits for the thread to read it.
+    pub fn flush_upward(&mut self) {
+        let n = self.upward.lock().unwrap().flushed + 1;
+        UnixDatagram::unbound()
+            .unwrap()
+            .send_to(format!("{FLUSH_MARKER}={n}").as_bytes(), &self.notify_path)
+            .expect("send the flush marker to our notify socket");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.upward.lock().unwrap().flushed < n {
+            assert!(
+                Instant::now() < deadline,
+                "the notify drain thread did not read the flush marker in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Times (droved's own clock, from its log) of the log lines
+    /// containing `needle`: for observation windows measured by droved
+    /// rather than by a test thread that a busy machine may deschedule.
+    pub fn log_times(&self, needle: &str) -> Vec<SystemTime> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(log_time)
+            .collect()
+    }
+}
+
+/// The timestamp droved's log puts first on a line
+/// (`2026-11-29T19:35:05.460739Z`), as a SystemTime.
+pub fn log_time(line: &str) -> Option<SystemTime> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, min) = (
+        t.next()?.parse::<u64>().ok()?,
+        t.next()?.parse::<u64>().ok()?,
+    );
+    let secs: f64 = t.next()?.parse().ok()?;
+    // Days since 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    Some(
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(days * 86_400 + h * 3600 + min * 60)
+            + Duration::from_secs_f64(secs),
+    )
 }
 
 impl Drop for Droved {
@@ -569,11 +751,22 @@ pub fn answered_pid(body: &str) -> i32 {
 }
 
 /// `n` concurrent requests to `path`; returns the answers (errors as Err).
+/// All `n` connections are established before any request is sent, so
+/// they are in flight together even when a busy machine starts the
+/// client threads late.
 pub fn concurrent_gets(port: u16, path: &str, n: usize) -> Vec<std::io::Result<String>> {
-    let handles: Vec<_> = (0..n)
+    let streams: Vec<std::io::Result<TcpStream>> = (0..n)
         .map(|_| {
+            let s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            Ok(s)
+        })
+        .collect();
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
             let path = path.to_string();
-            std::thread::spawn(move || http_get(("127.0.0.1", port), &path))
+            std::thread::spawn(move || http_exchange(&mut s?, &path))
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -611,10 +804,34 @@ pub enum Target {
     Unix(PathBuf),
 }
 
+/// A client's connection, TCP or unix.
+type Conn = Box<dyn ReadWrite + Send>;
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+fn connect(target: &Target) -> std::io::Result<Conn> {
+    let timeout = Some(Duration::from_secs(20));
+    Ok(match target {
+        Target::Tcp(port) => {
+            let s = TcpStream::connect(("127.0.0.1", *port))?;
+            s.set_read_timeout(timeout)?;
+            Box::new(s)
+        }
+        Target::Unix(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path)?;
+            s.set_read_timeout(timeout)?;
+            Box::new(s)
+        }
+    })
+}
+
 /// Closed-loop clients, each request a fresh connection, bounded by
 /// `limit` (127.0.0.1 or a unix socket only). Every failure is kept with
 /// its error text.
 pub struct Load {
+    /// When the first connection was opened.
+    started: Instant,
     stop: Arc<AtomicBool>,
     ok: Arc<std::sync::atomic::AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
@@ -626,18 +843,21 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
-        let deadline = Instant::now() + limit;
+        // The clients start together once all exist: the load begins as a
+        // burst even when a busy machine is slow to create threads. (Not
+        // by connecting in this thread first: a connect to a full accept
+        // queue blocks for seconds.)
+        let go = Arc::new(std::sync::Barrier::new(clients + 1));
         let threads = (0..clients)
             .map(|_| {
                 let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
                 let (target, path) = (target.clone(), path.to_string());
+                let go = go.clone();
                 std::thread::spawn(move || {
+                    go.wait();
+                    let deadline = Instant::now() + limit;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let result = match &target {
-                            Target::Tcp(port) => http_get(("127.0.0.1", *port), &path),
-                            Target::Unix(p) => http_get_unix(p, &path),
-                        };
-                        match result {
+                        match connect(&target).and_then(|mut c| http_exchange(&mut c, &path)) {
                             Ok(_) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
@@ -647,12 +867,20 @@ impl Load {
                 })
             })
             .collect();
+        let started = Instant::now();
+        go.wait();
         Load {
+            started,
             stop,
             ok,
             errors,
             threads,
         }
+    }
+
+    /// When the load began: when its clients were let go.
+    pub fn started_at(&self) -> Instant {
+        self.started
     }
 
     /// Requests answered so far.
@@ -683,4 +911,37 @@ impl Load {
         let errors = self.errors.lock().unwrap().clone();
         (self.ok.load(Ordering::Relaxed), errors)
     }
+}
+
+#[test]
+fn log_time_reads_droveds_timestamps() {
+    let t = log_time("2026-11-29T19:35:05.460739Z  INFO droved starting").unwrap();
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    // date -u -d 2026-11-29T19:35:05Z +%s
+    assert_eq!(since.as_secs(), 1_795_980_905);
+    assert_eq!(since.subsec_micros(), 460_739);
+    assert_eq!(log_time("worker[12]: serving fd 3"), None);
+}
+
+#[test]
+fn a_reserved_port_is_free_for_droved_and_for_nobody_else() {
+    let (_reservation, port) = reserve_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    // What a parallel test does to find a port: the kernel never picks ours.
+    let probes: Vec<std::net::TcpListener> = (0..2000)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    assert!(
+        probes
+            .iter()
+            .all(|p| p.local_addr().unwrap().port() != port),
+        "bind to port 0 handed out the reserved port {port}"
+    );
+    drop(probes);
+    // droved's own bind (SO_REUSEADDR) takes it, and serves on it...
+    let droved = drove::sys::listen::bind_tcp(addr, 16, "drove").expect("droved binds it");
+    TcpStream::connect(addr).expect("connect to droved's listener");
+    // ...and then nobody else can listen there.
+    assert!(drove::sys::listen::bind_tcp(addr, 16, "second").is_err());
+    drop(droved);
 }

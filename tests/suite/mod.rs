@@ -5,4 +5,5 @@ pub mod faults;
 pub mod fuzz;
 pub mod harness;
 pub mod scale;
+pub mod security;
 pub mod upgrade;
