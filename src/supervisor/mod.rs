@@ -46,6 +46,7 @@ use crate::handover::Counters;
 use crate::scale::{ScaleParams, Scaler};
 use crate::sys::listen::Listener;
 use crate::sys::notify_socket::NotifySocket;
+use crate::sys::spawn::Credentials;
 
 use control::{Command, Event};
 use gate::SpawnGate;
@@ -156,12 +157,14 @@ fn scale_params(config: &Config) -> ScaleParams {
 impl Supervisor {
     pub fn new(mut setup: Setup) -> Result<Supervisor, SetupError> {
         let restored = setup.restored.take();
+        let w = &setup.config.worker;
+        let workers = Credentials::resolve(w.user.as_deref(), w.group.as_deref()).unwrap_or(None);
         let notify = match &restored {
             Some((state, fd)) if !state.notify.address.is_empty() => {
                 let fd = fd.try_clone().map_err(SetupError::NotifySocket)?;
-                NotifySocket::from_fd(fd, state.notify.address.clone())
+                NotifySocket::from_fd(fd, state.notify.address.clone(), workers.as_ref())
             }
-            _ => NotifySocket::bind("notify"),
+            _ => NotifySocket::open(&setup.instance, workers.as_ref()),
         }
         .map_err(SetupError::NotifySocket)?;
         let plan = WorkerPlan::new(
@@ -279,7 +282,7 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = sigchld.recv() => self.reap(),
-                datagram = self.notify.recv() => match datagram {
+                datagram = self.notify.recv_from(|pid| self.pool.workers.contains_key(&nix::unistd::Pid::from_raw(pid))) => match datagram {
                     Ok(d) => self.on_datagram(d),
                     Err(e) => warn!("notify socket: {e}"),
                 },

@@ -79,6 +79,7 @@ impl Supervisor {
         self.file_limits = (new.pool.min, new.pool.max);
         let old = std::mem::replace(&mut self.config, new);
         self.config.listen = old.listen.clone();
+        self.notify.admit(plan.credentials.as_ref());
         self.plan = plan;
         self.apply_limits();
         self.target = self
@@ -191,7 +192,10 @@ impl Supervisor {
                 &self.notify.address,
                 &self.instance,
             ) {
-                Ok(plan) => self.plan = plan,
+                Ok(plan) => {
+                    self.notify.admit(plan.credentials.as_ref());
+                    self.plan = plan
+                }
                 Err(e) => error!("cannot restore the previous worker settings: {e}"),
             }
             self.config.worker = config.worker;
