@@ -637,3 +637,49 @@ max = 3
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(20 * SEC).success(), "{}", d.log());
 }
+
+#[test]
+fn scaling_up_and_down_forks_and_stops_workers_of_the_template() {
+    let dir = temp_dir("tpl-scale-app");
+    std::fs::write(dir.join("app.py"), APP).unwrap();
+    std::fs::write(dir.join("version"), "1").unwrap();
+    let mut d = Droved::builder("tpl-scale")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["python3", "{}", "{}:application"]
+ready = "notify"
+[pool]
+min = 1
+max = 4
+[scale]
+cooldown = "1h"
+"#,
+            python_worker().display(),
+            dir.join("app.py").display()
+        ))
+        .start();
+    d.wait_ready();
+    let template = templates_started(&d)[0];
+    // One at a time: pending signals of a kind coalesce.
+    for i in 1..=3 {
+        d.signal(Signal::SIGTTIN);
+        d.wait_log("event=\"scale\"", i, 10 * SEC);
+    }
+    d.wait_status("4 workers ready", 20 * SEC);
+    for body in answers_from(&d, 4) {
+        assert_eq!(field(&body, "loaded_by"), template, "{body}");
+    }
+    for i in 4..=5 {
+        d.signal(Signal::SIGTTOU);
+        d.wait_log("event=\"scale\"", i, 10 * SEC);
+    }
+    d.wait_status("2 workers ready", 20 * SEC);
+    eventually("2 workers and the template left", 20 * SEC, || {
+        (d.workers().into_iter().filter(|&p| alive(p)).count() == 3).then_some(())
+    });
+    assert_eq!(templates_started(&d), vec![template]);
+}
