@@ -481,7 +481,9 @@ impl Supervisor {
             }
         }
         // The upgrade preflight is a child of droved's that tokio reaps.
-        if matches!(self.lifecycle, Lifecycle::Upgrading(_)) || !self.template_mode() {
+        // Orphans come only to a subreaper (template mode, now or before a
+        // reload to exec mode).
+        if matches!(self.lifecycle, Lifecycle::Upgrading(_)) || !process::is_subreaper() {
             return;
         }
         for _ in 0..1024 {

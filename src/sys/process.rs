@@ -59,6 +59,12 @@ pub fn become_subreaper() -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
 }
 
+/// Whether droved is a child subreaper (it stays one across a reload to
+/// exec mode and across an upgrade's exec).
+pub fn is_subreaper() -> bool {
+    nix::sys::prctl::get_child_subreaper().unwrap_or(false)
+}
+
 /// The pid of some exited child not yet reaped, without reaping it
 /// (`waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT)`); `None` when none has exited.
 pub fn exited_child() -> io::Result<Option<Pid>> {

@@ -683,3 +683,43 @@ cooldown = "1h"
     });
     assert_eq!(templates_started(&d), vec![template]);
 }
+
+#[test]
+fn reload_from_template_to_exec_mode_and_back() {
+    let (mut d, _app) = template_pool("tpl-switch", 2);
+    d.wait_ready();
+    let template = templates_started(&d)[0];
+    let config = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(
+        d.config_path(),
+        config.replace(r#"mode = "template""#, r#"mode = "exec""#),
+    )
+    .unwrap();
+    d.ready_again_after("the rollout to exec mode", 30 * SEC, |d| {
+        d.signal(Signal::SIGHUP)
+    });
+    for body in answers_from(&d, 2) {
+        assert_eq!(
+            field(&body, "loaded_by"),
+            field(&body, "pid"),
+            "exec'd: {body}"
+        );
+    }
+    eventually("the template gone, 2 workers left", 10 * SEC, || {
+        let living: Vec<i32> = d.workers().into_iter().filter(|&p| alive(p)).collect();
+        (!alive(template) && living.len() == 2).then_some(())
+    });
+    assert!(
+        !d.upward().status.contains("template"),
+        "{}",
+        d.upward().status
+    );
+    std::fs::write(d.config_path(), &config).unwrap();
+    d.ready_again_after("the rollout back to template mode", 30 * SEC, |d| {
+        d.signal(Signal::SIGHUP)
+    });
+    let new = templates_started(&d)[1];
+    for body in answers_from(&d, 2) {
+        assert_eq!(field(&body, "loaded_by"), new, "forked again: {body}");
+    }
+}
