@@ -159,15 +159,24 @@ pub fn preflight_line() -> String {
     )
 }
 
+/// Why a new binary's preflight line does not allow a handover.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PreflightLineError {
+    #[error("the new binary printed no handover line (too old, or not droved)")]
+    NoLine,
+    #[error("the handover line has no formats")]
+    NoFormats,
+    #[error("the new binary reads handover formats {0:?}, this one writes {FORMAT_VERSION}")]
+    Incompatible(Vec<u32>),
+}
+
 /// Parses a preflight line: the new binary's version, if it can read the
 /// format this binary writes.
-pub fn check_preflight(output: &str) -> Result<String, String> {
+pub fn check_preflight(output: &str) -> Result<String, PreflightLineError> {
     let line = output
         .lines()
         .find(|l| l.starts_with("drove-handover "))
-        .ok_or_else(|| {
-            "the new binary printed no handover line (too old, or not droved)".to_string()
-        })?;
+        .ok_or(PreflightLineError::NoLine)?;
     let mut formats = None;
     // `version=` comes last and runs to the end of the line (it has spaces).
     let (fields, rest) = match line.split_once(" version=") {
@@ -184,11 +193,9 @@ pub fn check_preflight(output: &str) -> Result<String, String> {
             );
         }
     }
-    let formats = formats.ok_or("the handover line has no formats")?;
+    let formats = formats.ok_or(PreflightLineError::NoFormats)?;
     if !formats.contains(&FORMAT_VERSION) {
-        return Err(format!(
-            "the new binary reads handover formats {formats:?}, this one writes {FORMAT_VERSION}"
-        ));
+        return Err(PreflightLineError::Incompatible(formats));
     }
     Ok(version.unwrap_or_else(|| "unknown".into()))
 }
@@ -317,6 +324,7 @@ mod tests {
         assert!(
             check_preflight("drove-handover formats=2 version=9.9")
                 .unwrap_err()
+                .to_string()
                 .contains("writes 1")
         );
         assert!(check_preflight("hello").is_err());

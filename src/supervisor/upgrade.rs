@@ -30,7 +30,28 @@ const EXEC_DELAY: Duration = Duration::from_millis(200);
 
 /// The new binary's version and the opened file that gave it, or why it
 /// was refused.
-pub(super) type PreflightResult = Result<(String, exec::Image), String>;
+pub(super) type PreflightResult = Result<(String, exec::Image), PreflightError>;
+
+/// Why the new binary was refused.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PreflightError {
+    #[error("cannot run {}: {error}", .exe.display())]
+    Run {
+        exe: std::path::PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{} --preflight did not finish within {PREFLIGHT_TIMEOUT:?}", .0.display())]
+    Timeout(std::path::PathBuf),
+    #[error("{} --preflight failed ({status}){}{detail}", .exe.display(), if .detail.is_empty() { "" } else { ": " })]
+    Failed {
+        exe: std::path::PathBuf,
+        status: std::process::ExitStatus,
+        detail: String,
+    },
+    #[error(transparent)]
+    Handover(#[from] handover::PreflightLineError),
+}
 
 fn age_ms(now: Instant, t: Instant) -> u64 {
     now.saturating_duration_since(t).as_millis() as u64
@@ -118,7 +139,7 @@ impl Supervisor {
                 );
                 self.enter(Lifecycle::settled(from_starting));
                 for r in replies {
-                    let _ = r.send(Err(ControlError::UpgradeRefused(msg.clone())));
+                    let _ = r.send(Err(ControlError::UpgradeRefused(msg.to_string())));
                 }
             }
             Ok((version, image)) => {
@@ -332,7 +353,10 @@ impl Supervisor {
 /// must start, accept the current configuration, and read our handover
 /// format. The open file is what the upgrade then execs.
 async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> PreflightResult {
-    let image = exec::Image::open(exe).map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let image = exec::Image::open(exe).map_err(|e| PreflightError::Run {
+        exe: exe.into(),
+        error: e,
+    })?;
     let mut cmd = image.command();
     cmd.arg("--preflight")
         .args(args)
@@ -343,26 +367,23 @@ async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> Prefli
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let output = match tokio::time::timeout(PREFLIGHT_TIMEOUT, cmd.output()).await {
-        Err(_) => {
-            return Err(format!(
-                "{} --preflight did not finish within {PREFLIGHT_TIMEOUT:?}",
-                exe.display()
-            ));
+        Err(_) => return Err(PreflightError::Timeout(exe.into())),
+        Ok(Err(e)) => {
+            return Err(PreflightError::Run {
+                exe: exe.into(),
+                error: e,
+            });
         }
-        Ok(Err(e)) => return Err(format!("cannot run {}: {e}", exe.display())),
         Ok(Ok(out)) => out,
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
-        let detail = stderr.trim();
-        return Err(format!(
-            "{} --preflight failed ({}){}{}",
-            exe.display(),
-            output.status,
-            if detail.is_empty() { "" } else { ": " },
-            detail
-        ));
+        return Err(PreflightError::Failed {
+            exe: exe.into(),
+            status: output.status,
+            detail: stderr.trim().to_string(),
+        });
     }
-    handover::check_preflight(&stdout).map(|version| (version, image))
+    Ok((handover::check_preflight(&stdout)?, image))
 }
