@@ -7,6 +7,7 @@ pub mod exec;
 pub mod journal;
 pub mod listen;
 pub mod notify_socket;
+pub mod private_socket;
 pub mod probe;
 pub mod process;
 pub mod spawn;
