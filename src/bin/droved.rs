@@ -405,8 +405,14 @@ fn run(
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let supervisor = Supervisor::new(setup)?;
-        start_control(&args_for_control, supervisor.handle(), control_group).await?;
-        Ok(supervisor.run().await?)
+        let bus = start_control(&args_for_control, supervisor.handle(), control_group).await?;
+        let code = supervisor.run().await?;
+        // The supervisor is gone: the bus task signals its last state
+        // (stopping) and ends. Bounded, so a wedged bus cannot hold the exit.
+        if let Some(bus) = bus {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bus).await;
+        }
+        Ok(code)
     })
 }
 
@@ -416,12 +422,12 @@ async fn start_control(
     args: &Args,
     handle: drove::supervisor::Handle,
     control_group: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(kind) = args.bus() else {
-        return Ok(());
+        return Ok(None);
     };
     match bus::serve(kind, handle, bus::Access::new(control_group)).await {
-        Ok(()) => Ok(()),
+        Ok(forwarding) => Ok(Some(forwarding)),
         // Asked for explicitly: no bus, no start.
         Err(e) if args.bus.is_some() => Err(e.into()),
         // Chosen by default under systemd: the pool matters more than its
@@ -431,7 +437,7 @@ async fn start_control(
                 "{:#}; running without D-Bus control (pass --bus system to make this fatal, --bus none to silence it)",
                 anyhow::Error::from(e)
             );
-            Ok(())
+            Ok(None)
         }
     }
 }

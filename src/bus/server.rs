@@ -365,8 +365,14 @@ impl Drove1 {
 /// Connects to `bus`, serves the object, takes the instance's name (after
 /// registering the object, so no caller sees the name without it), and
 /// forwards snapshots and events in a background task, which keeps the
-/// connection open until the supervisor is gone.
-pub async fn serve(bus: BusKind, handle: Handle, access: Access) -> Result<(), ServeError> {
+/// connection open until the supervisor is gone. That task ends after it
+/// signalled the supervisor's last state (stopping): await it before the
+/// process exits, so observers see it.
+pub async fn serve(
+    bus: BusKind,
+    handle: Handle,
+    access: Access,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let instance = handle.snapshot.borrow().instance.clone();
     let name = super::bus_name(&instance)?;
     let denials = access.clone();
@@ -384,7 +390,7 @@ pub async fn serve(bus: BusKind, handle: Handle, access: Access) -> Result<(), S
     })?;
     info!("serving {name} on the {bus} bus");
     // The task owns the connection: it lives as long as the supervisor.
-    tokio::spawn(forward(conn, handle.snapshot, handle.events.subscribe()));
+    let forwarding = tokio::spawn(forward(conn, handle.snapshot, handle.events.subscribe()));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(DENIAL_WINDOW);
         loop {
@@ -392,7 +398,7 @@ pub async fn serve(bus: BusKind, handle: Handle, access: Access) -> Result<(), S
             denials.flush_denials();
         }
     });
-    Ok(())
+    Ok(forwarding)
 }
 
 /// Requests `name` without queueing. After a binary upgrade (exec in

@@ -790,11 +790,32 @@ pub fn droved_build(dest: &Path, id: &str) {
         *b = 0;
     }
     bytes[start..start + id.len()].copy_from_slice(id.as_bytes());
-    let tmp = dest.with_extension("new");
-    std::fs::write(&tmp, &bytes).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, dest).unwrap();
+    install_executable(dest, &bytes);
+}
+
+/// Puts an executable file at `path`: written beside it and renamed over
+/// it, as a package manager replaces a binary.
+///
+/// Written by a child process (`cat`), never through an fd of this test
+/// process: tests run in parallel threads, and a child another thread
+/// forks inherits every open fd until it execs; if that were a write fd of
+/// this file, executing it meanwhile fails with ETXTBSY ("Text file
+/// busy"), which made droved "exit at start" now and then.
+pub fn install_executable(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("new");
+    let mut cat = Command::new("sh")
+        .args(["-c", "cat > \"$0\" && chmod 755 \"$0\""])
+        .arg(&tmp)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cat.stdin.take().unwrap().write_all(bytes).unwrap();
+    assert!(
+        cat.wait().unwrap().success(),
+        "cannot write {}",
+        tmp.display()
+    );
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// Where a load generator connects.

@@ -119,11 +119,7 @@ fn refused_upgrades_leave_the_old_daemon_serving() {
     d.wait_ready();
     let workers = d.workers();
     let script = |body: &str| {
-        let tmp = dir.join("droved.new");
-        std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::rename(&tmp, &binary).unwrap();
+        install_executable(&binary, format!("#!/bin/sh\n{body}\n").as_bytes());
     };
     type Case<'a> = (&'a str, Box<dyn Fn() + 'a>);
     let cases: Vec<Case> = vec![

@@ -115,11 +115,10 @@ fn droved_from_copy(bus: &Bus, dir: &Scratch, instance: &str, extra: &str) -> Dr
 /// Puts a shell script where droved's binary was: what the next upgrade's
 /// preflight runs.
 fn replace_binary_with_script(dir: &Scratch, body: &str) {
-    let tmp = dir.join("droved.new");
-    std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, dir.join("droved")).unwrap();
+    install_executable(
+        &dir.join("droved"),
+        format!("#!/bin/sh\n{body}\n").as_bytes(),
+    );
 }
 
 fn assert_stops_cleanly(d: &mut Droved, workers: &[i32]) {
