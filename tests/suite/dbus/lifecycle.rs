@@ -173,13 +173,47 @@ fn refused_upgrade_shows_upgrading_then_running_again() {
     assert!(d.get("/").is_ok());
 }
 
+/// Runs `drovectl ARGS` in the background, waits until droved shows
+/// `state`, stops it with SIGTERM, and checks that the stop wins: State
+/// goes to "stopping", the waiting caller fails and is told why, and droved
+/// exits cleanly with its workers.
+fn stop_while_a_caller_waits(
+    bus: &Bus,
+    states: &mut StateWatch,
+    d: &mut Droved,
+    args: &[&str],
+    state: &str,
+) {
+    let workers = d.workers();
+    let caller = bus
+        .command(&[], args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    states.expect(&[state]);
+    d.signal(Signal::SIGTERM);
+    states.expect(&["stopping"]);
+    let out = caller.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "{args:?} must fail: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("stopping"),
+        "the caller is told why: {}",
+        text(&out.stderr)
+    );
+    assert_stops_cleanly(d, &workers);
+}
+
 #[test]
 fn stop_during_a_rollout_wins_and_the_caller_hears_it() {
     let bus = Bus::start();
     let mut states = StateWatch::start(&bus);
     let mut d = bus.droved("st-stop-roll", 2, 2);
     states.until_running();
-    let workers = d.workers();
     // The new generation takes 30 s to get ready: the rollout is still
     // waiting for it when the stop comes.
     let current = std::fs::read_to_string(d.config_path()).unwrap();
@@ -188,27 +222,8 @@ fn stop_during_a_rollout_wins_and_the_caller_hears_it() {
         format!("{current}\n[worker.environment]\nWORKER_READY_DELAY_MS = \"30000\"\n"),
     )
     .unwrap();
-    let reload = bus
-        .command(&[], &["--instance", "st-stop-roll", "reload"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    states.expect(&["reloading"]);
-    d.signal(Signal::SIGTERM);
-    states.expect(&["stopping"]);
-    let out = reload.wait_with_output().unwrap();
-    assert!(
-        !out.status.success(),
-        "reload must fail: {}",
-        text(&out.stdout)
-    );
-    assert!(
-        text(&out.stderr).contains("stopping"),
-        "the caller is told why: {}",
-        text(&out.stderr)
-    );
-    assert_stops_cleanly(&mut d, &workers);
+    let args = ["--instance", "st-stop-roll", "reload"];
+    stop_while_a_caller_waits(&bus, &mut states, &mut d, &args, "reloading");
 }
 
 #[test]
@@ -218,30 +233,10 @@ fn stop_during_an_upgrade_preflight_wins_and_the_caller_hears_it() {
     let mut states = StateWatch::start(&bus);
     let mut d = droved_from_copy(&bus, &dir, "st-stop-pre", "");
     states.until_running();
-    let workers = d.workers();
     // A preflight that takes 30 s: the stop comes while it runs.
     replace_binary_with_script(&dir, "sleep 30");
-    let upgrade = bus
-        .command(&[], &["--instance", "st-stop-pre", "upgrade"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    states.expect(&["upgrading"]);
-    d.signal(Signal::SIGTERM);
-    states.expect(&["stopping"]);
-    let out = upgrade.wait_with_output().unwrap();
-    assert!(
-        !out.status.success(),
-        "upgrade must fail: {}",
-        text(&out.stdout)
-    );
-    assert!(
-        text(&out.stderr).contains("stopping"),
-        "the caller is told why: {}",
-        text(&out.stderr)
-    );
-    assert_stops_cleanly(&mut d, &workers);
+    let args = ["--instance", "st-stop-pre", "upgrade"];
+    stop_while_a_caller_waits(&bus, &mut states, &mut d, &args, "upgrading");
     assert!(!d.log().contains("took over"), "no exec after the stop");
 }
 
