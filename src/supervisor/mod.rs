@@ -88,11 +88,11 @@ pub struct Setup {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("cannot create the workers' notify socket: {0}")]
-    NotifySocket(#[source] std::io::Error),
-    #[error("{0}")]
+    NotifySocket(std::io::Error),
+    #[error(transparent)]
     Workers(#[from] workers::PlanError),
     #[error("cannot install a signal handler: {0}")]
-    Signals(#[source] std::io::Error),
+    Signals(std::io::Error),
 }
 
 /// The daemon's side of the control channel: commands in, state out.

@@ -22,7 +22,7 @@ pub(super) enum ReloadError {
     Upgrading,
     #[error("{0}")]
     Config(super::LoadFailure),
-    #[error("{0}")]
+    #[error(transparent)]
     Workers(#[from] super::workers::PlanError),
 }
 

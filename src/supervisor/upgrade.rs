@@ -38,7 +38,6 @@ pub(super) enum PreflightError {
     #[error("cannot run {}: {error}", .exe.display())]
     Run {
         exe: std::path::PathBuf,
-        #[source]
         error: std::io::Error,
     },
     #[error("{} --preflight did not finish within {PREFLIGHT_TIMEOUT:?}", .0.display())]

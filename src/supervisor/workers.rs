@@ -30,9 +30,9 @@ pub(super) struct WorkerPlan {
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("worker user/group: {0}")]
-    Credentials(#[source] std::io::Error),
-    #[error("{0}")]
-    Command(#[source] std::io::Error),
+    Credentials(std::io::Error),
+    #[error(transparent)]
+    Command(std::io::Error),
 }
 
 /// Whether a variable of droved's own environment must stay out of
