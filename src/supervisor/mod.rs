@@ -48,7 +48,6 @@ use crate::handover::Counters;
 use crate::scale::{ScaleParams, Scaler};
 use crate::sys::listen::Listener;
 use crate::sys::notify_socket::NotifySocket;
-use crate::sys::spawn::Credentials;
 
 use control::{Command, Event};
 use gate::SpawnGate;
@@ -167,8 +166,8 @@ fn scale_params(config: &Config) -> ScaleParams {
 impl Supervisor {
     pub fn new(mut setup: Setup) -> Result<Supervisor, SetupError> {
         let restored = setup.restored.take();
-        let w = &setup.config.worker;
-        let workers = Credentials::resolve(w.user.as_deref(), w.group.as_deref()).unwrap_or(None);
+        // Once: the notify socket's group and the workers' plan both need them.
+        let workers = workers::resolve_credentials(&setup.config)?;
         let notify = match &restored {
             Some((state, fd)) if !state.notify.address.is_empty() => {
                 let fd = fd.try_clone().map_err(SetupError::NotifySocket)?;
@@ -179,6 +178,7 @@ impl Supervisor {
         .map_err(SetupError::NotifySocket)?;
         let plan = WorkerPlan::new(
             &setup.config,
+            workers,
             &setup.listeners,
             &notify.address,
             &setup.instance,

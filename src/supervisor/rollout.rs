@@ -10,7 +10,7 @@ use super::Supervisor;
 use super::control::{ControlError, Event};
 use super::lifecycle::{Lifecycle, Reply, Rollout};
 use super::pool::StopReason;
-use super::workers::WorkerPlan;
+use super::workers::{self, WorkerPlan};
 use crate::config::Config;
 
 /// Why a reload was not started.
@@ -68,7 +68,14 @@ impl Supervisor {
         let new = (self.load_config)().map_err(ReloadError::Config)?;
         // Resolve the worker settings before touching anything: an unknown
         // user or a missing command rejects the reload like a parse error.
-        let plan = WorkerPlan::new(&new, &self.listeners, &self.notify.address, &self.instance)?;
+        let credentials = workers::resolve_credentials(&new)?;
+        let plan = WorkerPlan::new(
+            &new,
+            credentials,
+            &self.listeners,
+            &self.notify.address,
+            &self.instance,
+        )?;
         if new.listen != self.config.listen {
             warn!(
                 "reload: [listen] changes take effect only after a restart; keeping the current sockets"
@@ -186,12 +193,16 @@ impl Supervisor {
         // Restore the previous settings before announcing READY=1 again.
         let previous = self.lifecycle.rollout_mut().and_then(|r| r.previous.take());
         if let Some((config, generation)) = previous {
-            match WorkerPlan::new(
-                &config,
-                &self.listeners,
-                &self.notify.address,
-                &self.instance,
-            ) {
+            let plan = workers::resolve_credentials(&config).and_then(|credentials| {
+                WorkerPlan::new(
+                    &config,
+                    credentials,
+                    &self.listeners,
+                    &self.notify.address,
+                    &self.instance,
+                )
+            });
+            match plan {
                 Ok(plan) => {
                     self.notify.admit(plan.credentials.as_ref());
                     self.plan = plan

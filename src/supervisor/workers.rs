@@ -44,16 +44,22 @@ fn private_env(key: &str) -> bool {
         || key.starts_with("DROVE_")
 }
 
+/// The user and groups `config`'s workers run as (`None`: droved's own).
+pub(super) fn resolve_credentials(config: &Config) -> Result<Option<Credentials>, PlanError> {
+    let w = &config.worker;
+    Credentials::resolve(w.user.as_deref(), w.group.as_deref()).map_err(PlanError::Credentials)
+}
+
 impl WorkerPlan {
+    /// `credentials` as [`resolve_credentials`] gave them for `config`.
     pub(super) fn new(
         config: &Config,
+        credentials: Option<Credentials>,
         listeners: &[Listener],
         notify_address: &str,
         instance: &str,
     ) -> Result<WorkerPlan, PlanError> {
         let w = &config.worker;
-        let credentials = Credentials::resolve(w.user.as_deref(), w.group.as_deref())
-            .map_err(PlanError::Credentials)?;
         // Built, not inherited: droved's own environment may hold the
         // unit's secrets (see `environment`).
         let uid = credentials
