@@ -49,7 +49,8 @@ mod values;
 
 pub use error::{ConfigError, Position};
 pub use types::{
-    ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, PoolConfig, ReadyMode,
+    ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
+    PoolConfig, ReadyMode,
     ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError,
 };
 pub use values::{
@@ -85,6 +86,7 @@ pub struct Config {
     pub pool: PoolConfig,
     pub scale: ScaleConfig,
     pub control: ControlConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Config {
