@@ -50,8 +50,7 @@ mod values;
 pub use error::{ConfigError, Position};
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
-    PoolConfig, ReadyMode,
-    ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError,
+    PoolConfig, ReadyMode, ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,

@@ -12,9 +12,14 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    Metrics { format: Format, head_only: bool },
+    Metrics {
+        format: Format,
+        head_only: bool,
+    },
     /// `/`: a pointer to /metrics.
-    Index { head_only: bool },
+    Index {
+        head_only: bool,
+    },
 }
 
 /// Why a request gets an error response.
@@ -116,21 +121,18 @@ fn is_token(b: u8) -> bool {
 /// OpenMetrics when an Accept header asks for it with a q above 0 (as
 /// Prometheus does); the Prometheus text format otherwise.
 pub fn negotiate(accept: &[&str]) -> Format {
-    let wants_openmetrics = accept
-        .iter()
-        .flat_map(|v| v.split(','))
-        .any(|range| {
-            let mut params = range.split(';').map(str::trim);
-            let media = params.next().unwrap_or("");
-            if !media.eq_ignore_ascii_case("application/openmetrics-text") {
-                return false;
-            }
-            let q = params
-                .filter_map(|p| p.split_once('='))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
-                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f64>().ok());
-            q.is_some_and(|q| q > 0.0)
-        });
+    let wants_openmetrics = accept.iter().flat_map(|v| v.split(',')).any(|range| {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or("");
+        if !media.eq_ignore_ascii_case("application/openmetrics-text") {
+            return false;
+        }
+        let q = params
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(Some(1.0), |(_, v)| v.trim().parse::<f64>().ok());
+        q.is_some_and(|q| q > 0.0)
+    });
     if wants_openmetrics {
         Format::OpenMetrics
     } else {
@@ -208,10 +210,19 @@ mod tests {
                 head_only: true
             })
         );
-        assert_eq!(get("GET / HTTP/1.1\r\n\r\n"), Ok(Route::Index { head_only: false }));
+        assert_eq!(
+            get("GET / HTTP/1.1\r\n\r\n"),
+            Ok(Route::Index { head_only: false })
+        );
         assert_eq!(get("GET /x HTTP/1.1\r\n\r\n"), Err(Refusal::NotFound));
-        assert_eq!(get("POST /metrics HTTP/1.1\r\n\r\n"), Err(Refusal::MethodNotAllowed));
-        assert_eq!(get("GET /metrics HTTP/2.0\r\n\r\n"), Err(Refusal::VersionNotSupported));
+        assert_eq!(
+            get("POST /metrics HTTP/1.1\r\n\r\n"),
+            Err(Refusal::MethodNotAllowed)
+        );
+        assert_eq!(
+            get("GET /metrics HTTP/2.0\r\n\r\n"),
+            Err(Refusal::VersionNotSupported)
+        );
     }
 
     #[test]
@@ -262,7 +273,10 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
         );
         let r = String::from_utf8(response("200 OK", "text/plain", b"abc", true)).unwrap();
-        assert!(r.ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"), "{r}");
+        assert!(
+            r.ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"),
+            "{r}"
+        );
         let r = String::from_utf8(refusal(Refusal::MethodNotAllowed)).unwrap();
         assert!(r.contains("Allow: GET, HEAD\r\n"), "{r}");
     }

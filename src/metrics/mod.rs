@@ -55,6 +55,17 @@ struct Inner {
     cpu_floor: std::sync::atomic::AtomicU64,
 }
 
+/// How a binary upgrade ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeResult {
+    /// The new image took over (counted by the new image).
+    Done,
+    /// Its preflight refused the new binary; the old one keeps running.
+    Refused,
+    /// The exec or the handover failed; the old one keeps running.
+    Failed,
+}
+
 /// What the supervisor writes on every tick and a scrape copies.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Live {
@@ -106,7 +117,10 @@ impl Metrics {
             s.pending.take()
         };
         if let Some(addr) = &lock(&self.inner.server).listen {
-            info!(event = "metrics", "serving Prometheus metrics on {addr}/metrics");
+            info!(
+                event = "metrics",
+                "serving Prometheus metrics on {addr}/metrics"
+            );
         }
         let source = server::Source {
             metrics: self.clone(),
@@ -141,7 +155,10 @@ impl Metrics {
             return;
         }
         match &config.listen {
-            Some(addr) => info!(event = "metrics", "metrics moved from {old} to {addr}/metrics"),
+            Some(addr) => info!(
+                event = "metrics",
+                "metrics moved from {old} to {addr}/metrics"
+            ),
             None => info!(event = "metrics", "metrics on {old} turned off"),
         }
         s.listen = config.listen.clone();
@@ -223,19 +240,28 @@ impl Metrics {
     /// A reload was applied (`true`) or rejected.
     pub fn reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };
-        self.inner.events.count_result(&self.inner.events.reloads, result);
+        self.inner
+            .events
+            .count_result(&self.inner.events.reloads, result);
     }
 
     /// A rolling restart completed (`true`) or was aborted.
     pub fn rollout(&self, completed: bool) {
         let result = if completed { "completed" } else { "aborted" };
-        self.inner.events.count_result(&self.inner.events.rollouts, result);
+        self.inner
+            .events
+            .count_result(&self.inner.events.rollouts, result);
     }
 
-    /// A binary upgrade took over (`true`, counted by the new image) or
-    /// failed (counted by the old one, which keeps running).
-    pub fn upgrade(&self, done: bool) {
-        let result = if done { "done" } else { "failed" };
-        self.inner.events.count_result(&self.inner.events.upgrades, result);
+    /// A binary upgrade ended (see [`UpgradeResult`]).
+    pub fn upgrade(&self, result: UpgradeResult) {
+        let result = match result {
+            UpgradeResult::Done => "done",
+            UpgradeResult::Refused => "refused",
+            UpgradeResult::Failed => "failed",
+        };
+        self.inner
+            .events
+            .count_result(&self.inner.events.upgrades, result);
     }
 }

@@ -32,9 +32,10 @@ pub fn parse_netstat(text: &str) -> Option<Netstat> {
     let mut lines = text.lines();
     while let Some(names) = lines.next() {
         let values = lines.next()?;
-        let (Some(names), Some(values)) =
-            (names.strip_prefix("TcpExt:"), values.strip_prefix("TcpExt:"))
-        else {
+        let (Some(names), Some(values)) = (
+            names.strip_prefix("TcpExt:"),
+            values.strip_prefix("TcpExt:"),
+        ) else {
             continue;
         };
         let field = |want: &str| {

@@ -81,11 +81,11 @@ impl Default for Events {
         // Series that exist from the start, at 0, so that queries and
         // alerts on them work before the first event.
         for (family, results) in [
-            (&e.reloads, ["applied", "rejected"]),
-            (&e.rollouts, ["completed", "aborted"]),
-            (&e.upgrades, ["done", "failed"]),
+            (&e.reloads, &["applied", "rejected"][..]),
+            (&e.rollouts, &["completed", "aborted"]),
+            (&e.upgrades, &["done", "refused", "failed"]),
         ] {
-            for result in results {
+            for &result in results {
                 let _ = family.get_or_create(&ResultLabel { result });
             }
         }
@@ -196,7 +196,9 @@ pub fn render(
         ("ready", snap.ready),
         ("stopping", snap.stopping),
     ] {
-        workers.get_or_create(&StateLabel { state }).set(i64::from(n));
+        workers
+            .get_or_create(&StateLabel { state })
+            .set(i64::from(n));
     }
     r.register(
         "workers",
@@ -269,7 +271,7 @@ pub fn render(
     );
     r.register(
         "upgrades",
-        "Binary upgrades by result: done (counted by the new binary), failed (counted by the old one, which keeps running)",
+        "Binary upgrades by result: done (counted by the new binary), refused by the preflight or failed (counted by the old one, which keeps running)",
         events.upgrades.clone(),
     );
     r.register(
@@ -298,7 +300,11 @@ pub fn render(
             build: crate::build_id(),
         })
         .set(1);
-    r.register("build_info", "droved's version and build id; always 1", build);
+    r.register(
+        "build_info",
+        "droved's version and build id; always 1",
+        build,
+    );
 
     let mut out = String::with_capacity(16 * 1024);
     let done = match format {
@@ -435,7 +441,10 @@ mod tests {
             Format::OpenMetrics,
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
-        assert!(has(&text, "# TYPE drove_listen_overflows counter"), "{text}");
+        assert!(
+            has(&text, "# TYPE drove_listen_overflows counter"),
+            "{text}"
+        );
         assert!(has(&text, "# UNIT drove_uptime_seconds seconds"), "{text}");
         // The probe's current depth is a floor for the high-water mark.
         assert!(
@@ -457,7 +466,13 @@ mod tests {
             own_rss: None,
             ..readings()
         };
-        let text = render(&snap, &Events::default(), &Live::default(), &r, Format::Text);
+        let text = render(
+            &snap,
+            &Events::default(),
+            &Live::default(),
+            &r,
+            Format::Text,
+        );
         assert!(!text.contains("drove_listen_queue{"), "{text}");
         assert!(!text.contains("drove_listen_queue_length{"), "{text}");
         assert!(!text.contains("drove_listen_overflows_total "), "{text}");

@@ -220,12 +220,9 @@ where
             head_only,
         ),
         Ok(Route::Metrics { format, head_only }) => match source.scrape(format).await {
-            Some(text) => http::response(
-                "200 OK",
-                format.content_type(),
-                text.as_bytes(),
-                head_only,
-            ),
+            Some(text) => {
+                http::response("200 OK", format.content_type(), text.as_bytes(), head_only)
+            }
             None => http::response(
                 "500 Internal Server Error",
                 "text/plain",

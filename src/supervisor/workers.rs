@@ -144,7 +144,9 @@ impl Supervisor {
             uptime_secs: uptime.as_secs_f64(),
         });
         let secs = uptime.as_secs_f64();
-        match plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime) {
+        let verdict = plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime);
+        self.metrics.worker_exited(&verdict);
+        match verdict {
             ExitVerdict::Stopped { reason, failed } => {
                 info!(
                     worker_pid = pid.as_raw(),
@@ -276,6 +278,7 @@ impl Supervisor {
             w.state = WorkerState::Ready;
             w.ready_at = Some(now);
             w.last_ping = now;
+            self.metrics.worker_ready(now.duration_since(w.started));
             info!(
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
