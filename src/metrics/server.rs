@@ -31,11 +31,11 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why metrics cannot be served on an address.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen for metrics on {address} (metrics.listen): {source}")]
+#[error("cannot listen for metrics on {address} (metrics.listen): {error}")]
 pub struct BindError {
     pub address: ListenAddr,
-    #[source]
-    pub source: io::Error,
+    /// Said in the message, so not a `source` as well.
+    pub error: io::Error,
 }
 
 /// A bound listener, not yet on the runtime.
@@ -50,9 +50,9 @@ pub(super) enum Bound {
 /// Binds `address`. A unix socket file left by a droved that is gone is
 /// replaced; one that a live process still serves is not.
 pub(super) fn bind(address: &ListenAddr) -> Result<Bound, BindError> {
-    let fail = |source| BindError {
+    let fail = |error| BindError {
         address: address.clone(),
-        source,
+        error,
     };
     match address {
         ListenAddr::Tcp(addr) => {

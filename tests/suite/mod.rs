@@ -4,6 +4,7 @@ pub mod dbus;
 pub mod faults;
 pub mod fuzz;
 pub mod harness;
+pub mod metrics;
 pub mod notify;
 pub mod scale;
 pub mod security;
