@@ -373,17 +373,11 @@ fn a_thousand_scrapes_under_load_fail_no_request() {
         .map(|_| {
             std::thread::spawn(move || {
                 (0..250)
-                    .map(|_| {
-                        http_get(("127.0.0.1", mport), "/metrics")
-                            .and_then(|body| {
-                                sample(&body, "drove_workers_target")
-                                    .map(|_| ())
-                                    .ok_or_else(|| std::io::Error::other("no target in scrape"))
-                            })
-                            .err()
+                    .filter_map(|_| match http_get(("127.0.0.1", mport), "/metrics") {
+                        Ok(body) if sample(&body, "drove_workers_target").is_some() => None,
+                        Ok(body) => Some(format!("no drove_workers_target in {body:?}")),
+                        Err(e) => Some(e.to_string()),
                     })
-                    .flatten()
-                    .map(|e| e.to_string())
                     .collect::<Vec<_>>()
             })
         })
