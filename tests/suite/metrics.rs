@@ -612,3 +612,34 @@ fn scrape_cost_with_64_workers() {
         "{per_scrape:?} CPU per scrape"
     );
 }
+
+#[test]
+fn after_a_binary_upgrade_the_new_image_serves_metrics_on_the_same_address() {
+    let dir = Scratch::new("metrics-upgrade");
+    let binary = dir.join("droved");
+    droved_build(&binary, "build-1");
+    let (_reservation, mport) = reserve_port();
+    let mut d = Droved::builder("metrics")
+        .binary(&binary)
+        .config(&config(2, 2, &format!("127.0.0.1:{mport}")))
+        .start();
+    d.wait_ready();
+    let before = scrape(mport);
+    assert!(before.contains(r#"build="build-1""#), "{before}");
+    droved_build(&binary, "build-2");
+    d.ready_again_after("READY=1 after the upgrade", 20 * SEC, |d| {
+        d.signal(Signal::SIGUSR2)
+    });
+    let after = eventually("the new image serves metrics", 10 * SEC, || {
+        http_get(("127.0.0.1", mport), "/metrics")
+            .ok()
+            .filter(|t| t.contains(r#"build="build-2""#))
+    });
+    assert_eq!(
+        sample(&after, r#"drove_upgrades_total{result="done"}"#),
+        Some(1.0)
+    );
+    // Taken over from the old image: the workers it started.
+    assert_eq!(sample(&after, "drove_worker_starts_total"), Some(2.0));
+    assert_eq!(sample(&after, r#"drove_workers{state="ready"}"#), Some(2.0));
+}
