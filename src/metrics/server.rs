@@ -80,6 +80,10 @@ pub(super) fn bind(address: &ListenAddr) -> Result<Bound, BindError> {
                 }
             }
             let l = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
+            // Readable like a TCP port on 127.0.0.1: by every local user
+            // who can reach the directory (no request changes anything).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
             l.set_nonblocking(true).map_err(fail)?;
             Ok(Bound::Unix(l, path.clone()))
         }

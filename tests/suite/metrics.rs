@@ -557,6 +557,26 @@ fn metrics_on_a_unix_socket() {
     let mut d = started(&config(1, 2, &format!("unix:{}", sock.display())));
     let body = http_get_unix(&sock, "/metrics").unwrap();
     assert_eq!(sample(&body, r#"drove_workers{state="ready"}"#), Some(1.0));
+    // Any local user may read them, as on a TCP port.
+    std::fs::set_permissions(
+        dir.0.as_path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(["curl", "-sf", "--unix-socket"])
+        .arg(&sock)
+        .arg("http://localhost/metrics")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl as nobody: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("drove_workers_target"));
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(20 * SEC).success());
     assert!(!Path::new(&sock).exists(), "socket file left behind");
