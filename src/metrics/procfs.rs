@@ -53,6 +53,45 @@ pub fn parse_netstat(text: &str) -> Option<Netstat> {
     None
 }
 
+/// A process's RSS and CPU time, from /proc/PID/stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatTimes {
+    pub rss_pages: u64,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// Parses /proc/PID/stat (proc_pid_stat(5)): after the `)` that ends the
+/// command name, utime and stime are fields 14 and 15, rss field 24.
+pub fn parse_stat(text: &str) -> Option<StatTimes> {
+    let (_, rest) = text.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    // Fields 3.. follow; nth counts from field 3.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let rss: u64 = fields.nth(8)?.parse().ok()?;
+    Some(StatTimes {
+        rss_pages: rss,
+        cpu_ticks: utime + stime,
+    })
+}
+
+struct Units {
+    page_size: u64,
+    ticks_per_second: f64,
+}
+
+impl Units {
+    fn get() -> Units {
+        use nix::unistd::{SysconfVar, sysconf};
+        let var = |v, default| sysconf(v).ok().flatten().unwrap_or(default);
+        Units {
+            page_size: var(SysconfVar::PAGE_SIZE, 4096) as u64,
+            ticks_per_second: var(SysconfVar::CLK_TCK, 100) as f64,
+        }
+    }
+}
+
 /// Reads everything a scrape shows from /proc. `cpu_floor` holds the last
 /// CPU total reported (as f64 bits): the total is the reaped children's
 /// rusage plus the living workers' /proc times, and a worker reaped
@@ -63,12 +102,23 @@ pub fn read(worker_pids: &[i32], cpu_floor: &AtomicU64) -> Readings {
         .ok()
         .and_then(|t| parse_netstat(&t));
     let own_rss = process::rss_bytes(Pid::this()).ok();
+    let units = Units::get();
     let mut workers_rss = 0;
     let mut cpu = 0.0;
+    // One read of /proc/PID/stat per worker, into one buffer.
+    let mut buf = String::with_capacity(512);
     for &pid in worker_pids {
-        let pid = Pid::from_raw(pid);
-        workers_rss += process::rss_bytes(pid).unwrap_or(0);
-        cpu += process::cpu_time(pid).map_or(0.0, |d| d.as_secs_f64());
+        buf.clear();
+        let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/stat")) else {
+            continue; // exited meanwhile
+        };
+        if std::io::Read::read_to_string(&mut f, &mut buf).is_err() {
+            continue;
+        }
+        if let Some(t) = parse_stat(&buf) {
+            workers_rss += t.rss_pages * units.page_size;
+            cpu += t.cpu_ticks as f64 / units.ticks_per_second;
+        }
     }
     if let Ok(u) = getrusage(UsageWho::RUSAGE_CHILDREN) {
         let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
@@ -105,6 +155,26 @@ mod tests {
         assert_eq!(parse_netstat("IpExt: A\nIpExt: 1\n"), None);
         assert_eq!(parse_netstat("TcpExt: ListenOverflows\n"), None);
         assert_eq!(parse_netstat(""), None);
+    }
+
+    #[test]
+    fn parses_stat() {
+        // A command name with spaces and parentheses, as proc(5) allows.
+        let text = "42 (a b) c)) S 1 42 42 0 -1 4194560 100 0 0 0 \
+                    7 3 0 0 20 0 1 0 1000 2000000 250 18446744073709551615 \
+                    1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(
+            parse_stat(text),
+            Some(StatTimes {
+                rss_pages: 250,
+                cpu_ticks: 10
+            })
+        );
+        assert_eq!(parse_stat("42 (x) S 1 2"), None);
+        assert_eq!(parse_stat(""), None);
+        // The same numbers as the rest of droved reads.
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_stat(&me).unwrap().rss_pages > 0);
     }
 
     #[test]
