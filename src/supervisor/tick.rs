@@ -75,7 +75,14 @@ pub(super) struct JournalWatch {
 impl Supervisor {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
-        if self.lifecycle.exec_at().is_some_and(|t| now >= t) {
+        // A fork asked of the template and not answered yet would be lost
+        // in the exec: its worker unknown to the new image, the template
+        // not handed over. No new forks are asked while upgrading, so wait
+        // for the answers (at most template::ANSWER_TIMEOUT, after which the
+        // template is killed and its forks dropped).
+        if self.lifecycle.exec_at().is_some_and(|t| now >= t)
+            && self.pool.templates.forks.is_empty()
+        {
             self.exec_upgrade(None);
         }
         self.upward.watchdog_tick(now);
