@@ -55,6 +55,18 @@ struct Inner {
     cpu_floor: std::sync::atomic::AtomicU64,
 }
 
+/// How a rolling restart ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutResult {
+    /// The new generation serves.
+    Completed,
+    /// A guarded rollout failed and its rollback (itself a rollout to the
+    /// previous settings) completed.
+    RolledBack,
+    /// Given up; the old workers keep serving.
+    Aborted,
+}
+
 /// How a binary upgrade ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpgradeResult {
@@ -119,7 +131,7 @@ impl Metrics {
         if let Some(addr) = &lock(&self.inner.server).listen {
             info!(
                 event = "metrics",
-                "serving Prometheus metrics on {addr}/metrics"
+                "serving Prometheus metrics at /metrics on {addr}"
             );
         }
         let source = server::Source {
@@ -155,10 +167,7 @@ impl Metrics {
             return;
         }
         match &config.listen {
-            Some(addr) => info!(
-                event = "metrics",
-                "metrics moved from {old} to {addr}/metrics"
-            ),
+            Some(addr) => info!(event = "metrics", "metrics moved from {old} to {addr}"),
             None => info!(event = "metrics", "metrics on {old} turned off"),
         }
         s.listen = config.listen.clone();
@@ -245,9 +254,13 @@ impl Metrics {
             .count_result(&self.inner.events.reloads, result);
     }
 
-    /// A rolling restart completed (`true`) or was aborted.
-    pub fn rollout(&self, completed: bool) {
-        let result = if completed { "completed" } else { "aborted" };
+    /// A rolling restart ended (see [`RolloutResult`]).
+    pub fn rollout(&self, result: RolloutResult) {
+        let result = match result {
+            RolloutResult::Completed => "completed",
+            RolloutResult::RolledBack => "rolled-back",
+            RolloutResult::Aborted => "aborted",
+        };
         self.inner
             .events
             .count_result(&self.inner.events.rollouts, result);

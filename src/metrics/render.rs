@@ -82,7 +82,7 @@ impl Default for Events {
         // alerts on them work before the first event.
         for (family, results) in [
             (&e.reloads, &["applied", "rejected"][..]),
-            (&e.rollouts, &["completed", "aborted"]),
+            (&e.rollouts, &["completed", "rolled-back", "aborted"]),
             (&e.upgrades, &["done", "refused", "failed"]),
         ] {
             for &result in results {
@@ -266,7 +266,7 @@ pub fn render(
     );
     r.register(
         "rollouts",
-        "Rolling restarts of the workers by result (completed, aborted)",
+        "Rolling restarts of the workers by result: completed, rolled-back (a guarded rollout failed and its rollback completed), aborted",
         events.rollouts.clone(),
     );
     r.register(

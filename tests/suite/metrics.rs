@@ -663,3 +663,48 @@ fn after_a_binary_upgrade_the_new_image_serves_metrics_on_the_same_address() {
     assert_eq!(sample(&after, "drove_worker_starts_total"), Some(2.0));
     assert_eq!(sample(&after, r#"drove_workers{state="ready"}"#), Some(2.0));
 }
+
+#[test]
+fn a_rolled_back_release_is_counted_as_such() {
+    let (_reservation, mport) = reserve_port();
+    let guarded = |env: &str| {
+        config(2, 2, &format!("127.0.0.1:{mport}"))
+            + &format!(
+                "[rollout]\ncanary = 1\nobserve = \"1s\"\nmax_failures = 1\n\
+                 [worker.environment]\n{env}\n"
+            )
+    };
+    let d = started(&guarded(r#"RELEASE = "1""#));
+    // A release whose workers exit at start: its canary fails, the
+    // rollout is undone, and the rollback (a rollout itself) completes.
+    let text = guarded(r#"WORKER_EXIT_AT_START = "3""#)
+        .replace("{port}", &d.port.to_string())
+        .replace("{worker}", &example_worker().display().to_string());
+    std::fs::write(d.config_path(), text).unwrap();
+    d.signal(Signal::SIGHUP);
+    let deadline = Instant::now() + 30 * SEC;
+    let body = loop {
+        let body = scrape(mport);
+        if sample(&body, r#"drove_rollouts_total{result="rolled-back"}"#) == Some(1.0) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rollback counted:\n{body}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(&body, r#"drove_rollouts_total{result="completed"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&body, r#"drove_reloads_total{result="applied"}"#),
+        Some(1.0)
+    );
+    assert!(
+        sample(&body, r#"drove_worker_exits_total{reason="failed-start"}"#).unwrap_or(0.0) >= 1.0,
+        "{body}"
+    );
+}
