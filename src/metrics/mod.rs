@@ -149,16 +149,16 @@ impl Metrics {
             return;
         }
         let Some(swap) = s.swap.clone() else { return };
-        let old = s
-            .listen
-            .as_ref()
-            .map_or("nothing".to_owned(), |a| a.to_string());
         let bound = match &config.listen {
             None => None,
             Some(addr) => match server::bind(addr) {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    error!(event = "metrics", "reload: {e}; metrics stay on {old}");
+                    let kept = match &s.listen {
+                        Some(old) => format!("metrics stay on {old}"),
+                        None => "metrics stay off".to_owned(),
+                    };
+                    error!(event = "metrics", "reload: {e}; {kept}");
                     return;
                 }
             },
@@ -166,9 +166,14 @@ impl Metrics {
         if swap.send(bound).is_err() {
             return;
         }
-        match &config.listen {
-            Some(addr) => info!(event = "metrics", "metrics moved from {old} to {addr}"),
-            None => info!(event = "metrics", "metrics on {old} turned off"),
+        match (&s.listen, &config.listen) {
+            (Some(old), Some(new)) => info!(event = "metrics", "metrics moved from {old} to {new}"),
+            (None, Some(new)) => info!(
+                event = "metrics",
+                "serving Prometheus metrics at /metrics on {new}"
+            ),
+            (Some(old), None) => info!(event = "metrics", "metrics on {old} turned off"),
+            (None, None) => {}
         }
         s.listen = config.listen.clone();
     }

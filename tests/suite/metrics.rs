@@ -708,3 +708,40 @@ fn a_rolled_back_release_is_counted_as_such() {
         "{body}"
     );
 }
+
+#[test]
+fn a_reload_turns_metrics_on_and_off() {
+    let (_reservation, mport) = reserve_port();
+    let with = config(1, 2, &format!("127.0.0.1:{mport}"));
+    let without: String = with
+        .lines()
+        .filter(|l| !l.starts_with("[metrics]") && !l.starts_with("listen = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut d = started(&without);
+    assert!(TcpStream::connect(("127.0.0.1", mport)).is_err());
+    let reload_to = |d: &mut Droved, text: &str, n: usize| {
+        let text = text
+            .replace("{port}", &d.port.to_string())
+            .replace("{worker}", &example_worker().display().to_string());
+        std::fs::write(d.config_path(), text).unwrap();
+        d.signal(Signal::SIGHUP);
+        d.wait_log("rolling restart done", n, 20 * SEC);
+    };
+    reload_to(&mut d, &with, 1);
+    assert!(
+        d.log().contains(&format!(
+            "serving Prometheus metrics at /metrics on 127.0.0.1:{mport}"
+        )),
+        "{}",
+        d.log()
+    );
+    let body = scrape(mport);
+    assert_eq!(
+        sample(&body, r#"drove_reloads_total{result="applied"}"#),
+        Some(1.0)
+    );
+    reload_to(&mut d, &without, 2);
+    assert!(d.log().contains("turned off"), "{}", d.log());
+    assert!(TcpStream::connect(("127.0.0.1", mport)).is_err());
+}
