@@ -224,6 +224,20 @@ impl Metrics {
         }
     }
 
+    /// The target was changed by hand (D-Bus Scale or SetLimits,
+    /// SIGTTIN/SIGTTOU): a decision with reason "manual".
+    pub fn manual_scale(&self, from: u32, to: u32) {
+        let direction = if to > from { "up" } else { "down" };
+        self.inner
+            .events
+            .scale_decisions
+            .get_or_create(&render::ScaleLabels {
+                direction,
+                reason: "manual",
+            })
+            .inc();
+    }
+
     /// A worker sent READY=1 `after` its start.
     pub fn worker_ready(&self, after: Duration) {
         self.inner.events.ready_seconds.observe(after.as_secs_f64());

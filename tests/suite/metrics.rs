@@ -485,6 +485,14 @@ fn clients_that_send_garbage_or_nothing_cost_droved_nothing() {
         http_get(("127.0.0.1", mport), "/metrics").ok()
     });
     assert_eq!(sample(&text, r#"drove_workers{state="ready"}"#), Some(2.0));
+    // SIGTTIN is a scale decision too.
+    assert_eq!(
+        sample(
+            &text,
+            r#"drove_scale_decisions_total{direction="up",reason="manual"}"#
+        ),
+        Some(1.0)
+    );
 }
 
 #[test]
