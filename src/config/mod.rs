@@ -50,7 +50,8 @@ mod values;
 pub use error::{ConfigError, Position};
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, PoolConfig, ReadyMode,
-    ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError,
+    ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError, WorkerSocket,
+    WorkerSocketError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,
@@ -493,6 +494,7 @@ group = "drove"
                 user: Some("app".into()),
                 group: Some("appgrp".into()),
                 mode: WorkerMode::Template,
+                socket: crate::config::WorkerSocket::Systemd,
                 ready: ReadyMode::Notify,
                 ready_timeout: Duration::from_secs(5),
                 stop_signal: Signal::SIGQUIT,
