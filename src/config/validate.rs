@@ -1000,7 +1000,9 @@ mod tests {
             "3:10: worker.socket = \"stdin\" needs worker.mode = \"exec\": in template mode the template forks the workers and hands them the listeners at fds 3, 4, …; remove one of the two",
         );
         // Two addresses are fine the systemd way.
-        parse("[listen]\naddresses = [\"127.0.0.1:9000\", \"unix:/run/php.sock\"]\n[worker]\nsocket = \"systemd\"");
+        parse(
+            "[listen]\naddresses = [\"127.0.0.1:9000\", \"unix:/run/php.sock\"]\n[worker]\nsocket = \"systemd\"",
+        );
     }
 
     #[test]
