@@ -370,3 +370,24 @@ fn php_sigterm_leaves_no_php_cgi_behind() {
         left.iter().map(|&p| (p, comm(p))).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn stdin_socket_with_two_listeners_is_refused_at_start() {
+    // The file names no address, so only the start sees the count: two
+    // `--listen` here (a socket unit with two sockets is the same case).
+    let mut d = Droved::builder("php-two-listeners")
+        .droved_binds()
+        .config("[worker]\ncommand = [\"php-cgi\"]\nsocket = \"stdin\"\n")
+        .args(&["-l", "unix:{dir}/a.sock", "-l", "unix:{dir}/b.sock"])
+        .start();
+    let status = d.wait_exit(20 * SEC);
+    assert!(!status.success(), "{}", d.log());
+    assert!(
+        d.log().contains(
+            "worker.socket = \"stdin\" gives each worker exactly one listener (fd 0), but droved has 2"
+        ),
+        "{}",
+        d.log()
+    );
+    assert!(d.workers().is_empty());
+}
