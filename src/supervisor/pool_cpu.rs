@@ -9,15 +9,9 @@
 //!   and quota, via available_parallelism);
 //! - `contention`: the part of their runnable time spent waiting for a CPU.
 //!
-//! The pool counts as fully busy (1.0) when contention is high and the
-//! workers want a CPU most of the time (runnable at least
-//! [`RUNNABLE_BOUND`] of the wall time each): CPU-bound workers already
-//! queue for the CPUs, so more workers of the same app would only queue
-//! too, whatever else shares the machine. I/O-bound workers (php-cgi
-//! waiting 20 ms on a database, runnable 1 ms of it) on a machine busy with
-//! other work wait for a CPU at every wake-up as well, but each spends most
-//! of its time off the CPU, so more of them do serve more: contention alone
-//! held such a pool at 2 through a burst. Otherwise the share is the
+//! The pool counts as fully busy (1.0) when contention is high: its workers
+//! already queue for the CPUs, so more workers of the same app would only
+//! queue too, whatever else shares the machine. Otherwise the share is the
 //! answer, and the scaler caps a jump at what would saturate the cores.
 
 use std::collections::HashMap;
@@ -29,9 +23,6 @@ use crate::sys::process;
 
 /// Waiting this much of their runnable time means the workers are CPU-starved.
 pub const CONTENTION_BUSY: f64 = 0.3;
-/// ... but only for workers runnable (on a CPU or waiting for one) at least
-/// this much of the wall time, on average: CPU-bound ones.
-pub const RUNNABLE_BOUND: f64 = 0.5;
 
 /// (time on a CPU, time waiting for one) per worker.
 type SchedTimes = HashMap<Pid, (Duration, Duration)>;
@@ -70,25 +61,20 @@ impl PoolCpu {
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1) as f64;
-            Some(busy_fraction(run, wait, wall, cores, compared as f64))
+            Some(busy_fraction(run, wait, wall, cores))
         });
         self.last = Some((now, current));
         busy
     }
 }
 
-/// Pure: the busy fraction of a pool of `workers` from their summed run and
-/// run-queue wait times over `wall`.
-pub fn busy_fraction(run: f64, wait: f64, wall: f64, cores: f64, workers: f64) -> f64 {
+/// Pure: the pool's busy fraction from its run and run-queue wait times.
+pub fn busy_fraction(run: f64, wait: f64, wall: f64, cores: f64) -> f64 {
     let share = (run / (wall * cores)).clamp(0.0, 1.0);
     let runnable = run + wait;
     // Ignore contention on a nearly idle pool: a few µs of wait on a
-    // wake-up say nothing about CPU shortage; nor on I/O-bound workers,
-    // which more workers do help however long each wake-up waits.
-    if runnable > 0.05 * wall
-        && wait / runnable >= CONTENTION_BUSY
-        && runnable >= RUNNABLE_BOUND * wall * workers
-    {
+    // wake-up say nothing about CPU shortage.
+    if runnable > 0.05 * wall && wait / runnable >= CONTENTION_BUSY {
         1.0
     } else {
         share
@@ -102,23 +88,11 @@ mod tests {
     #[test]
     fn share_contention_and_idle() {
         // One worker at full speed on one of two cores.
-        assert!((busy_fraction(0.1, 0.0, 0.1, 2.0, 1.0) - 0.5).abs() < 1e-9);
+        assert!((busy_fraction(0.1, 0.0, 0.1, 2.0) - 0.5).abs() < 1e-9);
         // Four workers queueing for two cores: starved.
-        assert_eq!(busy_fraction(0.2, 0.2, 0.1, 2.0, 4.0), 1.0);
-        // Two CPU-bound workers on two cores that other work shares.
-        assert_eq!(busy_fraction(0.12, 0.08, 0.1, 2.0, 2.0), 1.0);
+        assert_eq!(busy_fraction(0.2, 0.2, 0.1, 2.0), 1.0);
         // I/O-bound: little CPU, a little wake-up latency.
-        assert!(busy_fraction(0.002, 0.001, 0.1, 2.0, 2.0) < 0.05);
-    }
-
-    #[test]
-    fn io_bound_workers_on_a_busy_machine_are_not_cpu_bound() {
-        // Two php-cgi workers sleeping 20 ms per request on 2 cores kept
-        // busy by other processes: each is runnable ~5% of the time, and
-        // waits for a CPU more than it runs at every wake-up. More such
-        // workers serve more; the pool is not CPU-bound.
-        let busy = busy_fraction(0.004, 0.006, 0.1, 2.0, 2.0);
-        assert!(busy < 0.05, "{busy}");
+        assert!(busy_fraction(0.002, 0.001, 0.1, 2.0) < 0.05);
     }
 
     #[test]
