@@ -94,31 +94,33 @@ def plot(data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(12, 11), sharex=True)
-    bucket = 0.25
+    fig, grid = plt.subplots(3, 2, figsize=(15, 11), sharex="col",
+                             gridspec_kw={"width_ratios": [2.2, 1]})
     for c in data["contenders"]:
         r = run(data, c["name"])
         if r is None:
             continue
         b = r["burst"]
         col, st, lab = c["color"], c["style"], c["label"]
-        axes[0].step([t for t, _ in b["workers"]], [n for _, n in b["workers"]], where="post",
-                     color=col, linestyle=st, linewidth=1.8, label=lab)
-        groups, done = {}, {}
-        for t, lat, _ in b["requests_log"]:
-            groups.setdefault(math.floor(t / bucket), []).append(lat)
-            k = math.floor((t + lat / 1000) / bucket)
-            done[k] = done.get(k, 0) + 1
-        ks = sorted(groups)
-        p99 = []
-        for k in ks:
-            g = sorted(groups[k])
-            p99.append(g[min(len(g) - 1, int(len(g) * 0.99))])
-        axes[1].plot([(k + 0.5) * bucket for k in ks], p99, color=col, linestyle=st, linewidth=1.5,
-                     label=lab)
-        ks = sorted(done)
-        axes[2].plot([(k + 0.5) * bucket for k in ks], [done[k] / bucket for k in ks], color=col,
-                     linestyle=st, linewidth=1.5, label=lab)
+        for axes, bucket in (([row[0] for row in grid], 0.25), ([row[1] for row in grid], 0.05)):
+            axes[0].step([t for t, _ in b["workers"]], [n for _, n in b["workers"]], where="post",
+                         color=col, linestyle=st, linewidth=1.8, label=lab)
+            groups, done = {}, {}
+            for t, lat, _ in b["requests_log"]:
+                groups.setdefault(math.floor(t / bucket), []).append(lat)
+                k = math.floor((t + lat / 1000) / bucket)
+                done[k] = done.get(k, 0) + 1
+            ks = sorted(groups)
+            p99 = []
+            for k in ks:
+                g = sorted(groups[k])
+                p99.append(g[min(len(g) - 1, int(len(g) * 0.99))])
+            axes[1].plot([(k + 0.5) * bucket for k in ks], p99, color=col, linestyle=st,
+                         linewidth=1.5, marker="." if bucket < 0.1 else None, label=lab)
+            ks = sorted(done)
+            axes[2].plot([(k + 0.5) * bucket for k in ks], [done[k] / bucket for k in ks],
+                         color=col, linestyle=st, linewidth=1.5, label=lab)
+    axes = [row[0] for row in grid]
     p = data["params"]
     axes[0].set_title(f"PHP burst through nginx: wrk -t2 -c{p['conns']} (usleep 20 ms) for "
                       f"{p['burst']} s after {p['idle']:.0f} s idle")
@@ -127,13 +129,19 @@ def plot(data, path):
     axes[1].set_yscale("log")
     axes[2].set_ylabel("completed req/s")
     axes[2].set_xlabel("seconds since the first request of the burst")
-    axes[1].set_title(f"p99 latency of requests sent in each {int(bucket * 1000)} ms", fontsize=10)
-    axes[2].set_title(f"throughput, {int(bucket * 1000)} ms buckets", fontsize=10)
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-        ax.axvline(0, color="black", linewidth=0.8)
-    axes[0].set_ylim(0, 17.5)
+    axes[1].set_title("p99 latency of requests sent in each 250 ms", fontsize=10)
+    axes[2].set_title("throughput, 250 ms buckets", fontsize=10)
+    for row in grid:
+        for ax in row:
+            ax.grid(True, alpha=0.3)
+            ax.axvline(0, color="black", linewidth=0.8)
+    grid[0][0].set_ylim(0, 17.5)
+    grid[0][1].set_ylim(0, 17.5)
+    grid[1][1].set_yscale("log")
+    grid[0][1].set_title("first second (50 ms buckets)")
+    grid[2][1].set_xlabel("seconds (zoom)")
     axes[0].set_xlim(-0.5, p["burst"] + 1)
+    grid[0][1].set_xlim(-0.05, 1.0)
     axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
