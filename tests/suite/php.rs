@@ -391,3 +391,21 @@ fn stdin_socket_with_two_listeners_is_refused_at_start() {
     );
     assert!(d.workers().is_empty());
 }
+
+#[test]
+fn the_php_example_passes_droved_check_as_published() {
+    // With its deployment lines (www-data, the socket's group): the file
+    // operators copy, not only the test's variant of it.
+    let out = Command::new(DROVED)
+        .args(["--check", "-c"])
+        .arg(Path::new(REPO).join("examples/php.toml"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("OK (1 listen address, workers 2..16"),
+        "{text}"
+    );
+}

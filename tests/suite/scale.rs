@@ -258,7 +258,11 @@ cooldown = "60s"
         .start();
     d.wait_ready();
     // Armed at the end of a regular tick: the next one is 3 s away.
-    d.wait_log("watching the listeners for the next connection", 1, 10 * SEC);
+    d.wait_log(
+        "watching the listeners for the next connection",
+        1,
+        10 * SEC,
+    );
     let load = Load::start(Target::Tcp(d.port), "/sleep?ms=300", 16, 4 * SEC);
     let up = d.wait_for("at least 4 ready workers", 10 * SEC, |u| {
         ready_in(&u.status) >= 4
@@ -271,5 +275,9 @@ cooldown = "60s"
         up.statuses[at]
     );
     assert!(load.finish_clean() > 0);
-    assert!(d.log().contains("early probe after an arrival"), "{}", d.log());
+    assert!(
+        d.log().contains("early probe after an arrival"),
+        "{}",
+        d.log()
+    );
 }
