@@ -210,6 +210,12 @@ impl Config {
                 format!("worker.command argument {arg:?} contains a NUL byte"),
             ));
         }
+        if self.worker.socket == WorkerSocket::Stdin && self.worker.mode == WorkerMode::Template {
+            return Err(ConfigError::unplaced(
+                "worker.mode",
+                "worker.socket = \"stdin\" needs worker.mode = \"exec\" (--mode template was given): in template mode the template forks the workers and hands them the listeners at fds 3, 4, …".into(),
+            ));
+        }
         let pool = &self.pool;
         if pool.min == 0 {
             return Err(ConfigError::unplaced(
@@ -573,6 +579,19 @@ group = "drove"
         assert_eq!(parse("[pool]\nmin = 1").pool.max, 8);
         assert_eq!(parse("[pool]\nmax = 2").pool.min, 2);
     }
+    #[test]
+    fn validate_runnable_refuses_stdin_socket_in_template_mode() {
+        // The file said exec; a --mode template override must not slip by.
+        let mut c = parse("[worker]\ncommand = [\"php-cgi\"]\nsocket = \"stdin\"");
+        c.validate_runnable().unwrap();
+        c.worker.mode = WorkerMode::Template;
+        let e = c.validate_runnable().unwrap_err().to_string();
+        assert!(
+            e.contains("worker.socket = \"stdin\" needs worker.mode = \"exec\""),
+            "{e}"
+        );
+    }
+
     #[test]
     fn validate_runnable_after_overrides() {
         let mut c = Config::default();
