@@ -50,8 +50,8 @@ mod values;
 pub use error::{ConfigError, Position};
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, PoolConfig, ReadyMode,
-    ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError, WorkerSocket,
-    WorkerSocketError,
+    ReadyModeError, RolloutConfig, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError,
+    WorkerSocket, WorkerSocketError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,
@@ -86,6 +86,9 @@ pub struct Config {
     pub pool: PoolConfig,
     pub scale: ScaleConfig,
     pub control: ControlConfig,
+    /// `[rollout]`: canary rollouts that undo themselves; `None` (no such
+    /// table) keeps plain rolling restarts.
+    pub rollout: Option<RolloutConfig>,
 }
 
 impl Config {
