@@ -224,6 +224,7 @@ impl Cx<'_> {
         if let Some(r) = &raw.rollout {
             config.rollout = Some(self.build_rollout(r)?);
         }
+        self.check_socket(&raw.worker, &config)?;
         Ok(config)
     }
 
@@ -246,6 +247,33 @@ impl Cx<'_> {
             ));
         }
         Ok(Some(address))
+    }
+
+    /// `worker.socket = "stdin"`: one listener, on fd 0 of an exec'd worker.
+    fn check_socket(&self, raw: &RawWorker, config: &Config) -> Res<()> {
+        let Some(v) = &raw.socket else {
+            return Ok(());
+        };
+        let key = "worker.socket";
+        if config.worker.socket != WorkerSocket::Stdin {
+            return Ok(());
+        }
+        if config.worker.mode == WorkerMode::Template {
+            return Err(self.at(
+                v,
+                key,
+                "worker.socket = \"stdin\" needs worker.mode = \"exec\": in template mode the template forks the workers and hands them the listeners at fds 3, 4, …; remove one of the two".into(),
+            ));
+        }
+        let n = config.listen.addresses.len();
+        if n > 1 {
+            return Err(self.at(
+                v,
+                key,
+                format!("worker.socket = \"stdin\" gives each worker exactly one listener (fd 0), but listen.addresses lists {n}; keep one address, or run one droved per address"),
+            ));
+        }
+        Ok(())
     }
 
     fn build_listen(&self, raw: &RawListen, out: &mut ListenConfig) -> Res<()> {
@@ -409,6 +437,12 @@ impl Cx<'_> {
             let s = self.string(v, "worker.mode", "\"exec\" or \"template\"")?;
             out.mode = s.parse().map_err(|e: WorkerModeError| {
                 self.at(v, "worker.mode", format!("worker.mode: {e}"))
+            })?;
+        }
+        if let Some(v) = &raw.socket {
+            let s = self.string(v, "worker.socket", "\"systemd\" or \"stdin\"")?;
+            out.socket = s.parse().map_err(|e: WorkerSocketError| {
+                self.at(v, "worker.socket", format!("worker.socket: {e}"))
             })?;
         }
         if let Some(v) = &raw.ready {
@@ -690,7 +724,7 @@ mod tests {
         );
         assert_err(
             "[worker]\n  comand = []",
-            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
+            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, socket, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
         );
         assert_err(
             "[listen]\nport = 80",
@@ -970,6 +1004,44 @@ mod tests {
         assert_err(
             &w("max_rss = true"),
             "2:11: worker.max_rss must be a size such as \"512MiB\" or a byte count, found boolean true",
+        );
+    }
+
+    #[test]
+    fn worker_socket() {
+        use crate::config::WorkerSocket;
+        assert_eq!(parse("").worker.socket, WorkerSocket::Systemd);
+        let one = "[listen]\naddresses = \"unix:/run/php.sock\"\n[worker]\nsocket = \"stdin\"";
+        assert_eq!(parse(one).worker.socket, WorkerSocket::Stdin);
+        // No address in the file: droved -l or systemd supplies it, and
+        // the worker plan checks the count at start.
+        assert_eq!(
+            parse("[worker]\nsocket = \"stdin\"").worker.socket,
+            WorkerSocket::Stdin
+        );
+        assert_eq!(
+            parse("[worker]\nsocket = \"systemd\"").worker.socket,
+            WorkerSocket::Systemd
+        );
+        assert_err(
+            "[worker]\nsocket = \"fd0\"",
+            "2:10: worker.socket: unknown socket convention `fd0`; expected \"systemd\" or \"stdin\"",
+        );
+        assert_err(
+            "[worker]\nsocket = 0",
+            "2:10: worker.socket must be \"systemd\" or \"stdin\", found integer 0",
+        );
+        assert_err(
+            "[listen]\naddresses = [\"127.0.0.1:9000\", \"unix:/run/php.sock\"]\n[worker]\nsocket = \"stdin\"",
+            "4:10: worker.socket = \"stdin\" gives each worker exactly one listener (fd 0), but listen.addresses lists 2; keep one address, or run one droved per address",
+        );
+        assert_err(
+            "[worker]\nmode = \"template\"\nsocket = \"stdin\"",
+            "3:10: worker.socket = \"stdin\" needs worker.mode = \"exec\": in template mode the template forks the workers and hands them the listeners at fds 3, 4, …; remove one of the two",
+        );
+        // Two addresses are fine the systemd way.
+        parse(
+            "[listen]\naddresses = [\"127.0.0.1:9000\", \"unix:/run/php.sock\"]\n[worker]\nsocket = \"systemd\"",
         );
     }
 

@@ -115,6 +115,7 @@ impl Supervisor {
             working_directory: self.config.worker.working_directory.as_deref(),
             credentials: self.plan.credentials.as_ref(),
             listeners: fds,
+            placement: spawn::Placement::Systemd,
             parent_death_signal: Some(Signal::SIGKILL),
         };
         self.gate.consume(now);

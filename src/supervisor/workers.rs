@@ -12,7 +12,7 @@ use super::control::Event;
 use super::environment::{self, Account};
 use super::plan::{self, ExitVerdict};
 use super::pool::{StopReason, Worker, WorkerState};
-use crate::config::{Config, ReadyMode};
+use crate::config::{Config, ReadyMode, WorkerSocket};
 use crate::notify;
 use crate::sys::listen::Listener;
 use crate::sys::process::{self, ExitStatus};
@@ -33,6 +33,18 @@ pub enum PlanError {
     Credentials(std::io::Error),
     #[error(transparent)]
     Command(std::io::Error),
+    #[error(
+        "worker.socket = \"stdin\" gives each worker exactly one listener (fd 0), but droved has {0}; listen on one address (listen.addresses, --listen or the .socket unit)"
+    )]
+    StdinListeners(usize),
+}
+
+/// Where `socket` puts a worker's listeners.
+fn placement(socket: WorkerSocket) -> spawn::Placement {
+    match socket {
+        WorkerSocket::Systemd => spawn::Placement::Systemd,
+        WorkerSocket::Stdin => spawn::Placement::Stdin,
+    }
 }
 
 /// Whether a variable of droved's own environment must stay out of
@@ -79,15 +91,11 @@ impl WorkerPlan {
             &w.inherit_environment,
             &w.environment,
         );
-        env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
-        env.push((
-            "LISTEN_FDNAMES".into(),
-            listeners
-                .iter()
-                .map(|l| l.name.as_str())
-                .collect::<Vec<_>>()
-                .join(":"),
-        ));
+        if w.socket == WorkerSocket::Stdin && listeners.len() != 1 {
+            return Err(PlanError::StdinListeners(listeners.len()));
+        }
+        let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        env.extend(environment::listen_variables(w.socket, &names));
         env.push(("NOTIFY_SOCKET".into(), notify_address.to_string()));
         if let Some(wd) = w.watchdog {
             env.push(("WATCHDOG_USEC".into(), wd.as_micros().to_string()));
@@ -358,6 +366,7 @@ impl Supervisor {
                 working_directory: self.config.worker.working_directory.as_deref(),
                 credentials: self.plan.credentials.as_ref(),
                 listeners: self.listeners.iter().map(|l| l.as_fd()).collect(),
+                placement: placement(self.config.worker.socket),
                 parent_death_signal: Some(self.config.worker.stop_signal),
             };
             self.gate.consume(now);

@@ -7,6 +7,7 @@ pub mod fuzz;
 pub mod harness;
 pub mod metrics;
 pub mod notify;
+pub mod php;
 pub mod scale;
 pub mod security;
 pub mod template;
