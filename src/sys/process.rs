@@ -1,6 +1,14 @@
-//! Signals to and exit statuses of worker processes, and /proc readings.
+//! Signals to and exit statuses of worker processes, reaping, and /proc
+//! readings.
+//!
+//! Reaping: droved waits for every child it has, known or not (as PID 1 of a
+//! container, or as a subreaper, orphans of whole process trees come to it).
+//! One sweep ([`reap_next`]) takes exited children in the kernel's order;
+//! the few places that wait for a particular child themselves hold it
+//! ([`fork_held`]) so the sweep cannot steal its status.
 
 use std::io;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::sys::signal::{self, Signal};
@@ -59,15 +67,114 @@ pub fn become_subreaper() -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
 }
 
-/// Whether droved is a child subreaper (it stays one across a reload to
-/// exec mode and across an upgrade's exec).
-pub fn is_subreaper() -> bool {
-    nix::sys::prctl::get_child_subreaper().unwrap_or(false)
+/// Whether this process is PID 1 of its PID namespace (a container's
+/// entrypoint): orphans of the whole namespace come to it, and the kernel
+/// drops any signal it has no handler for.
+pub fn is_namespace_init() -> bool {
+    nix::unistd::getpid().as_raw() == 1
+}
+
+/// Children whose exit status some code waits for by pid itself: a fork
+/// whose exec is not yet confirmed (sys::spawn), the upgrade's preflight
+/// (tokio's Command). [`reap_next`] leaves them alone: reaping one would
+/// hand its waiter ECHILD instead of the status.
+static WAITED_ELSEWHERE: Mutex<Vec<Pid>> = Mutex::new(Vec::new());
+
+fn waited_elsewhere() -> std::sync::MutexGuard<'static, Vec<Pid>> {
+    // The list stays consistent even if a holder panicked: it only pushes
+    // and removes pids.
+    WAITED_ELSEWHERE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A child kept out of droved's reaping sweep while it lives; dropping it
+/// hands the child (or a zombie its waiter left) back to the sweep.
+#[derive(Debug)]
+pub struct Held(Pid);
+
+impl Held {
+    pub fn pid(&self) -> Pid {
+        self.0
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut list = waited_elsewhere();
+        if let Some(i) = list.iter().position(|p| *p == self.0) {
+            list.swap_remove(i);
+        }
+    }
+}
+
+/// Runs `fork`, which creates one child that its caller will wait for by
+/// pid (`pid_of` names it), and keeps that child out of the sweep until
+/// the returned [`Held`] drops. The sweep cannot run in between: the list's
+/// lock is held across the fork.
+pub fn fork_held<T>(
+    fork: impl FnOnce() -> io::Result<T>,
+    pid_of: impl FnOnce(&T) -> Option<Pid>,
+) -> io::Result<(T, Option<Held>)> {
+    let mut list = waited_elsewhere();
+    let child = fork()?;
+    let held = pid_of(&child).map(|pid| {
+        list.push(pid);
+        Held(pid)
+    });
+    Ok((child, held))
+}
+
+/// What [`reap_next`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaped {
+    /// A child exited and is reaped now.
+    Child(Pid, ExitStatus),
+    /// The next exited child is waited for elsewhere; `waitid(P_ALL)` sees
+    /// no further while it is there ([`reap_unheld`] looks past it).
+    Held(Pid),
+    /// No child has exited (or there are none).
+    Nothing,
+}
+
+/// Reaps one exited child, whichever it is (known worker or orphan), except
+/// those [`Held`] for another waiter: peeks with
+/// `waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT)`, then reaps that pid.
+pub fn reap_next() -> io::Result<Reaped> {
+    let held = waited_elsewhere();
+    let Some(pid) = exited_child()? else {
+        return Ok(Reaped::Nothing);
+    };
+    if held.contains(&pid) {
+        return Ok(Reaped::Held(pid));
+    }
+    Ok(match try_reap(pid)? {
+        Some(status) => Reaped::Child(pid, status),
+        None => Reaped::Nothing,
+    })
+}
+
+/// Reaps every exited child except the [`Held`] ones, child by child from
+/// /proc/self/task/*/children: the slow way past a held zombie that blocks
+/// [`reap_next`].
+pub fn reap_unheld() -> io::Result<Vec<(Pid, ExitStatus)>> {
+    let held = waited_elsewhere();
+    let mut out = Vec::new();
+    for pid in own_children()? {
+        if held.contains(&pid) {
+            continue;
+        }
+        // Running, or ECHILD (reaped meanwhile): nothing to take.
+        if let Ok(Some(status)) = try_reap(pid) {
+            out.push((pid, status));
+        }
+    }
+    Ok(out)
 }
 
 /// The pid of some exited child not yet reaped, without reaping it
 /// (`waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT)`); `None` when none has exited.
-pub fn exited_child() -> io::Result<Option<Pid>> {
+fn exited_child() -> io::Result<Option<Pid>> {
     use nix::sys::wait::{Id, waitid};
     loop {
         match waitid(
