@@ -325,3 +325,90 @@ fn a_workers_double_forked_daemon_is_reaped_when_it_exits_and_never_a_worker() {
     assert_eq!(log.matches(") started").count(), 2, "{log}");
     assert!(d.upward().status.starts_with("2 workers ready"));
 }
+
+#[test]
+fn upgrades_succeed_while_orphans_keep_exiting() {
+    // The upgrade's preflight is a child that tokio waits for by pid; the
+    // sweep that reaps orphans must not take its exit status (the preflight
+    // would fail with ECHILD and the upgrade be refused).
+    let scratch = Scratch::new("pid1-upgrade");
+    script(
+        &scratch.join("worker.sh"),
+        "while :; do ( sleep 0.01 & ); sleep 0.02; done\n",
+    );
+    let worker_sh = scratch.join("worker.sh").display().to_string();
+    let mut d = Droved::builder("pid1-upgrade")
+        .launcher(UNSHARE)
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[pool]
+min = 4
+max = 4
+[worker]
+command = ["{worker_sh}"]
+ready = "exec"
+"#
+        ))
+        .start();
+    d.wait_ready();
+    let init = init_pid(&d);
+    d.wait_log("not a worker", 20, 10 * SEC);
+    for i in 1..=20 {
+        let readies = d.upward().ready_count;
+        nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGUSR2).unwrap();
+        d.wait_for(&format!("READY=1 after upgrade {i}"), 20 * SEC, |u| {
+            u.ready_count > readies
+        });
+        assert_eq!(
+            d.log_count("took over 4 workers"),
+            i,
+            "upgrade {i} did not take over\n{}",
+            d.log()
+        );
+    }
+    assert_eq!(d.log_count("upgrade refused"), 0, "{}", d.log());
+}
+
+#[test]
+fn sigterm_while_pid1_starts_up_is_not_lost() {
+    // PID 1 gets no signal it has no handler for. droved is held in its
+    // start-up (before the supervisor's handlers exist) by a "system bus"
+    // that accepts the connection and says nothing; SIGTERM arrives then.
+    let scratch = Scratch::new("pid1-early");
+    let bus_path = scratch.join("bus");
+    let bus = std::os::unix::net::UnixListener::bind(&bus_path).unwrap();
+    bus.set_nonblocking(true).unwrap();
+    let mut d = Droved::builder("pid1-early")
+        .launcher(UNSHARE)
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+allow_root = true
+"#,
+        )
+        // As under systemd: the system bus, not fatal when it fails.
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+        .env(
+            "DBUS_SYSTEM_BUS_ADDRESS",
+            &format!("unix:path={}", bus_path.display()),
+        )
+        .start();
+    let (conn, _) = eventually("droved to connect to the bus", 10 * SEC, || {
+        bus.accept().ok()
+    });
+    let init = init_pid(&d);
+    assert!(!d.upward().ready);
+    nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    // The bus goes away; droved starts without it, and must then stop.
+    drop(conn);
+    drop(bus);
+    let status = d.wait_exit(20 * SEC);
+    let log = d.log();
+    assert!(status.success(), "droved exited with {status}\n{log}");
+    assert!(log.contains("SIGTERM: graceful stop"), "{log}");
+}
