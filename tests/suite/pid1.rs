@@ -412,3 +412,67 @@ allow_root = true
     assert!(status.success(), "droved exited with {status}\n{log}");
     assert!(log.contains("SIGTERM: graceful stop"), "{log}");
 }
+
+#[test]
+fn the_container_recipe_runs_as_pid1() {
+    // packaging/container: app.toml with the paths the Containerfile puts
+    // the app at (/srv/app, on a tmpfs of this test's mount namespace), run
+    // as the image's entrypoint does; only the listen address is the
+    // test's (-l), not the image's 0.0.0.0:8080.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let containerfile =
+        std::fs::read_to_string(format!("{root}/packaging/container/Containerfile")).unwrap();
+    for line in [
+        "COPY examples/wsgi_worker.py examples/wsgi_app.py /srv/app/",
+        "COPY packaging/container/app.toml /etc/drove/app.toml",
+        r#"ENTRYPOINT ["/usr/bin/droved", "-c", "/etc/drove/app.toml"]"#,
+    ] {
+        assert!(containerfile.contains(line), "Containerfile lacks {line}");
+    }
+    let setup = format!(
+        "mount -t tmpfs -o mode=755 tmpfs /srv && mkdir /srv/app && \
+         cp {root}/examples/wsgi_worker.py {root}/examples/wsgi_app.py /srv/app/ && \
+         exec \"$@\""
+    );
+    let app_toml = format!("{root}/packaging/container/app.toml");
+    let mut launcher = UNSHARE.to_vec();
+    launcher.extend(["sh", "-c", &setup, "sh"]);
+    let mut d = Droved::builder("pid1-container")
+        .launcher(&launcher)
+        .args(&["-c", &app_toml, "-l", "127.0.0.1:{port}"])
+        // The image's PATH (Debian's default), whatever this machine's is.
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .start();
+    d.wait_ready();
+    let init = init_pid(&d);
+    let ns = pid_namespace(init);
+    let body = d.get("/").unwrap();
+    assert!(body.contains("pid="), "{body}");
+    // The workers run as the package's user.
+    let workers: Vec<i32> = children_of(init);
+    assert_eq!(workers.len(), 2, "{}", d.log());
+    for w in &workers {
+        let status = std::fs::read_to_string(format!("/proc/{w}/status")).unwrap();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        let user = nix::unistd::User::from_name("drove-worker")
+            .unwrap()
+            .expect("the drove-worker user (tests/run creates it)");
+        assert_eq!(uid, user.uid.to_string());
+    }
+    nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    let status = d.wait_exit(30 * SEC);
+    let log = d.log();
+    assert!(status.success(), "droved exited with {status}\n{log}");
+    assert_eq!(log.matches("exited with status 0").count(), 2, "{log}");
+    eventually("the namespace to be empty", 10 * SEC, || {
+        members(&ns).is_empty().then_some(())
+    });
+}
