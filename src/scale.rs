@@ -4,7 +4,9 @@
 //! case is a unit test.
 //!
 //! The supervisor calls [`Scaler::tick`] every `interval` (100 ms by
-//! default) with the total number of connections queued on all listeners
+//! default), and early, every 10 ms for one interval, when a connection
+//! arrives after a quiet tick and more than a blip is queued
+//! (`sys::arrival`), with the total number of connections queued on all listeners
 //! ([`crate::sys::probe::queue_depth`]), the CPU share the pool's workers use
 //! ([`crate::sys::probe::CpuSampler`]) and a [`PoolView`]. A
 //! [`Decision`] says what the target should become and why; its `Display`

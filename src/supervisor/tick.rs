@@ -2,7 +2,7 @@
 //! of workers (readiness, watchdog, stop timeout), queue probes,
 //! autoscaling, and the journal's health.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
@@ -13,7 +13,8 @@ use super::lifecycle::Lifecycle;
 use super::plan;
 use super::pool::StopReason;
 use super::status::ListenerStatus;
-use crate::scale::{PoolView, Sample};
+use crate::scale::{BLIP, PoolView, Sample};
+use crate::sys::arrival::ArrivalWatch;
 use crate::sys::{probe, process};
 
 /// Idle ticks between CPU baselines (10 ticks of 100 ms by default).
@@ -35,6 +36,32 @@ impl Default for CpuSampling {
     }
 }
 
+/// From a burst's first connection to its first probe: long enough for a
+/// client opening many connections at once to have queued them, so the
+/// probe sees the burst rather than its first connection.
+const ARRIVAL_SETTLE: Duration = Duration::from_millis(2);
+/// Spacing of the early ticks that follow: the CPU guard judges a sample
+/// taken wholly while connections waited, so the second early tick can
+/// already make the jump.
+const EARLY_TICK: Duration = Duration::from_millis(10);
+
+/// The wake on the first connection after a quiet tick, and the early
+/// ticks it starts (at most one regular interval of them).
+#[derive(Debug, Default)]
+pub(super) struct Arrival {
+    pub(super) watch: ArrivalWatch,
+    pub(super) next: Option<Instant>,
+    until: Option<Instant>,
+}
+
+/// Sleeps until `at`; never resolves for `None`.
+pub(super) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The journal's health at the last tick, the drop count already reported
 /// and when the unreported stall began, to log each stall once, when it
 /// ends.
@@ -48,7 +75,14 @@ pub(super) struct JournalWatch {
 impl Supervisor {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
-        if self.lifecycle.exec_at().is_some_and(|t| now >= t) {
+        // A fork asked of the template and not answered yet would be lost
+        // in the exec: its worker unknown to the new image, the template
+        // not handed over. No new forks are asked while upgrading, so wait
+        // for the answers (at most template::ANSWER_TIMEOUT, after which the
+        // template is killed and its forks dropped).
+        if self.lifecycle.exec_at().is_some_and(|t| now >= t)
+            && self.pool.templates.forks.is_empty()
+        {
             self.exec_upgrade(None);
         }
         self.upward.watchdog_tick(now);
@@ -103,7 +137,58 @@ impl Supervisor {
         }
         self.probe_queues();
         self.autoscale(now);
+        self.arm_arrival();
         self.check_journal();
+    }
+
+    /// Watches the listeners for the next connection while a scale-up may
+    /// be needed and the queues read empty (see `sys::arrival`).
+    fn arm_arrival(&mut self) {
+        let scaling = self.config.pool.min != self.config.pool.max;
+        let wanted = scaling
+            && matches!(self.lifecycle, Lifecycle::Running)
+            && self.target < self.config.pool.max
+            && self.queued_total() == Some(0);
+        if !wanted {
+            self.arrival.watch.disarm();
+        } else if !self.arrival.watch.is_armed() {
+            match self
+                .arrival
+                .watch
+                .arm(self.listeners.iter().map(|l| l.as_fd()))
+            {
+                Ok(()) => debug!("queues empty; watching the listeners for the next connection"),
+                Err(e) => debug!("cannot watch the listeners for arrivals: {e}"),
+            }
+        }
+    }
+
+    /// A connection came after a quiet tick: probe soon rather than at the
+    /// next regular tick, which may be a whole interval away.
+    pub(super) fn on_arrival(&mut self) {
+        self.arrival.watch.disarm();
+        let now = Instant::now();
+        self.arrival.next = Some(now + ARRIVAL_SETTLE);
+        self.arrival.until = Some(now + self.config.scale.interval);
+    }
+
+    /// An early probe. It acts only on a burst (more than a blip queued):
+    /// blips stay the regular tick's business, so early ticks cannot make
+    /// the scaler count them twice.
+    pub(super) fn on_early_tick(&mut self) {
+        self.arrival.next = None;
+        let now = Instant::now();
+        self.probe_queues();
+        if self.queued_total().unwrap_or(0) <= BLIP {
+            return;
+        }
+        debug!(queued = ?self.queued_total(), "early probe after an arrival");
+        self.autoscale(now);
+        let more = self.target < self.config.pool.max
+            && self.arrival.until.is_some_and(|u| now + EARLY_TICK < u);
+        if more {
+            self.arrival.next = Some(now + EARLY_TICK);
+        }
     }
 
     /// A stalled journal shows in STATUS= (systemd's notify socket still

@@ -147,17 +147,24 @@ impl Supervisor {
                     "preflight passed; re-executing as {version}"
                 );
                 self.checked_image = Some(image);
-                if replies.is_empty() {
+                if replies.is_empty() && self.pool.templates.forks.is_empty() {
                     // Nobody waits for an answer (SIGUSR2): exec right away.
                     self.exec_upgrade(None);
                     return;
                 }
+                // With callers, give their replies time to leave; without,
+                // exec at the first tick that owes no fork of the template.
+                let delay = if replies.is_empty() {
+                    Duration::ZERO
+                } else {
+                    EXEC_DELAY
+                };
                 for r in replies {
                     let _ = r.send(Ok(()));
                 }
                 self.enter(Lifecycle::Upgrading(Upgrade {
                     stage: UpgradeStage::Handing {
-                        exec_at: Instant::now() + EXEC_DELAY,
+                        exec_at: Instant::now() + delay,
                     },
                     from_starting,
                 }));
