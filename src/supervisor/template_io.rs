@@ -1,6 +1,6 @@
 //! Template mode, carried out: starting and stopping templates, asking
-//! them for workers, their answers, and reaping what the subreaper
-//! inherits. The decisions are in `template`; the protocol is
+//! them for workers, their answers, and a template's exit (the sweep in
+//! `reap` hands it over). The decisions are in `template`; the protocol is
 //! docs/template.md.
 
 use std::io;
