@@ -219,6 +219,9 @@ impl Cx<'_> {
         self.build_pool(&raw.pool, &mut config.pool)?;
         self.build_scale(&raw.scale, &mut config.scale)?;
         config.control.group = self.name(&raw.control.group, "control.group")?;
+        if let Some(r) = &raw.rollout {
+            config.rollout = Some(self.build_rollout(r)?);
+        }
         Ok(config)
     }
 
@@ -604,6 +607,20 @@ impl Cx<'_> {
         Ok(())
     }
 
+    fn build_rollout(&self, raw: &RawRollout) -> Res<RolloutConfig> {
+        let mut out = RolloutConfig::default();
+        if let Some(n) = self.int(&raw.canary, "rollout.canary", 0, 10_000)? {
+            out.canary = n;
+        }
+        if let Some(d) = self.duration(&raw.observe, "rollout.observe")? {
+            out.observe = d;
+        }
+        if let Some(n) = self.int(&raw.max_failures, "rollout.max_failures", 1, 10_000)? {
+            out.max_failures = n;
+        }
+        Ok(out)
+    }
+
     fn build_scale(&self, raw: &RawScale, out: &mut ScaleConfig) -> Res<()> {
         let tick = Duration::from_millis(10);
         if let Some(d) = self.duration_min(&raw.interval, "scale.interval", tick)? {
@@ -642,7 +659,7 @@ mod tests {
     fn syntax_and_unknown_keys() {
         assert_err(
             "\n\nworkerz = 1",
-            "3:1: unknown key `workerz` in the top level; expected one of listen, worker, pool, scale, control (did you mean `worker`?)",
+            "3:1: unknown key `workerz` in the top level; expected one of listen, worker, pool, scale, control, rollout (did you mean `worker`?)",
         );
         assert_err(
             "[pool]\nminimum = 1",

@@ -47,6 +47,9 @@ impl Supervisor {
                 self.start_rollout("restart requested", None, Some(reply))
             }
             Command::Upgrade { reply } => self.request_upgrade(Some(reply), "upgrade request"),
+            Command::Rollout { action, reply } => {
+                let _ = reply.send(self.rollout_command(action));
+            }
 
             Command::ListWorkers { reply } => {
                 let now = Instant::now();

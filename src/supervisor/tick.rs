@@ -40,18 +40,20 @@ impl Default for CpuSampling {
 /// client opening many connections at once to have queued them, so the
 /// probe sees the burst rather than its first connection.
 const ARRIVAL_SETTLE: Duration = Duration::from_millis(2);
-/// Spacing of the early ticks that follow: the CPU guard judges a sample
-/// taken wholly while connections waited, so the second early tick can
-/// already make the jump.
-const EARLY_TICK: Duration = Duration::from_millis(10);
+/// The CPU window of the decision that follows: the guard needs a sample
+/// taken wholly while connections waited, and /proc schedstat is too coarse
+/// for less (a busy worker's run time is updated every few ms).
+const EARLY_CPU_WINDOW: Duration = Duration::from_millis(25);
 
-/// The wake on the first connection after a quiet tick, and the early
-/// ticks it starts (at most one regular interval of them).
+/// The wake on the first connection after a quiet tick, and the two early
+/// probes it starts: one that takes the CPU baseline with the burst
+/// queued, one that decides.
 #[derive(Debug, Default)]
 pub(super) struct Arrival {
     pub(super) watch: ArrivalWatch,
     pub(super) next: Option<Instant>,
-    until: Option<Instant>,
+    /// The baseline was taken with a queue: the next probe decides.
+    baseline_taken: bool,
 }
 
 /// Sleeps until `at`; never resolves for `None`.
@@ -136,7 +138,7 @@ impl Supervisor {
             self.last_failure = None;
         }
         self.probe_queues();
-        self.autoscale(now);
+        self.autoscale(now, false);
         self.arm_arrival();
         self.check_journal();
     }
@@ -167,28 +169,33 @@ impl Supervisor {
     /// next regular tick, which may be a whole interval away.
     pub(super) fn on_arrival(&mut self) {
         self.arrival.watch.disarm();
-        let now = Instant::now();
-        self.arrival.next = Some(now + ARRIVAL_SETTLE);
-        self.arrival.until = Some(now + self.config.scale.interval);
+        self.arrival.next = Some(Instant::now() + ARRIVAL_SETTLE);
+        self.arrival.baseline_taken = false;
     }
 
     /// An early probe. It acts only on a burst (more than a blip queued):
-    /// blips stay the regular tick's business, so early ticks cannot make
-    /// the scaler count them twice.
+    /// blips stay the regular ticks' business, so early probes cannot make
+    /// the scaler count them twice. The first takes the workers' CPU
+    /// baseline with the burst queued; the second, one CPU window later,
+    /// lets the scaler decide with a sample it knows was taken wholly
+    /// under the queue (the CPU guard then needs no extra tick).
     pub(super) fn on_early_tick(&mut self) {
         self.arrival.next = None;
         let now = Instant::now();
         self.probe_queues();
-        if self.queued_total().unwrap_or(0) <= BLIP {
+        let queued = self.queued_total().unwrap_or(0);
+        if queued <= BLIP || !matches!(self.lifecycle, Lifecycle::Running) {
             return;
         }
-        debug!(queued = ?self.queued_total(), "early probe after an arrival");
-        self.autoscale(now);
-        let more = self.target < self.config.pool.max
-            && self.arrival.until.is_some_and(|u| now + EARLY_TICK < u);
-        if more {
-            self.arrival.next = Some(now + EARLY_TICK);
+        if self.config.scale.cpu_guard && !self.arrival.baseline_taken {
+            debug!(queued, "early probe after an arrival: CPU baseline");
+            self.cpu.sample(self.pool.workers.keys().copied(), now);
+            self.arrival.baseline_taken = true;
+            self.arrival.next = Some(now + EARLY_CPU_WINDOW);
+            return;
         }
+        debug!(queued, "early probe after an arrival: deciding");
+        self.autoscale(now, true);
     }
 
     /// A stalled journal shows in STATUS= (systemd's notify socket still
@@ -261,7 +268,9 @@ impl Supervisor {
         }
     }
 
-    fn autoscale(&mut self, now: Instant) {
+    /// One scaler decision. `cpu_while_queued`: the CPU sample about to be
+    /// taken spans only time with a queue (see `on_early_tick`).
+    fn autoscale(&mut self, now: Instant, cpu_while_queued: bool) {
         // The guard only judges ticks with a queue, but the first such tick
         // needs a baseline: sample while a queue is (or just was) there,
         // and once a second otherwise, which keeps idle ticks cheap.
@@ -285,6 +294,7 @@ impl Supervisor {
             queued: self.queued_total(),
             listeners: self.listeners.len() as u32,
             cpu_busy,
+            cpu_while_queued,
         };
         if sample.queued.unwrap_or(0) > 0 {
             debug!(queued = ?sample.queued, cpu_busy = ?cpu_busy, ready = counts.ready, "queue sample");

@@ -222,7 +222,7 @@ max = {max}
     let decisions: Vec<String> = d
         .log()
         .lines()
-        .filter(|l| l.contains("scale"))
+        .filter(|l| l.contains("scale") || l.contains("queue sample") || l.contains("early probe"))
         .map(String::from)
         .collect();
     assert!(
