@@ -67,6 +67,12 @@ pub fn become_subreaper() -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
 }
 
+/// Whether droved is a child subreaper (it stays one across a reload to
+/// exec mode and across an upgrade's exec).
+pub fn is_subreaper() -> bool {
+    nix::sys::prctl::get_child_subreaper().unwrap_or(false)
+}
+
 /// Whether this process is PID 1 of its PID namespace (a container's
 /// entrypoint): orphans of the whole namespace come to it, and the kernel
 /// drops any signal it has no handler for.
