@@ -319,3 +319,89 @@ pub fn is_waiting_for_connection(pid: Pid) -> bool {
         .map(|w| w.contains("accept") || w.contains("poll") || w.contains("select"))
         .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set when this test binary runs one test alone in a fresh process.
+    const ISOLATED: &str = "DROVE_TEST_ISOLATED";
+
+    /// Runs test `name` alone in a fresh copy of this test binary: the
+    /// sweep waits for any child, so it must not run beside other tests
+    /// that wait for theirs.
+    fn run_isolated(name: &str) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--test-threads=1", "--nocapture"])
+            .env(ISOLATED, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("test result: ok. 1 passed"),
+            "{name} in its own process:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn exited(pid: Pid) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    }
+
+    fn child(code: i32) -> std::process::Child {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("exit {code}")])
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_sweep_reaps_every_child_but_a_held_one() {
+        let name = "sys::process::tests::the_sweep_reaps_every_child_but_a_held_one";
+        if std::env::var_os(ISOLATED).is_none() {
+            return run_isolated(name);
+        }
+        // The held child exits first and comes first in the kernel's list:
+        // the sweep must look past it.
+        let (mut held_child, held) =
+            fork_held(|| Ok(child(3)), |c| Some(Pid::from_raw(c.id() as i32))).unwrap();
+        let held = held.unwrap();
+        let others: Vec<Pid> = (0..3)
+            .map(|i| Pid::from_raw(child(10 + i).id() as i32))
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !exited(held.pid()) || !others.iter().all(|p| exited(*p)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "children did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut reaped = Vec::new();
+        loop {
+            match reap_next().unwrap() {
+                Reaped::Child(pid, status) => reaped.push((pid, status)),
+                Reaped::Held(pid) => {
+                    assert_eq!(pid, held.pid());
+                    reaped.extend(reap_unheld().unwrap());
+                    break;
+                }
+                Reaped::Nothing => break,
+            }
+        }
+        reaped.sort_by_key(|(p, _)| p.as_raw());
+        let expected: Vec<_> = others
+            .iter()
+            .zip(10..)
+            .map(|(p, code)| (*p, ExitStatus::Exited(code)))
+            .collect();
+        assert_eq!(reaped, expected);
+        // Its own waiter still gets its status.
+        assert_eq!(held_child.wait().unwrap().code(), Some(3));
+        drop(held);
+        assert_eq!(reap_next().unwrap(), Reaped::Nothing);
+    }
+}
