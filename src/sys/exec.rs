@@ -220,7 +220,9 @@ pub fn default_sigpipe() {
 /// Ignores the control signals (HUP, USR2, TTIN, TTOU) until droved's own
 /// handlers replace this: their default actions (terminate, stop) would
 /// kill or freeze a droved that is signalled while it starts up. TERM, INT
-/// and QUIT keep their defaults: before there are workers, dying is right.
+/// and QUIT keep their defaults: before there are workers, dying is right
+/// (except as PID 1, which the kernel does not let them kill: droved then
+/// blocks them until the supervisor handles them; see droved's main).
 pub fn ignore_control_signals() {
     for sig in [
         Signal::SIGHUP,
