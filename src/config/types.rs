@@ -354,6 +354,13 @@ pub struct ControlConfig {
     pub group: Option<String>,
 }
 
+/// `[metrics]`: where droved serves Prometheus metrics (`crate::metrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// `/metrics` is served here; `None` (the default): no metrics.
+    pub listen: Option<ListenAddr>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -139,6 +139,7 @@ impl Supervisor {
             to: new,
             reason: why.to_string(),
         });
+        self.metrics.manual_scale(self.target, new);
         self.target = new;
     }
 

@@ -83,6 +83,8 @@ pub struct Setup {
     pub argv: Vec<std::ffi::OsString>,
     /// State handed over by the previous binary, with its notify socket.
     pub restored: Option<(crate::handover::State, std::os::fd::OwnedFd)>,
+    /// Prometheus metrics: the supervisor only feeds them (`crate::metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Why the supervisor cannot start.
@@ -154,6 +156,8 @@ pub struct Supervisor {
     stray_checks: Vec<Instant>,
     /// The programs of templates lost with forks unanswered.
     stray_exes: Vec<PathBuf>,
+    /// Prometheus metrics, fed by one-line hooks at the events.
+    metrics: crate::metrics::Metrics,
 }
 
 fn scale_params(config: &Config) -> ScaleParams {
@@ -238,6 +242,7 @@ impl Supervisor {
             early: Default::default(),
             stray_checks: Vec::new(),
             stray_exes: Vec::new(),
+            metrics: setup.metrics,
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);

@@ -43,6 +43,7 @@ impl Supervisor {
     /// applies at once, with a rolling restart of every worker.
     pub(super) fn reload(&mut self, reply: Option<Reply>) -> Result<(), ReloadError> {
         let result = self.reload_config();
+        self.metrics.reload(result.is_ok());
         match result {
             Ok(old) => {
                 // Like gunicorn's HUP: always roll the workers, since the
@@ -88,6 +89,7 @@ impl Supervisor {
         self.file_limits = (new.pool.min, new.pool.max);
         let old = std::mem::replace(&mut self.config, new);
         self.config.listen = old.listen.clone();
+        self.metrics.reconfigure(&self.config.metrics);
         self.notify.admit(plan.credentials.as_ref());
         self.plan = plan;
         self.apply_limits();
@@ -347,6 +349,10 @@ impl Supervisor {
         let Lifecycle::Rolling(r) = self.enter(Lifecycle::settled(from_starting)) else {
             unreachable!("checked above");
         };
+        self.metrics.rollout(match r.undoing {
+            None => crate::metrics::RolloutResult::Completed,
+            Some(_) => crate::metrics::RolloutResult::RolledBack,
+        });
         info!(
             event = "rollout-done",
             generation = self.generation,
@@ -388,6 +394,7 @@ impl Supervisor {
         let Some(from_starting) = self.lifecycle.rollout().map(|r| r.from_starting) else {
             return;
         };
+        self.metrics.rollout(crate::metrics::RolloutResult::Aborted);
         error!(
             event = "rollout-aborted",
             "rollout aborted, old workers keep serving: {why}"

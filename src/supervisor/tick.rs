@@ -138,6 +138,8 @@ impl Supervisor {
             self.last_failure = None;
         }
         self.probe_queues();
+        let pids = self.pool.workers.keys().map(|p| p.as_raw());
+        self.metrics.tick(&self.listener_status, pids);
         self.autoscale(now, false);
         self.arm_arrival();
         self.check_journal();
@@ -311,6 +313,7 @@ impl Supervisor {
         else {
             return;
         };
+        self.metrics.scale_decision(&d);
         if d.is_hold() {
             // Holds (cpu-bound, at max, unreadable) are reported once each.
             info!(event = "scale-hold", target = d.to, "{d}");

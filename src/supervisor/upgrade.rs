@@ -131,6 +131,7 @@ impl Supervisor {
         let replies = std::mem::take(replies);
         match result {
             Err(msg) => {
+                self.metrics.upgrade(crate::metrics::UpgradeResult::Refused);
                 error!(
                     event = "upgrade-refused",
                     "upgrade refused, still running {}: {msg}",
@@ -295,6 +296,7 @@ impl Supervisor {
     }
 
     fn upgrade_failed(&mut self, msg: String) {
+        self.metrics.upgrade(crate::metrics::UpgradeResult::Failed);
         error!(
             event = "upgrade-failed",
             "upgrade failed, still running {}: {msg}",
@@ -315,6 +317,7 @@ impl Supervisor {
             .clamp(self.config.pool.min, self.config.pool.max);
         self.counters = state.counters;
         self.counters.upgrades += 1;
+        self.metrics.upgrade(crate::metrics::UpgradeResult::Done);
         self.started = back(state.uptime_ms);
         self.gate.consecutive_failures = state.consecutive_failures;
         for w in state.workers {

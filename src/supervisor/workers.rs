@@ -126,6 +126,7 @@ impl Supervisor {
         });
         let secs = uptime.as_secs_f64();
         let verdict = plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime);
+        self.metrics.worker_exited(&verdict);
         if w.generation == self.generation && plan::fails_rollout(&verdict) {
             self.note_rollout_failure(format!(
                 "worker {pid} of generation {} exited with {status} after {secs:.1} s",
@@ -265,6 +266,7 @@ impl Supervisor {
             w.state = WorkerState::Ready;
             w.ready_at = Some(now);
             w.last_ping = now;
+            self.metrics.worker_ready(now.duration_since(w.started));
             info!(
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
