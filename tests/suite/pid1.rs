@@ -417,8 +417,8 @@ allow_root = true
 fn the_container_recipe_runs_as_pid1() {
     // packaging/container: app.toml with the paths the Containerfile puts
     // the app at (/srv/app, on a tmpfs of this test's mount namespace), run
-    // as the image's entrypoint does; only the listen address is the
-    // test's (-l), not the image's 0.0.0.0:8080.
+    // as the image's entrypoint does; only the addresses are the test's
+    // (-l, and a unix socket for metrics), not the image's 0.0.0.0 ports.
     let root = env!("CARGO_MANIFEST_DIR");
     let containerfile =
         std::fs::read_to_string(format!("{root}/packaging/container/Containerfile")).unwrap();
@@ -434,7 +434,26 @@ fn the_container_recipe_runs_as_pid1() {
          cp {root}/examples/wsgi_worker.py {root}/examples/wsgi_app.py /srv/app/ && \
          exec \"$@\""
     );
-    let app_toml = format!("{root}/packaging/container/app.toml");
+    // The image's metrics port would be the host's here: a unix socket of
+    // the test's instead.
+    let scratch = Scratch::new("pid1-container");
+    let image_toml =
+        std::fs::read_to_string(format!("{root}/packaging/container/app.toml")).unwrap();
+    let metrics_line = r#"listen = "0.0.0.0:9464""#;
+    assert!(
+        image_toml.contains(metrics_line),
+        "app.toml lacks {metrics_line}"
+    );
+    let metrics_sock = scratch.join("metrics.sock");
+    let app_toml = scratch.join("app.toml").display().to_string();
+    std::fs::write(
+        &app_toml,
+        image_toml.replace(
+            metrics_line,
+            &format!(r#"listen = "unix:{}""#, metrics_sock.display()),
+        ),
+    )
+    .unwrap();
     let mut launcher = UNSHARE.to_vec();
     launcher.extend(["sh", "-c", &setup, "sh"]);
     let mut d = Droved::builder("pid1-container")
@@ -451,6 +470,8 @@ fn the_container_recipe_runs_as_pid1() {
     let ns = pid_namespace(init);
     let body = d.get("/").unwrap();
     assert!(body.contains("pid="), "{body}");
+    let metrics = http_get_unix(&metrics_sock, "/metrics").unwrap();
+    assert!(metrics.contains("drove_workers"), "{metrics}");
     // The workers run as the package's user.
     let workers: Vec<i32> = children_of(init);
     assert_eq!(workers.len(), 2, "{}", d.log());
