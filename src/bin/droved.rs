@@ -210,6 +210,16 @@ macro_rules! say_error {
 
 fn main() -> ExitCode {
     exec::ignore_control_signals();
+    if drove::sys::process::is_namespace_init() {
+        // PID 1 of a container: the kernel drops every signal PID 1 has no
+        // handler for, so a SIGTERM before the supervisor's handlers exist
+        // would be lost (and the runtime SIGKILLs us after its grace
+        // period). Blocked, it waits; the supervisor unblocks it once its
+        // handlers are in place, and stops the pool.
+        if let Err(e) = exec::block_signals() {
+            say_error!("droved: cannot block signals: {e}");
+        }
+    }
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let exe = std::env::current_exe();
     let args = Args::parse();

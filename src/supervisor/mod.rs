@@ -11,6 +11,7 @@
 //!   upgrading, stopping) and what systemd hears on each change;
 //! - `plan`: the pool's decisions, pure (forks, stops, exit verdicts);
 //! - `reconcile`: carries out those decisions, incl. recycling;
+//! - `reap`: every exited child, known or not, to its accounting;
 //! - `workers`: forking, stopping, exits and notify datagrams of workers;
 //! - `rollout`: reload and rolling restarts; `upgrade`: binary upgrade;
 //! - `commands`: D-Bus commands, signals for scaling and stopping;
@@ -26,6 +27,7 @@ pub mod lifecycle;
 pub mod plan;
 pub mod pool;
 pub mod pool_cpu;
+mod reap;
 mod reconcile;
 mod rollout;
 pub mod status;

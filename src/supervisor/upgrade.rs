@@ -20,7 +20,7 @@ use super::control::ControlError;
 use super::lifecycle::{Lifecycle, Reply, Upgrade, UpgradeStage};
 use super::pool::Worker;
 use crate::handover::{self, Resume, State};
-use crate::sys::exec;
+use crate::sys::{exec, process};
 
 /// How long the new binary may take to answer `--preflight`.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -375,7 +375,21 @@ async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> Prefli
         .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    let output = match tokio::time::timeout(PREFLIGHT_TIMEOUT, cmd.output()).await {
+    // tokio waits for this child by its pid: droved's sweep of exited
+    // children must leave it alone while it does (see sys::process).
+    let (child, _held) = process::fork_held(
+        || {
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+        },
+        |c| c.id().map(|id| nix::unistd::Pid::from_raw(id as i32)),
+    )
+    .map_err(|e| PreflightError::Run {
+        exe: exe.into(),
+        error: e,
+    })?;
+    let output = match tokio::time::timeout(PREFLIGHT_TIMEOUT, child.wait_with_output()).await {
         Err(_) => return Err(PreflightError::Timeout(exe.into())),
         Ok(Err(e)) => {
             return Err(PreflightError::Run {

@@ -119,25 +119,6 @@ impl WorkerPlan {
 }
 
 impl Supervisor {
-    pub(super) fn reap(&mut self) {
-        let pids: Vec<Pid> = self.pool.workers.keys().copied().collect();
-        for pid in pids {
-            match process::try_reap(pid) {
-                Ok(Some(status)) => self.on_exit(pid, status),
-                Ok(None) => {}
-                Err(e) => {
-                    // ECHILD: not our child any more; forget it rather than loop.
-                    warn!(
-                        worker_pid = pid.as_raw(),
-                        "cannot wait for worker: {e}; forgetting it"
-                    );
-                    self.pool.workers.remove(&pid);
-                }
-            }
-        }
-        self.reap_templates();
-    }
-
     pub(super) fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
         let Some(w) = self.pool.workers.remove(&pid) else {
             return;

@@ -362,6 +362,8 @@ pub struct Pending {
     pid: Pid,
     status: std::fs::File,
     program: CString,
+    /// Out of droved's reaping sweep until the exec is confirmed.
+    _held: Option<super::process::Held>,
 }
 
 /// Forks a worker; [`Pending::finish`] waits for its exec.
@@ -371,23 +373,34 @@ pub fn start(spec: &SpawnSpec<'_>) -> io::Result<Pending> {
     let listen_pid_ptr = prepared.listen_pid.as_mut_ptr();
     let plan = fd_plan(&prepared.fds, status_write.as_raw_fd(), prepared.first_fd);
 
-    // SAFETY: fork() in a multi-threaded process is sound as long as the child
-    // only makes async-signal-safe calls before execve/_exit. `child_exec`
-    // makes only such calls (see its doc) and touches only memory prepared
-    // above, which the child's copy of the address space holds too.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid == 0 {
-        // SAFETY: we are the child of fork(); see child_exec's contract.
-        unsafe { child_exec(&prepared, &plan, listen_pid_ptr) }
-    }
+    // Held until the exec is confirmed: a failed child is reaped by
+    // `finish`, not by droved's sweep of exited children.
+    let (pid, held) = super::process::fork_held(
+        || {
+            // SAFETY: fork() in a multi-threaded process is sound as long as
+            // the child only makes async-signal-safe calls before
+            // execve/_exit. `child_exec` makes only such calls (see its doc)
+            // and touches only memory prepared above, which the child's copy
+            // of the address space holds too (the child never touches the
+            // lock fork_held holds).
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if pid == 0 {
+                // SAFETY: we are the child of fork(); see child_exec's contract.
+                unsafe { child_exec(&prepared, &plan, listen_pid_ptr) }
+            }
+            Ok(Pid::from_raw(pid))
+        },
+        |pid| Some(*pid),
+    )?;
     drop(status_write);
     Ok(Pending {
-        pid: Pid::from_raw(pid),
+        pid,
         status: std::fs::File::from(status_read),
         program: prepared.program.clone(),
+        _held: held,
     })
 }
 

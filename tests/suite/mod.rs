@@ -8,6 +8,7 @@ pub mod harness;
 pub mod metrics;
 pub mod notify;
 pub mod php;
+pub mod pid1;
 pub mod scale;
 pub mod security;
 pub mod template;
