@@ -130,12 +130,16 @@ pub async fn instance_of(conn: &Connection) -> zbus::Result<String> {
     Ok(String::try_from(value)?)
 }
 
-/// The droved serving `instance` on a private socket, if one does.
+/// The droved serving `instance` on a private socket, if one does: at
+/// its usual paths, else at any other (a second droved of the same name
+/// uses `<dir>.<pid>`; systemd's `%i` may escape a name differently).
 pub async fn find_private(
     instance: &str,
     timeout: Duration,
 ) -> Result<Option<(PathBuf, Connection)>, CtlError> {
-    for path in private_paths(instance) {
+    let usual = private_paths(instance);
+    let others = private_sockets().into_iter().filter(|p| !usual.contains(p));
+    for path in usual.clone().into_iter().chain(others) {
         if !is_socket(&path) {
             continue;
         }
@@ -296,9 +300,10 @@ pub async fn connect_remote(host: &Host, timeout: Duration) -> Result<Connection
     let result = tokio::time::timeout(limit, built).await;
     let error = match result {
         Ok(Ok(conn)) => {
-            // ssh lives as long as the connection; its exit is not ours to
-            // wait for (drovectl exits, the socket closes, ssh ends).
-            std::mem::forget(peer.child);
+            // ssh lives as long as the connection (dropping the handle
+            // neither kills nor waits): drovectl exits, the socket closes,
+            // ssh ends.
+            drop(peer.child);
             return Ok(conn);
         }
         Ok(Err(e)) => e.to_string(),

@@ -141,4 +141,21 @@ mod tests {
         assert!(!dir.exists(), "the empty directory is removed too");
         std::fs::remove_dir_all(&base).unwrap();
     }
+
+    #[tokio::test]
+    async fn a_killed_second_droveds_directory_is_swept_with_both_sockets() {
+        let base = std::env::temp_dir().join(format!("drove-ctlsweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let rt = base.join("rt");
+        // What a killed droved of pid 1 left: both sockets, nobody bound.
+        let left = base.join("rt.1");
+        std::fs::create_dir(&left).unwrap();
+        drop(std::os::unix::net::UnixDatagram::bind(left.join("notify")).unwrap());
+        drop(std::os::unix::net::UnixListener::bind(left.join(SOCKET_NAME)).unwrap());
+        let notify = super::super::notify_socket::NotifySocket::bind_in(&rt, None).unwrap();
+        assert!(!left.exists(), "{} left behind", left.display());
+        drop(notify);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

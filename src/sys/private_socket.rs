@@ -95,17 +95,23 @@ pub(crate) fn sweep_stale_siblings(dir: &Path) {
         let Ok(lock) = Flock::lock(fd, FlockArg::LockExclusiveNonblock) else {
             continue;
         };
-        let socket = path.join(SOCKET_NAME);
-        match fstatat(
+        // The notify socket, and the control socket beside it: both stale,
+        // or the directory stays.
+        let stale = |name: &str, kind: SockType| match fstatat(
             &*lock,
-            SOCKET_NAME,
+            name,
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
-            Err(Errno::ENOENT) => {}
-            Ok(_) if matches!(is_live(&socket, SockType::Datagram), Ok(false)) => {
-                let _ = unlinkat(&*lock, SOCKET_NAME, UnlinkatFlags::NoRemoveDir);
+            Err(Errno::ENOENT) => true,
+            Ok(_) if matches!(is_live(&path.join(name), kind), Ok(false)) => {
+                unlinkat(&*lock, name, UnlinkatFlags::NoRemoveDir).is_ok()
             }
-            _ => continue,
+            _ => false,
+        };
+        if !stale(SOCKET_NAME, SockType::Datagram)
+            || !stale(super::control_socket::SOCKET_NAME, SockType::Stream)
+        {
+            continue;
         }
         if std::fs::remove_dir(&path).is_ok() {
             debug!("removed {}, left by a droved that is gone", path.display());
