@@ -372,6 +372,7 @@ fn run(
             "no listening sockets: pass --listen ADDR, set listen.addresses, or start droved from a .socket unit"
         );
     }
+    let metrics = bind_metrics(&config, restored.is_some())?;
     let instance = args.instance();
     let reload_args = args.clone();
     let args_for_control = args.clone();
@@ -398,6 +399,7 @@ fn run(
         exe,
         argv,
         restored,
+        metrics: metrics.clone(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -405,6 +407,7 @@ fn run(
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let supervisor = Supervisor::new(setup)?;
+        metrics.serve(supervisor.handle().snapshot);
         let bus = start_control(
             &args_for_control,
             supervisor.handle(),
@@ -420,6 +423,20 @@ fn run(
         }
         Ok(code)
     })
+}
+
+/// Binds `[metrics] listen` before any worker starts: an address that
+/// cannot be bound stops droved with a message naming it. After a binary
+/// upgrade the pool is already running, so there it only logs.
+fn bind_metrics(config: &Config, upgraded: bool) -> anyhow::Result<drove::metrics::Metrics> {
+    match drove::metrics::Metrics::bind(&config.metrics) {
+        Ok(m) => Ok(m),
+        Err(e) if upgraded => {
+            tracing::error!("{e}; running without metrics until a reload binds it");
+            Ok(drove::metrics::Metrics::default())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Starts the control front-ends that drive the supervisor through its

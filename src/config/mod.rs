@@ -49,8 +49,9 @@ mod values;
 
 pub use error::{ConfigError, Position};
 pub use types::{
-    ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, PoolConfig, ReadyMode,
-    ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError,
+    ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
+    PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, WorkerConfig, WorkerMode,
+    WorkerModeError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,
@@ -85,6 +86,10 @@ pub struct Config {
     pub pool: PoolConfig,
     pub scale: ScaleConfig,
     pub control: ControlConfig,
+    /// `[rollout]`: canary rollouts that undo themselves; `None` (no such
+    /// table) keeps plain rolling restarts.
+    pub rollout: Option<RolloutConfig>,
+    pub metrics: MetricsConfig,
 }
 
 impl Config {

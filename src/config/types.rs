@@ -324,11 +324,41 @@ impl Default for ScaleConfig {
     }
 }
 
+/// `[rollout]`: how a reload's new generation is tried before it takes
+/// over, and when it is undone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutConfig {
+    /// New-generation workers started first (0: no canary phase).
+    pub canary: u32,
+    /// How long the canaries serve real traffic before the rest rolls.
+    pub observe: Duration,
+    /// Failures of new-generation workers (exits, watchdog kills) from the
+    /// rollout's start to its end that undo it; 1: the first one does.
+    pub max_failures: u32,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            canary: 1,
+            observe: Duration::from_secs(30),
+            max_failures: 1,
+        }
+    }
+}
+
 /// `[control]`: who may change the pool over D-Bus.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ControlConfig {
     /// Group allowed to call mutating D-Bus methods besides root.
     pub group: Option<String>,
+}
+
+/// `[metrics]`: where droved serves Prometheus metrics (`crate::metrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// `/metrics` is served here; `None` (the default): no metrics.
+    pub listen: Option<ListenAddr>,
 }
 
 #[cfg(test)]

@@ -103,6 +103,7 @@ impl Cx<'_> {
                     ("struct RawPool", "a table [pool]"),
                     ("struct RawScale", "a table [scale]"),
                     ("struct RawControl", "a table [control]"),
+                    ("struct RawMetrics", "a table [metrics]"),
                 ] {
                     m = m.replace(name, table);
                 }
@@ -219,7 +220,32 @@ impl Cx<'_> {
         self.build_pool(&raw.pool, &mut config.pool)?;
         self.build_scale(&raw.scale, &mut config.scale)?;
         config.control.group = self.name(&raw.control.group, "control.group")?;
+        config.metrics.listen = self.metrics_listen(&raw.metrics, &config.listen)?;
+        if let Some(r) = &raw.rollout {
+            config.rollout = Some(self.build_rollout(r)?);
+        }
         Ok(config)
+    }
+
+    /// `metrics.listen`: an address like listen.addresses, but never one
+    /// of them (metrics are droved's, not the workers').
+    fn metrics_listen(&self, raw: &RawMetrics, listen: &ListenConfig) -> Res<Option<ListenAddr>> {
+        let key = "metrics.listen";
+        let Some(v) = &raw.listen else {
+            return Ok(None);
+        };
+        let s = self.string(v, key, "an address string such as \"127.0.0.1:9464\"")?;
+        let address: ListenAddr = s
+            .parse()
+            .map_err(|e: ListenAddrError| self.at(v, key, format!("{key}: {e}")))?;
+        if listen.addresses.iter().any(|a| a.address == address) {
+            return Err(self.at(
+                v,
+                key,
+                format!("{key} {address} is also in listen.addresses; metrics need an address of their own"),
+            ));
+        }
+        Ok(Some(address))
     }
 
     fn build_listen(&self, raw: &RawListen, out: &mut ListenConfig) -> Res<()> {
@@ -604,6 +630,20 @@ impl Cx<'_> {
         Ok(())
     }
 
+    fn build_rollout(&self, raw: &RawRollout) -> Res<RolloutConfig> {
+        let mut out = RolloutConfig::default();
+        if let Some(n) = self.int(&raw.canary, "rollout.canary", 0, 10_000)? {
+            out.canary = n;
+        }
+        if let Some(d) = self.duration(&raw.observe, "rollout.observe")? {
+            out.observe = d;
+        }
+        if let Some(n) = self.int(&raw.max_failures, "rollout.max_failures", 1, 10_000)? {
+            out.max_failures = n;
+        }
+        Ok(out)
+    }
+
     fn build_scale(&self, raw: &RawScale, out: &mut ScaleConfig) -> Res<()> {
         let tick = Duration::from_millis(10);
         if let Some(d) = self.duration_min(&raw.interval, "scale.interval", tick)? {
@@ -642,7 +682,7 @@ mod tests {
     fn syntax_and_unknown_keys() {
         assert_err(
             "\n\nworkerz = 1",
-            "3:1: unknown key `workerz` in the top level; expected one of listen, worker, pool, scale, control (did you mean `worker`?)",
+            "3:1: unknown key `workerz` in the top level; expected one of listen, worker, pool, scale, control, rollout, metrics (did you mean `worker`?)",
         );
         assert_err(
             "[pool]\nminimum = 1",
@@ -1002,6 +1042,39 @@ mod tests {
         assert_err(
             "[control]\ngroup = \"\"",
             "2:9: control.group must not be empty; remove the key instead",
+        );
+    }
+
+    #[test]
+    fn metrics_listen() {
+        use crate::config::{Config, ListenAddr};
+        use std::path::Path;
+        let c = Config::from_toml_str("[metrics]\nlisten = \"127.0.0.1:9464\"", Path::new("t"));
+        assert_eq!(
+            c.unwrap().metrics.listen,
+            Some(ListenAddr::Tcp("127.0.0.1:9464".parse().unwrap()))
+        );
+        let c = Config::from_toml_str("[metrics]\nlisten = \"unix:/run/m.sock\"", Path::new("t"));
+        assert_eq!(
+            c.unwrap().metrics.listen,
+            Some(ListenAddr::Unix("/run/m.sock".into()))
+        );
+        assert_eq!(Config::default().metrics.listen, None);
+        assert_err(
+            "[metrics]\nlisten = \"9464\"",
+            "2:10: metrics.listen: `9464` is a bare port; write 127.0.0.1:9464 (loopback) or 0.0.0.0:9464 / [::]:9464 (all addresses)",
+        );
+        assert_err(
+            "[metrics]\nlisten = 9464",
+            "2:10: metrics.listen must be an address string such as \"127.0.0.1:9464\", found integer 9464",
+        );
+        assert_err(
+            "[listen]\naddresses = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.1:8080\"",
+            "4:10: metrics.listen 127.0.0.1:8080 is also in listen.addresses; metrics need an address of their own",
+        );
+        assert_err(
+            "[metrics]\nport = 1",
+            "2:1: unknown key `port` in [metrics]; expected one of listen",
         );
     }
 }

@@ -81,6 +81,8 @@ pub struct Setup {
     pub argv: Vec<std::ffi::OsString>,
     /// State handed over by the previous binary, with its notify socket.
     pub restored: Option<(crate::handover::State, std::os::fd::OwnedFd)>,
+    /// Prometheus metrics: the supervisor only feeds them (`crate::metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Why the supervisor cannot start.
@@ -125,6 +127,8 @@ pub struct Supervisor {
     counters: Counters,
     journal: tick::JournalWatch,
     cpu_sampling: tick::CpuSampling,
+    /// The wake on a burst's first connection, and the early ticks after it.
+    arrival: tick::Arrival,
     last_rss_check: Option<Instant>,
     snapshot_tx: watch::Sender<Snapshot>,
     events: broadcast::Sender<Event>,
@@ -150,6 +154,8 @@ pub struct Supervisor {
     stray_checks: Vec<Instant>,
     /// The programs of templates lost with forks unanswered.
     stray_exes: Vec<PathBuf>,
+    /// Prometheus metrics, fed by one-line hooks at the events.
+    metrics: crate::metrics::Metrics,
 }
 
 fn scale_params(config: &Config) -> ScaleParams {
@@ -217,6 +223,7 @@ impl Supervisor {
             counters: Counters::default(),
             journal: Default::default(),
             cpu_sampling: Default::default(),
+            arrival: Default::default(),
             last_rss_check: None,
             snapshot_tx: watch::channel(placeholder_snapshot()).0,
             events,
@@ -233,6 +240,7 @@ impl Supervisor {
             early: Default::default(),
             stray_checks: Vec::new(),
             stray_exes: Vec::new(),
+            metrics: setup.metrics,
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);
@@ -316,6 +324,8 @@ impl Supervisor {
                     Err(e) => warn!("notify socket: {e}"),
                 },
                 _ = tick.tick() => self.on_tick(),
+                _ = self.arrival.watch.arrived() => self.on_arrival(),
+                _ = tick::sleep_until(self.arrival.next) => self.on_early_tick(),
                 _ = sigterm.recv() => self.begin_stop(false, "SIGTERM"),
                 _ = sigint.recv() => self.begin_stop(true, "SIGINT"),
                 _ = sigquit.recv() => self.begin_stop(true, "SIGQUIT"),

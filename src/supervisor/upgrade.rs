@@ -131,6 +131,7 @@ impl Supervisor {
         let replies = std::mem::take(replies);
         match result {
             Err(msg) => {
+                self.metrics.upgrade(crate::metrics::UpgradeResult::Refused);
                 error!(
                     event = "upgrade-refused",
                     "upgrade refused, still running {}: {msg}",
@@ -147,17 +148,24 @@ impl Supervisor {
                     "preflight passed; re-executing as {version}"
                 );
                 self.checked_image = Some(image);
-                if replies.is_empty() {
+                if replies.is_empty() && self.pool.templates.forks.is_empty() {
                     // Nobody waits for an answer (SIGUSR2): exec right away.
                     self.exec_upgrade(None);
                     return;
                 }
+                // With callers, give their replies time to leave; without,
+                // exec at the first tick that owes no fork of the template.
+                let delay = if replies.is_empty() {
+                    Duration::ZERO
+                } else {
+                    EXEC_DELAY
+                };
                 for r in replies {
                     let _ = r.send(Ok(()));
                 }
                 self.enter(Lifecycle::Upgrading(Upgrade {
                     stage: UpgradeStage::Handing {
-                        exec_at: Instant::now() + EXEC_DELAY,
+                        exec_at: Instant::now() + delay,
                     },
                     from_starting,
                 }));
@@ -288,6 +296,7 @@ impl Supervisor {
     }
 
     fn upgrade_failed(&mut self, msg: String) {
+        self.metrics.upgrade(crate::metrics::UpgradeResult::Failed);
         error!(
             event = "upgrade-failed",
             "upgrade failed, still running {}: {msg}",
@@ -308,6 +317,7 @@ impl Supervisor {
             .clamp(self.config.pool.min, self.config.pool.max);
         self.counters = state.counters;
         self.counters.upgrades += 1;
+        self.metrics.upgrade(crate::metrics::UpgradeResult::Done);
         self.started = back(state.uptime_ms);
         self.gate.consecutive_failures = state.consecutive_failures;
         for w in state.workers {

@@ -144,7 +144,15 @@ impl Supervisor {
             uptime_secs: uptime.as_secs_f64(),
         });
         let secs = uptime.as_secs_f64();
-        match plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime) {
+        let verdict = plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime);
+        self.metrics.worker_exited(&verdict);
+        if w.generation == self.generation && plan::fails_rollout(&verdict) {
+            self.note_rollout_failure(format!(
+                "worker {pid} of generation {} exited with {status} after {secs:.1} s",
+                w.generation
+            ));
+        }
+        match verdict {
             ExitVerdict::Stopped { reason, failed } => {
                 info!(
                     worker_pid = pid.as_raw(),
@@ -213,7 +221,8 @@ impl Supervisor {
         let delay = self.gate.record_failure(now);
         self.last_failure = Some(why.clone());
         let generation = self.generation;
-        if let Some(r) = self.lifecycle.rollout_mut() {
+        // Guarded rollouts count failures themselves (note_rollout_failure).
+        if let Some(r) = self.lifecycle.rollout_mut().filter(|r| r.guard.is_none()) {
             if w.generation == generation {
                 r.failures += 1;
             }
@@ -276,6 +285,7 @@ impl Supervisor {
             w.state = WorkerState::Ready;
             w.ready_at = Some(now);
             w.last_ping = now;
+            self.metrics.worker_ready(now.duration_since(w.started));
             info!(
                 worker_pid = pid.as_raw(),
                 slot = w.slot,

@@ -1,9 +1,11 @@
+pub mod canary;
 pub mod cli;
 pub mod core;
 pub mod dbus;
 pub mod faults;
 pub mod fuzz;
 pub mod harness;
+pub mod metrics;
 pub mod notify;
 pub mod private;
 pub mod scale;
