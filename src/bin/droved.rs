@@ -418,7 +418,13 @@ fn run(
     runtime.block_on(async move {
         let supervisor = Supervisor::new(setup)?;
         metrics.serve(supervisor.handle().snapshot);
-        let bus = start_control(&args_for_control, supervisor.handle(), control_group).await?;
+        let bus = start_control(
+            &args_for_control,
+            supervisor.handle(),
+            supervisor.runtime_dir(),
+            control_group,
+        )
+        .await?;
         let code = supervisor.run().await?;
         // The supervisor is gone: the bus task signals its last state
         // (stopping) and ends. Bounded, so a wedged bus cannot hold the exit.
@@ -443,17 +449,35 @@ fn bind_metrics(config: &Config, upgraded: bool) -> anyhow::Result<drove::metric
     }
 }
 
-/// Starts the control front-ends (D-Bus) that drive the supervisor
-/// through its handle. The connection lives in a task of the runtime.
+/// Starts the control front-ends that drive the supervisor through its
+/// handle: D-Bus peer-to-peer on the private socket in `runtime_dir`
+/// (always, whatever --bus says), and the bus. They live in tasks of the
+/// runtime; the returned one is the bus connection's.
 async fn start_control(
     args: &Args,
     handle: drove::supervisor::Handle,
+    runtime_dir: Option<(PathBuf, bool)>,
     control_group: Option<String>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let access = bus::Access::new(control_group);
+    bus::report_denials(access.clone());
+    match runtime_dir {
+        Some((dir, remove_dir)) => {
+            if let Err(e) = bus::serve_private(&dir, remove_dir, handle.clone(), access.clone()) {
+                tracing::error!(
+                    "no private control socket in {}: {e}; drovectl can reach this droved only over D-Bus",
+                    dir.display()
+                );
+            }
+        }
+        None => tracing::warn!(
+            "no runtime directory, so no private control socket; drovectl can reach this droved only over D-Bus"
+        ),
+    }
     let Some(kind) = args.bus() else {
         return Ok(None);
     };
-    match bus::serve(kind, handle, bus::Access::new(control_group)).await {
+    match bus::serve(kind, handle, access).await {
         Ok(forwarding) => Ok(Some(forwarding)),
         // Asked for explicitly: no bus, no start.
         Err(e) if args.bus.is_some() => Err(e.into()),

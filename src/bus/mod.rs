@@ -12,7 +12,9 @@
 //! bus for the sender's uid on every mutating call.
 
 mod access;
+mod private;
 pub mod properties;
+mod sasl;
 mod server;
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +24,8 @@ use crate::supervisor::control::{ControlError, WorkerInfo};
 use crate::supervisor::status::ListenerStatus;
 
 pub use access::{Access, Denials, Grant};
-pub use server::{Drove1, Drove1Proxy, ServeError, serve};
+pub use private::serve_private;
+pub use server::{Drove1, Drove1Proxy, ServeError, report_denials, serve};
 
 /// The D-Bus interface name.
 pub const INTERFACE: &str = "org.drove.Drove1";

@@ -20,6 +20,7 @@ use super::{BusError, BusKind, Listener, OBJECT_PATH, Worker};
 use crate::supervisor::Handle;
 use crate::supervisor::control::{Command, ControlError, Event, RolloutAction};
 use crate::supervisor::status::Snapshot;
+use crate::sys::control_socket::Peer;
 
 /// The object at /org/drove/Drove1.
 pub struct Drove1 {
@@ -30,6 +31,9 @@ pub struct Drove1 {
     dbus: tokio::sync::OnceCell<zbus::fdo::DBusProxy<'static>>,
     /// When droved started, for the Uptime property.
     started: Instant,
+    /// On the private socket: the client, as the kernel reported it at
+    /// accept (there is no bus daemon to ask).
+    peer: Option<Peer>,
 }
 
 impl Drove1 {
@@ -41,6 +45,15 @@ impl Drove1 {
             access,
             dbus: tokio::sync::OnceCell::new(),
             started: Instant::now() - Duration::from_secs_f64(uptime.max(0.0)),
+            peer: None,
+        }
+    }
+
+    /// The object for one client of the private socket.
+    pub fn for_peer(handle: &Handle, access: Access, peer: Peer) -> Drove1 {
+        Drove1 {
+            peer: Some(peer),
+            ..Drove1::new(handle, access)
         }
     }
 
@@ -63,6 +76,10 @@ impl Drove1 {
         conn: &Connection,
         action: &str,
     ) -> Result<Grant, BusError> {
+        if let Some(peer) = self.peer {
+            let who = format!("private socket, pid {}", peer.pid);
+            return self.decide(peer.uid, &who, action).await;
+        }
         let sender = header.sender().ok_or_else(|| {
             BusError::AccessDenied("access denied: the call has no sender".into())
         })?;
@@ -81,13 +98,15 @@ impl Drove1 {
             .map_err(|e| {
                 BusError::AccessDenied(format!("access denied: cannot identify {sender}: {e}"))
             })?;
+        self.decide(uid, sender.as_str(), action).await
+    }
+
+    /// Checks `uid` (reached through `who`) and logs the answer.
+    async fn decide(&self, uid: u32, who: &str, action: &str) -> Result<Grant, BusError> {
         let result = self.access.check(uid, action).await;
         match &result {
-            Ok(_) => info!(
-                event = "control",
-                "{action} requested by uid {uid} ({sender})"
-            ),
-            Err(_) => self.access.log_denied(uid, sender.as_str(), action),
+            Ok(_) => info!(event = "control", "{action} requested by uid {uid} ({who})"),
+            Err(_) => self.access.log_denied(uid, who, action),
         }
         result
     }
@@ -401,7 +420,6 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let instance = handle.snapshot.borrow().instance.clone();
     let name = super::bus_name(&instance)?;
-    let denials = access.clone();
     let object = Drove1::new(&handle, access);
     let conn = bus
         .builder()
@@ -416,15 +434,25 @@ pub async fn serve(
     })?;
     info!("serving {name} on the {bus} bus");
     // The task owns the connection: it lives as long as the supervisor.
-    let forwarding = tokio::spawn(forward(conn, handle.snapshot, handle.events.subscribe()));
+    let forwarding = tokio::spawn(forward(
+        conn,
+        handle.snapshot,
+        handle.events.subscribe(),
+        std::future::pending(),
+    ));
+    Ok(forwarding)
+}
+
+/// Logs the counts of denied calls (bus and private socket alike) every
+/// [`DENIAL_WINDOW`], for as long as the runtime lives.
+pub fn report_denials(access: Access) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(DENIAL_WINDOW);
         loop {
             tick.tick().await;
-            denials.flush_denials();
+            access.flush_denials();
         }
     });
-    Ok(forwarding)
 }
 
 /// Requests `name` without queueing. After a binary upgrade (exec in
@@ -477,12 +505,15 @@ pub enum ServeError {
 }
 
 /// Turns snapshot changes into PropertiesChanged and events into signals,
-/// until the supervisor is gone.
-async fn forward(
+/// until the supervisor is gone or `until` completes (the connection
+/// closed).
+pub(super) async fn forward(
     conn: Connection,
     mut snapshot: watch::Receiver<Snapshot>,
     mut events: broadcast::Receiver<Event>,
+    until: impl std::future::Future<Output = ()>,
 ) {
+    tokio::pin!(until);
     let emitter = match SignalEmitter::new(&conn, OBJECT_PATH) {
         Ok(e) => e,
         Err(e) => {
@@ -508,6 +539,7 @@ async fn forward(
     }
     loop {
         tokio::select! {
+            _ = &mut until => break,
             changed = snapshot.changed() => {
                 if changed.is_err() {
                     break;

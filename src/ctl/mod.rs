@@ -1,7 +1,9 @@
 //! drovectl: the command line over drove's D-Bus interface, one file per
 //! verb (`status.rs`, `scale.rs`, ...). This module holds the clap
-//! definition (also the source of completions), the choice of instance,
-//! and the error type whose variants are drovectl's exit codes:
+//! definition (also the source of completions), the choice of instance and
+//! of the way to reach it (`route.rs`: a bus, droved's private socket, or
+//! another host's system bus through ssh), and the error type whose
+//! variants are drovectl's exit codes:
 //!
 //! | code | meaning |
 //! | --- | --- |
@@ -17,6 +19,7 @@ mod list_instances;
 mod reload;
 mod restart_workers;
 mod rollout;
+pub mod route;
 mod scale;
 mod status;
 mod upgrade;
@@ -29,6 +32,7 @@ use zbus::Connection;
 use zbus::proxy::CacheProperties;
 
 use crate::bus::{self, BusError, BusKind, Drove1Proxy};
+use route::{Host, Via};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,14 +42,30 @@ use crate::bus::{self, BusError, BusKind, Drove1Proxy};
     after_help = "Exit status: 0 ok, 1 operation failed, 2 usage (or several instances and no --instance), 3 instance not running."
 )]
 pub struct Cli {
-    /// The instance to address (default: the only one running on the bus).
+    /// The instance to address (default: the only one running).
     #[arg(long, global = true, value_name = "NAME")]
     pub instance: Option<String>,
 
-    /// The bus droved serves on; DBUS_SYSTEM_BUS_ADDRESS and
-    /// DBUS_SESSION_BUS_ADDRESS override the addresses.
-    #[arg(long, global = true, value_enum, default_value_t = BusKind::System)]
-    pub bus: BusKind,
+    /// Where droved is reached: "system" or "session" (that bus only), or
+    /// "private" (droved's private socket only). Default: the system bus,
+    /// and droved's private socket when the bus is unreachable or the
+    /// instance is not on it. DBUS_SYSTEM_BUS_ADDRESS and
+    /// DBUS_SESSION_BUS_ADDRESS override the bus addresses.
+    #[arg(long, global = true, value_enum, value_name = "BUS")]
+    pub bus: Option<Route>,
+
+    /// Control the droveds of another host, on its system bus, through
+    /// `ssh -xT [-p PORT] [USER@]HOST systemd-stdio-bridge` (as
+    /// `systemctl -H` does).
+    #[arg(
+        short = 'H',
+        long = "host",
+        global = true,
+        value_name = "[USER@]HOST[:PORT]",
+        value_parser = parse_host,
+        conflicts_with = "bus"
+    )]
+    pub host: Option<Host>,
 
     /// Print JSON instead of text (one object per line for watch).
     #[arg(long, global = true)]
@@ -53,6 +73,19 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub verb: Verb,
+}
+
+/// drovectl's `--bus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Route {
+    System,
+    Session,
+    /// droved's private socket (D-Bus peer-to-peer, no bus needed).
+    Private,
+}
+
+fn parse_host(s: &str) -> Result<Host, String> {
+    s.parse()
 }
 
 #[derive(Subcommand, Debug)]
@@ -86,7 +119,8 @@ pub enum Verb {
     },
     /// Print events as they happen, until Ctrl-C.
     Watch,
-    /// List the drove instances running on the bus.
+    /// List the drove instances running (on the bus, and on private
+    /// sockets).
     ListInstances,
     /// Print a shell completion script.
     Completions {
@@ -146,11 +180,43 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     if let Verb::Completions { shell } = cli.verb {
         return completions::run(shell);
     }
-    let conn = connect(cli.bus, timeout).await?;
+    // The bus (or the remote host's), unless only the private socket is
+    // wanted; without an explicit --bus, an unreachable system bus is not
+    // an error: the private sockets remain.
+    let mut unreachable = None;
+    let bus = match (&cli.host, cli.bus) {
+        (Some(host), _) => Some((
+            route::connect_remote(host, timeout).await?,
+            Via::Remote(host.clone()),
+        )),
+        (None, Some(Route::Private)) => None,
+        (None, Some(Route::System)) => Some((
+            connect(BusKind::System, timeout).await?,
+            Via::Bus(BusKind::System),
+        )),
+        (None, Some(Route::Session)) => Some((
+            connect(BusKind::Session, timeout).await?,
+            Via::Bus(BusKind::Session),
+        )),
+        (None, None) => match connect(BusKind::System, timeout).await {
+            Ok(conn) => Some((conn, Via::Bus(BusKind::System))),
+            Err(e) => {
+                unreachable = Some(e.to_string());
+                None
+            }
+        },
+    };
+    let private = cli.host.is_none() && matches!(cli.bus, None | Some(Route::Private));
+    let reach = Reach {
+        bus,
+        private,
+        unreachable,
+        timeout,
+    };
     if let Verb::ListInstances = cli.verb {
-        return list_instances::run(&conn, cli.bus, cli.json).await;
+        return list_instances::run(&reach, cli.json).await;
     }
-    let target = Target::resolve(conn, cli.bus, cli.instance.as_deref()).await?;
+    let target = Target::resolve(reach, cli.instance.as_deref()).await?;
     match cli.verb {
         Verb::Status => status::run(&target, cli.json).await,
         Verb::List => list::run(&target, cli.json).await,
@@ -175,15 +241,60 @@ async fn connect(bus: BusKind, timeout: Duration) -> Result<Connection, CtlError
         .map_err(fail)
 }
 
+/// The ways to reach droved this run may use.
+pub struct Reach {
+    /// A bus connection (the system bus of another host with -H).
+    pub bus: Option<(Connection, Via)>,
+    /// Whether private sockets are looked at.
+    pub private: bool,
+    /// Why the default system bus could not be reached, if it could not.
+    pub unreachable: Option<String>,
+    pub timeout: Duration,
+}
+
+impl Reach {
+    /// Where instances were looked for, for messages.
+    fn places(&self) -> String {
+        let bus = self.bus.as_ref().map(|(_, via)| via.to_string());
+        match (bus, self.private) {
+            (Some(bus), true) => format!("{bus} or a private socket"),
+            (Some(bus), false) => bus,
+            (None, _) => match &self.unreachable {
+                Some(e) => format!("a private socket (and {e})"),
+                None => "a private socket".into(),
+            },
+        }
+    }
+
+    /// Every instance reachable: (instance, how), bus first, sorted within.
+    async fn all(&self) -> Result<Vec<(String, Via, String)>, CtlError> {
+        let mut found = Vec::new();
+        if let Some((conn, via)) = &self.bus {
+            for (instance, name) in instances(conn, via).await? {
+                found.push((instance, via.clone(), name));
+            }
+        }
+        if self.private {
+            for (instance, path) in route::private_instances(self.timeout).await {
+                if !found.iter().any(|(i, _, _)| *i == instance) {
+                    let shown = path.display().to_string();
+                    found.push((instance, Via::Private(path), shown));
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// The drove instances on the bus: (instance, bus name), sorted.
-async fn instances(conn: &Connection, bus: BusKind) -> Result<Vec<(String, String)>, CtlError> {
+async fn instances(conn: &Connection, bus: &Via) -> Result<Vec<(String, String)>, CtlError> {
     let dbus = zbus::fdo::DBusProxy::new(conn)
         .await
-        .map_err(|e| CtlError::Failed(format!("the {bus} bus: {e}")))?;
+        .map_err(|e| CtlError::Failed(format!("{bus}: {e}")))?;
     let names = dbus
         .list_names()
         .await
-        .map_err(|e| CtlError::Failed(format!("cannot list the names on the {bus} bus: {e}")))?;
+        .map_err(|e| CtlError::Failed(format!("cannot list the names on {bus}: {e}")))?;
     let mut found: Vec<(String, String)> = names
         .iter()
         .filter_map(|n| bus::instance_of(n.as_str()).map(|i| (i, n.to_string())))
@@ -195,33 +306,32 @@ async fn instances(conn: &Connection, bus: BusKind) -> Result<Vec<(String, Strin
 /// The instance a verb talks to.
 pub struct Target {
     pub conn: Connection,
-    pub bus: BusKind,
+    pub via: Via,
     pub instance: String,
+    /// Its bus name (also when reached on the private socket, for display).
     pub name: String,
 }
 
 impl Target {
-    async fn resolve(
-        conn: Connection,
-        bus: BusKind,
-        instance: Option<&str>,
-    ) -> Result<Target, CtlError> {
+    async fn resolve(reach: Reach, instance: Option<&str>) -> Result<Target, CtlError> {
         let instance = match instance {
             Some(i) => i.to_string(),
             None => {
-                let mut found = instances(&conn, bus).await?;
+                let mut found = reach.all().await?;
                 match found.len() {
                     0 => {
                         return Err(CtlError::NotRunning(format!(
-                            "no drove instance is running on the {bus} bus"
+                            "no drove instance is running on {}",
+                            reach.places()
                         )));
                     }
                     1 => found.remove(0).0,
                     n => {
                         let names: Vec<String> =
-                            found.iter().map(|(i, _)| format!("{i:?}")).collect();
+                            found.iter().map(|(i, _, _)| format!("{i:?}")).collect();
                         return Err(CtlError::Usage(format!(
-                            "{n} drove instances are running on the {bus} bus: {}; pick one with --instance NAME",
+                            "{n} drove instances are running on {}: {}; pick one with --instance NAME",
+                            reach.places(),
                             names.join(", ")
                         )));
                     }
@@ -229,9 +339,39 @@ impl Target {
             }
         };
         let name = bus::bus_name(&instance).map_err(|e| CtlError::Usage(e.to_string()))?;
+        let on_bus = match &reach.bus {
+            // Only the bus: its answer (or its error) is the one.
+            Some(_) if !reach.private => true,
+            Some((conn, _)) => has_owner(conn, &name).await,
+            None => false,
+        };
+        if !on_bus && reach.private {
+            if let Some((path, conn)) = route::find_private(&instance, reach.timeout).await? {
+                return Ok(Target {
+                    conn,
+                    via: Via::Private(path),
+                    instance,
+                    name,
+                });
+            }
+            let looked: Vec<String> = route::private_paths(&instance)
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            let bus = match (&reach.bus, &reach.unreachable) {
+                (Some((_, via)), _) => format!("not on {via} ({name} has no owner), "),
+                (None, Some(e)) => format!("{e}; "),
+                (None, None) => String::new(),
+            };
+            return Err(CtlError::NotRunning(format!(
+                "drove instance {instance:?} is not running: {bus}no private socket answers ({})",
+                looked.join(", ")
+            )));
+        }
+        let (conn, via) = reach.bus.expect("on the bus");
         Ok(Target {
             conn,
-            bus,
+            via,
             instance,
             name,
         })
@@ -239,6 +379,7 @@ impl Target {
 
     /// The generated proxy, without property caching (one call, one answer).
     async fn proxy(&self) -> Result<Drove1Proxy<'static>, CtlError> {
+        // Peer-to-peer, the destination is not looked at (but required).
         Drove1Proxy::builder(&self.conn)
             .destination(self.name.clone())
             .map_err(|e| self.zbus_error(e))?
@@ -284,12 +425,24 @@ impl Target {
         };
         if name.as_deref().is_some_and(|n| GONE.contains(&n)) {
             return CtlError::NotRunning(format!(
-                "drove instance {:?} is not running on the {} bus ({} has no owner)",
-                self.instance, self.bus, self.name
+                "drove instance {:?} is not running on {} ({} has no owner)",
+                self.instance, self.via, self.name
             ));
         }
         CtlError::Failed(format!("{} ({}): {e}", self.instance, self.name))
     }
+}
+
+/// Whether `name` has an owner on the bus of `conn` (false when the bus
+/// cannot say).
+async fn has_owner(conn: &Connection, name: &str) -> bool {
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
+        return false;
+    };
+    let Ok(name) = zbus::names::BusName::try_from(name) else {
+        return false;
+    };
+    dbus.name_has_owner(name).await.unwrap_or(false)
 }
 
 /// Prints `value` as one line of JSON.

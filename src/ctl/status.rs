@@ -63,7 +63,7 @@ fn render(target: &Target, st: &Status) -> String {
     };
     let mark = if s.failing { "×" } else { "●" };
     let head = format!("{mark} drove instance {:?}: {}\n", s.instance, s.phase);
-    line("Bus name", format!("{} ({} bus)", target.name, target.bus));
+    line("Bus name", format!("{} (via {})", target.name, target.via));
     line(
         "Main PID",
         format!(

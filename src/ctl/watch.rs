@@ -3,7 +3,8 @@
 //! stream, so lines keep the order droved emitted them in. Subscribes
 //! first, then prints a header with the current status, so nothing that
 //! happens after the header is missed. Follows the name across restarts
-//! (and binary upgrades) of droved.
+//! (and binary upgrades) of droved; on the private socket, where there are
+//! no names, by connecting again.
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,10 +16,20 @@ use zbus::message::{Message, Type};
 use zbus::names::{BusName, OwnedUniqueName, WellKnownName};
 use zbus::zvariant::OwnedValue;
 
+use std::path::Path;
+use std::time::Duration;
+
+use zbus::proxy::CacheProperties;
+
+use super::route::{self, Via};
 use super::{CtlError, Target, human_duration};
+use crate::bus::Drove1Proxy;
 use crate::bus::{INTERFACE, OBJECT_PATH};
 
 pub async fn run(target: &Target, json: bool) -> Result<(), CtlError> {
+    if let Via::Private(path) = &target.via {
+        return run_private(target, path, json).await;
+    }
     let sub = |e| target.zbus_error(e);
     let proxy = target.proxy().await?;
     let dbus = zbus::fdo::DBusProxy::new(&target.conn).await.map_err(sub)?;
@@ -73,7 +84,7 @@ pub async fn run(target: &Target, json: bool) -> Result<(), CtlError> {
             msg = incoming.next() => match msg {
                 Some(Ok(msg)) => msg,
                 Some(Err(_)) => continue,
-                None => return Err(CtlError::Failed(format!("the {} bus closed the connection", target.bus))),
+                None => return Err(CtlError::Failed(format!("{} closed the connection", target.via))),
             },
         };
         if msg.message_type() != Type::Signal {
@@ -135,6 +146,102 @@ pub async fn run(target: &Target, json: bool) -> Result<(), CtlError> {
         } else if let Some((value, text)) = event(&msg) {
             emit(json, value, text)?;
         }
+    }
+}
+
+/// `watch` over droved's private socket: every message on the connection
+/// is droved's; when it closes (droved stopped, or re-executed itself for
+/// an upgrade), connect again until droved is back.
+async fn run_private(target: &Target, path: &Path, json: bool) -> Result<(), CtlError> {
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut conn = target.conn.clone();
+    let mut last_status: Option<String> = None;
+    loop {
+        // Opened before the status is read: nothing after it is missed.
+        let mut incoming = zbus::MessageStream::from(&conn);
+        let proxy = Drove1Proxy::builder(&conn)
+            .destination(target.name.clone())
+            .map_err(|e| target.zbus_error(e))?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| target.zbus_error(e))?;
+        let status = proxy.status().await.map_err(|e| target.zbus_error(e))?;
+        let pid = proxy.pid().await.map_err(|e| target.zbus_error(e))?;
+        match &last_status {
+            None => emit(
+                json,
+                json!({"event": "watching", "instance": target.instance, "socket": path.display().to_string(), "pid": pid, "status": status}),
+                format!(
+                    "watching {:?} ({}, pid {pid}): {status}; Ctrl-C to stop",
+                    target.instance,
+                    path.display()
+                ),
+            )?,
+            Some(last) => {
+                emit(
+                    json,
+                    json!({"event": "instance-started", "pid": pid}),
+                    format!("instance {:?} started (pid {pid})", target.instance),
+                )?;
+                if *last != status {
+                    emit(
+                        json,
+                        json!({"event": "status", "status": status}),
+                        format!("status: {status}"),
+                    )?;
+                }
+            }
+        }
+        let mut last = status;
+        loop {
+            let msg = tokio::select! {
+                _ = &mut ctrl_c => return Ok(()),
+                msg = incoming.next() => match msg {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(_)) => continue,
+                    None => break,
+                },
+            };
+            if msg.message_type() != Type::Signal {
+                continue;
+            }
+            if let Some(status) = status_change(&msg) {
+                if status != last {
+                    emit(
+                        json,
+                        json!({"event": "status", "status": status}),
+                        format!("status: {status}"),
+                    )?;
+                    last = status;
+                }
+            } else if let Some((value, text)) = event(&msg) {
+                emit(json, value, text)?;
+            }
+        }
+        last_status = Some(last);
+        emit(
+            json,
+            json!({"event": "instance-stopped"}),
+            format!(
+                "instance {:?} stopped; waiting for it to come back",
+                target.instance
+            ),
+        )?;
+        conn = loop {
+            tokio::select! {
+                _ = &mut ctrl_c => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            if let Ok(c) = route::connect_private(path, Duration::from_secs(25)).await
+                && route::instance_of(&c)
+                    .await
+                    .is_ok_and(|i| i == target.instance)
+            {
+                break c;
+            }
+        };
     }
 }
 

@@ -253,6 +253,15 @@ impl Supervisor {
         Ok(sup)
     }
 
+    /// droved's runtime directory (where the notify socket is, and the
+    /// private control socket goes), and whether droved removes it when
+    /// done; `None` when the notify socket is abstract.
+    pub fn runtime_dir(&self) -> Option<(PathBuf, bool)> {
+        self.notify
+            .directory()
+            .map(|(dir, remove)| (dir.to_path_buf(), remove))
+    }
+
     /// A handle for control front-ends (D-Bus).
     pub fn handle(&self) -> Handle {
         Handle {

@@ -5,9 +5,12 @@
 //! gem, under Puma) do not understand an `@` abstract address. It lives in
 //! droved's runtime directory: `$RUNTIME_DIRECTORY` when systemd gives one,
 //! else `/run/drove/<instance>/` as root, else
-//! `$XDG_RUNTIME_DIR/drove/<instance>/`. Directory (0750) and socket (0660)
+//! `$XDG_RUNTIME_DIR/drove/<instance>/`. Directory (0755) and socket (0660)
 //! belong to droved's uid and the workers' group, so no other local user can
-//! reach it: an abstract socket can be flooded by anyone.
+//! reach it (connecting takes write permission on the socket file): an
+//! abstract socket can be flooded by anyone. The directory is open for
+//! traversal because droved's control socket (`control_socket`, 0666,
+//! checked per caller by droved) lives beside it.
 //!
 //! The directory is opened without following symlinks and refused unless it
 //! is ours and its parent is writable by nobody else; the socket is bound
@@ -64,7 +67,7 @@ const DROP_BUDGET: u32 = 256;
 /// sun_path is 108 bytes with its NUL.
 pub(crate) const MAX_SUN_PATH: usize = 107;
 
-pub(crate) const DIR_MODE: u32 = 0o750;
+pub(crate) const DIR_MODE: u32 = 0o755;
 pub(crate) const SOCKET_MODE: u32 = 0o660;
 
 /// One received datagram.
@@ -319,6 +322,14 @@ impl NotifySocket {
             file,
             filter: Mutex::new(Filter::new(workers)),
         })
+    }
+
+    /// The directory the socket file is in (droved's runtime directory),
+    /// and whether droved removes it when done; `None` for an abstract
+    /// socket.
+    pub fn directory(&self) -> Option<(&Path, bool)> {
+        let file = self.file.as_ref()?;
+        Some((file.path.parent()?, file.remove_dir))
     }
 
     /// Lets workers started as `workers` send (after a reload changed
@@ -642,7 +653,7 @@ mod tests {
         let dm = std::fs::metadata(&rt).unwrap();
         assert_eq!(
             (dm.uid(), dm.gid(), dm.mode() & 0o7777),
-            (Uid::effective().as_raw(), 1, 0o750)
+            (Uid::effective().as_raw(), 1, 0o755)
         );
         let sm = std::fs::symlink_metadata(&file.path).unwrap();
         assert!(sm.file_type().is_socket());

@@ -4,7 +4,8 @@
 //! else; the socket is bound under a private temporary name inside it and
 //! renamed into place with its final owner and mode, so a stale one left by
 //! a crashed droved is replaced atomically and a live one (another droved)
-//! is never touched. Used for droved's NOTIFY_SOCKET (`notify_socket`).
+//! is never touched. Used for droved's NOTIFY_SOCKET (`notify_socket`) and
+//! its control socket (`control_socket`), side by side in one directory.
 
 use std::ffi::OsStr;
 use std::io;
@@ -94,17 +95,23 @@ pub(crate) fn sweep_stale_siblings(dir: &Path) {
         let Ok(lock) = Flock::lock(fd, FlockArg::LockExclusiveNonblock) else {
             continue;
         };
-        let socket = path.join(SOCKET_NAME);
-        match fstatat(
+        // The notify socket, and the control socket beside it: both stale,
+        // or the directory stays.
+        let stale = |name: &str, kind: SockType| match fstatat(
             &*lock,
-            SOCKET_NAME,
+            name,
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
-            Err(Errno::ENOENT) => {}
-            Ok(_) if matches!(is_live(&socket, SockType::Datagram), Ok(false)) => {
-                let _ = unlinkat(&*lock, SOCKET_NAME, UnlinkatFlags::NoRemoveDir);
+            Err(Errno::ENOENT) => true,
+            Ok(_) if matches!(is_live(&path.join(name), kind), Ok(false)) => {
+                unlinkat(&*lock, name, UnlinkatFlags::NoRemoveDir).is_ok()
             }
-            _ => continue,
+            _ => false,
+        };
+        if !stale(SOCKET_NAME, SockType::Datagram)
+            || !stale(super::control_socket::SOCKET_NAME, SockType::Stream)
+        {
+            continue;
         }
         if std::fs::remove_dir(&path).is_ok() {
             debug!("removed {}, left by a droved that is gone", path.display());
@@ -178,11 +185,13 @@ pub enum Bound {
 
 /// Creates a unix socket `dir/name` of `kind`, safely even in hostile
 /// surroundings:
-/// - `dir` is created (0750) if missing, opened without following a
+/// - `dir` is created if missing, opened without following a
 ///   symlink, and refused unless it is a directory owned by us whose parent
 ///   no one else can write to (so nobody can swap it under the path);
-/// - it gets our uid, `group` and mode 0750, the socket mode 0660 and
-///   `group`: reachable by us and that group only;
+/// - it gets our uid, `group` and mode 0755, the socket mode 0660 and
+///   `group`: reachable by us and that group only (connecting to a unix
+///   socket takes write permission on its file; others may only look up
+///   names in the directory);
 /// - the socket is bound under a temporary name through the opened
 ///   directory (/proc/self/fd), given its owner and mode, then renamed over
 ///   `name`: a stale socket there is replaced atomically; a live one (a
@@ -199,6 +208,20 @@ pub fn bind_private(
     name: &str,
     kind: SockType,
     group: Gid,
+    remove_dir: bool,
+) -> io::Result<Bound> {
+    bind_private_with(dir, name, kind, Some(group), SOCKET_MODE, remove_dir)
+}
+
+/// [`bind_private`] with the socket's `mode` chosen by the caller, and
+/// `group: None` to leave the directory's owner and mode as they are (the
+/// socket keeps droved's own group): for a second socket beside the first.
+pub fn bind_private_with(
+    dir: &Path,
+    name: &str,
+    kind: SockType,
+    group: Option<Gid>,
+    mode: u32,
     remove_dir: bool,
 ) -> io::Result<Bound> {
     let ctx = |what: &str, e: Errno| {
@@ -304,10 +327,12 @@ pub fn bind_private(
         }
     }
 
-    nix::unistd::fchown(&*lock, None, Some(group))
-        .map_err(|e| ctx("give the workers' group", e))?;
-    nix::sys::stat::fchmod(&*lock, Mode::from_bits_truncate(DIR_MODE))
-        .map_err(|e| ctx("set the mode of", e))?;
+    if let Some(group) = group {
+        nix::unistd::fchown(&*lock, None, Some(group))
+            .map_err(|e| ctx("give the workers' group", e))?;
+        nix::sys::stat::fchmod(&*lock, Mode::from_bits_truncate(DIR_MODE))
+            .map_err(|e| ctx("set the mode of", e))?;
+    }
 
     let tmp = format!(".{name}.tmp-{}", std::process::id());
     match unlinkat(&*lock, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
@@ -318,18 +343,21 @@ pub fn bind_private(
     let addr = UnixAddr::new(&via.join(&tmp)).map_err(|e| ctx("name a socket in", e))?;
     socket::bind(fd.as_raw_fd(), &addr).map_err(|e| ctx("bind a socket in", e))?;
     let finish = || -> Result<(), Errno> {
-        fchownat(
-            &*lock,
-            tmp.as_str(),
-            None,
-            Some(group),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )?;
-        // No symlink can be there: the directory is ours and 0750.
+        if group.is_some() {
+            fchownat(
+                &*lock,
+                tmp.as_str(),
+                None,
+                group,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )?;
+        }
+        // No symlink can be there: the directory is ours, and only we may
+        // write to it.
         fchmodat(
             &*lock,
             tmp.as_str(),
-            Mode::from_bits_truncate(SOCKET_MODE),
+            Mode::from_bits_truncate(mode),
             FchmodatFlags::FollowSymlink,
         )?;
         renameat(&*lock, tmp.as_str(), &*lock, name)

@@ -594,6 +594,40 @@ pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+// --- drovectl -H: a transport process (ssh) on a socket ---------------------
+
+/// A program drovectl speaks D-Bus through (`ssh ... systemd-stdio-bridge`,
+/// what sd-bus's `unixexec:` transport runs for `systemctl -H`), started
+/// with std's Command: no listeners or LISTEN_PID here, and drovectl is
+/// single-threaded when it runs this.
+#[derive(Debug)]
+pub struct StdioPeer {
+    /// drovectl's end of the socket whose other end is the program's stdin
+    /// and stdout.
+    pub socket: std::os::unix::net::UnixStream,
+    pub child: std::process::Child,
+}
+
+/// Starts `program args` with stdin and stdout on one end of a fresh
+/// socketpair (returned as [`StdioPeer::socket`]) and stderr on a pipe
+/// (`child.stderr`), so a failure can be told from what the program said.
+pub fn spawn_stdio_peer(program: &OsStr, args: &[&OsStr]) -> io::Result<StdioPeer> {
+    use std::process::{Command, Stdio};
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let theirs = OwnedFd::from(theirs);
+    let stdout = theirs.try_clone()?;
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::from(theirs))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::piped())
+        .spawn()?;
+    Ok(StdioPeer {
+        socket: ours,
+        child,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

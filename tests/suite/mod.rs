@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod notify;
 pub mod php;
 pub mod pid1;
+pub mod private;
 pub mod scale;
 pub mod security;
 pub mod template;

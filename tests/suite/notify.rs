@@ -194,8 +194,8 @@ fn workers_of_another_user_reach_a_private_notify_path_others_cannot() {
     assert!(dir.is_dir());
     assert_eq!(
         (dir.uid(), dir.gid(), dir.mode() & 0o7777),
-        (0, WORKER_GID, 0o750),
-        "directory owned by root and the workers' group, nothing for others"
+        (0, WORKER_GID, 0o755),
+        "directory owned by root and the workers' group, others may only look up names"
     );
 
     // The workers' user gets through (and is ignored: not a worker pid)...
