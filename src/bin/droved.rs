@@ -354,6 +354,9 @@ fn run(
         }
         Inherited::Systemd(s) => (s, None),
     };
+    // Socket-activated: passed by systemd, not by a previous image (whose
+    // handover says what it had).
+    let socket_activated = restored.is_none() && matches!(activated, Ok(Some(_)));
     let listeners = match activated.context("cannot use the sockets passed by systemd")? {
         Some(fds) if restored.is_some() => fds,
         Some(fds) => {
@@ -371,6 +374,12 @@ fn run(
         bail!(
             "no listening sockets: pass --listen ADDR, set listen.addresses, or start droved from a .socket unit"
         );
+    }
+    if restored.is_none()
+        && config.pool.idle_exit.is_some()
+        && let Some(why) = drove::supervisor::ondemand::idle_exit_refusal(socket_activated)
+    {
+        bail!("{why}");
     }
     let instance = args.instance();
     let reload_args = args.clone();
@@ -398,6 +407,7 @@ fn run(
         exe,
         argv,
         restored,
+        socket_activated,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -23,6 +23,7 @@ pub mod control;
 pub mod environment;
 pub mod gate;
 pub mod lifecycle;
+pub mod ondemand;
 pub mod plan;
 pub mod pool;
 pub mod pool_cpu;
@@ -81,6 +82,8 @@ pub struct Setup {
     pub argv: Vec<std::ffi::OsString>,
     /// State handed over by the previous binary, with its notify socket.
     pub restored: Option<(crate::handover::State, std::os::fd::OwnedFd)>,
+    /// The listeners came from systemd socket activation (a .socket unit).
+    pub socket_activated: bool,
 }
 
 /// Why the supervisor cannot start.
@@ -150,6 +153,8 @@ pub struct Supervisor {
     stray_checks: Vec<Instant>,
     /// The programs of templates lost with forks unanswered.
     stray_exes: Vec<PathBuf>,
+    /// pool.min = 0: the watch for a connection at zero workers, idle exit.
+    on_demand: ondemand::OnDemand,
 }
 
 fn scale_params(config: &Config) -> ScaleParams {
@@ -233,6 +238,7 @@ impl Supervisor {
             early: Default::default(),
             stray_checks: Vec::new(),
             stray_exes: Vec::new(),
+            on_demand: ondemand::OnDemand::new(setup.socket_activated),
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);
@@ -291,6 +297,7 @@ impl Supervisor {
             );
         }
         self.reconcile();
+        self.track_zero(Instant::now());
         self.publish();
 
         loop {
@@ -320,10 +327,13 @@ impl Supervisor {
                 _ = sigttin.recv() => self.nudge(1, "SIGTTIN"),
                 _ = sigttou.recv() => self.nudge(-1, "SIGTTOU"),
                 Some(cmd) = self.commands_rx.recv() => self.on_command(cmd),
+                // pool.min = 0: a connection waits and the pool is empty.
+                r = crate::sys::readable::wait(&self.on_demand.watch) => self.on_connection_waiting(r),
             }
             // Cheap: exits may have raced with the event we handled.
             self.reap();
             self.reconcile();
+            self.track_zero(Instant::now());
             self.publish();
             if self.lifecycle.is_stopping()
                 && self.pool.workers.is_empty()

@@ -102,6 +102,7 @@ impl Supervisor {
             self.last_failure = None;
         }
         self.probe_queues();
+        self.zero_tick(now);
         self.autoscale(now);
         self.check_journal();
     }
@@ -219,6 +220,10 @@ impl Supervisor {
         if d.is_hold() {
             // Holds (cpu-bound, at max, unreadable) are reported once each.
             info!(event = "scale-hold", target = d.to, "{d}");
+            return;
+        }
+        if d.to == 0 && !self.may_go_to_zero() {
+            debug!("scale-down to 0 waits: a worker is busy");
             return;
         }
         if d.to != self.target {

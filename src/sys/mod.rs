@@ -9,6 +9,7 @@ pub mod listen;
 pub mod notify_socket;
 pub mod private_socket;
 pub mod probe;
+pub mod readable;
 pub mod process;
 pub mod spawn;
 pub mod template_socket;

@@ -5,6 +5,7 @@ pub mod faults;
 pub mod fuzz;
 pub mod harness;
 pub mod notify;
+pub mod ondemand;
 pub mod scale;
 pub mod security;
 pub mod template;

@@ -1,0 +1,160 @@
+//! A pool on demand (`pool.min = 0`) and droved's exit when idle
+//! (`pool.idle_exit`).
+//!
+//! "At zero, waiting for a connection" is a condition of the pool, not a
+//! state of droved's lifecycle (docs/lifecycle.md): droved is Running (or
+//! Rolling, Upgrading) with a target of 0, and every event means what it
+//! means with workers. What the condition adds:
+//! - while the target is 0, a readability watch on the listeners
+//!   (`sys::readable`) wakes the pool the moment a connection waits: the
+//!   target jumps to the number queued (at least 1), as the scaler's
+//!   one-jump rule would, and the scaler counts it as its own scale-up;
+//!   the queue probe of every tick does the same, should the watch fail;
+//! - the step from 1 to 0 waits until no worker is busy (the scaler only
+//!   sees the queue); it is tried again a cooldown later;
+//! - after `pool.idle_exit` at zero workers while Running, droved stops
+//!   (STOPPING=1) and exits 0; the socket unit starts it again.
+
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use super::Supervisor;
+use super::control::Event;
+use super::lifecycle::Lifecycle;
+use crate::sys::process;
+use crate::sys::readable::ListenWatch;
+
+#[derive(Default)]
+pub(super) struct OnDemand {
+    /// Readability watch on the listeners, while the target is 0.
+    pub(super) watch: Option<ListenWatch>,
+    /// Since when the pool has had no process at all (no worker, no fork
+    /// asked of a template).
+    zero_since: Option<Instant>,
+    /// The listeners came from systemd socket activation (a .socket unit),
+    /// which alone can start droved again after an idle exit.
+    pub(super) socket_activated: bool,
+    /// The watch could not be made; the tick's queue probe stands in.
+    watch_failed: bool,
+}
+
+impl OnDemand {
+    pub(super) fn new(socket_activated: bool) -> OnDemand {
+        OnDemand {
+            socket_activated,
+            ..OnDemand::default()
+        }
+    }
+}
+
+/// Why a setting of the pool on demand cannot work here.
+pub fn idle_exit_refusal(socket_activated: bool) -> Option<&'static str> {
+    (!socket_activated).then_some(
+        "pool.idle_exit needs socket activation: droved's sockets were not passed by systemd (a .socket unit), so nothing would start droved again after it exits; start it from a .socket unit or remove pool.idle_exit",
+    )
+}
+
+impl Supervisor {
+    /// After every event: watch the listeners exactly while the target is
+    /// 0, and note since when the pool is empty.
+    pub(super) fn track_zero(&mut self, now: Instant) {
+        let waiting = self.target == 0 && !self.lifecycle.is_stopping();
+        if !waiting {
+            self.on_demand.watch = None;
+        } else if self.on_demand.watch.is_none() && !self.on_demand.watch_failed {
+            match ListenWatch::new(self.listeners.iter().map(|l| l.as_fd())) {
+                Ok(w) => self.on_demand.watch = Some(w),
+                Err(e) => {
+                    warn!(
+                        "cannot watch the listeners for connections ({e}); a connection at zero workers is noticed on the next queue probe (scale.interval) instead"
+                    );
+                    self.on_demand.watch_failed = true;
+                }
+            }
+        }
+        let empty = self.target == 0
+            && self.pool.workers.is_empty()
+            && self.pool.templates.forks.is_empty();
+        if !empty {
+            self.on_demand.zero_since = None;
+        } else if self.on_demand.zero_since.is_none() {
+            self.on_demand.zero_since = Some(now);
+            if self.config.pool.min == 0 && self.phase() != super::status::Phase::Starting {
+                info!(event = "zero", "no workers; waiting for a connection");
+            }
+        }
+    }
+
+    /// The watch fired: a connection waits (or the watch broke).
+    pub(super) fn on_connection_waiting(&mut self, result: std::io::Result<()>) {
+        self.on_demand.watch = None;
+        if let Err(e) = result {
+            warn!(
+                "watching the listeners failed ({e}); a connection at zero workers is noticed on the next queue probe instead"
+            );
+            self.on_demand.watch_failed = true;
+            return;
+        }
+        self.probe_queues();
+        self.wake_from_zero("waiting");
+    }
+
+    /// Starts workers for the connections queued at zero workers.
+    fn wake_from_zero(&mut self, how: &str) {
+        if self.target > 0 || self.lifecycle.is_stopping() {
+            return;
+        }
+        let queued = self.queued_total().unwrap_or(0);
+        let to = queued.max(1).min(self.config.pool.max);
+        info!(
+            event = "scale",
+            from = 0,
+            to,
+            "{queued} connection(s) {how} at zero workers: scale up 0 -> {to}"
+        );
+        let _ = self.events.send(Event::Scaled {
+            from: 0,
+            to,
+            reason: format!("connection waiting at zero workers ({queued} queued)"),
+        });
+        self.target = to;
+        self.scaler.woke(Instant::now().duration_since(self.started));
+    }
+
+    /// On every tick, after the queue probe: the probe as a stand-in for
+    /// the watch, and the idle exit.
+    pub(super) fn zero_tick(&mut self, now: Instant) {
+        if self.target == 0 && self.queued_total().unwrap_or(0) > 0 {
+            self.wake_from_zero("queued");
+        }
+        let Some(limit) = self.config.pool.idle_exit else {
+            return;
+        };
+        if !self.on_demand.socket_activated
+            || !matches!(self.lifecycle, Lifecycle::Running)
+            || self.queued_total() != Some(0)
+            || !self
+                .on_demand
+                .zero_since
+                .is_some_and(|t| now.duration_since(t) >= limit)
+        {
+            return;
+        }
+        info!(
+            event = "idle-exit",
+            "no workers for {limit:?} (pool.idle_exit): exiting; systemd's socket unit starts droved again on the next connection"
+        );
+        self.begin_stop(false, "pool.idle_exit");
+    }
+
+    /// Whether the last worker may go (a scale-down to 0): not while one
+    /// is busy with a request.
+    pub(super) fn may_go_to_zero(&self) -> bool {
+        self.pool
+            .workers
+            .values()
+            .filter(|w| w.is_active())
+            .all(|w| process::is_waiting_for_connection(w.pid))
+    }
+}
