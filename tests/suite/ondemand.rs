@@ -89,6 +89,11 @@ fn a_busy_last_worker_is_not_scaled_away() {
     d.wait_status("1 worker ready", 10 * SEC);
     std::thread::sleep(2 * SEC);
     assert_eq!(d.workers().len(), 1, "{}", d.log());
+    assert!(
+        !d.log().contains("scale down 1 -> 0"),
+        "the busy worker was told to stop:\n{}",
+        d.log()
+    );
     let body = slow.join().unwrap().expect("the slow request is answered");
     assert!(body.contains("slept_ms=3000"), "{body}");
     wait_zero(&mut d, 10 * SEC);
@@ -158,8 +163,15 @@ fn reload_and_upgrade_at_zero_keep_waiting_for_a_connection() {
     });
     assert_eq!(d.pid(), pid);
     assert!(d.workers().is_empty(), "{}", d.log());
+    let wakes = d.log_count("waiting at zero workers");
     let body = d.get("/").expect("answered after the upgrade");
     assert!(d.workers().contains(&answered_pid(&body)));
+    assert_eq!(
+        d.log_count("waiting at zero workers"),
+        wakes + 1,
+        "the new image's watch woke the pool:\n{}",
+        d.log()
+    );
     // Stop at zero (after going back to it): exits at once, 0.
     wait_zero(&mut d, 10 * SEC);
     d.signal(Signal::SIGTERM);
