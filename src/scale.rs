@@ -870,7 +870,10 @@ mod tests {
         sim.ready = 1;
         let at = sim.now;
         sim.step(Some(0));
-        assert_eq!(sim.decisions.last().map(|d| (d.to, d.at)), Some((0, at + 100 * MS)));
+        assert_eq!(
+            sim.decisions.last().map(|d| (d.to, d.at)),
+            Some((0, at + 100 * MS))
+        );
     }
 
     #[test]

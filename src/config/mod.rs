@@ -219,10 +219,7 @@ impl Config {
         if pool.idle_exit.is_some() && pool.min > 0 {
             return Err(ConfigError::unplaced(
                 "pool.idle_exit",
-                format!(
-                    "pool.idle_exit needs pool.min = 0 (it is {})",
-                    pool.min
-                ),
+                format!("pool.idle_exit needs pool.min = 0 (it is {})", pool.min),
             ));
         }
         if pool.max > MAX_WORKERS {

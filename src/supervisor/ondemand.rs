@@ -119,7 +119,8 @@ impl Supervisor {
             reason: format!("connection waiting at zero workers ({queued} queued)"),
         });
         self.target = to;
-        self.scaler.woke(Instant::now().duration_since(self.started));
+        self.scaler
+            .woke(Instant::now().duration_since(self.started));
     }
 
     /// On every tick, after the queue probe: the probe as a stand-in for
@@ -131,13 +132,14 @@ impl Supervisor {
         let Some(limit) = self.config.pool.idle_exit else {
             return;
         };
+        let idle_long_enough = self
+            .on_demand
+            .zero_since
+            .is_some_and(|t| now.duration_since(t) >= limit);
         if !self.on_demand.socket_activated
             || !matches!(self.lifecycle, Lifecycle::Running)
             || self.queued_total() != Some(0)
-            || !self
-                .on_demand
-                .zero_since
-                .is_some_and(|t| now.duration_since(t) >= limit)
+            || !idle_long_enough
         {
             return;
         }

@@ -17,8 +17,8 @@ use tracing::{error, info, warn};
 
 use super::Supervisor;
 use super::control::ControlError;
-use super::ondemand;
 use super::lifecycle::{Lifecycle, Reply, Upgrade, UpgradeStage};
+use super::ondemand;
 use super::pool::Worker;
 use crate::handover::{self, Resume, State};
 use crate::sys::exec;

@@ -4,13 +4,14 @@
 //! fork/exec path, the one place that creates processes).
 
 pub mod exec;
+pub mod fdstore;
 pub mod journal;
 pub mod listen;
 pub mod notify_socket;
 pub mod private_socket;
 pub mod probe;
-pub mod readable;
 pub mod process;
+pub mod readable;
 pub mod spawn;
 pub mod template_socket;
 pub mod users;

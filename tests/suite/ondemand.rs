@@ -236,8 +236,129 @@ fn idle_exit_is_refused_without_socket_activation() {
     d.wait_ready();
     let path = d.config_path();
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("max = 8", "max = 8\nidle_exit = \"10m\"")).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("max = 8", "max = 8\nidle_exit = \"10m\""),
+    )
+    .unwrap();
     d.signal(Signal::SIGHUP);
-    d.wait_log("reload on SIGHUP rejected: pool.idle_exit needs socket activation", 1, 10 * SEC);
+    d.wait_log(
+        "reload on SIGHUP rejected: pool.idle_exit needs socket activation",
+        1,
+        10 * SEC,
+    );
     assert!(d.try_exit().is_none());
+}
+
+/// Starts `droved ARGS...` as systemd would after restarting a unit with
+/// a filled fd store: sockets at fds 3.. with LISTEN_FDS, LISTEN_PID and
+/// LISTEN_FDNAMES. Each of `KIND=NAME` (the launcher's arguments up to
+/// `--`) is one fd: `udp`, `tcp` (listening on 127.0.0.1:PORT or port 0),
+/// `unix` (listening on a path of its own).
+const STORE_LAUNCHER: &str = r#"
+import os, socket, sys
+split = sys.argv.index("--")
+specs, argv = sys.argv[1:split], sys.argv[split + 1:]
+socks, names = [], []
+for spec in specs:
+    kind, name = spec.split("=", 1)
+    if kind == "udp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+    elif kind.startswith("tcp"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", int(kind[3:] or 0)))
+        s.listen(16)
+    else:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind("\0drove-test-%d-%d" % (os.getpid(), len(socks)))
+        s.listen(16)
+    socks.append(s)
+    names.append(name)
+high = [os.dup(s.fileno()) for s in socks]
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i, inheritable=True)
+os.environ["LISTEN_FDS"] = str(len(socks))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDNAMES"] = ":".join(names)
+os.execvp(argv[0], argv)
+"#;
+
+#[test]
+fn stored_fds_are_taken_back_and_bad_ones_closed_and_bound_anew() {
+    let scratch = Scratch::new("ondemand-fdstore");
+    let script = scratch.join("store.py");
+    std::fs::write(&script, STORE_LAUNCHER).unwrap();
+    let sock = scratch.join("app.sock");
+    let unix_name = format!("drove-fdstore.unix.{}", sock.display());
+    let script_arg = script.display().to_string();
+    let unix_spec = format!("udp={unix_name}");
+    let mut d = Droved::builder("ondemand-fdstore")
+        .launcher(&[
+            "python3",
+            &script_arg,
+            // Not a listener: for the unix address.
+            &unix_spec,
+            // The right kind: taken back.
+            "tcp{port}=drove-fdstore.tcp.127.0.0.1%3A{port}",
+            // The wrong family: a unix listener for a TCP address.
+            "unix=drove-fdstore.tcp.127.0.0.1%3A0",
+            // A listener the configuration no longer has.
+            "tcp=drove-fdstore.tcp.127.0.0.1%3A1",
+            "--",
+        ])
+        .config(&format!(
+            r#"
+[listen]
+addresses = [{{ address = "unix:{}", name = "web" }}, "127.0.0.1:{{port}}", "127.0.0.1:0"]
+[worker]
+command = ["{{worker}}"]
+ready = "notify"
+[pool]
+min = 1
+max = 1
+"#,
+            sock.display()
+        ))
+        .start();
+    d.wait_ready();
+    let log = d.log();
+    for needle in [
+        &format!(
+            "the fd systemd kept for unix:{} ({unix_name}) is not a listening stream socket; closed it and binding anew",
+            sock.display()
+        ) as &str,
+        "the fd systemd kept for 127.0.0.1:0 (drove-fdstore.tcp.127.0.0.1%3A0) is a unix socket, not a TCP one; closed it and binding anew",
+        &format!(
+            "took drove=127.0.0.1:{} back from systemd's fd store",
+            d.port
+        ),
+        "systemd kept a listener (drove-fdstore.tcp.127.0.0.1%3A1) that the configuration no longer has; closing it",
+        &format!(
+            "handed web=unix:{} to systemd's fd store as {unix_name}",
+            sock.display()
+        ),
+    ] {
+        assert!(log.contains(needle), "{needle:?} not in\n{log}");
+    }
+    assert_eq!(d.log_count("to systemd's fd store as"), 2, "{log}");
+    // Both the taken-back and the new listeners serve.
+    let pid = answered_pid(&d.get("/").expect("the taken-back listener serves"));
+    assert_eq!(
+        answered_pid(&http_get_unix(&sock, "/").expect("the rebound one serves")),
+        pid
+    );
+    // droved holds exactly its three listeners (plus its own fds): the
+    // closed ones are gone, so are their sockets.
+    let sockets = fds_of(d.pid())
+        .iter()
+        .filter(|(fd, link)| (3..=6).contains(fd) && link.starts_with("socket:"))
+        .count();
+    assert!(sockets <= 3, "{:?}", fds_of(d.pid()));
+    // With the fd store in use the socket file stays at exit: a restarted
+    // droved takes the same socket back.
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(10 * SEC).success());
+    assert!(sock.exists(), "the socket file stays for the fd store");
 }
