@@ -15,7 +15,7 @@
 //! - after `pool.idle_exit` at zero workers while Running, droved stops
 //!   (STOPPING=1) and exits 0; the socket unit starts it again.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -106,7 +106,7 @@ impl Supervisor {
             return;
         }
         let queued = self.queued_total().unwrap_or(0);
-        let to = queued.max(1).min(self.config.pool.max);
+        let to = wake_target(queued, self.config.pool.max);
         info!(
             event = "scale",
             from = 0,
@@ -132,15 +132,14 @@ impl Supervisor {
         let Some(limit) = self.config.pool.idle_exit else {
             return;
         };
-        let idle_long_enough = self
-            .on_demand
-            .zero_since
-            .is_some_and(|t| now.duration_since(t) >= limit);
-        if !self.on_demand.socket_activated
-            || !matches!(self.lifecycle, Lifecycle::Running)
-            || self.queued_total() != Some(0)
-            || !idle_long_enough
-        {
+        let due = idle_exit_due(IdleView {
+            limit,
+            at_zero_for: self.on_demand.zero_since.map(|t| now.duration_since(t)),
+            running: matches!(self.lifecycle, Lifecycle::Running),
+            queued: self.queued_total(),
+            socket_activated: self.on_demand.socket_activated,
+        });
+        if !due {
             return;
         }
         info!(
@@ -158,5 +157,92 @@ impl Supervisor {
             .values()
             .filter(|w| w.is_active())
             .all(|w| process::is_waiting_for_connection(w.pid))
+    }
+}
+
+/// Workers to start for `queued` connections at zero: what the scaler's
+/// one-jump rule asks (`ready + queued`, with none ready), at least one
+/// (the watch fired: a connection came, even if it left again), at most
+/// `max`.
+pub fn wake_target(queued: u32, max: u32) -> u32 {
+    queued.max(1).min(max)
+}
+
+/// What decides an idle exit.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleView {
+    pub limit: Duration,
+    /// How long the pool has had no process, if it has none.
+    pub at_zero_for: Option<Duration>,
+    /// In Lifecycle::Running (not starting, rolling, upgrading, stopping).
+    pub running: bool,
+    pub queued: Option<u32>,
+    pub socket_activated: bool,
+}
+
+/// Whether droved should exit for `pool.idle_exit` now: only under socket
+/// activation, only while Running, with no connection waiting (and the
+/// queue readable), after `limit` with no worker.
+pub fn idle_exit_due(v: IdleView) -> bool {
+    v.socket_activated
+        && v.running
+        && v.queued == Some(0)
+        && v.at_zero_for.is_some_and(|d| d >= v.limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn how_many_workers_a_wake_starts() {
+        // (queued, max, target)
+        for (queued, max, want) in [(0, 8, 1), (1, 8, 1), (5, 8, 5), (30, 8, 8), (3, 1, 1)] {
+            assert_eq!(wake_target(queued, max), want, "queued {queued} max {max}");
+        }
+    }
+
+    #[test]
+    fn when_droved_exits_for_idleness() {
+        let s = Duration::from_secs(1);
+        let base = IdleView {
+            limit: 10 * s,
+            at_zero_for: Some(10 * s),
+            running: true,
+            queued: Some(0),
+            socket_activated: true,
+        };
+        assert!(idle_exit_due(base));
+        let not = [
+            IdleView {
+                at_zero_for: Some(9 * s),
+                ..base
+            },
+            IdleView {
+                at_zero_for: None,
+                ..base
+            },
+            IdleView {
+                running: false,
+                ..base
+            },
+            IdleView {
+                queued: Some(1),
+                ..base
+            },
+            IdleView {
+                queued: None,
+                ..base
+            },
+            IdleView {
+                socket_activated: false,
+                ..base
+            },
+        ];
+        for v in not {
+            assert!(!idle_exit_due(v), "{v:?}");
+        }
+        assert!(idle_exit_refusal(false).is_some());
+        assert!(idle_exit_refusal(true).is_none());
     }
 }
