@@ -17,12 +17,13 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Supervisor;
 use super::control::Event;
 use super::lifecycle::Lifecycle;
-use crate::sys::process;
+use crate::sys::conns;
+use crate::sys::listen::Family;
 use crate::sys::readable::ListenWatch;
 
 #[derive(Default)]
@@ -150,13 +151,35 @@ impl Supervisor {
     }
 
     /// Whether the last worker may go (a scale-down to 0): not while one
-    /// is busy with a request.
+    /// is busy with a request. Asked of /proc/PID/wchan; for workers of
+    /// another uid (unreadable without CAP_SYS_PTRACE), of the TCP
+    /// connections open on the listeners beyond those queued. When neither
+    /// can tell (unix listeners), it may go: its stop is graceful, so a
+    /// request in progress still completes.
     pub(super) fn may_go_to_zero(&self) -> bool {
-        self.pool
+        let idle: Option<Vec<bool>> = self
+            .pool
             .workers
             .values()
             .filter(|w| w.is_active())
-            .all(|w| process::is_waiting_for_connection(w.pid))
+            .map(|w| conns::waiting_for_connection(w.pid))
+            .collect();
+        if let Some(idle) = idle {
+            return idle.iter().all(|&i| i);
+        }
+        let tcp: Vec<std::net::SocketAddr> = self
+            .listeners
+            .iter()
+            .filter(|l| l.family == Family::Tcp)
+            .filter_map(|l| l.address.parse().ok())
+            .collect();
+        if tcp.len() == self.listeners.len() {
+            match conns::open_on(&tcp) {
+                Ok(open) => return open <= self.queued_total().unwrap_or(0),
+                Err(e) => debug!("cannot read /proc/net/tcp: {e}"),
+            }
+        }
+        true
     }
 }
 

@@ -3,6 +3,7 @@
 //! This is the only module where `unsafe` is allowed (see `spawn` for the
 //! fork/exec path, the one place that creates processes).
 
+pub mod conns;
 pub mod exec;
 pub mod fdstore;
 pub mod journal;

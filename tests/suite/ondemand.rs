@@ -76,14 +76,10 @@ fn min_zero_has_no_worker_at_idle_and_the_first_request_succeeds() {
     assert_ne!(again, pid, "a new worker");
 }
 
-#[test]
-fn a_busy_last_worker_is_not_scaled_away() {
-    let mut d = Droved::builder("ondemand-busy")
-        .config(&on_demand_config(0, ""))
-        .start();
+/// One request that takes 3 s: six cooldowns of an empty queue pass while
+/// its worker is busy; the worker must not get a stop meanwhile.
+fn busy_last_worker_stays(mut d: Droved) {
     d.wait_ready();
-    // One request that takes 3 s: six cooldowns of an empty queue pass
-    // while its worker is busy.
     let port = d.port;
     let slow = std::thread::spawn(move || http_get(("127.0.0.1", port), "/sleep?ms=3000"));
     d.wait_status("1 worker ready", 10 * SEC);
@@ -97,6 +93,34 @@ fn a_busy_last_worker_is_not_scaled_away() {
     let body = slow.join().unwrap().expect("the slow request is answered");
     assert!(body.contains("slept_ms=3000"), "{body}");
     wait_zero(&mut d, 10 * SEC);
+}
+
+#[test]
+fn a_busy_last_worker_is_not_scaled_away() {
+    busy_last_worker_stays(
+        Droved::builder("ondemand-busy")
+            .config(&on_demand_config(0, ""))
+            .start(),
+    );
+}
+
+#[test]
+fn a_busy_worker_of_another_user_is_not_scaled_away_without_cap_sys_ptrace() {
+    // As under the packaged unit: droved lacks CAP_SYS_PTRACE, so the
+    // wchan of a worker of another uid reads "0"; the open connections
+    // on the listener tell instead.
+    let config = on_demand_config(0, "").replace(
+        "ready = \"notify\"",
+        "ready = \"notify\"\nuser = \"nobody\"",
+    );
+    busy_last_worker_stays(
+        Droved::builder("ondemand-busy-nobody")
+            .launcher(&["setpriv", "--bounding-set", "-sys_ptrace", "--"])
+            .config(&format!(
+                "[listen]\naddresses = [\"127.0.0.1:{{port}}\"]\n{config}"
+            ))
+            .start(),
+    );
 }
 
 /// The most workers ready at once while a burst of 32 clients runs.
