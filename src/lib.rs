@@ -15,12 +15,14 @@
 //! - [`bus`]: the D-Bus interface `org.drove.Drove1`, served by droved and
 //!   called through its generated proxy by drovectl.
 //! - [`ctl`]: drovectl's verbs, one file each.
+//! - [`metrics`]: Prometheus metrics on `[metrics] listen`.
 
 pub mod bus;
 pub mod config;
 pub mod ctl;
 pub mod handover;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod scale;
 pub mod supervisor;

@@ -4,7 +4,9 @@
 //! case is a unit test.
 //!
 //! The supervisor calls [`Scaler::tick`] every `interval` (100 ms by
-//! default) with the total number of connections queued on all listeners
+//! default), and early, every 10 ms for one interval, when a connection
+//! arrives after a quiet tick and more than a blip is queued
+//! (`sys::arrival`), with the total number of connections queued on all listeners
 //! ([`crate::sys::probe::queue_depth`]), the CPU share the pool's workers use
 //! ([`crate::sys::probe::CpuSampler`]) and a [`PoolView`]. A
 //! [`Decision`] says what the target should become and why; its `Display`
@@ -147,6 +149,10 @@ pub struct Sample {
     /// Share `0.0..=1.0` of the available cores the workers used since the last
     /// sample, if known.
     pub cpu_busy: Option<f64>,
+    /// The supervisor knows `cpu_busy` was measured wholly while
+    /// connections waited (an early probe after an arrival took its
+    /// baseline with a queue), so the guard may judge it at once.
+    pub cpu_while_queued: bool,
 }
 
 /// The pool as the supervisor sees it this tick.
@@ -424,7 +430,7 @@ impl Scaler {
             );
         };
         if queued > 0 {
-            self.scale_up(now, queued, pool)
+            self.scale_up(now, queued, pool, sample.cpu_while_queued)
         } else {
             self.scale_down(now, target)
         }
@@ -461,7 +467,13 @@ impl Scaler {
         t.map_or(Duration::ZERO, |t| now.saturating_sub(t))
     }
 
-    fn scale_up(&mut self, now: Duration, queued: u32, pool: PoolView) -> Option<Decision> {
+    fn scale_up(
+        &mut self,
+        now: Duration,
+        queued: u32,
+        pool: PoolView,
+        cpu_while_queued: bool,
+    ) -> Option<Decision> {
         let p = self.params;
         let target = pool.target;
         let after_up = self.last_up;
@@ -489,7 +501,7 @@ impl Scaler {
             // Judge the CPU only by a sample taken wholly while connections
             // waited: the one ending at a burst's first tick is mostly idle.
             let before = self.queue.iter().rev().nth(1).and_then(|&(_, q)| q);
-            if before.unwrap_or(0) == 0 {
+            if before.unwrap_or(0) == 0 && !cpu_while_queued {
                 return None;
             }
             // After a scale-up, wait until the new workers are ready and a
@@ -589,6 +601,7 @@ mod tests {
             queued: Some(queued),
             listeners: 1,
             cpu_busy: None,
+            cpu_while_queued: false,
         }
     }
 
@@ -650,6 +663,7 @@ mod tests {
                 queued: queue(&view),
                 listeners: 1,
                 cpu_busy: cpu,
+                cpu_while_queued: false,
             };
             let d = self.scaler.tick(now, s, view)?;
             assert_eq!(d.from, self.target, "decision from the current target");
@@ -1007,6 +1021,7 @@ mod tests {
                 queued,
                 listeners: 1,
                 cpu_busy: cpu,
+                cpu_while_queued: false,
             };
             let d = s.tick(S, sample, pool(target, target, 0)).expect("clamp");
             assert_eq!((d.to, d.to_string().as_str()), (to, text));
@@ -1064,6 +1079,7 @@ mod tests {
             queued: None,
             listeners: 3,
             cpu_busy: None,
+            cpu_while_queued: false,
         };
         let d = s.tick(S, none, pool(4, 4, 0)).unwrap();
         assert_eq!(
@@ -1131,6 +1147,41 @@ mod tests {
             assert_eq!(sim.step_with(Some(busy / 2.0), |_| Some(64)), None);
             sim.step_with(Some(busy), |_| Some(62));
             assert_eq!(sim.target, want, "busy {busy}");
+        }
+    }
+
+    #[test]
+    fn a_cpu_sample_known_to_be_taken_under_the_queue_is_judged_at_once() {
+        // An early probe after an arrival: the previous (regular) sample saw
+        // no queue, but the supervisor took the CPU baseline with the queue
+        // already there, so the guard decides on this tick.
+        for (busy, want) in [
+            (Some(0.1), Some(16)),
+            (Some(0.5), Some(4)),
+            (Some(0.95), None),
+        ] {
+            let mut s = Scaler::new(ScaleParams::new(2, 16));
+            for i in 1..=10 {
+                s.tick(i * 100 * MS, sample(0), pool(2, 2, 0));
+            }
+            let early = Sample {
+                cpu_busy: busy,
+                cpu_while_queued: true,
+                ..sample(62)
+            };
+            let d = s.tick(1030 * MS, early, pool(2, 2, 0));
+            let to = d.filter(|d| !d.is_hold()).map(|d| d.to);
+            assert_eq!(to, want, "busy {busy:?}");
+            // The same sample without that knowledge waits a tick.
+            let mut s = Scaler::new(ScaleParams::new(2, 16));
+            for i in 1..=10 {
+                s.tick(i * 100 * MS, sample(0), pool(2, 2, 0));
+            }
+            let plain = Sample {
+                cpu_while_queued: false,
+                ..early
+            };
+            assert_eq!(s.tick(1030 * MS, plain, pool(2, 2, 0)), None);
         }
     }
 

@@ -288,6 +288,16 @@ macro_rules! say_error {
 
 fn main() -> ExitCode {
     exec::ignore_control_signals();
+    if drove::sys::process::is_namespace_init() {
+        // PID 1 of a container: the kernel drops every signal PID 1 has no
+        // handler for, so a SIGTERM before the supervisor's handlers exist
+        // would be lost (and the runtime SIGKILLs us after its grace
+        // period). Blocked, it waits; the supervisor unblocks it once its
+        // handlers are in place, and stops the pool.
+        if let Err(e) = exec::block_signals() {
+            say_error!("droved: cannot block signals: {e}");
+        }
+    }
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let exe = std::env::current_exe();
     let args = Args::parse();
@@ -467,6 +477,7 @@ fn run(
             "no listening sockets: pass --listen ADDR, set listen.addresses, or start droved from a .socket unit"
         );
     }
+    let metrics = bind_metrics(&config, restored.is_some())?;
     let instance = args.instance();
     let reload_args = args.clone();
     let args_for_control = args.clone();
@@ -494,6 +505,7 @@ fn run(
         argv,
         restored,
         socket_activated,
+        metrics: metrics.clone(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -501,6 +513,7 @@ fn run(
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let supervisor = Supervisor::new(setup)?;
+        metrics.serve(supervisor.handle().snapshot);
         let bus = start_control(&args_for_control, supervisor.handle(), control_group).await?;
         let code = supervisor.run().await?;
         // The supervisor is gone: the bus task signals its last state
@@ -510,6 +523,20 @@ fn run(
         }
         Ok(code)
     })
+}
+
+/// Binds `[metrics] listen` before any worker starts: an address that
+/// cannot be bound stops droved with a message naming it. After a binary
+/// upgrade the pool is already running, so there it only logs.
+fn bind_metrics(config: &Config, upgraded: bool) -> anyhow::Result<drove::metrics::Metrics> {
+    match drove::metrics::Metrics::bind(&config.metrics) {
+        Ok(m) => Ok(m),
+        Err(e) if upgraded => {
+            tracing::error!("{e}; running without metrics until a reload binds it");
+            Ok(drove::metrics::Metrics::default())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Starts the control front-ends (D-Bus) that drive the supervisor

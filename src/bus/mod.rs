@@ -153,6 +153,8 @@ pub enum BusError {
     UpgradeRefused(String),
     /// droved is shutting down.
     Stopping(String),
+    /// `Rollout` asked to pause, resume or abort with no rollout running.
+    NoRollout(String),
 }
 
 impl From<ControlError> for BusError {
@@ -164,6 +166,7 @@ impl From<ControlError> for BusError {
             ControlError::RolloutFailed(_) => BusError::RolloutFailed(msg),
             ControlError::UpgradeRefused(_) => BusError::UpgradeRefused(msg),
             ControlError::Stopping => BusError::Stopping(msg),
+            ControlError::NoRollout => BusError::NoRollout(msg),
         }
     }
 }

@@ -18,7 +18,7 @@ use zbus::{Connection, interface};
 use super::access::{Access, DENIAL_WINDOW, Grant};
 use super::{BusError, BusKind, Listener, OBJECT_PATH, Worker};
 use crate::supervisor::Handle;
-use crate::supervisor::control::{Command, ControlError, Event};
+use crate::supervisor::control::{Command, ControlError, Event, RolloutAction};
 use crate::supervisor::status::Snapshot;
 
 /// The object at /org/drove/Drove1.
@@ -168,6 +168,24 @@ impl Drove1 {
         self.authorize(&header, conn, "RestartWorkers").await?;
         Ok(self
             .ask(|reply| Command::RestartWorkers { reply })
+            .await??)
+    }
+
+    /// The rollout in progress: `action` is "status" (anyone), or "pause",
+    /// "resume", "abort" (like Reload, root, droved's user or
+    /// control.group). Returns the rollout's status line.
+    async fn rollout(
+        &self,
+        action: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, BusError> {
+        let action: RolloutAction = action.parse()?;
+        if action != RolloutAction::Status {
+            self.authorize(&header, conn, "Rollout").await?;
+        }
+        Ok(self
+            .ask(|reply| Command::Rollout { action, reply })
             .await??)
     }
 
@@ -360,6 +378,14 @@ impl Drove1 {
 
     #[zbus(signal)]
     async fn upgraded(emitter: &SignalEmitter<'_>, version: &str) -> zbus::Result<()>;
+
+    /// A guarded rollout failed and is being undone (`[rollout]`).
+    #[zbus(signal)]
+    async fn rolled_back(
+        emitter: &SignalEmitter<'_>,
+        generation: u64,
+        reason: &str,
+    ) -> zbus::Result<()>;
 }
 
 /// Connects to `bus`, serves the object, takes the instance's name (after
@@ -537,5 +563,8 @@ async fn emit(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
         Event::Scaled { from, to, reason } => Drove1::scaled(emitter, *from, *to, reason).await,
         Event::Reloaded { generation } => Drove1::reloaded(emitter, *generation).await,
         Event::Upgraded { version } => Drove1::upgraded(emitter, version).await,
+        Event::RolledBack { generation, reason } => {
+            Drove1::rolled_back(emitter, *generation, reason).await
+        }
     }
 }

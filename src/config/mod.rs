@@ -49,8 +49,9 @@ mod values;
 
 pub use error::{ConfigError, Position};
 pub use types::{
-    ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, PoolConfig, ReadyMode,
-    ReadyModeError, ScaleConfig, WorkerConfig, WorkerMode, WorkerModeError,
+    ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
+    PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, WorkerConfig, WorkerMode,
+    WorkerModeError, WorkerSocket, WorkerSocketError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,
@@ -85,6 +86,10 @@ pub struct Config {
     pub pool: PoolConfig,
     pub scale: ScaleConfig,
     pub control: ControlConfig,
+    /// `[rollout]`: canary rollouts that undo themselves; `None` (no such
+    /// table) keeps plain rolling restarts.
+    pub rollout: Option<RolloutConfig>,
+    pub metrics: MetricsConfig,
 }
 
 impl Config {
@@ -207,6 +212,12 @@ impl Config {
             return Err(ConfigError::unplaced(
                 "worker.command",
                 format!("worker.command argument {arg:?} contains a NUL byte"),
+            ));
+        }
+        if self.worker.socket == WorkerSocket::Stdin && self.worker.mode == WorkerMode::Template {
+            return Err(ConfigError::unplaced(
+                "worker.mode",
+                "worker.socket = \"stdin\" needs worker.mode = \"exec\" (--mode template was given): in template mode the template forks the workers and hands them the listeners at fds 3, 4, …".into(),
             ));
         }
         let pool = &self.pool;
@@ -500,6 +511,7 @@ group = "drove"
                 user: Some("app".into()),
                 group: Some("appgrp".into()),
                 mode: WorkerMode::Template,
+                socket: crate::config::WorkerSocket::Systemd,
                 ready: ReadyMode::Notify,
                 ready_timeout: Duration::from_secs(5),
                 stop_signal: Signal::SIGQUIT,
@@ -579,6 +591,19 @@ group = "drove"
         assert_eq!(parse("[pool]\nmin = 1").pool.max, 8);
         assert_eq!(parse("[pool]\nmax = 2").pool.min, 2);
     }
+    #[test]
+    fn validate_runnable_refuses_stdin_socket_in_template_mode() {
+        // The file said exec; a --mode template override must not slip by.
+        let mut c = parse("[worker]\ncommand = [\"php-cgi\"]\nsocket = \"stdin\"");
+        c.validate_runnable().unwrap();
+        c.worker.mode = WorkerMode::Template;
+        let e = c.validate_runnable().unwrap_err().to_string();
+        assert!(
+            e.contains("worker.socket = \"stdin\" needs worker.mode = \"exec\""),
+            "{e}"
+        );
+    }
+
     #[test]
     fn validate_runnable_after_overrides() {
         let mut c = Config::default();

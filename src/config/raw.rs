@@ -11,7 +11,9 @@ use toml::{Spanned, Value};
 
 pub(super) type Field = Option<Spanned<Value>>;
 
-const TOP_KEYS: &[&str] = &["listen", "worker", "pool", "scale", "control"];
+const TOP_KEYS: &[&str] = &[
+    "listen", "worker", "pool", "scale", "control", "rollout", "metrics",
+];
 const LISTEN_KEYS: &[&str] = &[
     "addresses",
     "backlog",
@@ -27,6 +29,7 @@ const WORKER_KEYS: &[&str] = &[
     "user",
     "group",
     "mode",
+    "socket",
     "ready",
     "ready_timeout",
     "stop_signal",
@@ -44,6 +47,8 @@ const WORKER_KEYS: &[&str] = &[
 const POOL_KEYS: &[&str] = &["min", "max", "initial", "spawn_rate", "idle_exit"];
 const SCALE_KEYS: &[&str] = &["interval", "cooldown", "window", "cpu_guard"];
 const CONTROL_KEYS: &[&str] = &["group"];
+const METRICS_KEYS: &[&str] = &["listen"];
+const ROLLOUT_KEYS: &[&str] = &["canary", "observe", "max_failures"];
 
 pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("the top level", TOP_KEYS),
@@ -52,6 +57,8 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("[pool]", POOL_KEYS),
     ("[scale]", SCALE_KEYS),
     ("[control]", CONTROL_KEYS),
+    ("[rollout]", ROLLOUT_KEYS),
+    ("[metrics]", METRICS_KEYS),
 ];
 
 #[derive(Deserialize, Default)]
@@ -62,6 +69,8 @@ pub(super) struct RawConfig {
     pub(super) pool: RawPool,
     pub(super) scale: RawScale,
     pub(super) control: RawControl,
+    pub(super) rollout: Option<RawRollout>,
+    pub(super) metrics: RawMetrics,
 }
 
 #[derive(Deserialize, Default)]
@@ -115,6 +124,7 @@ pub(super) struct RawWorker {
     pub(super) user: Field,
     pub(super) group: Field,
     pub(super) mode: Field,
+    pub(super) socket: Field,
     pub(super) ready: Field,
     pub(super) ready_timeout: Field,
     pub(super) stop_signal: Field,
@@ -179,6 +189,21 @@ pub(super) struct RawScale {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawControl {
     pub(super) group: Field,
+}
+
+/// `[metrics]` (see `crate::metrics`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawMetrics {
+    pub(super) listen: Field,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRollout {
+    pub(super) canary: Field,
+    pub(super) observe: Field,
+    pub(super) max_failures: Field,
 }
 
 #[cfg(test)]

@@ -181,6 +181,8 @@ pub struct WorkerConfig {
     pub group: Option<String>,
     /// How workers are created; default [`WorkerMode::Exec`].
     pub mode: WorkerMode,
+    /// Where workers find the listener; default [`WorkerSocket::Systemd`].
+    pub socket: WorkerSocket,
     /// Default [`ReadyMode::Exec`].
     pub ready: ReadyMode,
     /// How long a starting worker may take to become ready; default 30s.
@@ -223,6 +225,7 @@ impl Default for WorkerConfig {
             user: None,
             group: None,
             mode: WorkerMode::Exec,
+            socket: WorkerSocket::Systemd,
             ready: ReadyMode::Exec,
             ready_timeout: Duration::from_secs(30),
             stop_signal: Signal::SIGTERM,
@@ -329,11 +332,41 @@ impl Default for ScaleConfig {
     }
 }
 
+/// `[rollout]`: how a reload's new generation is tried before it takes
+/// over, and when it is undone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutConfig {
+    /// New-generation workers started first (0: no canary phase).
+    pub canary: u32,
+    /// How long the canaries serve real traffic before the rest rolls.
+    pub observe: Duration,
+    /// Failures of new-generation workers (exits, watchdog kills) from the
+    /// rollout's start to its end that undo it; 1: the first one does.
+    pub max_failures: u32,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            canary: 1,
+            observe: Duration::from_secs(30),
+            max_failures: 1,
+        }
+    }
+}
+
 /// `[control]`: who may change the pool over D-Bus.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ControlConfig {
     /// Group allowed to call mutating D-Bus methods besides root.
     pub group: Option<String>,
+}
+
+/// `[metrics]`: where droved serves Prometheus metrics (`crate::metrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// `/metrics` is served here; `None` (the default): no metrics.
+    pub listen: Option<ListenAddr>,
 }
 
 #[cfg(test)]
@@ -416,6 +449,45 @@ impl fmt::Display for WorkerMode {
         f.write_str(match self {
             WorkerMode::Exec => "exec",
             WorkerMode::Template => "template",
+        })
+    }
+}
+
+/// Where a worker finds its listening socket (`worker.socket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerSocket {
+    /// sd_listen_fds(3): the listeners at fds 3, 4, … with `LISTEN_FDS`,
+    /// `LISTEN_PID` and `LISTEN_FDNAMES` set.
+    #[default]
+    Systemd,
+    /// The FastCGI convention (`FCGI_LISTENSOCK_FILENO`), as spawn-fcgi and
+    /// mod_fcgid start servers such as `php-cgi`: the one listener is fd 0,
+    /// no `LISTEN_*` variable is set, stdout and stderr are unchanged.
+    Stdin,
+}
+
+/// Why a string is not a [`WorkerSocket`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown socket convention `{0}`; expected \"systemd\" or \"stdin\"")]
+pub struct WorkerSocketError(pub String);
+
+impl FromStr for WorkerSocket {
+    type Err = WorkerSocketError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "systemd" => Ok(WorkerSocket::Systemd),
+            "stdin" => Ok(WorkerSocket::Stdin),
+            _ => Err(WorkerSocketError(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for WorkerSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WorkerSocket::Systemd => "systemd",
+            WorkerSocket::Stdin => "stdin",
         })
     }
 }

@@ -103,6 +103,7 @@ impl Cx<'_> {
                     ("struct RawPool", "a table [pool]"),
                     ("struct RawScale", "a table [scale]"),
                     ("struct RawControl", "a table [control]"),
+                    ("struct RawMetrics", "a table [metrics]"),
                 ] {
                     m = m.replace(name, table);
                 }
@@ -219,7 +220,60 @@ impl Cx<'_> {
         self.build_pool(&raw.pool, &mut config.pool)?;
         self.build_scale(&raw.scale, &mut config.scale)?;
         config.control.group = self.name(&raw.control.group, "control.group")?;
+        config.metrics.listen = self.metrics_listen(&raw.metrics, &config.listen)?;
+        if let Some(r) = &raw.rollout {
+            config.rollout = Some(self.build_rollout(r)?);
+        }
+        self.check_socket(&raw.worker, &config)?;
         Ok(config)
+    }
+
+    /// `metrics.listen`: an address like listen.addresses, but never one
+    /// of them (metrics are droved's, not the workers').
+    fn metrics_listen(&self, raw: &RawMetrics, listen: &ListenConfig) -> Res<Option<ListenAddr>> {
+        let key = "metrics.listen";
+        let Some(v) = &raw.listen else {
+            return Ok(None);
+        };
+        let s = self.string(v, key, "an address string such as \"127.0.0.1:9464\"")?;
+        let address: ListenAddr = s
+            .parse()
+            .map_err(|e: ListenAddrError| self.at(v, key, format!("{key}: {e}")))?;
+        if listen.addresses.iter().any(|a| a.address == address) {
+            return Err(self.at(
+                v,
+                key,
+                format!("{key} {address} is also in listen.addresses; metrics need an address of their own"),
+            ));
+        }
+        Ok(Some(address))
+    }
+
+    /// `worker.socket = "stdin"`: one listener, on fd 0 of an exec'd worker.
+    fn check_socket(&self, raw: &RawWorker, config: &Config) -> Res<()> {
+        let Some(v) = &raw.socket else {
+            return Ok(());
+        };
+        let key = "worker.socket";
+        if config.worker.socket != WorkerSocket::Stdin {
+            return Ok(());
+        }
+        if config.worker.mode == WorkerMode::Template {
+            return Err(self.at(
+                v,
+                key,
+                "worker.socket = \"stdin\" needs worker.mode = \"exec\": in template mode the template forks the workers and hands them the listeners at fds 3, 4, …; remove one of the two".into(),
+            ));
+        }
+        let n = config.listen.addresses.len();
+        if n > 1 {
+            return Err(self.at(
+                v,
+                key,
+                format!("worker.socket = \"stdin\" gives each worker exactly one listener (fd 0), but listen.addresses lists {n}; keep one address, or run one droved per address"),
+            ));
+        }
+        Ok(())
     }
 
     fn build_listen(&self, raw: &RawListen, out: &mut ListenConfig) -> Res<()> {
@@ -383,6 +437,12 @@ impl Cx<'_> {
             let s = self.string(v, "worker.mode", "\"exec\" or \"template\"")?;
             out.mode = s.parse().map_err(|e: WorkerModeError| {
                 self.at(v, "worker.mode", format!("worker.mode: {e}"))
+            })?;
+        }
+        if let Some(v) = &raw.socket {
+            let s = self.string(v, "worker.socket", "\"systemd\" or \"stdin\"")?;
+            out.socket = s.parse().map_err(|e: WorkerSocketError| {
+                self.at(v, "worker.socket", format!("worker.socket: {e}"))
             })?;
         }
         if let Some(v) = &raw.ready {
@@ -624,6 +684,20 @@ impl Cx<'_> {
         Ok(())
     }
 
+    fn build_rollout(&self, raw: &RawRollout) -> Res<RolloutConfig> {
+        let mut out = RolloutConfig::default();
+        if let Some(n) = self.int(&raw.canary, "rollout.canary", 0, 10_000)? {
+            out.canary = n;
+        }
+        if let Some(d) = self.duration(&raw.observe, "rollout.observe")? {
+            out.observe = d;
+        }
+        if let Some(n) = self.int(&raw.max_failures, "rollout.max_failures", 1, 10_000)? {
+            out.max_failures = n;
+        }
+        Ok(out)
+    }
+
     fn build_scale(&self, raw: &RawScale, out: &mut ScaleConfig) -> Res<()> {
         let tick = Duration::from_millis(10);
         if let Some(d) = self.duration_min(&raw.interval, "scale.interval", tick)? {
@@ -662,7 +736,7 @@ mod tests {
     fn syntax_and_unknown_keys() {
         assert_err(
             "\n\nworkerz = 1",
-            "3:1: unknown key `workerz` in the top level; expected one of listen, worker, pool, scale, control (did you mean `worker`?)",
+            "3:1: unknown key `workerz` in the top level; expected one of listen, worker, pool, scale, control, rollout, metrics (did you mean `worker`?)",
         );
         assert_err(
             "[pool]\nminimum = 1",
@@ -670,7 +744,7 @@ mod tests {
         );
         assert_err(
             "[worker]\n  comand = []",
-            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
+            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, socket, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
         );
         assert_err(
             "[listen]\nport = 80",
@@ -954,6 +1028,44 @@ mod tests {
     }
 
     #[test]
+    fn worker_socket() {
+        use crate::config::WorkerSocket;
+        assert_eq!(parse("").worker.socket, WorkerSocket::Systemd);
+        let one = "[listen]\naddresses = \"unix:/run/php.sock\"\n[worker]\nsocket = \"stdin\"";
+        assert_eq!(parse(one).worker.socket, WorkerSocket::Stdin);
+        // No address in the file: droved -l or systemd supplies it, and
+        // the worker plan checks the count at start.
+        assert_eq!(
+            parse("[worker]\nsocket = \"stdin\"").worker.socket,
+            WorkerSocket::Stdin
+        );
+        assert_eq!(
+            parse("[worker]\nsocket = \"systemd\"").worker.socket,
+            WorkerSocket::Systemd
+        );
+        assert_err(
+            "[worker]\nsocket = \"fd0\"",
+            "2:10: worker.socket: unknown socket convention `fd0`; expected \"systemd\" or \"stdin\"",
+        );
+        assert_err(
+            "[worker]\nsocket = 0",
+            "2:10: worker.socket must be \"systemd\" or \"stdin\", found integer 0",
+        );
+        assert_err(
+            "[listen]\naddresses = [\"127.0.0.1:9000\", \"unix:/run/php.sock\"]\n[worker]\nsocket = \"stdin\"",
+            "4:10: worker.socket = \"stdin\" gives each worker exactly one listener (fd 0), but listen.addresses lists 2; keep one address, or run one droved per address",
+        );
+        assert_err(
+            "[worker]\nmode = \"template\"\nsocket = \"stdin\"",
+            "3:10: worker.socket = \"stdin\" needs worker.mode = \"exec\": in template mode the template forks the workers and hands them the listeners at fds 3, 4, …; remove one of the two",
+        );
+        // Two addresses are fine the systemd way.
+        parse(
+            "[listen]\naddresses = [\"127.0.0.1:9000\", \"unix:/run/php.sock\"]\n[worker]\nsocket = \"systemd\"",
+        );
+    }
+
+    #[test]
     fn pool_and_scale_errors() {
         assert_err(
             "[pool]\nmin = 10\nmax = 4",
@@ -1026,6 +1138,39 @@ mod tests {
         assert_err(
             "[control]\ngroup = \"\"",
             "2:9: control.group must not be empty; remove the key instead",
+        );
+    }
+
+    #[test]
+    fn metrics_listen() {
+        use crate::config::{Config, ListenAddr};
+        use std::path::Path;
+        let c = Config::from_toml_str("[metrics]\nlisten = \"127.0.0.1:9464\"", Path::new("t"));
+        assert_eq!(
+            c.unwrap().metrics.listen,
+            Some(ListenAddr::Tcp("127.0.0.1:9464".parse().unwrap()))
+        );
+        let c = Config::from_toml_str("[metrics]\nlisten = \"unix:/run/m.sock\"", Path::new("t"));
+        assert_eq!(
+            c.unwrap().metrics.listen,
+            Some(ListenAddr::Unix("/run/m.sock".into()))
+        );
+        assert_eq!(Config::default().metrics.listen, None);
+        assert_err(
+            "[metrics]\nlisten = \"9464\"",
+            "2:10: metrics.listen: `9464` is a bare port; write 127.0.0.1:9464 (loopback) or 0.0.0.0:9464 / [::]:9464 (all addresses)",
+        );
+        assert_err(
+            "[metrics]\nlisten = 9464",
+            "2:10: metrics.listen must be an address string such as \"127.0.0.1:9464\", found integer 9464",
+        );
+        assert_err(
+            "[listen]\naddresses = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.1:8080\"",
+            "4:10: metrics.listen 127.0.0.1:8080 is also in listen.addresses; metrics need an address of their own",
+        );
+        assert_err(
+            "[metrics]\nport = 1",
+            "2:1: unknown key `port` in [metrics]; expected one of listen",
         );
     }
 }

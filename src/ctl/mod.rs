@@ -16,6 +16,7 @@ mod list;
 mod list_instances;
 mod reload;
 mod restart_workers;
+mod rollout;
 mod scale;
 mod status;
 mod upgrade;
@@ -78,6 +79,11 @@ pub enum Verb {
     Upgrade,
     /// Restart all workers, a few at a time.
     RestartWorkers,
+    /// Show, pause, resume or abort (roll back) the rollout in progress.
+    Rollout {
+        #[arg(value_enum, value_name = "ACTION", default_value = "status")]
+        action: RolloutVerb,
+    },
     /// Print events as they happen, until Ctrl-C.
     Watch,
     /// List the drove instances running on the bus.
@@ -87,6 +93,26 @@ pub enum Verb {
         #[arg(value_enum, value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
+}
+
+/// What `drovectl rollout` does.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum RolloutVerb {
+    Status,
+    Pause,
+    Resume,
+    Abort,
+}
+
+impl RolloutVerb {
+    fn as_str(self) -> &'static str {
+        match self {
+            RolloutVerb::Status => "status",
+            RolloutVerb::Pause => "pause",
+            RolloutVerb::Resume => "resume",
+            RolloutVerb::Abort => "abort",
+        }
+    }
 }
 
 /// drovectl's failures; each maps to an exit code.
@@ -133,6 +159,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Verb::Reload => reload::run(&target, cli.json).await,
         Verb::Upgrade => upgrade::run(&target, cli.json).await,
         Verb::RestartWorkers => restart_workers::run(&target, cli.json).await,
+        Verb::Rollout { action } => rollout::run(&target, action.as_str(), cli.json).await,
         Verb::Watch => watch::run(&target, cli.json).await,
         Verb::ListInstances | Verb::Completions { .. } => unreachable!("handled above"),
     }

@@ -216,6 +216,13 @@ fn event(msg: &Message) -> Option<(serde_json::Value, String)> {
                 format!("upgraded version={version}"),
             )
         }
+        "RolledBack" => {
+            let (generation, reason): (u64, String) = body.deserialize().ok()?;
+            (
+                json!({"event": "rolled-back", "generation": generation, "reason": reason}),
+                format!("rolled-back generation={generation}: {reason}"),
+            )
+        }
         _ => return None,
     })
 }

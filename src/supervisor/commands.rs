@@ -47,6 +47,9 @@ impl Supervisor {
                 self.start_rollout("restart requested", None, Some(reply))
             }
             Command::Upgrade { reply } => self.request_upgrade(Some(reply), "upgrade request"),
+            Command::Rollout { action, reply } => {
+                let _ = reply.send(self.rollout_command(action));
+            }
 
             Command::ListWorkers { reply } => {
                 let now = Instant::now();
@@ -136,6 +139,7 @@ impl Supervisor {
             to: new,
             reason: why.to_string(),
         });
+        self.metrics.manual_scale(self.target, new);
         self.target = new;
     }
 

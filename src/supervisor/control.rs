@@ -36,6 +36,37 @@ pub enum Command {
     Upgrade {
         reply: oneshot::Sender<Result<(), ControlError>>,
     },
+    /// `drovectl rollout ...`: answers with the rollout's status line.
+    Rollout {
+        action: RolloutAction,
+        reply: oneshot::Sender<Result<String, ControlError>>,
+    },
+}
+
+/// What `drovectl rollout` asks of a rollout in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    Status,
+    /// Start no more new-generation workers until resumed.
+    Pause,
+    Resume,
+    /// Undo it: the previous settings come back, readiness-gated.
+    Abort,
+}
+
+impl std::str::FromStr for RolloutAction {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, ControlError> {
+        match s {
+            "status" => Ok(RolloutAction::Status),
+            "pause" => Ok(RolloutAction::Pause),
+            "resume" => Ok(RolloutAction::Resume),
+            "abort" => Ok(RolloutAction::Abort),
+            other => Err(ControlError::OutOfRange(format!(
+                "unknown rollout action {other:?}; expected status, pause, resume or abort"
+            ))),
+        }
+    }
 }
 
 /// Errors a caller can act on; named on the bus as org.drove.Error.*.
@@ -51,6 +82,8 @@ pub enum ControlError {
     UpgradeRefused(String),
     #[error("droved is stopping")]
     Stopping,
+    #[error("no rollout in progress")]
+    NoRollout,
 }
 
 /// One worker, as `drovectl list` shows it (also its D-Bus wire form,
@@ -93,5 +126,10 @@ pub enum Event {
     },
     Upgraded {
         version: String,
+    },
+    /// A guarded rollout failed and is being undone.
+    RolledBack {
+        generation: u64,
+        reason: String,
     },
 }

@@ -9,11 +9,14 @@
 //! 2. `HOME`, `USER`, `LOGNAME`, `SHELL` of the user it runs as (as
 //!    systemd's `User=` sets them);
 //! 3. `worker.environment`;
-//! 4. the contract variables droved adds itself (LISTEN_*, NOTIFY_SOCKET, …).
+//! 4. the contract variables droved adds itself (LISTEN_*, NOTIFY_SOCKET, …;
+//!    see [`listen_variables`] for the LISTEN_* part).
 //!
 //! Pure: the caller passes droved's environment and the account.
 
 use std::collections::BTreeMap;
+
+use crate::config::WorkerSocket;
 
 /// `PATH` when droved has none (systemd's default for services).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -60,6 +63,22 @@ pub fn build(
         env.push(("PATH".into(), DEFAULT_PATH.into()));
     }
     env
+}
+
+/// The socket-activation variables for listeners named `names`:
+/// `LISTEN_FDS` and `LISTEN_FDNAMES` the systemd way (spawn adds
+/// `LISTEN_PID`, which only the child knows), none at all for
+/// [`WorkerSocket::Stdin`]: a FastCGI server finds its socket on fd 0, and a
+/// library that reads `LISTEN_FDS` in the same process must not look for
+/// one at fd 3.
+pub fn listen_variables(socket: WorkerSocket, names: &[&str]) -> Vec<(String, String)> {
+    match socket {
+        WorkerSocket::Systemd => vec![
+            ("LISTEN_FDS".into(), names.len().to_string()),
+            ("LISTEN_FDNAMES".into(), names.join(":")),
+        ],
+        WorkerSocket::Stdin => Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +142,15 @@ mod tests {
             assert_eq!(get(&env, secret), None, "{secret}");
         }
         assert_eq!(env.len(), 10, "{env:?}");
+    }
+
+    #[test]
+    fn listen_variables_per_socket_convention() {
+        assert_eq!(
+            listen_variables(WorkerSocket::Systemd, &["web", "admin"]),
+            vars(&[("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "web:admin")])
+        );
+        assert_eq!(listen_variables(WorkerSocket::Stdin, &["web"]), vec![]);
     }
 
     #[test]

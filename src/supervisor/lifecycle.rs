@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 use super::control::ControlError;
 use super::status::Phase;
-use crate::config::Config;
+use crate::config::{Config, RolloutConfig};
 
 pub type Reply = oneshot::Sender<Result<(), ControlError>>;
 
@@ -62,6 +62,96 @@ pub struct Rollout {
     /// What droved was before: a rollout begun while starting still owes
     /// systemd its first READY=1, which it sends when the rollout ends.
     pub from_starting: bool,
+    /// `[rollout]` in the new config: canaries first, and undone on
+    /// failures; `None` rolls as before (give up after three failed starts).
+    pub guard: Option<Guard>,
+    /// `drovectl rollout pause`: no new worker of the new generation until
+    /// resumed (the stage does not advance either).
+    pub paused: bool,
+    /// This rollout undoes a failed one, for this reason.
+    pub undoing: Option<String>,
+}
+
+/// A guarded rollout's policy and where it stands.
+pub struct Guard {
+    pub settings: RolloutConfig,
+    pub stage: CanaryStage,
+}
+
+/// The stages of a guarded rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryStage {
+    /// Starting `canary` workers of the new generation (and no more).
+    Canary,
+    /// The canaries serve real traffic until `until`; no more start.
+    Observing { until: Instant },
+    /// The rest of the pool rolls, one at a time, as in a plain rollout.
+    Rest,
+}
+
+impl CanaryStage {
+    /// The next stage, from the new generation's ready workers. Pure.
+    pub fn advance(self, settings: &RolloutConfig, ready_new: u32, now: Instant) -> CanaryStage {
+        match self {
+            CanaryStage::Canary if settings.canary == 0 => CanaryStage::Rest,
+            CanaryStage::Canary if ready_new >= settings.canary => CanaryStage::Observing {
+                until: now + settings.observe,
+            },
+            CanaryStage::Observing { until } if now >= until => CanaryStage::Rest,
+            other => other,
+        }
+    }
+}
+
+impl Rollout {
+    /// The most new-generation workers allowed now (`active_new` of them
+    /// run): while paused, those; while canaries start or are observed,
+    /// `canary`; otherwise no cap. A capped rollout does not finish.
+    pub fn new_generation_cap(&self, active_new: u32) -> Option<u32> {
+        if self.paused {
+            return Some(active_new);
+        }
+        match &self.guard {
+            Some(Guard {
+                settings,
+                stage: CanaryStage::Canary | CanaryStage::Observing { .. },
+            }) => Some(settings.canary),
+            _ => None,
+        }
+    }
+
+    /// One line for `drovectl rollout status`.
+    pub fn describe(&self, generation: u64, ready_new: u32, now: Instant) -> String {
+        let what = match &self.undoing {
+            Some(why) => format!("rolling back to the previous settings ({why})"),
+            None => self.why.to_string(),
+        };
+        let stage = match &self.guard {
+            None => "rolling".to_string(),
+            Some(g) => match g.stage {
+                CanaryStage::Canary => {
+                    format!("canary: {ready_new} of {} ready", g.settings.canary)
+                }
+                CanaryStage::Observing { until } => format!(
+                    "observing {} canary worker(s), {:.0} s left",
+                    g.settings.canary,
+                    until.saturating_duration_since(now).as_secs_f64()
+                ),
+                CanaryStage::Rest => "rolling the rest".to_string(),
+            },
+        };
+        let failures = match &self.guard {
+            Some(g) => format!(
+                "; {} of {} failures",
+                self.failures, g.settings.max_failures
+            ),
+            None => String::new(),
+        };
+        format!(
+            "generation {generation}: {what}; {stage}{failures}{}",
+            if self.paused { "; paused" } else { "" }
+        )
+    }
 }
 
 /// A binary upgrade in progress.
@@ -188,6 +278,73 @@ mod tests {
         ];
         for (from, to, want) in table {
             assert_eq!(announcement(from, to), want, "{from} -> {to}");
+        }
+    }
+
+    #[test]
+    fn canary_stages_advance_on_readiness_then_time() {
+        let now = Instant::now();
+        let s = RolloutConfig {
+            canary: 2,
+            observe: std::time::Duration::from_secs(30),
+            max_failures: 1,
+        };
+        let obs = CanaryStage::Observing {
+            until: now + s.observe,
+        };
+        // (stage, ready new-generation workers, seconds later, next stage)
+        let table = [
+            (CanaryStage::Canary, 0, 0, CanaryStage::Canary),
+            (CanaryStage::Canary, 1, 0, CanaryStage::Canary),
+            (CanaryStage::Canary, 2, 0, obs),
+            (obs, 2, 29, obs),
+            (obs, 0, 30, CanaryStage::Rest),
+            (CanaryStage::Rest, 0, 0, CanaryStage::Rest),
+        ];
+        for (stage, ready, secs, want) in table {
+            let at = now + std::time::Duration::from_secs(secs);
+            assert_eq!(
+                stage.advance(&s, ready, at),
+                want,
+                "{stage:?} {ready} {secs}"
+            );
+        }
+        let none = RolloutConfig { canary: 0, ..s };
+        assert_eq!(
+            CanaryStage::Canary.advance(&none, 0, now),
+            CanaryStage::Rest
+        );
+    }
+
+    #[test]
+    fn new_generation_cap_by_stage_and_pause() {
+        let now = Instant::now();
+        let mut r = Rollout {
+            floor: 2,
+            previous: None,
+            failures: 0,
+            replies: vec![],
+            why: "test",
+            from_starting: false,
+            guard: None,
+            paused: false,
+            undoing: None,
+        };
+        assert_eq!(r.new_generation_cap(3), None, "plain rollout");
+        r.paused = true;
+        assert_eq!(r.new_generation_cap(3), Some(3), "paused holds what runs");
+        r.paused = false;
+        let settings = RolloutConfig::default();
+        for (stage, want) in [
+            (CanaryStage::Canary, Some(1)),
+            (CanaryStage::Observing { until: now }, Some(1)),
+            (CanaryStage::Rest, None),
+        ] {
+            r.guard = Some(Guard {
+                settings: settings.clone(),
+                stage,
+            });
+            assert_eq!(r.new_generation_cap(5), want, "{stage:?}");
         }
     }
 

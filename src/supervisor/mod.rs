@@ -11,6 +11,7 @@
 //!   upgrading, stopping) and what systemd hears on each change;
 //! - `plan`: the pool's decisions, pure (forks, stops, exit verdicts);
 //! - `reconcile`: carries out those decisions, incl. recycling;
+//! - `reap`: every exited child, known or not, to its accounting;
 //! - `workers`: forking, stopping, exits and notify datagrams of workers;
 //! - `rollout`: reload and rolling restarts; `upgrade`: binary upgrade;
 //! - `commands`: D-Bus commands, signals for scaling and stopping;
@@ -27,6 +28,7 @@ pub mod ondemand;
 pub mod plan;
 pub mod pool;
 pub mod pool_cpu;
+mod reap;
 mod reconcile;
 mod rollout;
 pub mod status;
@@ -84,6 +86,8 @@ pub struct Setup {
     pub restored: Option<(crate::handover::State, std::os::fd::OwnedFd)>,
     /// The listeners came from systemd socket activation (a .socket unit).
     pub socket_activated: bool,
+    /// Prometheus metrics: the supervisor only feeds them (`crate::metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Why the supervisor cannot start.
@@ -128,6 +132,8 @@ pub struct Supervisor {
     counters: Counters,
     journal: tick::JournalWatch,
     cpu_sampling: tick::CpuSampling,
+    /// The wake on a burst's first connection, and the early ticks after it.
+    arrival: tick::Arrival,
     last_rss_check: Option<Instant>,
     snapshot_tx: watch::Sender<Snapshot>,
     events: broadcast::Sender<Event>,
@@ -155,6 +161,8 @@ pub struct Supervisor {
     stray_exes: Vec<PathBuf>,
     /// pool.min = 0: the watch for a connection at zero workers, idle exit.
     on_demand: ondemand::OnDemand,
+    /// Prometheus metrics, fed by one-line hooks at the events.
+    metrics: crate::metrics::Metrics,
 }
 
 fn scale_params(config: &Config) -> ScaleParams {
@@ -222,6 +230,7 @@ impl Supervisor {
             counters: Counters::default(),
             journal: Default::default(),
             cpu_sampling: Default::default(),
+            arrival: Default::default(),
             last_rss_check: None,
             snapshot_tx: watch::channel(placeholder_snapshot()).0,
             events,
@@ -239,6 +248,7 @@ impl Supervisor {
             stray_checks: Vec::new(),
             stray_exes: Vec::new(),
             on_demand: ondemand::OnDemand::new(setup.socket_activated),
+            metrics: setup.metrics,
         };
         if let Some((state, _)) = restored {
             sup.restore(state, now);
@@ -314,6 +324,8 @@ impl Supervisor {
                     Err(e) => warn!("notify socket: {e}"),
                 },
                 _ = tick.tick() => self.on_tick(),
+                _ = self.arrival.watch.arrived() => self.on_arrival(),
+                _ = tick::sleep_until(self.arrival.next) => self.on_early_tick(),
                 _ = sigterm.recv() => self.begin_stop(false, "SIGTERM"),
                 _ = sigint.recv() => self.begin_stop(true, "SIGINT"),
                 _ = sigquit.recv() => self.begin_stop(true, "SIGQUIT"),
@@ -328,7 +340,7 @@ impl Supervisor {
                 _ = sigttou.recv() => self.nudge(-1, "SIGTTOU"),
                 Some(cmd) = self.commands_rx.recv() => self.on_command(cmd),
                 // pool.min = 0: a connection waits and the pool is empty.
-                r = crate::sys::readable::wait(&self.on_demand.watch) => self.on_connection_waiting(r),
+                _ = self.on_demand.watch.arrived() => self.on_connection_waiting(),
             }
             // Cheap: exits may have raced with the event we handled.
             self.reap();

@@ -6,7 +6,9 @@
 //! Rolling, Upgrading) with a target of 0, and every event means what it
 //! means with workers. What the condition adds:
 //! - while the target is 0, a readability watch on the listeners
-//!   (`sys::readable`) wakes the pool the moment a connection waits: the
+//!   (`sys::arrival`, the watch the scaler arms for bursts; this one stays
+//!   armed in every state but Stopping, and acts on a single connection)
+//!   wakes the pool the moment a connection waits: the
 //!   target jumps to the number queued (at least 1), as the scaler's
 //!   one-jump rule would, and the scaler counts it as its own scale-up;
 //!   the queue probe of every tick does the same, should the watch fail;
@@ -22,14 +24,14 @@ use tracing::{debug, info, warn};
 use super::Supervisor;
 use super::control::Event;
 use super::lifecycle::Lifecycle;
+use crate::sys::arrival::ArrivalWatch;
 use crate::sys::conns;
 use crate::sys::listen::Family;
-use crate::sys::readable::ListenWatch;
 
 #[derive(Default)]
 pub(super) struct OnDemand {
-    /// Readability watch on the listeners, while the target is 0.
-    pub(super) watch: Option<ListenWatch>,
+    /// Readability watch on the listeners, armed while the target is 0.
+    pub(super) watch: ArrivalWatch,
     /// Since when the pool has had no process at all (no worker, no fork
     /// asked of a template).
     zero_since: Option<Instant>,
@@ -62,10 +64,14 @@ impl Supervisor {
     pub(super) fn track_zero(&mut self, now: Instant) {
         let waiting = self.target == 0 && !self.lifecycle.is_stopping();
         if !waiting {
-            self.on_demand.watch = None;
-        } else if self.on_demand.watch.is_none() && !self.on_demand.watch_failed {
-            match ListenWatch::new(self.listeners.iter().map(|l| l.as_fd())) {
-                Ok(w) => self.on_demand.watch = Some(w),
+            self.on_demand.watch.disarm();
+        } else if !self.on_demand.watch.is_armed() && !self.on_demand.watch_failed {
+            match self
+                .on_demand
+                .watch
+                .arm(self.listeners.iter().map(|l| l.as_fd()))
+            {
+                Ok(()) => {}
                 Err(e) => {
                     warn!(
                         "cannot watch the listeners for connections ({e}); a connection at zero workers is noticed on the next queue probe (scale.interval) instead"
@@ -87,16 +93,9 @@ impl Supervisor {
         }
     }
 
-    /// The watch fired: a connection waits (or the watch broke).
-    pub(super) fn on_connection_waiting(&mut self, result: std::io::Result<()>) {
-        self.on_demand.watch = None;
-        if let Err(e) = result {
-            warn!(
-                "watching the listeners failed ({e}); a connection at zero workers is noticed on the next queue probe instead"
-            );
-            self.on_demand.watch_failed = true;
-            return;
-        }
+    /// The watch fired: a connection waits.
+    pub(super) fn on_connection_waiting(&mut self) {
+        self.on_demand.watch.disarm();
         self.probe_queues();
         self.wake_from_zero("waiting");
     }

@@ -40,6 +40,9 @@ pub struct Goal {
     pub spawn_budget: u32,
     /// During a rollout: the number of ready workers never to go below.
     pub rollout_floor: Option<u32>,
+    /// During a rollout: the most current-generation workers allowed
+    /// (canaries, or a paused rollout); a capped rollout does not finish.
+    pub rollout_cap: Option<u32>,
     /// While starting: ready workers needed to announce READY=1.
     pub ready_when: Option<u32>,
 }
@@ -71,6 +74,9 @@ pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<
     if goal.rollout_floor.is_some() {
         want = want.min(1u32.saturating_sub(starting));
     }
+    if let Some(cap) = goal.rollout_cap {
+        want = want.min(cap.saturating_sub(staying));
+    }
     let spawn = goal.spawn_budget.min(want);
     if spawn > 0 {
         actions.push(Action::Spawn(spawn));
@@ -98,7 +104,10 @@ pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<
         // Done when the new generation serves at full size, not merely when
         // the old one is gone: a rollout begun with nothing ready would
         // otherwise "finish" at once and report READY=1 falsely.
-        if left_outdated == 0 && pool.ready_in(generation) >= goal.target {
+        if left_outdated == 0
+            && pool.ready_in(generation) >= goal.target
+            && goal.rollout_cap.is_none()
+        {
             actions.push(Action::FinishRollout);
         }
     }
@@ -197,6 +206,16 @@ pub fn judge_exit(
     }
 }
 
+/// Whether an exit of a new-generation worker counts against a guarded
+/// rollout (`[rollout]`): any end droved did not ask for, and a stop for a
+/// failure (not ready in time, watchdog). Pure.
+pub fn fails_rollout(verdict: &ExitVerdict) -> bool {
+    match verdict {
+        ExitVerdict::Stopped { failed, .. } => *failed,
+        ExitVerdict::FailedStart { .. } | ExitVerdict::Ended => true,
+    }
+}
+
 /// Whether the worker command has proven healthy again after failed
 /// starts: a current worker ready for `min_uptime`, that started after the
 /// last failure. One that was up before says nothing about its siblings
@@ -253,6 +272,7 @@ mod tests {
             target,
             spawn_budget: 100,
             rollout_floor: None,
+            rollout_cap: None,
             ready_when: None,
         }
     }
@@ -314,6 +334,7 @@ mod tests {
         for (target, floor, want) in table {
             let g = Goal {
                 rollout_floor: *floor,
+                rollout_cap: None,
                 ..goal(*target)
             };
             assert_eq!(&reconcile(&p, g, never_idle), want, "target {target}");
@@ -326,6 +347,7 @@ mod tests {
         let g = Goal {
             generation: 2,
             rollout_floor: Some(1),
+            rollout_cap: None,
             ..goal(1)
         };
         assert_eq!(reconcile(&r, g, never_idle), vec![]);
@@ -348,6 +370,7 @@ mod tests {
         let rolling = |target, floor| Goal {
             generation: 2,
             rollout_floor: Some(floor),
+            rollout_cap: None,
             ..goal(target)
         };
         // Begins: one new worker at a time; no old one stops while only
@@ -382,6 +405,51 @@ mod tests {
     }
 
     #[test]
+    fn a_capped_rollout_starts_only_its_canaries_and_does_not_finish() {
+        let now = Instant::now();
+        let canary = |target, cap| Goal {
+            generation: 2,
+            rollout_floor: Some(3),
+            rollout_cap: Some(cap),
+            ..goal(target)
+        };
+        // One canary of three: it starts, one old worker goes once it is
+        // ready (the pool keeps its size), and then nothing more happens.
+        let p = pool(&[(10, 1, Ready), (11, 1, Ready), (12, 1, Ready)], now);
+        assert_eq!(
+            reconcile(&p, canary(3, 1), never_idle),
+            vec![Action::Spawn(1)]
+        );
+        let p = pool(
+            &[
+                (10, 1, Ready),
+                (11, 1, Ready),
+                (12, 1, Ready),
+                (20, 2, Ready),
+            ],
+            now,
+        );
+        assert_eq!(
+            reconcile(&p, canary(3, 1), never_idle),
+            vec![Action::Stop(pid(10), StopReason::Rollout)]
+        );
+        let p = pool(&[(11, 1, Ready), (12, 1, Ready), (20, 2, Ready)], now);
+        assert_eq!(reconcile(&p, canary(3, 1), never_idle), vec![]);
+        // Canaries as many as the pool: all new, ready, but no finish
+        // while capped (observing); uncapped, it finishes.
+        let p = pool(&[(20, 2, Ready), (21, 2, Ready)], now);
+        assert_eq!(reconcile(&p, canary(2, 2), never_idle), vec![]);
+        let uncapped = Goal {
+            rollout_cap: None,
+            ..canary(2, 2)
+        };
+        assert_eq!(
+            reconcile(&p, uncapped, never_idle),
+            vec![Action::FinishRollout]
+        );
+    }
+
+    #[test]
     fn rollout_with_nothing_ready_waits_for_the_new_generation() {
         // Regression (fault suite): a rollout begun with no ready worker
         // "finished" as soon as the old ones were gone, and sent READY=1
@@ -390,6 +458,7 @@ mod tests {
         let g = Goal {
             generation: 2,
             rollout_floor: Some(0),
+            rollout_cap: None,
             ..goal(2)
         };
         let p = pool(&[(10, 1, Starting), (11, 1, Starting)], now);
@@ -584,6 +653,19 @@ mod tests {
             !proves_healthy(&p, 1, None, now, 1000 * MS),
             "not up long enough"
         );
+    }
+
+    #[test]
+    fn what_counts_against_a_guarded_rollout() {
+        let stopped = |reason, failed| ExitVerdict::Stopped { reason, failed };
+        assert!(fails_rollout(&ExitVerdict::Ended), "a crash after ready");
+        assert!(fails_rollout(&ExitVerdict::FailedStart {
+            never_ready: true
+        }));
+        assert!(fails_rollout(&stopped(StopReason::Watchdog, true)));
+        assert!(fails_rollout(&stopped(StopReason::ReadyTimeout, true)));
+        assert!(!fails_rollout(&stopped(StopReason::Rollout, false)));
+        assert!(!fails_rollout(&stopped(StopReason::ScaleDown, false)));
     }
 
     #[test]

@@ -29,11 +29,22 @@ impl Supervisor {
         {
             self.apply(action, now);
         }
+        self.advance_rollout(now);
+        let active_new = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.is_staying(self.generation))
+            .count() as u32;
         let goal = Goal {
             generation: self.generation,
             target: self.target,
             spawn_budget: self.gate.available(now),
             rollout_floor: self.lifecycle.rollout().map(|r| r.floor),
+            rollout_cap: self
+                .lifecycle
+                .rollout()
+                .and_then(|r| r.new_generation_cap(active_new)),
             ready_when: matches!(self.lifecycle, Lifecycle::Starting)
                 .then(|| self.target.min(self.config.initial_workers())),
         };

@@ -1,6 +1,6 @@
 //! Template mode, carried out: starting and stopping templates, asking
-//! them for workers, their answers, and reaping what the subreaper
-//! inherits. The decisions are in `template`; the protocol is
+//! them for workers, their answers, and a template's exit (the sweep in
+//! `reap` hands it over). The decisions are in `template`; the protocol is
 //! docs/template.md.
 
 use std::io;
@@ -24,13 +24,13 @@ use crate::sys::template_socket::{self, TemplateSocket};
 
 /// Datagrams and exits of unknown children kept while forks are
 /// unanswered, at most this many of each.
-const EARLY_MAX: usize = 64;
+pub(super) const EARLY_MAX: usize = 64;
 
 /// What a worker did before its template's answer named it.
 #[derive(Default)]
 pub(super) struct Early {
     datagrams: Vec<(Pid, Datagram)>,
-    exits: Vec<(Pid, ExitStatus)>,
+    pub(super) exits: Vec<(Pid, ExitStatus)>,
 }
 
 /// When to look for workers forked by a template that was lost before it
@@ -115,6 +115,7 @@ impl Supervisor {
             working_directory: self.config.worker.working_directory.as_deref(),
             credentials: self.plan.credentials.as_ref(),
             listeners: fds,
+            placement: spawn::Placement::Systemd,
             parent_death_signal: Some(Signal::SIGKILL),
         };
         self.gate.consume(now);
@@ -350,7 +351,7 @@ impl Supervisor {
             (Err(template::MessageError::Closed), _) => {
                 // Usually it is exiting: judge its exit status if it is
                 // there already, else it is broken.
-                self.reap_templates();
+                self.reap();
                 if self.pool.templates.get_mut(pid).is_some() {
                     self.kill_template(pid, "closed its socket", now)
                 }
@@ -461,57 +462,7 @@ impl Supervisor {
         None
     }
 
-    /// Reaps templates and, as subreaper, every other child that exited:
-    /// forked workers not yet named (kept for their answer), and orphans
-    /// from the workers' subtrees.
-    pub(super) fn reap_templates(&mut self) {
-        let pids: Vec<Pid> = self.pool.templates.all.iter().map(|t| t.pid).collect();
-        for pid in pids {
-            match process::try_reap(pid) {
-                Ok(Some(status)) => self.on_template_exit(pid, status),
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(
-                        template_pid = pid.as_raw(),
-                        "cannot wait for template: {e}; forgetting it"
-                    );
-                    self.forget_io(pid);
-                    self.pool.templates.remove(pid);
-                }
-            }
-        }
-        // The upgrade preflight is a child of droved's that tokio reaps.
-        // Orphans come only to a subreaper (template mode, now or before a
-        // reload to exec mode).
-        if matches!(self.lifecycle, Lifecycle::Upgrading(_)) || !process::is_subreaper() {
-            return;
-        }
-        for _ in 0..1024 {
-            let pid = match process::exited_child() {
-                Ok(Some(pid)) => pid,
-                Ok(None) => return,
-                Err(e) => {
-                    debug!("waitid: {e}");
-                    return;
-                }
-            };
-            let status = match process::try_reap(pid) {
-                Ok(Some(status)) => status,
-                _ => return,
-            };
-            if self.pool.workers.contains_key(&pid) {
-                self.on_exit(pid, status);
-            } else if self.pool.templates.all.iter().any(|t| t.pid == pid) {
-                self.on_template_exit(pid, status);
-            } else if !self.pool.templates.forks.is_empty() && self.early.exits.len() < EARLY_MAX {
-                self.early.exits.push((pid, status));
-            } else {
-                debug!(pid = pid.as_raw(), "reaped {pid}, not a worker ({status})");
-            }
-        }
-    }
-
-    fn on_template_exit(&mut self, pid: Pid, status: ExitStatus) {
+    pub(super) fn on_template_exit(&mut self, pid: Pid, status: ExitStatus) {
         self.forget_io(pid);
         let Some(t) = self.pool.templates.remove(pid) else {
             return;

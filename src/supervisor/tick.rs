@@ -2,7 +2,7 @@
 //! of workers (readiness, watchdog, stop timeout), queue probes,
 //! autoscaling, and the journal's health.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
@@ -13,7 +13,8 @@ use super::lifecycle::Lifecycle;
 use super::plan;
 use super::pool::StopReason;
 use super::status::ListenerStatus;
-use crate::scale::{PoolView, Sample};
+use crate::scale::{BLIP, PoolView, Sample};
+use crate::sys::arrival::ArrivalWatch;
 use crate::sys::{probe, process};
 
 /// Idle ticks between CPU baselines (10 ticks of 100 ms by default).
@@ -35,6 +36,34 @@ impl Default for CpuSampling {
     }
 }
 
+/// From a burst's first connection to its first probe: long enough for a
+/// client opening many connections at once to have queued them, so the
+/// probe sees the burst rather than its first connection.
+const ARRIVAL_SETTLE: Duration = Duration::from_millis(2);
+/// The CPU window of the decision that follows: the guard needs a sample
+/// taken wholly while connections waited, and /proc schedstat is too coarse
+/// for less (a busy worker's run time is updated every few ms).
+const EARLY_CPU_WINDOW: Duration = Duration::from_millis(25);
+
+/// The wake on the first connection after a quiet tick, and the two early
+/// probes it starts: one that takes the CPU baseline with the burst
+/// queued, one that decides.
+#[derive(Debug, Default)]
+pub(super) struct Arrival {
+    pub(super) watch: ArrivalWatch,
+    pub(super) next: Option<Instant>,
+    /// The baseline was taken with a queue: the next probe decides.
+    baseline_taken: bool,
+}
+
+/// Sleeps until `at`; never resolves for `None`.
+pub(super) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The journal's health at the last tick, the drop count already reported
 /// and when the unreported stall began, to log each stall once, when it
 /// ends.
@@ -48,7 +77,14 @@ pub(super) struct JournalWatch {
 impl Supervisor {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
-        if self.lifecycle.exec_at().is_some_and(|t| now >= t) {
+        // A fork asked of the template and not answered yet would be lost
+        // in the exec: its worker unknown to the new image, the template
+        // not handed over. No new forks are asked while upgrading, so wait
+        // for the answers (at most template::ANSWER_TIMEOUT, after which the
+        // template is killed and its forks dropped).
+        if self.lifecycle.exec_at().is_some_and(|t| now >= t)
+            && self.pool.templates.forks.is_empty()
+        {
             self.exec_upgrade(None);
         }
         self.upward.watchdog_tick(now);
@@ -103,8 +139,66 @@ impl Supervisor {
         }
         self.probe_queues();
         self.zero_tick(now);
-        self.autoscale(now);
+        let pids = self.pool.workers.keys().map(|p| p.as_raw());
+        self.metrics.tick(&self.listener_status, pids);
+        self.autoscale(now, false);
+        self.arm_arrival();
         self.check_journal();
+    }
+
+    /// Watches the listeners for the next connection while a scale-up may
+    /// be needed and the queues read empty (see `sys::arrival`).
+    fn arm_arrival(&mut self) {
+        let scaling = self.config.pool.min != self.config.pool.max;
+        let wanted = scaling
+            && matches!(self.lifecycle, Lifecycle::Running)
+            && self.target < self.config.pool.max
+            && self.queued_total() == Some(0);
+        if !wanted {
+            self.arrival.watch.disarm();
+        } else if !self.arrival.watch.is_armed() {
+            match self
+                .arrival
+                .watch
+                .arm(self.listeners.iter().map(|l| l.as_fd()))
+            {
+                Ok(()) => debug!("queues empty; watching the listeners for the next connection"),
+                Err(e) => debug!("cannot watch the listeners for arrivals: {e}"),
+            }
+        }
+    }
+
+    /// A connection came after a quiet tick: probe soon rather than at the
+    /// next regular tick, which may be a whole interval away.
+    pub(super) fn on_arrival(&mut self) {
+        self.arrival.watch.disarm();
+        self.arrival.next = Some(Instant::now() + ARRIVAL_SETTLE);
+        self.arrival.baseline_taken = false;
+    }
+
+    /// An early probe. It acts only on a burst (more than a blip queued):
+    /// blips stay the regular ticks' business, so early probes cannot make
+    /// the scaler count them twice. The first takes the workers' CPU
+    /// baseline with the burst queued; the second, one CPU window later,
+    /// lets the scaler decide with a sample it knows was taken wholly
+    /// under the queue (the CPU guard then needs no extra tick).
+    pub(super) fn on_early_tick(&mut self) {
+        self.arrival.next = None;
+        let now = Instant::now();
+        self.probe_queues();
+        let queued = self.queued_total().unwrap_or(0);
+        if queued <= BLIP || !matches!(self.lifecycle, Lifecycle::Running) {
+            return;
+        }
+        if self.config.scale.cpu_guard && !self.arrival.baseline_taken {
+            debug!(queued, "early probe after an arrival: CPU baseline");
+            self.cpu.sample(self.pool.workers.keys().copied(), now);
+            self.arrival.baseline_taken = true;
+            self.arrival.next = Some(now + EARLY_CPU_WINDOW);
+            return;
+        }
+        debug!(queued, "early probe after an arrival: deciding");
+        self.autoscale(now, true);
     }
 
     /// A stalled journal shows in STATUS= (systemd's notify socket still
@@ -177,7 +271,9 @@ impl Supervisor {
         }
     }
 
-    fn autoscale(&mut self, now: Instant) {
+    /// One scaler decision. `cpu_while_queued`: the CPU sample about to be
+    /// taken spans only time with a queue (see `on_early_tick`).
+    fn autoscale(&mut self, now: Instant, cpu_while_queued: bool) {
         // The guard only judges ticks with a queue, but the first such tick
         // needs a baseline: sample while a queue is (or just was) there,
         // and once a second otherwise, which keeps idle ticks cheap.
@@ -201,6 +297,7 @@ impl Supervisor {
             queued: self.queued_total(),
             listeners: self.listeners.len() as u32,
             cpu_busy,
+            cpu_while_queued,
         };
         if sample.queued.unwrap_or(0) > 0 {
             debug!(queued = ?sample.queued, cpu_busy = ?cpu_busy, ready = counts.ready, "queue sample");
@@ -217,6 +314,7 @@ impl Supervisor {
         else {
             return;
         };
+        self.metrics.scale_decision(&d);
         if d.is_hold() {
             // Holds (cpu-bound, at max, unreadable) are reported once each.
             info!(event = "scale-hold", target = d.to, "{d}");

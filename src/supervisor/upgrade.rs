@@ -21,7 +21,7 @@ use super::lifecycle::{Lifecycle, Reply, Upgrade, UpgradeStage};
 use super::ondemand;
 use super::pool::Worker;
 use crate::handover::{self, Resume, State};
-use crate::sys::exec;
+use crate::sys::{exec, process};
 
 /// How long the new binary may take to answer `--preflight`.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -132,6 +132,7 @@ impl Supervisor {
         let replies = std::mem::take(replies);
         match result {
             Err(msg) => {
+                self.metrics.upgrade(crate::metrics::UpgradeResult::Refused);
                 error!(
                     event = "upgrade-refused",
                     "upgrade refused, still running {}: {msg}",
@@ -148,17 +149,24 @@ impl Supervisor {
                     "preflight passed; re-executing as {version}"
                 );
                 self.checked_image = Some(image);
-                if replies.is_empty() {
+                if replies.is_empty() && self.pool.templates.forks.is_empty() {
                     // Nobody waits for an answer (SIGUSR2): exec right away.
                     self.exec_upgrade(None);
                     return;
                 }
+                // With callers, give their replies time to leave; without,
+                // exec at the first tick that owes no fork of the template.
+                let delay = if replies.is_empty() {
+                    Duration::ZERO
+                } else {
+                    EXEC_DELAY
+                };
                 for r in replies {
                     let _ = r.send(Ok(()));
                 }
                 self.enter(Lifecycle::Upgrading(Upgrade {
                     stage: UpgradeStage::Handing {
-                        exec_at: Instant::now() + EXEC_DELAY,
+                        exec_at: Instant::now() + delay,
                     },
                     from_starting,
                 }));
@@ -290,6 +298,7 @@ impl Supervisor {
     }
 
     fn upgrade_failed(&mut self, msg: String) {
+        self.metrics.upgrade(crate::metrics::UpgradeResult::Failed);
         error!(
             event = "upgrade-failed",
             "upgrade failed, still running {}: {msg}",
@@ -310,6 +319,7 @@ impl Supervisor {
             .clamp(self.config.pool.min, self.config.pool.max);
         self.counters = state.counters;
         self.counters.upgrades += 1;
+        self.metrics.upgrade(crate::metrics::UpgradeResult::Done);
         self.started = back(state.uptime_ms);
         self.gate.consecutive_failures = state.consecutive_failures;
         self.on_demand.socket_activated = state.socket_activated;
@@ -373,7 +383,21 @@ async fn preflight(exe: &std::path::Path, args: &[std::ffi::OsString]) -> Prefli
         .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    let output = match tokio::time::timeout(PREFLIGHT_TIMEOUT, cmd.output()).await {
+    // tokio waits for this child by its pid: droved's sweep of exited
+    // children must leave it alone while it does (see sys::process).
+    let (child, _held) = process::fork_held(
+        || {
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+        },
+        |c| c.id().map(|id| nix::unistd::Pid::from_raw(id as i32)),
+    )
+    .map_err(|e| PreflightError::Run {
+        exe: exe.into(),
+        error: e,
+    })?;
+    let output = match tokio::time::timeout(PREFLIGHT_TIMEOUT, child.wait_with_output()).await {
         Err(_) => return Err(PreflightError::Timeout(exe.into())),
         Ok(Err(e)) => {
             return Err(PreflightError::Run {

@@ -12,7 +12,7 @@ use super::control::Event;
 use super::environment::{self, Account};
 use super::plan::{self, ExitVerdict};
 use super::pool::{StopReason, Worker, WorkerState};
-use crate::config::{Config, ReadyMode};
+use crate::config::{Config, ReadyMode, WorkerSocket};
 use crate::notify;
 use crate::sys::listen::Listener;
 use crate::sys::process::{self, ExitStatus};
@@ -33,6 +33,18 @@ pub enum PlanError {
     Credentials(std::io::Error),
     #[error(transparent)]
     Command(std::io::Error),
+    #[error(
+        "worker.socket = \"stdin\" gives each worker exactly one listener (fd 0), but droved has {0}; listen on one address (listen.addresses, --listen or the .socket unit)"
+    )]
+    StdinListeners(usize),
+}
+
+/// Where `socket` puts a worker's listeners.
+fn placement(socket: WorkerSocket) -> spawn::Placement {
+    match socket {
+        WorkerSocket::Systemd => spawn::Placement::Systemd,
+        WorkerSocket::Stdin => spawn::Placement::Stdin,
+    }
 }
 
 /// Whether a variable of droved's own environment must stay out of
@@ -79,15 +91,11 @@ impl WorkerPlan {
             &w.inherit_environment,
             &w.environment,
         );
-        env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
-        env.push((
-            "LISTEN_FDNAMES".into(),
-            listeners
-                .iter()
-                .map(|l| l.name.as_str())
-                .collect::<Vec<_>>()
-                .join(":"),
-        ));
+        if w.socket == WorkerSocket::Stdin && listeners.len() != 1 {
+            return Err(PlanError::StdinListeners(listeners.len()));
+        }
+        let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        env.extend(environment::listen_variables(w.socket, &names));
         env.push(("NOTIFY_SOCKET".into(), notify_address.to_string()));
         if let Some(wd) = w.watchdog {
             env.push(("WATCHDOG_USEC".into(), wd.as_micros().to_string()));
@@ -111,25 +119,6 @@ impl WorkerPlan {
 }
 
 impl Supervisor {
-    pub(super) fn reap(&mut self) {
-        let pids: Vec<Pid> = self.pool.workers.keys().copied().collect();
-        for pid in pids {
-            match process::try_reap(pid) {
-                Ok(Some(status)) => self.on_exit(pid, status),
-                Ok(None) => {}
-                Err(e) => {
-                    // ECHILD: not our child any more; forget it rather than loop.
-                    warn!(
-                        worker_pid = pid.as_raw(),
-                        "cannot wait for worker: {e}; forgetting it"
-                    );
-                    self.pool.workers.remove(&pid);
-                }
-            }
-        }
-        self.reap_templates();
-    }
-
     pub(super) fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
         let Some(w) = self.pool.workers.remove(&pid) else {
             return;
@@ -144,7 +133,15 @@ impl Supervisor {
             uptime_secs: uptime.as_secs_f64(),
         });
         let secs = uptime.as_secs_f64();
-        match plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime) {
+        let verdict = plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime);
+        self.metrics.worker_exited(&verdict);
+        if w.generation == self.generation && plan::fails_rollout(&verdict) {
+            self.note_rollout_failure(format!(
+                "worker {pid} of generation {} exited with {status} after {secs:.1} s",
+                w.generation
+            ));
+        }
+        match verdict {
             ExitVerdict::Stopped { reason, failed } => {
                 info!(
                     worker_pid = pid.as_raw(),
@@ -213,7 +210,8 @@ impl Supervisor {
         let delay = self.gate.record_failure(now);
         self.last_failure = Some(why.clone());
         let generation = self.generation;
-        if let Some(r) = self.lifecycle.rollout_mut() {
+        // Guarded rollouts count failures themselves (note_rollout_failure).
+        if let Some(r) = self.lifecycle.rollout_mut().filter(|r| r.guard.is_none()) {
             if w.generation == generation {
                 r.failures += 1;
             }
@@ -276,6 +274,7 @@ impl Supervisor {
             w.state = WorkerState::Ready;
             w.ready_at = Some(now);
             w.last_ping = now;
+            self.metrics.worker_ready(now.duration_since(w.started));
             info!(
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
@@ -348,6 +347,7 @@ impl Supervisor {
                 working_directory: self.config.worker.working_directory.as_deref(),
                 credentials: self.plan.credentials.as_ref(),
                 listeners: self.listeners.iter().map(|l| l.as_fd()).collect(),
+                placement: placement(self.config.worker.socket),
                 parent_death_signal: Some(self.config.worker.stop_signal),
             };
             self.gate.consume(now);

@@ -144,7 +144,9 @@ impl Image {
     /// A command that runs this very file, through `/proc/self/fd/N` in
     /// the child (argv[0] stays the path). The fd is made inheritable in
     /// the child only, so a `#!` script, whose interpreter opens that path
-    /// after exec, runs as well.
+    /// after exec, runs as well. tokio waits for the child by its pid:
+    /// spawn it through `process::fork_held`, or droved's sweep of exited
+    /// children may take its status first.
     pub fn command(&self) -> tokio::process::Command {
         let raw = self.file.as_raw_fd();
         let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{raw}"));
@@ -218,7 +220,9 @@ pub fn default_sigpipe() {
 /// Ignores the control signals (HUP, USR2, TTIN, TTOU) until droved's own
 /// handlers replace this: their default actions (terminate, stop) would
 /// kill or freeze a droved that is signalled while it starts up. TERM, INT
-/// and QUIT keep their defaults: before there are workers, dying is right.
+/// and QUIT keep their defaults: before there are workers, dying is right
+/// (except as PID 1, which the kernel does not let them kill: droved then
+/// blocks them until the supervisor handles them; see droved's main).
 pub fn ignore_control_signals() {
     for sig in [
         Signal::SIGHUP,

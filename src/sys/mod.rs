@@ -3,6 +3,7 @@
 //! This is the only module where `unsafe` is allowed (see `spawn` for the
 //! fork/exec path, the one place that creates processes).
 
+pub mod arrival;
 pub mod conns;
 pub mod exec;
 pub mod fdstore;
@@ -12,7 +13,6 @@ pub mod notify_socket;
 pub mod private_socket;
 pub mod probe;
 pub mod process;
-pub mod readable;
 pub mod spawn;
 pub mod template_socket;
 pub mod users;

@@ -1,6 +1,14 @@
-//! Signals to and exit statuses of worker processes, and /proc readings.
+//! Signals to and exit statuses of worker processes, reaping, and /proc
+//! readings.
+//!
+//! Reaping: droved waits for every child it has, known or not (as PID 1 of a
+//! container, or as a subreaper, orphans of whole process trees come to it).
+//! One sweep ([`reap_next`]) takes exited children in the kernel's order;
+//! the few places that wait for a particular child themselves hold it
+//! ([`fork_held`]) so the sweep cannot steal its status.
 
 use std::io;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::sys::signal::{self, Signal};
@@ -65,9 +73,114 @@ pub fn is_subreaper() -> bool {
     nix::sys::prctl::get_child_subreaper().unwrap_or(false)
 }
 
+/// Whether this process is PID 1 of its PID namespace (a container's
+/// entrypoint): orphans of the whole namespace come to it, and the kernel
+/// drops any signal it has no handler for.
+pub fn is_namespace_init() -> bool {
+    nix::unistd::getpid().as_raw() == 1
+}
+
+/// Children whose exit status some code waits for by pid itself: a fork
+/// whose exec is not yet confirmed (sys::spawn), the upgrade's preflight
+/// (tokio's Command). [`reap_next`] leaves them alone: reaping one would
+/// hand its waiter ECHILD instead of the status.
+static WAITED_ELSEWHERE: Mutex<Vec<Pid>> = Mutex::new(Vec::new());
+
+fn waited_elsewhere() -> std::sync::MutexGuard<'static, Vec<Pid>> {
+    // The list stays consistent even if a holder panicked: it only pushes
+    // and removes pids.
+    WAITED_ELSEWHERE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A child kept out of droved's reaping sweep while it lives; dropping it
+/// hands the child (or a zombie its waiter left) back to the sweep.
+#[derive(Debug)]
+pub struct Held(Pid);
+
+impl Held {
+    pub fn pid(&self) -> Pid {
+        self.0
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut list = waited_elsewhere();
+        if let Some(i) = list.iter().position(|p| *p == self.0) {
+            list.swap_remove(i);
+        }
+    }
+}
+
+/// Runs `fork`, which creates one child that its caller will wait for by
+/// pid (`pid_of` names it), and keeps that child out of the sweep until
+/// the returned [`Held`] drops. The sweep cannot run in between: the list's
+/// lock is held across the fork.
+pub fn fork_held<T>(
+    fork: impl FnOnce() -> io::Result<T>,
+    pid_of: impl FnOnce(&T) -> Option<Pid>,
+) -> io::Result<(T, Option<Held>)> {
+    let mut list = waited_elsewhere();
+    let child = fork()?;
+    let held = pid_of(&child).map(|pid| {
+        list.push(pid);
+        Held(pid)
+    });
+    Ok((child, held))
+}
+
+/// What [`reap_next`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaped {
+    /// A child exited and is reaped now.
+    Child(Pid, ExitStatus),
+    /// The next exited child is waited for elsewhere; `waitid(P_ALL)` sees
+    /// no further while it is there ([`reap_unheld`] looks past it).
+    Held(Pid),
+    /// No child has exited (or there are none).
+    Nothing,
+}
+
+/// Reaps one exited child, whichever it is (known worker or orphan), except
+/// those [`Held`] for another waiter: peeks with
+/// `waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT)`, then reaps that pid.
+pub fn reap_next() -> io::Result<Reaped> {
+    let held = waited_elsewhere();
+    let Some(pid) = exited_child()? else {
+        return Ok(Reaped::Nothing);
+    };
+    if held.contains(&pid) {
+        return Ok(Reaped::Held(pid));
+    }
+    Ok(match try_reap(pid)? {
+        Some(status) => Reaped::Child(pid, status),
+        None => Reaped::Nothing,
+    })
+}
+
+/// Reaps every exited child except the [`Held`] ones, child by child from
+/// /proc/self/task/*/children: the slow way past a held zombie that blocks
+/// [`reap_next`].
+pub fn reap_unheld() -> io::Result<Vec<(Pid, ExitStatus)>> {
+    let held = waited_elsewhere();
+    let mut out = Vec::new();
+    for pid in own_children()? {
+        if held.contains(&pid) {
+            continue;
+        }
+        // Running, or ECHILD (reaped meanwhile): nothing to take.
+        if let Ok(Some(status)) = try_reap(pid) {
+            out.push((pid, status));
+        }
+    }
+    Ok(out)
+}
+
 /// The pid of some exited child not yet reaped, without reaping it
 /// (`waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT)`); `None` when none has exited.
-pub fn exited_child() -> io::Result<Option<Pid>> {
+fn exited_child() -> io::Result<Option<Pid>> {
     use nix::sys::wait::{Id, waitid};
     loop {
         match waitid(
@@ -205,4 +318,90 @@ pub fn is_waiting_for_connection(pid: Pid) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/wchan"))
         .map(|w| w.contains("accept") || w.contains("poll") || w.contains("select"))
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set when this test binary runs one test alone in a fresh process.
+    const ISOLATED: &str = "DROVE_TEST_ISOLATED";
+
+    /// Runs test `name` alone in a fresh copy of this test binary: the
+    /// sweep waits for any child, so it must not run beside other tests
+    /// that wait for theirs.
+    fn run_isolated(name: &str) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--test-threads=1", "--nocapture"])
+            .env(ISOLATED, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("test result: ok. 1 passed"),
+            "{name} in its own process:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn exited(pid: Pid) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    }
+
+    fn child(code: i32) -> std::process::Child {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("exit {code}")])
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_sweep_reaps_every_child_but_a_held_one() {
+        let name = "sys::process::tests::the_sweep_reaps_every_child_but_a_held_one";
+        if std::env::var_os(ISOLATED).is_none() {
+            return run_isolated(name);
+        }
+        // The held child exits first and comes first in the kernel's list:
+        // the sweep must look past it.
+        let (mut held_child, held) =
+            fork_held(|| Ok(child(3)), |c| Some(Pid::from_raw(c.id() as i32))).unwrap();
+        let held = held.unwrap();
+        let others: Vec<Pid> = (0..3)
+            .map(|i| Pid::from_raw(child(10 + i).id() as i32))
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !exited(held.pid()) || !others.iter().all(|p| exited(*p)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "children did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut reaped = Vec::new();
+        loop {
+            match reap_next().unwrap() {
+                Reaped::Child(pid, status) => reaped.push((pid, status)),
+                Reaped::Held(pid) => {
+                    assert_eq!(pid, held.pid());
+                    reaped.extend(reap_unheld().unwrap());
+                    break;
+                }
+                Reaped::Nothing => break,
+            }
+        }
+        reaped.sort_by_key(|(p, _)| p.as_raw());
+        let expected: Vec<_> = others
+            .iter()
+            .zip(10..)
+            .map(|(p, code)| (*p, ExitStatus::Exited(code)))
+            .collect();
+        assert_eq!(reaped, expected);
+        // Its own waiter still gets its status.
+        assert_eq!(held_child.wait().unwrap().code(), Some(3));
+        drop(held);
+        assert_eq!(reap_next().unwrap(), Reaped::Nothing);
+    }
 }

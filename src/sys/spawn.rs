@@ -20,7 +20,10 @@
 //! - the child then duplicates each listener to a CLOEXEC fd above the
 //!   target range (so the `dup2`s cannot clobber each other, and `dup2(3, 3)`
 //!   no-ops cannot keep CLOEXEC set), then `dup2`s them to 3, 4, …, which
-//!   clears CLOEXEC on exactly those fds.
+//!   clears CLOEXEC on exactly those fds;
+//! - with [`Placement::Stdin`] (the FastCGI convention) the one listener goes
+//!   to fd 0 instead and `LISTEN_PID` is not set; fds 1 and 2 are never a
+//!   move's target in either placement, so stdout and stderr stay droved's.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -34,6 +37,29 @@ use super::users::{lookup_group, lookup_user};
 
 /// First fd handed to workers (SD_LISTEN_FDS_START).
 pub const LISTEN_FDS_START: RawFd = 3;
+
+/// The listening socket of the FastCGI convention (FCGI_LISTENSOCK_FILENO).
+pub const FCGI_LISTENSOCK_FILENO: RawFd = 0;
+
+/// Where a worker's listeners go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// sd_listen_fds(3): fds 3, 4, … and `LISTEN_PID` (the caller sets
+    /// `LISTEN_FDS` and `LISTEN_FDNAMES`).
+    Systemd,
+    /// FastCGI: exactly one listener, on fd 0; no `LISTEN_PID`.
+    Stdin,
+}
+
+impl Placement {
+    /// The fd the first listener is placed at.
+    pub fn first_fd(self) -> RawFd {
+        match self {
+            Placement::Systemd => LISTEN_FDS_START,
+            Placement::Stdin => FCGI_LISTENSOCK_FILENO,
+        }
+    }
+}
 
 /// Room for the decimal pid in `LISTEN_PID=`.
 const PID_DIGITS: usize = 20;
@@ -89,8 +115,10 @@ pub struct SpawnSpec<'a> {
     pub env: Vec<(String, String)>,
     pub working_directory: Option<&'a Path>,
     pub credentials: Option<&'a Credentials>,
-    /// Listening sockets, placed at fds 3, 4, … in this order.
+    /// Listening sockets, placed at fds 3, 4, … in this order, or the one
+    /// listener at fd 0 (see `placement`).
     pub listeners: Vec<BorrowedFd<'a>>,
+    pub placement: Placement,
     /// Sent to the worker if droved dies (PR_SET_PDEATHSIG), so a killed
     /// supervisor leaves no orphan pool serving stale code.
     pub parent_death_signal: Option<nix::sys::signal::Signal>,
@@ -108,6 +136,7 @@ struct Prepared {
     cwd: Option<CString>,
     creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     fds: Vec<RawFd>,
+    first_fd: RawFd,
     death_signal: libc::c_int,
     parent: libc::pid_t,
 }
@@ -155,18 +184,22 @@ pub struct FdPlan {
     pub status: RawFd,
     /// The listener moves, in order, after the status pipe moved.
     pub moves: Vec<FdMove>,
-    /// First fd above the listener targets `3..high_base`.
+    /// First fd above both the listener targets `first..first + n` and
+    /// stdin, stdout and stderr (so at least 3): every fd from here up is
+    /// droved's own and closed at exec.
     pub high_base: RawFd,
 }
 
 /// Plans the fds of a worker: listener `i` (fd `listeners[i]`) ends at
-/// `3 + i` without CLOEXEC, and the exec status pipe (fd `status`) ends at
-/// `FdPlan::status`, untouched by every later move. Fds that are neither
-/// listeners nor the status pipe may be overwritten: in the child they are
-/// droved's own, all closed at exec anyway. Pure, so it is tested without
-/// forking; the child only follows it.
-pub fn fd_plan(listeners: &[RawFd], status: RawFd) -> FdPlan {
-    let high_base = LISTEN_FDS_START + listeners.len() as RawFd;
+/// `first + i` without CLOEXEC, and the exec status pipe (fd `status`) ends
+/// at `FdPlan::status`, untouched by every later move. No move targets an
+/// fd below `high_base` other than the listener slots, so the stdio fds
+/// outside `first..first + n` stay as droved has them. Fds that are neither
+/// listeners nor the status pipe may be overwritten above `high_base`: in
+/// the child they are droved's own, all closed at exec anyway. Pure, so it
+/// is tested without forking; the child only follows it.
+pub fn fd_plan(listeners: &[RawFd], status: RawFd, first: RawFd) -> FdPlan {
+    let high_base = (first + listeners.len() as RawFd).max(LISTEN_FDS_START);
     let mut taken: Vec<RawFd> = listeners.to_vec();
     let next_free = |taken: &mut Vec<RawFd>| {
         let fd = (high_base..)
@@ -188,7 +221,7 @@ pub fn fd_plan(listeners: &[RawFd], status: RawFd) -> FdPlan {
         .map(|(&from, &to)| FdMove::Park { from, to })
         .chain(parked.iter().enumerate().map(|(i, &from)| FdMove::Place {
             from,
-            to: LISTEN_FDS_START + i as RawFd,
+            to: first + i as RawFd,
         }))
         .collect();
     FdPlan {
@@ -270,6 +303,12 @@ impl SpawnSpec<'_> {
             .filter(|(k, _)| k != "LISTEN_PID")
             .map(|(k, v)| cstring(format!("{k}={v}").as_bytes(), "worker environment"))
             .collect::<io::Result<Vec<_>>>()?;
+        if self.placement == Placement::Stdin && self.listeners.len() != 1 {
+            return Err(invalid(format!(
+                "the FastCGI socket convention (fd 0) takes exactly one listener, not {}",
+                self.listeners.len()
+            )));
+        }
         let mut listen_pid = b"LISTEN_PID=".to_vec();
         listen_pid.extend(std::iter::repeat_n(b' ', PID_DIGITS));
         listen_pid.push(0);
@@ -277,7 +316,9 @@ impl SpawnSpec<'_> {
         let mut argv_ptrs: Vec<_> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
         let mut envp_ptrs: Vec<_> = env.iter().map(|e| e.as_ptr()).collect();
-        envp_ptrs.push(listen_pid.as_ptr().cast());
+        if self.placement == Placement::Systemd {
+            envp_ptrs.push(listen_pid.as_ptr().cast());
+        }
         envp_ptrs.push(std::ptr::null());
 
         let cwd = self
@@ -301,6 +342,7 @@ impl SpawnSpec<'_> {
             cwd,
             creds,
             fds: self.listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
+            first_fd: self.placement.first_fd(),
             death_signal: self.parent_death_signal.map_or(0, |s| s as libc::c_int),
             parent: std::process::id() as libc::pid_t,
         })
@@ -320,6 +362,8 @@ pub struct Pending {
     pid: Pid,
     status: std::fs::File,
     program: CString,
+    /// Out of droved's reaping sweep until the exec is confirmed.
+    _held: Option<super::process::Held>,
 }
 
 /// Forks a worker; [`Pending::finish`] waits for its exec.
@@ -327,25 +371,36 @@ pub fn start(spec: &SpawnSpec<'_>) -> io::Result<Pending> {
     let mut prepared = spec.prepare()?;
     let (status_read, status_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let listen_pid_ptr = prepared.listen_pid.as_mut_ptr();
-    let plan = fd_plan(&prepared.fds, status_write.as_raw_fd());
+    let plan = fd_plan(&prepared.fds, status_write.as_raw_fd(), prepared.first_fd);
 
-    // SAFETY: fork() in a multi-threaded process is sound as long as the child
-    // only makes async-signal-safe calls before execve/_exit. `child_exec`
-    // makes only such calls (see its doc) and touches only memory prepared
-    // above, which the child's copy of the address space holds too.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid == 0 {
-        // SAFETY: we are the child of fork(); see child_exec's contract.
-        unsafe { child_exec(&prepared, &plan, listen_pid_ptr) }
-    }
+    // Held until the exec is confirmed: a failed child is reaped by
+    // `finish`, not by droved's sweep of exited children.
+    let (pid, held) = super::process::fork_held(
+        || {
+            // SAFETY: fork() in a multi-threaded process is sound as long as
+            // the child only makes async-signal-safe calls before
+            // execve/_exit. `child_exec` makes only such calls (see its doc)
+            // and touches only memory prepared above, which the child's copy
+            // of the address space holds too (the child never touches the
+            // lock fork_held holds).
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if pid == 0 {
+                // SAFETY: we are the child of fork(); see child_exec's contract.
+                unsafe { child_exec(&prepared, &plan, listen_pid_ptr) }
+            }
+            Ok(Pid::from_raw(pid))
+        },
+        |pid| Some(*pid),
+    )?;
     drop(status_write);
     Ok(Pending {
-        pid: Pid::from_raw(pid),
+        pid,
         status: std::fs::File::from(status_read),
         program: prepared.program.clone(),
+        _held: held,
     })
 }
 
@@ -440,8 +495,8 @@ unsafe fn child_exec(p: &Prepared, plan: &FdPlan, listen_pid: *mut u8) -> ! {
             fail(plan.status_from, ChildStep::Fds);
         }
         let status_fd = plan.status;
-        // Listeners to 3..: first above the target range (CLOEXEC copies),
-        // then dup2 down, which clears CLOEXEC on exactly the targets.
+        // Listeners to 3.. (or 0): first above the target range (CLOEXEC
+        // copies), then dup2 down, which clears CLOEXEC on exactly the targets.
         for step in &plan.moves {
             let done = match *step {
                 FdMove::Park { from, to } => libc::dup3(from, to, libc::O_CLOEXEC),
@@ -575,6 +630,7 @@ mod tests {
             working_directory: None,
             credentials: None,
             listeners: vec![listener.as_fd()],
+            placement: Placement::Systemd,
             parent_death_signal: None,
         };
         let pid = spawn(&spec).unwrap();
@@ -599,6 +655,56 @@ mod tests {
     }
 
     #[test]
+    fn stdin_placement_puts_the_listener_on_fd_0_and_sets_no_listen_pid() {
+        use std::os::unix::fs::MetadataExt;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let dir = std::env::temp_dir().join(format!("drove-spawn-stdin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        // $$ is the shell itself; readlink shows what its fds are.
+        let script = format!(
+            "echo \"${{LISTEN_PID-unset}} $(readlink /proc/$$/fd/0) $(readlink /proc/$$/fd/1) $(readlink /proc/$$/fd/2)\" > {0}; exec ls /proc/self/fd >> {0}",
+            out.display()
+        );
+        let argv = vec!["sh".to_string(), "-c".to_string(), script];
+        let spec = SpawnSpec {
+            argv: &argv,
+            env: vec![("PATH".into(), std::env::var("PATH").unwrap())],
+            working_directory: None,
+            credentials: None,
+            listeners: vec![listener.as_fd()],
+            placement: Placement::Stdin,
+            parent_death_signal: None,
+        };
+        let pid = spawn(&spec).unwrap();
+        assert_eq!(wait_exit(pid), 0);
+        let text = std::fs::read_to_string(&out).unwrap();
+        let first = text.lines().next().unwrap();
+        let fields: Vec<_> = first.split(' ').collect();
+        assert_eq!(fields[0], "unset", "no LISTEN_PID: {text}");
+        assert_eq!(fields[1], format!("socket:[{inode}]"), "fd 0: {text}");
+        let ours = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert_eq!(Path::new(fields[2]), ours(1), "stdout unchanged: {text}");
+        assert_eq!(Path::new(fields[3]), ours(2), "stderr unchanged: {text}");
+        // ls: 0-2 and its own directory fd; nothing at 3 but that.
+        let fds: Vec<i32> = text.lines().skip(1).map(|l| l.parse().unwrap()).collect();
+        assert!(fds.iter().all(|&fd| fd <= 3), "no leaked fds: {fds:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // Two listeners cannot share fd 0.
+        let second = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = SpawnSpec {
+            listeners: vec![listener.as_fd(), second.as_fd()],
+            ..spec
+        };
+        let err = spawn(&spec).unwrap_err();
+        assert!(err.to_string().contains("exactly one listener"), "{err}");
+    }
+
+    #[test]
     fn missing_program_is_a_clear_error() {
         let argv = vec!["/nonexistent/drove-test-binary".to_string()];
         let spec = SpawnSpec {
@@ -607,6 +713,7 @@ mod tests {
             working_directory: None,
             credentials: None,
             listeners: vec![],
+            placement: Placement::Systemd,
             parent_death_signal: None,
         };
         let err = spawn(&spec).unwrap_err();
@@ -622,6 +729,7 @@ mod tests {
             working_directory: Some(Path::new("/nonexistent-drove-dir")),
             credentials: None,
             listeners: vec![],
+            placement: Placement::Systemd,
             parent_death_signal: None,
         };
         let err = spawn(&spec).unwrap_err();
@@ -637,16 +745,18 @@ mod tests {
     }
 
     /// Runs the fd plan on a model fd table and checks the invariants the
-    /// child relies on: listener `i` ends at `3 + i` without CLOEXEC, and
-    /// the status pipe, once moved, is never overwritten.
-    fn check_plan(listeners: &[RawFd], status: RawFd) {
+    /// child relies on: listener `i` ends at `first + i` without CLOEXEC,
+    /// the status pipe, once moved, is never overwritten, and no move
+    /// touches a stdio fd that is not a listener slot.
+    fn check_plan(listeners: &[RawFd], status: RawFd, first: RawFd) {
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         enum Open {
             Listener(usize),
             Status,
         }
-        let plan = fd_plan(listeners, status);
-        let ctx = format!("listeners {listeners:?}, status {status}: {plan:?}");
+        let plan = fd_plan(listeners, status, first);
+        let ctx = format!("listeners {listeners:?}, status {status}, first {first}: {plan:?}");
+        let slots = first..first + listeners.len() as RawFd;
         // fd -> (what is open there, CLOEXEC)
         let mut table: BTreeMap<RawFd, (Open, bool)> = listeners
             .iter()
@@ -654,7 +764,7 @@ mod tests {
             .map(|(i, &fd)| (fd, (Open::Listener(i), true)))
             .collect();
         table.insert(status, (Open::Status, true));
-        let high_base = LISTEN_FDS_START + listeners.len() as RawFd;
+        let high_base = slots.end.max(3);
         assert_eq!(plan.high_base, high_base, "{ctx}");
         assert_eq!(plan.status_from, status, "{ctx}");
         assert!(plan.status >= high_base, "{ctx}");
@@ -671,6 +781,10 @@ mod tests {
                 FdMove::Place { from, to } => (from, to, false),
             };
             assert_ne!(to, plan.status, "a move overwrites the status pipe: {ctx}");
+            assert!(
+                to >= high_base || slots.contains(&to),
+                "a move targets fd {to}, below every parking slot and no listener's: {ctx}"
+            );
             let (open, _) = *table
                 .get(&from)
                 .unwrap_or_else(|| panic!("{from} is closed: {ctx}"));
@@ -678,7 +792,7 @@ mod tests {
             assert_eq!(table[&plan.status].0, Open::Status, "{ctx}");
         }
         for i in 0..listeners.len() {
-            let fd = LISTEN_FDS_START + i as RawFd;
+            let fd = first + i as RawFd;
             assert_eq!(
                 table.get(&fd),
                 Some(&(Open::Listener(i), false)),
@@ -692,7 +806,7 @@ mod tests {
     fn fd_plan_moves() {
         // Nothing to place: the pipe stays where it is.
         assert_eq!(
-            fd_plan(&[], 5),
+            fd_plan(&[], 5, LISTEN_FDS_START),
             FdPlan {
                 status_from: 5,
                 status: 5,
@@ -702,7 +816,7 @@ mod tests {
         );
         // The usual case: the pipe above the listeners stays put.
         assert_eq!(
-            fd_plan(&[7], 8),
+            fd_plan(&[7], 8, LISTEN_FDS_START),
             FdPlan {
                 status_from: 8,
                 status: 8,
@@ -716,7 +830,7 @@ mod tests {
         // The pipe inside the target range (fd 4, where listener 1 goes):
         // it moves first, above every listener's source and parking slot.
         assert_eq!(
-            fd_plan(&[5, 6, 7], 4),
+            fd_plan(&[5, 6, 7], 4, LISTEN_FDS_START),
             FdPlan {
                 status_from: 4,
                 status: 8,
@@ -733,7 +847,7 @@ mod tests {
         );
         // Already at its target, a listener still goes through a copy, so
         // that the dup2 clears CLOEXEC.
-        let plan = fd_plan(&[3], 4);
+        let plan = fd_plan(&[3], 4, LISTEN_FDS_START);
         assert_eq!(plan.status, 4);
         assert_eq!(
             plan.moves,
@@ -741,6 +855,19 @@ mod tests {
                 FdMove::Park { from: 3, to: 5 },
                 FdMove::Place { from: 5, to: 3 }
             ]
+        );
+        // FastCGI: the listener to fd 0, parked above stdio, never at 1 or 2.
+        assert_eq!(
+            fd_plan(&[7], 8, FCGI_LISTENSOCK_FILENO),
+            FdPlan {
+                status_from: 8,
+                status: 8,
+                moves: vec![
+                    FdMove::Park { from: 7, to: 3 },
+                    FdMove::Place { from: 3, to: 0 }
+                ],
+                high_base: 3,
+            }
         );
     }
 
@@ -766,8 +893,12 @@ mod tests {
             layouts(n, &fds, &mut Vec::new(), &mut all);
             for listeners in all {
                 for &status in fds.iter().filter(|fd| !listeners.contains(fd)) {
-                    check_plan(&listeners, status);
+                    check_plan(&listeners, status, LISTEN_FDS_START);
                     checked += 1;
+                    if n == 1 {
+                        check_plan(&listeners, status, FCGI_LISTENSOCK_FILENO);
+                        checked += 1;
+                    }
                 }
             }
         }
@@ -845,6 +976,7 @@ mod tests {
             working_directory: Some(Path::new("/nonexistent-drove-dir")),
             credentials: None,
             listeners: listeners.iter().map(|l| l.as_fd()).collect(),
+            placement: Placement::Systemd,
             parent_death_signal: None,
         };
         match spawn(&spec) {

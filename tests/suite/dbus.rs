@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::harness::*;
 
 mod lifecycle;
+mod rollout;
 
 const DROVECTL: &str = env!("CARGO_BIN_EXE_drovectl");
 const SEC: Duration = Duration::from_secs(1);

@@ -1,11 +1,15 @@
+pub mod canary;
 pub mod cli;
 pub mod core;
 pub mod dbus;
 pub mod faults;
 pub mod fuzz;
 pub mod harness;
+pub mod metrics;
 pub mod notify;
 pub mod ondemand;
+pub mod php;
+pub mod pid1;
 pub mod scale;
 pub mod security;
 pub mod template;

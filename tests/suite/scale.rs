@@ -222,12 +222,62 @@ max = {max}
     let decisions: Vec<String> = d
         .log()
         .lines()
-        .filter(|l| l.contains("scale"))
+        .filter(|l| l.contains("scale") || l.contains("queue sample") || l.contains("early probe"))
         .map(String::from)
         .collect();
     assert!(
         most <= 2 * cores + 1,
         "pool grew to {most} workers on {cores} cores for a CPU-bound app:\n{}",
         decisions.join("\n")
+    );
+}
+
+/// A burst is seen when its first connection arrives, not at the next
+/// scale tick: with ticks 3 s apart, the pool grows well within one tick.
+/// Without the arrival watch the first scale-up would wait for the next
+/// regular tick, ~3 s after the burst (the load starts right after a tick).
+#[test]
+fn a_burst_is_seen_on_arrival_not_at_the_next_tick() {
+    let mut d = Droved::builder("scale-arrival")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+ready = "notify"
+[pool]
+min = 1
+max = 8
+[scale]
+interval = "3s"
+window = "6s"
+cooldown = "60s"
+"#,
+        )
+        .start();
+    d.wait_ready();
+    // Armed at the end of a regular tick: the next one is 3 s away.
+    d.wait_log(
+        "watching the listeners for the next connection",
+        1,
+        10 * SEC,
+    );
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=300", 16, 4 * SEC);
+    let up = d.wait_for("at least 4 ready workers", 10 * SEC, |u| {
+        ready_in(&u.status) >= 4
+    });
+    let at = up.statuses.iter().position(|s| ready_in(s) >= 4).unwrap();
+    let took = up.status_times[at].duration_since(load.started_at());
+    assert!(
+        took < Duration::from_millis(1500),
+        "pool reached {:?} {took:?} after the burst began; the next tick was 3 s away",
+        up.statuses[at]
+    );
+    assert!(load.finish_clean() > 0);
+    assert!(
+        d.log().contains("early probe after an arrival"),
+        "{}",
+        d.log()
     );
 }

@@ -723,3 +723,79 @@ fn reload_from_template_to_exec_mode_and_back() {
         assert_eq!(field(&body, "loaded_by"), new, "forked again: {body}");
     }
 }
+
+/// An upgrade asked for while the template still owes a fork waits for
+/// the answer before the exec: otherwise the new image would not know that
+/// worker, and the template (not handed over with a fork owed) would be
+/// replaced. Regression: SIGUSR2 used to exec at once, whatever was owed.
+#[test]
+fn an_upgrade_waits_for_a_fork_the_template_still_owes() {
+    // Answers each spawn 1.5 s late; its workers only say READY=1.
+    let dir = temp_dir("tpl-owed-app");
+    let script = dir.join("slow.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, socket, sys, time
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+droved = os.getppid()
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    time.sleep(1.5)
+    r, w = os.pipe()
+    if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
+            s.close()
+            while os.getppid() != droved:
+                time.sleep(0.001)
+            n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            n.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+            time.sleep(600)
+            os._exit(0)
+        os.write(w, str(pid).encode())
+        os._exit(0)
+    os.wait()
+    s.send(b"pid " + os.read(r, 32))
+"#,
+    )
+    .unwrap();
+    let scratch = Scratch::new("tpl-owed-bin");
+    let binary = scratch.join("droved");
+    droved_build(&binary, "build-0");
+    let mut d = Droved::builder("tpl-owed")
+        .binary(&binary)
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["python3", "{}"]
+ready = "notify"
+[pool]
+min = 1
+max = 4
+"#,
+            script.display()
+        ))
+        .start();
+    d.wait_ready();
+    let template = templates_started(&d)[0];
+    droved_build(&binary, "build-1");
+    // One more worker: its fork is owed for 1.5 s; the upgrade comes now.
+    d.signal(Signal::SIGTTIN);
+    d.wait_log("asked template for a worker", 2, 10 * SEC);
+    d.ready_again_after("READY=1 after the upgrade", 20 * SEC, |d| {
+        d.signal(Signal::SIGUSR2)
+    });
+    d.wait_log(&format!("took over template {template}"), 1, 10 * SEC);
+    assert_eq!(templates_started(&d), vec![template], "no new template");
+    let up = d.wait_for("2 workers ready", 10 * SEC, |u| {
+        u.status.starts_with("2 workers ready")
+    });
+    assert!(up.status.contains("2 workers ready"), "{}", up.status);
+    assert!(!d.log().contains("stray"), "{}", d.log());
+}

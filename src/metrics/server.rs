@@ -1,0 +1,306 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The metrics listener and its accept loop, one tokio task beside the
+//! supervisor's. What a connection may cost is bounded: at most
+//! [`MAX_CONNECTIONS`] at once (more are closed at once), [`http::MAX_HEAD`]
+//! bytes and [`HEAD_TIMEOUT`] to send the request head, [`WRITE_TIMEOUT`]
+//! to take the response; anything else is answered 400 and closed. A
+//! scrape renders on the blocking pool, so even a slow one never holds the
+//! runtime thread the supervisor runs on.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{debug, warn};
+
+use super::http::{self, Route};
+use super::{Metrics, procfs, render};
+use crate::config::ListenAddr;
+use crate::supervisor::status::Snapshot;
+
+/// Connections served at once; more are closed as soon as accepted.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Time a client has to send its whole request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to take the whole response.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why metrics cannot be served on an address.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for metrics on {address} (metrics.listen): {error}")]
+pub struct BindError {
+    pub address: ListenAddr,
+    /// Said in the message, so not a `source` as well.
+    pub error: io::Error,
+}
+
+/// A bound listener, not yet on the runtime.
+pub(super) enum Bound {
+    Tcp(std::net::TcpListener),
+    /// The path is removed when the listener is dropped (not at an
+    /// upgrade's exec, where nothing is dropped and the new image binds
+    /// it again).
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// Binds `address`. A unix socket file left by a droved that is gone is
+/// replaced; one that a live process still serves is not.
+pub(super) fn bind(address: &ListenAddr) -> Result<Bound, BindError> {
+    let fail = |error| BindError {
+        address: address.clone(),
+        error,
+    };
+    match address {
+        ListenAddr::Tcp(addr) => {
+            let l = std::net::TcpListener::bind(addr).map_err(fail)?;
+            l.set_nonblocking(true).map_err(fail)?;
+            Ok(Bound::Tcp(l))
+        }
+        ListenAddr::Unix(path) => {
+            use std::os::unix::fs::FileTypeExt;
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if !meta.file_type().is_socket() {
+                    return Err(fail(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "the path exists and is not a socket",
+                    )));
+                }
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => {
+                        return Err(fail(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another process serves on this socket",
+                        )));
+                    }
+                    Err(_) => std::fs::remove_file(path).map_err(fail)?,
+                }
+            }
+            let l = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
+            // Readable like a TCP port on 127.0.0.1: by every local user
+            // who can reach the directory (no request changes anything).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
+            l.set_nonblocking(true).map_err(fail)?;
+            Ok(Bound::Unix(l, path.clone()))
+        }
+    }
+}
+
+/// A listener on the runtime.
+enum Listening {
+    Tcp(TcpListener),
+    /// The path goes with the listener.
+    Unix(UnixListener, #[allow(dead_code)] UnlinkOnDrop),
+}
+
+struct UnlinkOnDrop(PathBuf);
+
+impl Drop for UnlinkOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Listening {
+    fn new(bound: Bound) -> io::Result<Listening> {
+        Ok(match bound {
+            Bound::Tcp(l) => Listening::Tcp(TcpListener::from_std(l)?),
+            Bound::Unix(l, path) => Listening::Unix(UnixListener::from_std(l)?, UnlinkOnDrop(path)),
+        })
+    }
+}
+
+/// What a scrape reads.
+#[derive(Clone)]
+pub(super) struct Source {
+    pub(super) metrics: Metrics,
+    pub(super) snapshot: watch::Receiver<Snapshot>,
+}
+
+impl Source {
+    /// Renders a scrape; on the blocking pool (it reads /proc).
+    async fn scrape(&self, format: render::Format) -> Option<String> {
+        let snapshot = self.snapshot.borrow().clone();
+        let metrics = self.metrics.clone();
+        let job = move || {
+            let live = metrics.live();
+            let readings = procfs::read(&live.worker_pids, &metrics.inner.cpu_floor);
+            render::render(&snapshot, metrics.events(), &live, &readings, format)
+        };
+        match tokio::task::spawn_blocking(job).await {
+            Ok(text) => Some(text),
+            Err(e) => {
+                warn!(event = "metrics", "rendering metrics failed: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// The accept loop. `swap` brings a new listener (or none: metrics off)
+/// after a reload; the loop ends when the sender is gone.
+pub(super) async fn run(
+    first: Option<Bound>,
+    mut swap: mpsc::UnboundedReceiver<Option<Bound>>,
+    source: Source,
+) {
+    let adopt = |b: Option<Bound>| {
+        b.and_then(|b| match Listening::new(b) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(event = "metrics", "cannot serve metrics: {e}");
+                None
+            }
+        })
+    };
+    let mut current = adopt(first);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        tokio::select! {
+            next = swap.recv() => match next {
+                Some(b) => current = adopt(b),
+                None => return,
+            },
+            accepted = accept(&current) => {
+                let conn = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and the like: do not spin on them.
+                        debug!(event = "metrics", "accept on the metrics socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    debug!(event = "metrics", "{MAX_CONNECTIONS} metrics connections open; closing a new one");
+                    continue;
+                };
+                let source = source.clone();
+                tokio::spawn(async move {
+                    match conn {
+                        Conn::Tcp(s) => serve(s, &source).await,
+                        Conn::Unix(s) => serve(s, &source).await,
+                    }
+                    drop(slot);
+                });
+            }
+        }
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Option<Listening>) -> io::Result<Conn> {
+    match l {
+        Some(Listening::Tcp(l)) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
+        Some(Listening::Unix(l, _)) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+        None => std::future::pending().await,
+    }
+}
+
+/// One request, one response, then close.
+async fn serve<S>(mut stream: S, source: &Source)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(HeadError::TooLarge)) => Err(http::Refusal::HeadTooLarge),
+        Ok(Err(HeadError::Closed)) | Err(_) => return,
+    };
+    let response = match head {
+        Err(r) => http::refusal(r),
+        Ok(Route::Index { head_only }) => http::response(
+            "200 OK",
+            "text/html; charset=utf-8",
+            b"<html><body><a href=\"/metrics\">/metrics</a></body></html>\n",
+            head_only,
+        ),
+        Ok(Route::Metrics { format, head_only }) => match source.scrape(format).await {
+            Some(text) => {
+                http::response("200 OK", format.content_type(), text.as_bytes(), head_only)
+            }
+            None => http::response(
+                "500 Internal Server Error",
+                "text/plain",
+                b"rendering metrics failed\n",
+                false,
+            ),
+        },
+    };
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+enum HeadError {
+    TooLarge,
+    Closed,
+}
+
+/// Reads up to the end of the request head, parsed; never more than
+/// [`http::MAX_HEAD`] bytes.
+async fn read_head<S>(stream: &mut S) -> Result<Result<Route, http::Refusal>, HeadError>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| HeadError::Closed)?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        let scan_from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(len) = http::head_len(&buf[scan_from..]) {
+            return Ok(http::parse(&buf[..scan_from + len]));
+        }
+        if buf.len() >= http::MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        // Garbage that is not even a request line: say so without
+        // waiting for a blank line that will not come.
+        if !plausible_start(&buf) {
+            return Ok(Err(http::Refusal::BadRequest));
+        }
+    }
+}
+
+/// Whether `buf` can still begin a request line: upper-case method
+/// letters, then a space.
+fn plausible_start(buf: &[u8]) -> bool {
+    let method = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    match buf.get(method) {
+        None => method <= 16,
+        Some(b' ') => method > 0,
+        Some(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spots_garbage_early() {
+        assert!(plausible_start(b"GE"));
+        assert!(plausible_start(b"GET /metr"));
+        assert!(!plausible_start(b"\x16\x03\x01"));
+        assert!(!plausible_start(b"get /"));
+        assert!(!plausible_start(b" /"));
+        assert!(!plausible_start(b"AAAAAAAAAAAAAAAAAAAAAAAA"));
+    }
+}
