@@ -43,6 +43,10 @@ pub struct State {
     /// kept open across the exec. Absent otherwise and in older states.
     #[serde(default)]
     pub template: Option<TemplateHandover>,
+    /// The listeners came from systemd socket activation (pool.idle_exit
+    /// needs it). Absent in older states: then false.
+    #[serde(default)]
+    pub socket_activated: bool,
 }
 
 /// A template handed over with its socket.
@@ -249,6 +253,7 @@ mod tests {
                 fd: 9,
                 age_ms: 1000,
             }),
+            socket_activated: true,
         }
     }
 
@@ -269,6 +274,7 @@ mod tests {
         bytes.extend_from_slice(json.as_bytes());
         let s = decode(&bytes).unwrap();
         assert_eq!(s.resume, Resume::Running);
+        assert!(!s.socket_activated);
         assert_eq!(s.workers[0].state, PoolWorkerState::Stopping);
         assert_eq!(s.workers[0].stop, Some((StopReason::ScaleDown, 10)));
         // And what this binary writes reads the same way in the old one's

@@ -376,6 +376,14 @@ impl Scaler {
         &self.params
     }
 
+    /// The pool was woken from zero workers outside the scaler (a
+    /// connection arrived with `pool.min = 0`): a scale-up like its own, so
+    /// the next scale-down waits a whole quiet cooldown from `now`.
+    pub fn woke(&mut self, now: Duration) {
+        self.last_up = Some(now);
+        self.quiet_since = None;
+    }
+
     /// The latest decision or hold, for status.
     pub fn last_decision(&self) -> Option<&Decision> {
         self.last.as_ref()
@@ -852,6 +860,34 @@ mod tests {
             "queue empty for 20s: scale down 7 -> 6"
         );
         assert_eq!(sim.target, 2);
+    }
+
+    #[test]
+    fn a_wake_from_zero_waits_a_cooldown_before_going_back() {
+        // min 0: a long quiet run at zero, then droved wakes the pool for a
+        // connection (outside the scaler) and the worker takes it before
+        // the next tick sees a queue.
+        let mut sim = Sim::new(ScaleParams::new(0, 8), 0);
+        sim.run_for(30 * S, |_, _| Some(0));
+        assert!(sim.decisions.is_empty(), "{:?}", sim.decisions);
+        sim.scaler.woke(sim.now);
+        sim.target = 1;
+        sim.ready = 1;
+        let woke = sim.now;
+        sim.run_for(30 * S, |_, _| Some(0));
+        let down = sim.decisions.iter().find(|d| d.to == 0).expect("back to 0");
+        assert!(down.at - woke >= 10 * S, "{:?}", down.at - woke);
+        // Without the wake, the old quiet run would take it down at once.
+        let mut sim = Sim::new(ScaleParams::new(0, 8), 0);
+        sim.run_for(30 * S, |_, _| Some(0));
+        sim.target = 1;
+        sim.ready = 1;
+        let at = sim.now;
+        sim.step(Some(0));
+        assert_eq!(
+            sim.decisions.last().map(|d| (d.to, d.at)),
+            Some((0, at + 100 * MS))
+        );
     }
 
     #[test]

@@ -13,10 +13,10 @@ use drove::bus::{self, BusKind};
 use drove::config::{Config, ListenAddr, ListenSpec};
 use drove::handover;
 use drove::supervisor::{LoadFailure, Setup, Supervisor};
-use drove::sys::exec;
 use drove::sys::listen::{self, Listener};
 use drove::sys::spawn::Credentials;
 use drove::sys::users;
+use drove::sys::{exec, fdstore};
 
 /// The embedded default: a demo pool of the Rust example worker on
 /// 127.0.0.1:8080, used when droved gets neither a config nor a command.
@@ -184,19 +184,97 @@ fn socket_owner(config: &Config) -> anyhow::Result<users::SocketOwner> {
     )?)
 }
 
-fn bind_listeners(config: &Config) -> anyhow::Result<Vec<Listener>> {
+/// Binds the configured listeners, or takes them back from systemd's fd
+/// store (`stored`); each bound now comes with its name in the store.
+fn bind_listeners(
+    config: &Config,
+    stored: &mut fdstore::Stored,
+) -> anyhow::Result<Vec<(Listener, Option<String>)>> {
     let l = &config.listen;
     let owner = socket_owner(config)?;
     l.addresses
         .iter()
-        .map(|spec| match &spec.address {
-            ListenAddr::Tcp(addr) => listen::bind_tcp(*addr, l.backlog, &spec.name),
-            ListenAddr::Unix(path) => {
-                listen::bind_unix(path, l.backlog, &spec.name, l.socket_mode, owner)
+        .map(|spec| {
+            if let Some(kept) = stored.take(spec) {
+                return Ok((kept, None));
             }
+            match &spec.address {
+                ListenAddr::Tcp(addr) => listen::bind_tcp(*addr, l.backlog, &spec.name),
+                ListenAddr::Unix(path) => {
+                    listen::bind_unix(path, l.backlog, &spec.name, l.socket_mode, owner)
+                }
+            }
+            .map(|bound| (bound, Some(fdstore::store_name(&spec.address))))
         })
         .collect::<std::io::Result<Vec<_>>>()
         .context("cannot open the listening sockets")
+}
+
+/// pool.idle_exit is refused unless systemd's socket unit can start
+/// droved again after it exits.
+fn check_idle_exit(config: &Config, socket_activated: bool) -> anyhow::Result<()> {
+    if config.pool.idle_exit.is_some()
+        && let Some(why) = drove::supervisor::ondemand::idle_exit_refusal(socket_activated)
+    {
+        bail!("{why}");
+    }
+    Ok(())
+}
+
+/// systemd's fd store for listeners droved binds itself: removes what it
+/// should no longer keep, pushes what was bound now, and leaves socket
+/// files in place at exit (a restarted droved takes the same socket back).
+fn use_fd_store(listeners: &mut [(Listener, Option<String>)], stale: Vec<String>) {
+    for name in stale {
+        if let Err(e) = fdstore::remove(&name) {
+            tracing::warn!(
+                event = "fdstore",
+                "cannot remove {name} from systemd's fd store: {e}"
+            );
+        }
+    }
+    let availability = fdstore::availability();
+    let note = match availability {
+        fdstore::Availability::Off => return,
+        fdstore::Availability::Size(n) => {
+            if (n as usize) < listeners.len() {
+                tracing::warn!(
+                    event = "fdstore",
+                    "the unit's FileDescriptorStoreMax={n} holds fewer than droved's {} listeners; raise it",
+                    listeners.len()
+                );
+            }
+            ""
+        }
+        fdstore::Availability::Unknown => " (kept if the unit sets FileDescriptorStoreMax=)",
+    };
+    for (l, bound) in listeners.iter_mut() {
+        if let Some(name) = bound {
+            match fdstore::push(l, name) {
+                Ok(()) => tracing::info!(
+                    event = "fdstore",
+                    "handed {}={} to systemd's fd store as {name}{note}",
+                    l.name,
+                    l.address
+                ),
+                Err(e) => tracing::warn!(
+                    event = "fdstore",
+                    "cannot hand {}={} to systemd's fd store: {e}; a restart of droved will bind it anew",
+                    l.name,
+                    l.address
+                ),
+            }
+        } else {
+            tracing::info!(
+                event = "fdstore",
+                "took {}={} back from systemd's fd store: connections waiting in its queue are kept",
+                l.name,
+                l.address
+            );
+        }
+        // The socket outlives droved: its file must stay too.
+        l.owned_path = None;
+    }
 }
 
 /// `eprintln!` that cannot panic: with stderr on a full disk (or a closed
@@ -228,7 +306,7 @@ fn main() -> ExitCode {
     // systemd's sockets (sd_listen_fds(3)).
     let inherited = match std::env::var(handover::ENV_FD) {
         Ok(fd) => Inherited::Handover(Box::new(take_handover(&fd))),
-        Err(_) => Inherited::Systemd(listen::from_systemd()),
+        Err(_) => Inherited::Systemd(listen::systemd_fds()),
     };
 
     if args.preflight || args.check {
@@ -315,8 +393,9 @@ fn main() -> ExitCode {
 enum Inherited {
     /// From the previous droved image (binary upgrade).
     Handover(Box<anyhow::Result<(handover::State, Vec<Listener>, OwnedFd)>>),
-    /// From systemd socket activation, if any.
-    Systemd(std::io::Result<Option<Vec<Listener>>>),
+    /// From systemd: socket activation, or listeners droved kept in
+    /// systemd's fd store (named `fdstore::PREFIX`...), if any.
+    Systemd(std::io::Result<Vec<(String, OwnedFd)>>),
 }
 
 /// Reads the state the previous image left and adopts its fds.
@@ -333,7 +412,7 @@ fn take_handover(fd: &str) -> anyhow::Result<(handover::State, Vec<Listener>, Ow
             let fd = exec::adopt_inherited(l.fd)?;
             let mut listener = Listener::from_fd(fd, l.name.clone())?;
             listener.owned_path = l.owned_path.clone();
-            if l.owned_path.is_some() {
+            if l.owned_path.is_some() || listener.family == listen::Family::Unix {
                 // bind_unix binds through /proc/self/fd/N (see there), which
                 // is what getsockname says; the path is what we reported.
                 listener.address = l.address.clone();
@@ -357,25 +436,41 @@ fn run(
     if let Some(w) = warning {
         tracing::warn!(event = "root-workers", "{w}");
     }
-    let (activated, restored) = match inherited {
+    let (listeners, socket_activated, restored) = match inherited {
         Inherited::Handover(h) => {
             let (state, listeners, notify) = (*h).context("binary upgrade handover failed")?;
-            (Ok(Some(listeners)), Some((state, notify)))
+            // The handover says what the first image had.
+            (listeners, state.socket_activated, Some((state, notify)))
         }
-        Inherited::Systemd(s) => (s, None),
-    };
-    let listeners = match activated.context("cannot use the sockets passed by systemd")? {
-        Some(fds) if restored.is_some() => fds,
-        Some(fds) => {
-            if !config.listen.addresses.is_empty() {
-                tracing::info!(
-                    "using {} socket(s) passed by systemd; listen.addresses is ignored",
-                    fds.len()
-                );
+        Inherited::Systemd(fds) => {
+            let fds = fds.context("cannot use the sockets passed by systemd")?;
+            let (kept, activation): (Vec<_>, Vec<_>) = fds
+                .into_iter()
+                .partition(|(name, _)| name.starts_with(fdstore::PREFIX));
+            let mut stored = fdstore::Stored::new(kept);
+            if activation.is_empty() {
+                check_idle_exit(&config, false)?;
+                let mut bound = bind_listeners(&config, &mut stored)?;
+                use_fd_store(&mut bound, stored.into_stale());
+                (bound.into_iter().map(|(l, _)| l).collect(), false, None)
+            } else {
+                check_idle_exit(&config, true)?;
+                // A socket unit now: what droved kept before is not needed.
+                use_fd_store(&mut [], stored.into_stale());
+                let fds = activation
+                    .into_iter()
+                    .map(|(name, fd)| Listener::from_fd(fd, name))
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .context("cannot use the sockets passed by systemd")?;
+                if !config.listen.addresses.is_empty() {
+                    tracing::info!(
+                        "using {} socket(s) passed by systemd; listen.addresses is ignored",
+                        fds.len()
+                    );
+                }
+                (fds, true, None)
             }
-            fds
         }
-        None => bind_listeners(&config)?,
     };
     if listeners.is_empty() {
         bail!(
@@ -409,6 +504,7 @@ fn run(
         exe,
         argv,
         restored,
+        socket_activated,
         metrics: metrics.clone(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -146,7 +146,7 @@ pub enum BusError {
     /// The caller is neither root, droved's own user, nor a member of
     /// control.group.
     AccessDenied(String),
-    /// Scale outside [min, max], or limits that are not 1 <= min <= max.
+    /// Scale outside [min, max], or limits that are not 0 <= min <= max, max >= 1.
     OutOfRange(String),
     /// Reload found an invalid configuration; nothing changed.
     ReloadRejected(String),

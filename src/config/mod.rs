@@ -9,7 +9,7 @@
 //! and column in the message. Invariants of a [`Config`] returned by
 //! [`Config::from_toml_str`]:
 //!
-//! - `1 <= pool.min <= pool.max <= 4096`, `pool.initial` (if set) is within
+//! - `0 <= pool.min <= pool.max <= 4096`, `pool.max >= 1`, `pool.initial` (if set) is within
 //!   `[min, max]`, `1 <= pool.spawn_rate <= 10000`;
 //! - `1 <= listen.backlog <= 65535`, `listen.socket_mode <= 0o777`;
 //! - every listen address is unique, every name is a valid systemd
@@ -221,10 +221,16 @@ impl Config {
             ));
         }
         let pool = &self.pool;
-        if pool.min == 0 {
+        if pool.max == 0 {
             return Err(ConfigError::unplaced(
-                "pool.min",
-                "pool.min must be at least 1".into(),
+                "pool.max",
+                "pool.max must be at least 1".into(),
+            ));
+        }
+        if pool.idle_exit.is_some() && pool.min > 0 {
+            return Err(ConfigError::unplaced(
+                "pool.idle_exit",
+                format!("pool.idle_exit needs pool.min = 0 (it is {})", pool.min),
             ));
         }
         if pool.max > MAX_WORKERS {
@@ -402,7 +408,8 @@ mod tests {
                 min: 2,
                 max: 8,
                 initial: None,
-                spawn_rate: 50
+                spawn_rate: 50,
+                idle_exit: None,
             }
         );
         assert_eq!(c.scale.interval, Duration::from_millis(100));
@@ -526,7 +533,8 @@ group = "drove"
                 min: 3,
                 max: 16,
                 initial: Some(4),
-                spawn_rate: 100
+                spawn_rate: 100,
+                idle_exit: None,
             }
         );
         assert_eq!(
@@ -615,11 +623,9 @@ group = "drove"
         assert_eq!(e.to_string(), "pool.min (9) must not exceed pool.max (8)");
         assert_eq!(e.key(), Some("pool.min"));
         assert_eq!(e.position(), None);
+        // min = 0 is a pool on demand (ondemand.rs tests).
         c.pool.min = 0;
-        assert_eq!(
-            c.validate_runnable().unwrap_err().to_string(),
-            "pool.min must be at least 1"
-        );
+        c.validate_runnable().unwrap();
         c.pool.min = 1;
         c.pool.max = 5000;
         assert_eq!(
@@ -674,5 +680,28 @@ group = "drove"
             ))]
         );
         assert_eq!((demo.pool.min, demo.pool.max), (2, 8));
+    }
+
+    // ondemand (issue 15): a pool that may be empty, and droved's idle exit.
+    #[test]
+    fn on_demand_pool() {
+        let c = parse("[pool]\nmin = 0\nmax = 4\nidle_exit = \"10m\"\n");
+        assert_eq!((c.pool.min, c.pool.max), (0, 4));
+        assert_eq!(c.pool.idle_exit, Some(Duration::from_secs(600)));
+        assert_eq!(c.initial_workers(), 0);
+        let mut c = c;
+        c.worker.command = vec!["app".into()];
+        c.validate_runnable().unwrap();
+        // Command-line overrides: --min 1 with idle_exit from the file.
+        c.pool.min = 1;
+        let e = c.validate_runnable().unwrap_err().to_string();
+        assert!(e.contains("pool.idle_exit needs pool.min = 0"), "{e}");
+        c.pool = PoolConfig {
+            min: 0,
+            max: 0,
+            ..PoolConfig::default()
+        };
+        let e = c.validate_runnable().unwrap_err().to_string();
+        assert!(e.contains("pool.max must be at least 1"), "{e}");
     }
 }

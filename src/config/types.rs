@@ -282,7 +282,8 @@ impl fmt::Display for ReadyMode {
 /// `[pool]`: how many workers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolConfig {
-    /// Never fewer workers than this; at least 1 (default 2).
+    /// Never fewer workers than this (default 2). 0 means on demand: no
+    /// worker while no connection waits (docs: "Scale to zero").
     pub min: u32,
     /// Never more workers than this; at most [`super::MAX_WORKERS`] (default 8).
     pub max: u32,
@@ -290,6 +291,9 @@ pub struct PoolConfig {
     pub initial: Option<u32>,
     /// Forks per second at most; default 50.
     pub spawn_rate: u32,
+    /// With `min = 0` under socket activation: exit 0 after this long at
+    /// zero workers (systemd's socket unit starts droved again). Off: None.
+    pub idle_exit: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -299,6 +303,7 @@ impl Default for PoolConfig {
             max: 8,
             initial: None,
             spawn_rate: 50,
+            idle_exit: None,
         }
     }
 }

@@ -628,7 +628,7 @@ impl Cx<'_> {
     }
 
     fn build_pool(&self, raw: &RawPool, out: &mut PoolConfig) -> Res<()> {
-        if let Some(n) = self.int(&raw.min, "pool.min", 1, MAX_WORKERS)? {
+        if let Some(n) = self.int(&raw.min, "pool.min", 0, MAX_WORKERS)? {
             out.min = n;
         }
         if let Some(n) = self.int(&raw.max, "pool.max", 1, MAX_WORKERS)? {
@@ -660,6 +660,26 @@ impl Cx<'_> {
         }
         if let Some(n) = self.int(&raw.spawn_rate, "pool.spawn_rate", 1, 10_000)? {
             out.spawn_rate = n;
+        }
+        self.build_idle_exit(raw, out)
+    }
+
+    /// `pool.idle_exit`: only for a pool that may be empty (`min = 0`).
+    /// Whether the sockets are socket-activated is checked at start-up.
+    fn build_idle_exit(&self, raw: &RawPool, out: &mut PoolConfig) -> Res<()> {
+        let nonzero = Duration::from_nanos(1);
+        out.idle_exit = self.duration_min(&raw.idle_exit, "pool.idle_exit", nonzero)?;
+        if let (Some(_), Some(v)) = (out.idle_exit, &raw.idle_exit)
+            && out.min > 0
+        {
+            return Err(self.at(
+                v,
+                "pool.idle_exit",
+                format!(
+                    "pool.idle_exit needs pool.min = 0 (it is {}): droved exits only after a time at zero workers",
+                    out.min
+                ),
+            ));
         }
         Ok(())
     }
@@ -720,7 +740,7 @@ mod tests {
         );
         assert_err(
             "[pool]\nminimum = 1",
-            "2:1: unknown key `minimum` in [pool]; expected one of min, max, initial, spawn_rate",
+            "2:1: unknown key `minimum` in [pool]; expected one of min, max, initial, spawn_rate, idle_exit",
         );
         assert_err(
             "[worker]\n  comand = []",
@@ -1060,8 +1080,12 @@ mod tests {
             "2:7: pool.min (2) must not exceed pool.max (1)",
         );
         assert_err(
-            "[pool]\nmin = 0",
-            "2:7: pool.min (0) must be a whole number from 1 to 4096",
+            "[pool]\nmin = 2\nidle_exit = \"10m\"",
+            "3:13: pool.idle_exit needs pool.min = 0 (it is 2): droved exits only after a time at zero workers",
+        );
+        assert_err(
+            "[pool]\nmin = 0\nidle_exit = \"0s\"",
+            "3:13: pool.idle_exit must be greater than zero",
         );
         assert_err(
             "[pool]\nmax = 0",
@@ -1073,11 +1097,11 @@ mod tests {
         );
         assert_err(
             "[pool]\nmin = -1",
-            "2:7: pool.min (-1) must be a whole number from 1 to 4096",
+            "2:7: pool.min (-1) must be a whole number from 0 to 4096",
         );
         assert_err(
             "[pool]\nmin = 1.0",
-            "2:7: pool.min must be a whole number from 1 to 4096, found float 1",
+            "2:7: pool.min must be a whole number from 0 to 4096, found float 1",
         );
         assert_err(
             "[pool]\nmin = 2\nmax = 4\ninitial = 5",

@@ -96,9 +96,9 @@ impl Supervisor {
         max: u32,
         privileged: bool,
     ) -> Result<(u32, u32), ControlError> {
-        if min == 0 || min > max || max > crate::config::MAX_WORKERS {
+        if max == 0 || min > max || max > crate::config::MAX_WORKERS {
             return Err(ControlError::OutOfRange(format!(
-                "limits must satisfy 1 <= min <= max <= {}; got min {min}, max {max}",
+                "limits must satisfy 0 <= min <= max <= {}, max >= 1; got min {min}, max {max}",
                 crate::config::MAX_WORKERS
             )));
         }

@@ -10,7 +10,11 @@
 //!     └──────────────▶ Upgrading { Preflight ─▶ Handing } ──exec──▶ (new image:
 //!                          │                                 Starting/Running/Stopping)
 //!  any state ── SIGTERM/SIGINT/SIGQUIT ──▶ Stopping { fast } ──last worker gone──▶ exit
+//!  Running at zero workers for pool.idle_exit ──▶ Stopping { graceful }
 //! ```
+//!
+//! A pool at zero workers (`pool.min = 0`) is a condition of the pool, not
+//! a state here: see `ondemand.rs` and docs/lifecycle.md.
 //!
 //! Every state owns exactly the data that exists in it (a rollout's floor
 //! and callers, an upgrade's callers and exec time), so "rolling and

@@ -24,6 +24,7 @@ pub mod control;
 pub mod environment;
 pub mod gate;
 pub mod lifecycle;
+pub mod ondemand;
 pub mod plan;
 pub mod pool;
 pub mod pool_cpu;
@@ -83,6 +84,8 @@ pub struct Setup {
     pub argv: Vec<std::ffi::OsString>,
     /// State handed over by the previous binary, with its notify socket.
     pub restored: Option<(crate::handover::State, std::os::fd::OwnedFd)>,
+    /// The listeners came from systemd socket activation (a .socket unit).
+    pub socket_activated: bool,
     /// Prometheus metrics: the supervisor only feeds them (`crate::metrics`).
     pub metrics: crate::metrics::Metrics,
 }
@@ -156,6 +159,8 @@ pub struct Supervisor {
     stray_checks: Vec<Instant>,
     /// The programs of templates lost with forks unanswered.
     stray_exes: Vec<PathBuf>,
+    /// pool.min = 0: the watch for a connection at zero workers, idle exit.
+    on_demand: ondemand::OnDemand,
     /// Prometheus metrics, fed by one-line hooks at the events.
     metrics: crate::metrics::Metrics,
 }
@@ -242,6 +247,7 @@ impl Supervisor {
             early: Default::default(),
             stray_checks: Vec::new(),
             stray_exes: Vec::new(),
+            on_demand: ondemand::OnDemand::new(setup.socket_activated),
             metrics: setup.metrics,
         };
         if let Some((state, _)) = restored {
@@ -310,6 +316,7 @@ impl Supervisor {
             );
         }
         self.reconcile();
+        self.track_zero(Instant::now());
         self.publish();
 
         loop {
@@ -341,10 +348,13 @@ impl Supervisor {
                 _ = sigttin.recv() => self.nudge(1, "SIGTTIN"),
                 _ = sigttou.recv() => self.nudge(-1, "SIGTTOU"),
                 Some(cmd) = self.commands_rx.recv() => self.on_command(cmd),
+                // pool.min = 0: a connection waits and the pool is empty.
+                _ = self.on_demand.watch.arrived() => self.on_connection_waiting(),
             }
             // Cheap: exits may have raced with the event we handled.
             self.reap();
             self.reconcile();
+            self.track_zero(Instant::now());
             self.publish();
             if self.lifecycle.is_stopping()
                 && self.pool.workers.is_empty()

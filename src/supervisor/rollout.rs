@@ -26,6 +26,9 @@ pub(super) enum ReloadError {
     Config(super::LoadFailure),
     #[error(transparent)]
     Workers(#[from] super::workers::PlanError),
+    /// A setting that cannot work in droved's environment.
+    #[error("{0}")]
+    Environment(&'static str),
 }
 
 impl ReloadError {
@@ -69,6 +72,11 @@ impl Supervisor {
             Lifecycle::Starting | Lifecycle::Running | Lifecycle::Rolling(_) => {}
         }
         let new = (self.load_config)().map_err(ReloadError::Config)?;
+        if new.pool.idle_exit.is_some()
+            && let Some(why) = super::ondemand::idle_exit_refusal(self.on_demand.socket_activated)
+        {
+            return Err(ReloadError::Environment(why));
+        }
         // Resolve the worker settings before touching anything: an unknown
         // user or a missing command rejects the reload like a parse error.
         let credentials = workers::resolve_credentials(&new)?;

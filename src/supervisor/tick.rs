@@ -138,6 +138,7 @@ impl Supervisor {
             self.last_failure = None;
         }
         self.probe_queues();
+        self.zero_tick(now);
         let pids = self.pool.workers.keys().map(|p| p.as_raw());
         self.metrics.tick(&self.listener_status, pids);
         self.autoscale(now, false);
@@ -317,6 +318,10 @@ impl Supervisor {
         if d.is_hold() {
             // Holds (cpu-bound, at max, unreadable) are reported once each.
             info!(event = "scale-hold", target = d.to, "{d}");
+            return;
+        }
+        if d.to == 0 && !self.may_go_to_zero() {
+            debug!("scale-down to 0 waits: a worker is busy");
             return;
         }
         if d.to != self.target {

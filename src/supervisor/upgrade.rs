@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use super::Supervisor;
 use super::control::ControlError;
 use super::lifecycle::{Lifecycle, Reply, Upgrade, UpgradeStage};
+use super::ondemand;
 use super::pool::Worker;
 use crate::handover::{self, Resume, State};
 use crate::sys::{exec, process};
@@ -223,6 +224,7 @@ impl Supervisor {
             consecutive_failures: self.gate.consecutive_failures,
             resume,
             template: self.template_to_hand_over(now),
+            socket_activated: self.on_demand.socket_activated,
         }
     }
 
@@ -320,6 +322,12 @@ impl Supervisor {
         self.metrics.upgrade(crate::metrics::UpgradeResult::Done);
         self.started = back(state.uptime_ms);
         self.gate.consecutive_failures = state.consecutive_failures;
+        self.on_demand.socket_activated = state.socket_activated;
+        if self.config.pool.idle_exit.is_some()
+            && let Some(why) = ondemand::idle_exit_refusal(state.socket_activated)
+        {
+            warn!("{why}; pool.idle_exit is ignored until droved restarts");
+        }
         for w in state.workers {
             let pid = nix::unistd::Pid::from_raw(w.pid);
             let mut worker = Worker::new(pid, w.slot, w.generation, back(w.age_ms));

@@ -113,19 +113,31 @@ fn describe(addr: &SockaddrStorage) -> (Family, String) {
 /// sd-notify checks LISTEN_PID and sets CLOEXEC on fds 3.. before we wrap
 /// them. Call this early in `main`, before anything else opens fds.
 pub fn from_systemd() -> io::Result<Option<Vec<Listener>>> {
-    let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()?.collect();
+    let fds = systemd_fds()?;
     if fds.is_empty() {
         return Ok(None);
     }
     fds.into_iter()
+        .map(|(name, fd)| Listener::from_fd(fd, name))
+        .collect::<io::Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// The fds systemd passed (LISTEN_FDS), with their LISTEN_FDNAMES, not yet
+/// checked to be listeners: socket activation, or listeners droved kept
+/// in systemd's fd store (`sys::fdstore`). Call it early, as
+/// [`from_systemd`].
+pub fn systemd_fds() -> io::Result<Vec<(String, OwnedFd)>> {
+    let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()?.collect();
+    Ok(fds
+        .into_iter()
         .map(|(raw, name)| {
             // SAFETY: sd_listen_fds(3) hands these fds to this process; no
             // other code in droved owns fds 3..3+LISTEN_FDS at this point.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            Listener::from_fd(fd, name)
+            (name, fd)
         })
-        .collect::<io::Result<Vec<_>>>()
-        .map(Some)
+        .collect())
 }
 
 /// Binds a TCP listener with SO_REUSEADDR (so a restart does not wait for

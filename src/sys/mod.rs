@@ -4,8 +4,10 @@
 //! fork/exec path, the one place that creates processes).
 
 pub mod arrival;
+pub mod conns;
 pub mod control_socket;
 pub mod exec;
+pub mod fdstore;
 pub mod journal;
 pub mod listen;
 pub mod notify_socket;

@@ -384,7 +384,7 @@ fn limits_are_validated() {
     let d = bus.droved("limits", 2, 4);
     let bad = bus.ctl(&["limits", "3", "1"]);
     assert_exit(&bad, 1, &["min 3, max 1", "[org.drove.Error.OutOfRange]"]);
-    let bad = bus.ctl(&["limits", "0", "3"]);
+    let bad = bus.ctl(&["limits", "0", "0"]);
     assert_exit(&bad, 1, &["OutOfRange"]);
     let outside = bus.ctl(&["scale", "9"]);
     assert_exit(&outside, 1, &["9 is outside the limits 2..4", "OutOfRange"]);

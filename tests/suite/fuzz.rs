@@ -113,6 +113,7 @@ proptest! {
             consecutive_failures: 0,
             resume: handover::Resume::Running,
             template: None,
+            socket_activated: false,
         };
         let mut bytes = handover::encode(&state);
         let i = flip % bytes.len();

@@ -7,6 +7,7 @@ pub mod fuzz;
 pub mod harness;
 pub mod metrics;
 pub mod notify;
+pub mod ondemand;
 pub mod php;
 pub mod pid1;
 pub mod private;
