@@ -35,6 +35,8 @@ CONTENDERS = [
     ("fpm-ondemand", "php-fpm pm=ondemand max 16", "fpm", 0, 16, "tab:purple", "-"),
     ("drove-dyn", "drove 2..16, php-cgi", "drove", 2, 16, "tab:blue", "-"),
     ("drove-16", "drove static 16, php-cgi", "drove", 16, 16, "tab:cyan", "--"),
+    # pool.min = 0: like ondemand, no worker at idle (only droved).
+    ("drove-zero", "drove 0..16 (min = 0), php-cgi", "drove", 0, 16, "tab:green", "-."),
 ]
 
 

@@ -18,7 +18,7 @@ pub fn waiting_for_connection(pid: nix::unistd::Pid) -> Option<bool> {
     if w.trim().is_empty() || w.trim() == "0" {
         return None;
     }
-    Some(w.contains("accept") || w.contains("poll") || w.contains("select"))
+    Some(super::process::waits_for_connection(&w))
 }
 
 /// TCP states (include/net/tcp_states.h) of a connection still open on
