@@ -753,3 +753,133 @@ fn a_reload_turns_metrics_on_and_off() {
     assert!(d.log().contains("turned off"), "{}", d.log());
     assert!(TcpStream::connect(("127.0.0.1", mport)).is_err());
 }
+
+/// Holds `n` connections to 127.0.0.1:`port` that send the start of a
+/// request head and then nothing; whenever droved closes one, it opens
+/// another at once. Stops when dropped.
+struct Hog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Hog {
+    fn start(port: u16, n: usize) -> Hog {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let open = move || -> Option<TcpStream> {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").ok()?;
+            s.set_nonblocking(true).ok()?;
+            Some(s)
+        };
+        let thread = std::thread::spawn(move || {
+            let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| open()).collect();
+            let mut reopened = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                for c in conns.iter_mut() {
+                    let closed = match c {
+                        None => true,
+                        Some(s) => {
+                            let mut b = [0u8; 512];
+                            !matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                        }
+                    };
+                    if closed {
+                        *c = open();
+                        reopened += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            reopened
+        });
+        Hog {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_client_holding_many_slow_connections_does_not_starve_scrapes() {
+    let (_reservation, mport) = reserve_port();
+    let mut d = started(&config(1, 1, &format!("127.0.0.1:{mport}")));
+    let hog = Hog::start(mport, 64);
+    // Let it take every slot it can.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    let began = Instant::now();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(("127.0.0.1", mport)).unwrap();
+        s.set_read_timeout(Some(5 * SEC)).unwrap();
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        match s.read_to_string(&mut out) {
+            Ok(_) if out.starts_with("HTTP/1.1 200") && out.contains("drove_workers_target") => {
+                ok += 1
+            }
+            Ok(_) => errors.push(format!("{:?}", &out[..out.len().min(80)])),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let took = began.elapsed();
+    let reopened = hog.finish();
+    eprintln!(
+        "{ok} of 20 scrapes served in {took:?} while a client held 64 slow connections (reopened {reopened} times); failures {errors:?}"
+    );
+    assert!(ok >= 19, "{ok} of 20 scrapes served: {errors:?}");
+    assert!(d.try_exit().is_none());
+}
+
+#[test]
+fn a_scrape_flood_costs_droved_bounded_cpu() {
+    let (_reservation, mport) = reserve_port();
+    let mut d = Droved::builder("metrics")
+        .config(&config(32, 32, &format!("127.0.0.1:{mport}")))
+        .start();
+    d.wait_status("32 workers ready", 120 * SEC);
+    scrape(mport);
+    let flood_for = 5 * SEC;
+    let before = cpu_of(d.pid());
+    let t = Instant::now();
+    let loops: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while t.elapsed() < flood_for {
+                    if http_get(("127.0.0.1", mport), "/metrics").is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let scrapes: u64 = loops.into_iter().map(|l| l.join().unwrap()).sum();
+    let wall = t.elapsed();
+    let spent = cpu_of(d.pid()) - before;
+    let share = spent.as_secs_f64() / wall.as_secs_f64();
+    println!(
+        "scrape flood: {scrapes} scrapes in {wall:?} from 2 loops; droved used {spent:?} CPU ({:.0} % of a core, {:.3} ms per scrape)",
+        share * 100.0,
+        spent.as_secs_f64() * 1e3 / scrapes.max(1) as f64
+    );
+    assert!(scrapes > 100, "the flood was a flood: {scrapes} scrapes");
+    assert!(share < 0.35, "droved used {:.0} % of a core", share * 100.0);
+}
