@@ -26,6 +26,8 @@ use crate::supervisor::status::Snapshot;
 pub const MAX_CONNECTIONS: usize = 16;
 /// Time a client has to send its whole request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Listen backlog of a unix metrics socket (std's for TCP).
+const BACKLOG: u32 = 128;
 /// Time a client has to take the whole response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,7 +50,8 @@ pub(super) enum Bound {
 }
 
 /// Binds `address`. A unix socket file left by a droved that is gone is
-/// replaced; one that a live process still serves is not.
+/// replaced; one that a live process still serves is not, nor a file that
+/// is not a socket.
 pub(super) fn bind(address: &ListenAddr) -> Result<Bound, BindError> {
     let fail = |error| BindError {
         address: address.clone(),
@@ -61,29 +64,15 @@ pub(super) fn bind(address: &ListenAddr) -> Result<Bound, BindError> {
             Ok(Bound::Tcp(l))
         }
         ListenAddr::Unix(path) => {
-            use std::os::unix::fs::FileTypeExt;
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if !meta.file_type().is_socket() {
-                    return Err(fail(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        "the path exists and is not a socket",
-                    )));
-                }
-                match std::os::unix::net::UnixStream::connect(path) {
-                    Ok(_) => {
-                        return Err(fail(io::Error::new(
-                            io::ErrorKind::AddrInUse,
-                            "another process serves on this socket",
-                        )));
-                    }
-                    Err(_) => std::fs::remove_file(path).map_err(fail)?,
-                }
-            }
-            let l = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
-            // Readable like a TCP port on 127.0.0.1: by every local user
-            // who can reach the directory (no request changes anything).
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
+            // The listeners' binder: bound in a private directory, made
+            // 0666 through its fd and renamed into place, so whoever owns
+            // the directory cannot aim root's chmod at another file by
+            // swapping the socket for a symlink. Readable like a TCP port
+            // on 127.0.0.1: by every local user who can reach the
+            // directory (no request changes anything).
+            let l = crate::sys::listen::bind_unix(path, BACKLOG, "metrics", Some(0o666), None)
+                .map_err(fail)?;
+            let l = std::os::unix::net::UnixListener::from(l.fd);
             l.set_nonblocking(true).map_err(fail)?;
             Ok(Bound::Unix(l, path.clone()))
         }
