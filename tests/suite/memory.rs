@@ -36,8 +36,14 @@ def application(environ, start_response):
 "#;
 
 /// A template pool of 2 with `max_rss = "32MiB"`, on the private socket
-/// only (no bus), `user` and `launcher` as given.
-fn pool(tag: &str, python: &str, user: &str, launcher: &[&str]) -> (Droved, String) {
+/// only (no bus), `user` and `launcher` as given, metrics on `metrics`.
+fn pool(
+    tag: &str,
+    python: &str,
+    user: &str,
+    launcher: &[&str],
+    metrics: Option<u16>,
+) -> (Droved, String) {
     let dir = temp_dir(tag);
     std::fs::write(dir.join("app.py"), APP).unwrap();
     let instance = format!("memory-{tag}-{}", std::process::id());
@@ -56,9 +62,13 @@ max_rss = "32MiB"
 [pool]
 min = 2
 max = 2
+{metrics}
 "#,
         worker = python_worker().display(),
         app = dir.join("app.py").display(),
+        metrics = metrics
+            .map(|p| format!("[metrics]\nlisten = \"127.0.0.1:{p}\""))
+            .unwrap_or_default(),
     );
     let mut b = Droved::builder(tag)
         .config(&config)
@@ -108,9 +118,18 @@ fn pids_of_ready(list: &[Value]) -> Vec<u64> {
     pids
 }
 
+/// The value of the sample line `series` in a scrape of `port`.
+fn sample(port: u16, series: &str) -> u64 {
+    let text = http_get(("127.0.0.1", port), "/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
 /// The whole scenario: workers that own little are kept although their
 /// RSS is over the limit; the one that allocates 48 MiB is recycled.
-fn owned_memory_is_compared(d: &mut Droved, instance: &str) {
+fn owned_memory_is_compared(d: &mut Droved, instance: &str, metrics: Option<u16>) {
     let workers = eventually("2 ready workers listed", 20 * SEC, || {
         let l = list(instance);
         (pids_of_ready(&l).len() == 2).then_some(l)
@@ -138,6 +157,25 @@ fn owned_memory_is_compared(d: &mut Droved, instance: &str) {
             assert_eq!(w["state"], "template", "{w}");
             assert!(pss > 0, "{w}");
         }
+    }
+    if let Some(port) = metrics {
+        // The template's 64 MiB counted once in the PSS sum, three times
+        // in the RSS sum.
+        let rss: u64 = workers.iter().map(|w| bytes(w, "rss_bytes")).sum();
+        // The scrape's list of pids follows the pool a tick later.
+        let pss = eventually("the template's 64 MiB in the PSS sum", 10 * SEC, || {
+            let pss = sample(port, r#"drove_pool_memory_bytes{kind="pss"}"#);
+            (pss > 64 * MIB).then_some(pss)
+        });
+        let uss = sample(port, r#"drove_pool_memory_bytes{kind="uss"}"#);
+        eprintln!(
+            "pool: RSS {} MiB, PSS {} MiB, USS {} MiB",
+            rss / MIB,
+            pss / MIB,
+            uss / MIB
+        );
+        assert!(pss < rss / 2, "PSS {pss}, RSS {rss}");
+        assert!(uss < pss, "USS {uss}, PSS {pss}");
     }
     let lean = pids_of_ready(&workers);
     let body = d.get("/grow").unwrap();
@@ -180,8 +218,9 @@ fn owned_memory_is_compared(d: &mut Droved, instance: &str) {
 
 #[test]
 fn template_workers_are_recycled_on_what_they_own_not_on_rss() {
-    let (mut d, instance) = pool("tpl", "python3", "", &[]);
-    owned_memory_is_compared(&mut d, &instance);
+    let (_reservation, mport) = reserve_port();
+    let (mut d, instance) = pool("tpl", "python3", "", &[], Some(mport));
+    owned_memory_is_compared(&mut d, &instance, Some(mport));
 }
 
 /// As under the packaged unit (systemd/drove@.service): droved is root
@@ -201,6 +240,7 @@ fn smaps_rollup_is_read_under_the_packaged_capabilities() {
             "-all,+setuid,+setgid,+chown,+kill",
             "--",
         ],
+        None,
     );
-    owned_memory_is_compared(&mut d, &instance);
+    owned_memory_is_compared(&mut d, &instance, None);
 }
