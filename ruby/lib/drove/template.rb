@@ -69,7 +69,7 @@ module Drove
       text = datagram.b.chomp("\n")
       raise ProtocolError, "not ASCII: #{text.inspect}" unless text.ascii_only?
 
-      word, *args = text.split(" ", -1)
+      word, *args = text.split(/ /, -1) # single spaces, as the protocol says
       return [:unknown, word.to_s] unless word == "spawn"
       unless args.length == 2 && args.all? { |a| a.match?(/\A[0-9]+\z/) }
         raise ProtocolError, "bad spawn message #{text.inspect}"
