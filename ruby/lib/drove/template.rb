@@ -117,6 +117,7 @@ module Drove
         @socket.close_on_exec = true # the app's children get none of it
         @droved = Process.ppid
         @log = log
+        Template.prctl
       end
 
       attr_reader :droved
@@ -199,15 +200,27 @@ module Drove
       Random.srand # a fork shares the template's seed
     end
 
-    # prctl(PR_SET_PDEATHSIG) through Fiddle (Ruby's libffi binding, in
-    # Debian's libruby): fork cleared the template's. False when Fiddle or
+    # prctl(2) through Fiddle (Ruby's libffi binding, in Debian's libruby),
+    # or nil. Looked up by the template before it forks (Server.new), so
+    # the workers share Fiddle instead of each loading it.
+    def self.prctl
+      return @prctl if defined?(@prctl)
+
+      @prctl = begin
+        require "fiddle"
+        Fiddle::Function.new(Fiddle.dlopen(nil)["prctl"], [Fiddle::TYPE_INT] + [Fiddle::TYPE_LONG] * 4,
+                             Fiddle::TYPE_INT)
+      rescue LoadError, StandardError
+        nil
+      end
+    end
+
+    # PR_SET_PDEATHSIG: fork cleared the template's. False when Fiddle or
     # prctl is not there.
     def self.set_pdeathsig(signo)
-      require "fiddle"
-      prctl = Fiddle::Function.new(Fiddle.dlopen(nil)["prctl"], [Fiddle::TYPE_INT] + [Fiddle::TYPE_LONG] * 4,
-                                   Fiddle::TYPE_INT)
-      prctl.call(PR_SET_PDEATHSIG, signo, 0, 0, 0).zero?
-    rescue LoadError, Fiddle::DLError, StandardError
+      fn = prctl or return false
+      fn.call(PR_SET_PDEATHSIG, signo, 0, 0, 0).zero?
+    rescue StandardError
       false
     end
 
