@@ -278,13 +278,14 @@ module Drove
       def fork_preparation
         @conf.run_hooks(:before_fork, nil, @events)
         t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
-        if Process.respond_to?(:warmup)
+        if @options.user_options.fetch(:nakayoshi_fork, @options.file_options.fetch(:nakayoshi_fork, true)) == false
+          how = "no compaction (nakayoshi_fork false)"
+        elsif Process.respond_to?(:warmup)
           Process.warmup # Ruby 3.3+: GC, compaction, and more
           how = "Process.warmup"
         else
-          4.times { GC.start(full_mark: false) }
-          GC.start
-          GC.compact if GC.respond_to?(:compact)
+          4.times { GC.start(full_mark: false) } # promote the app's objects to old
+          GC.respond_to?(:compact) ? GC.compact : GC.start # a full GC either way
           how = GC.respond_to?(:compact) ? "GC.compact" : "GC.start"
         end
         gc_ms = ((Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0) * 1000).round
