@@ -197,3 +197,107 @@ fn drove_puma_outside_droved_exits_2_with_a_clear_message() {
         "{stderr}"
     );
 }
+
+/// Puma's hooks, as its cluster mode with preload_app! runs them: the
+/// template runs before_fork once and on_worker_fork/after_worker_fork per
+/// fork, each worker on_worker_boot (with its slot) and, on SIGTERM,
+/// on_worker_shutdown. With a 1 s watchdog, the workers' WATCHDOG=1 keep
+/// them alive.
+#[test]
+fn puma_hooks_run_where_cluster_mode_runs_them_and_the_watchdog_is_fed() {
+    let dir = temp_dir("puma-hooks");
+    let conf = dir.join("puma.rb");
+    std::fs::write(
+        &conf,
+        r#"
+before_fork { $stderr.puts "hook before_fork pid=#{Process.pid}" }
+on_worker_fork { |i| $stderr.puts "hook on_worker_fork slot=#{i} pid=#{Process.pid}" }
+after_worker_fork { |i| $stderr.puts "hook after_worker_fork slot=#{i} pid=#{Process.pid}" }
+on_worker_boot { |i| $stderr.puts "hook on_worker_boot slot=#{i} pid=#{Process.pid} ppid=#{Process.ppid}" }
+on_worker_shutdown { |i| $stderr.puts "hook on_worker_shutdown slot=#{i} pid=#{Process.pid}" }
+"#,
+    )
+    .unwrap();
+    let command = [
+        program("ruby"),
+        drove_puma(),
+        "-C".into(),
+        conf.display().to_string(),
+        hello_ru(),
+    ]
+    .iter()
+    .map(|a| format!("{a:?}"))
+    .collect::<Vec<_>>()
+    .join(", ");
+    let mut d = Droved::builder("puma-hooks")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = [{command}]
+ready = "notify"
+ready_timeout = "20s"
+watchdog = "1s"
+stop_timeout = "10s"
+[pool]
+min = 2
+max = 2
+"#
+        ))
+        .start();
+    d.wait_for("the pool ready", 30 * SEC, |u| u.ready);
+    let template = templates(&d)[0];
+    let workers = pool_workers(&d);
+    assert_eq!(workers.len(), 2, "{}", d.log());
+    let hooks = |log: &str, name: &str| -> Vec<String> {
+        log.lines()
+            .filter_map(|l| l.split_once(&format!("hook {name} ")))
+            .map(|(_, rest)| rest.to_string())
+            .collect()
+    };
+    assert_eq!(
+        hooks(&d.log(), "before_fork"),
+        vec![format!("pid={template}")]
+    );
+    for name in ["on_worker_fork", "after_worker_fork"] {
+        let seen = hooks(&d.log(), name);
+        assert_eq!(seen.len(), 2, "{name}: {seen:?}");
+        assert!(
+            seen.iter().all(|h| h.ends_with(&format!("pid={template}"))),
+            "{name} in the template: {seen:?}"
+        );
+    }
+    let boots = hooks(&d.log(), "on_worker_boot");
+    assert_eq!(boots.len(), 2, "{boots:?}");
+    for &w in &workers {
+        assert!(
+            boots
+                .iter()
+                .any(|h| h.contains(&format!("pid={w} ppid={}", d.pid()))),
+            "on_worker_boot in worker {w}, droved's child: {boots:?}"
+        );
+    }
+    let mut slots: Vec<String> = boots
+        .iter()
+        .map(|h| h.split_whitespace().next().unwrap().to_string())
+        .collect();
+    slots.sort();
+    assert_eq!(slots, ["slot=0", "slot=1"]);
+
+    // Three watchdog periods: fed, nobody killed or replaced.
+    std::thread::sleep(3 * SEC);
+    assert_eq!(d.log_count("watchdog timeout"), 0, "{}", d.log());
+    assert_eq!(pool_workers(&d), workers);
+
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(20 * SEC).success(), "{}", d.log());
+    let shutdowns = hooks(&d.log(), "on_worker_shutdown");
+    for &w in &workers {
+        assert!(
+            shutdowns.iter().any(|h| h.ends_with(&format!("pid={w}"))),
+            "{shutdowns:?}"
+        );
+    }
+}
