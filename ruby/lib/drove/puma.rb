@@ -264,9 +264,10 @@ module Drove
         check_options # config.ru may carry options (`#\ -p 8080`) too
         binds = Puma.binds_for(activated, Array(@options.user_options[:binds]) + Array(@options.file_options[:binds]))
         @options[:binds] = binds
-        @binder.parse(binds, @events)
-        # droved runs several of us: tell the app so.
+        # droved runs several of us: tell the app so (before parse, which
+        # copies this env for ssl:// listeners).
         @binder.proto_env["rack.multiprocess"] = true
+        @binder.parse(binds, @events)
         redirect_io
       end
 
