@@ -154,6 +154,21 @@ fn drove_puma_refuses_fork_worker_and_the_control_app_from_a_config_file() {
     );
 }
 
+#[test]
+fn drove_puma_refuses_daemonize_naming_the_config_line() {
+    let dir = temp_dir("puma-daemon");
+    let conf = dir.join("puma.rb");
+    std::fs::write(&conf, "threads 1, 2\ndaemonize\n").unwrap();
+    let conf = conf.display().to_string();
+    let d = failing_template("puma-daemon", &["-C", &conf], &hello_ru());
+    assert_failing_with(
+        d,
+        &[&format!(
+            "daemonize ({conf}:2:in `_load_from') cannot work under drove"
+        )],
+    );
+}
+
 /// An app that raises while loading: its error (class, message, where) on
 /// stderr, which is droved's log; FAILING with back-off, no fork storm.
 #[test]

@@ -222,12 +222,16 @@ module Drove
       rescue OptionParser::ParseError => e
         hint = e.args.any? { |a| a.start_with?("-d", "--daemon") } ? " (daemonize: under drove a worker stays in the foreground; Puma 5 removed it too)" : ""
         Puma.die(2, "#{e.message}#{hint}; see #{PROG} --help")
-      rescue NoMethodError => e
-        raise unless e.name == :daemonize
-
-        Puma.die(2, "daemonize (in the config file) cannot work under drove: a worker stays in the foreground, droved supervises it. Remove it")
       rescue SystemExit
         raise
+      rescue NameError => e
+        where = e.backtrace&.first
+        if e.name == :daemonize
+          Puma.die(2, "daemonize (#{where}) cannot work under drove: a worker stays in the foreground, " \
+                      "droved supervises it. Remove it")
+        end
+        # Not e.message: it inspects the whole Puma::DSL object.
+        Puma.die(2, "cannot load Puma's configuration: #{e.class}: undefined `#{e.name}' at #{where}")
       rescue Exception => e # rubocop:disable Lint/RescueException: a config file may raise anything
         Puma.die(2, "cannot load Puma's configuration: #{e.class}: #{e.message}\n#{e.backtrace&.first}")
       end
