@@ -316,3 +316,55 @@ max = 2
         );
     }
 }
+
+/// A reload to app code that no longer loads: each new template exits 1
+/// with the app's error, the rollout is aborted, and the old workers (forks
+/// of the old template) keep serving.
+#[test]
+fn a_reload_to_an_app_that_cannot_load_keeps_the_old_puma_workers() {
+    let dir = temp_dir("puma-badreload");
+    let app = dir.join("app.ru");
+    std::fs::copy(hello_ru(), &app).unwrap();
+    let command = [program("ruby"), drove_puma(), app.display().to_string()]
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut d = Droved::builder("puma-badreload")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = [{command}]
+ready = "notify"
+ready_timeout = "20s"
+restart_delay = "100ms"
+stop_timeout = "5s"
+[pool]
+min = 2
+max = 2
+"#
+        ))
+        .start();
+    d.wait_for("the pool ready", 30 * SEC, |u| u.ready);
+    let template = templates(&d)[0];
+    let workers = pool_workers(&d);
+    std::fs::write(&app, "raise NameError, \"broken on purpose\"\n").unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("event=\"rollout-aborted\"", 1, 60 * SEC);
+    let log = d.log();
+    assert!(
+        log.contains("broken on purpose") && log.contains("exited with status 1"),
+        "{}",
+        tail(&log, 40)
+    );
+    for _ in 0..10 {
+        let body = d.get("/").expect("the old workers keep serving");
+        assert!(workers.contains(&answered_pid(&body)), "{body}");
+        assert_eq!(loaded_by(&body), Some(template), "{body}");
+    }
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(20 * SEC).success(), "{}", d.log());
+}
