@@ -354,7 +354,12 @@ fn prometheus_scrapes_what_drovectl_shows_and_follows_a_burst_and_a_reload() {
 
     // A reload (drovectl waits for its rollout) is counted.
     bus.ctl(&["reload"]);
-    let status = bus.ctl(&["status"]);
+    // The rollout is done when the old workers are told to stop; their
+    // exits are counted once they are gone.
+    let status = eventually("the old workers gone", 30 * SEC, || {
+        let s = bus.ctl(&["status"]);
+        (number(&s, "stopping") == 0.0 && number(&s, "exited") > 0.0).then_some(s)
+    });
     assert_eq!(number(&status, "reloads"), 1.0);
     prometheus.wait_for("drove_reloads_total{result=\"applied\"}", 1.0);
     prometheus.wait_for("drove_rollouts_total{result=\"completed\"}", 1.0);
