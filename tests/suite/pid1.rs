@@ -7,6 +7,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -496,4 +497,89 @@ fn the_container_recipe_runs_as_pid1() {
     eventually("the namespace to be empty", 10 * SEC, || {
         members(&ns).is_empty().then_some(())
     });
+}
+
+#[test]
+fn a_lost_templates_fork_that_exec_d_is_killed_and_an_unrelated_orphan_is_not() {
+    // The template forks a worker that execs `sleep` and never names it;
+    // an orphan from elsewhere in the namespace runs python3, the
+    // template's own program. Ancestry, not the program, tells them apart.
+    let scratch = Scratch::new("pid1-strays");
+    let template = scratch.join("mute.py");
+    std::fs::write(
+        &template,
+        r#"
+import os, socket, sys
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    middle = os.fork()
+    if middle == 0:
+        if os.fork() == 0:
+            s.close()
+            os.execvp("sleep", ["sleep", "600"])
+        os._exit(0)
+    os.waitpid(middle, 0)
+"#,
+    )
+    .unwrap();
+    let mut d = Droved::builder("pid1-strays")
+        .launcher(UNSHARE)
+        .args(&[
+            "-l",
+            "127.0.0.1:{port}",
+            "-w",
+            "1",
+            "--mode",
+            "template",
+            "--",
+            "python3",
+            &template.display().to_string(),
+        ])
+        .start();
+    let init = init_pid(&d);
+    let sleeps = || -> Vec<i32> {
+        children_of(init)
+            .into_iter()
+            .filter(|c| cmdline(*c).starts_with("sleep 600"))
+            .collect()
+    };
+    let stray = eventually("the unnamed fork, exec'd", 10 * SEC, || {
+        sleeps().first().copied()
+    });
+    // An orphan of the namespace running python3: its parent shell exits.
+    let marker = "unrelated-orphan-of-pid1-strays";
+    let out = Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-p", "--", "sh", "-c"])
+        .arg(format!(
+            "python3 -c 'import time; time.sleep(600)' {marker} </dev/null >/dev/null 2>&1 &"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let orphan = eventually("the orphan adopted by droved", 10 * SEC, || {
+        children_of(init)
+            .into_iter()
+            .find(|c| cmdline(*c).contains(marker))
+    });
+    d.wait_log("left a spawn unanswered", 1, 15 * SEC);
+    eventually("the stray killed", 10 * SEC, || {
+        (!alive(stray)).then_some(())
+    });
+    // Both looks are over once the next template is asked for a worker:
+    // its own fork appears.
+    eventually("the next template's fork", 20 * SEC, || {
+        sleeps().into_iter().find(|p| *p != stray)
+    });
+    assert!(
+        alive(orphan) && children_of(init).contains(&orphan),
+        "the unrelated orphan was killed\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("event=\"stray-killed\""), "{}", d.log());
+    nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    let status = d.wait_exit(30 * SEC);
+    assert!(status.success(), "droved exited with {status}\n{}", d.log());
 }
