@@ -157,8 +157,8 @@ pub struct Supervisor {
     early: template_io::Early,
     /// Template mode: when to look for forks of a lost template.
     stray_checks: Vec<Instant>,
-    /// The sessions (leader pids) of templates lost with forks unanswered.
-    stray_sessions: Vec<nix::unistd::Pid>,
+    /// Templates lost with forks unanswered: where their forks are.
+    stray_sessions: Vec<template::LostTemplate>,
     /// Workers and templates, each held by a pidfd until reaped: every
     /// signal droved sends them goes through it.
     children: crate::sys::process::Signallable,

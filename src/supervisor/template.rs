@@ -179,6 +179,25 @@ pub fn judge_answer(a: &Answered, template: Pid, droved: Pid) -> Result<(), Refu
     }
 }
 
+/// A template lost with forks unanswered: its session, and when droved
+/// first asked it for a fork it never named (since boot, the clock of a
+/// process's start time in /proc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LostTemplate {
+    pub session: Pid,
+    pub asked: Duration,
+}
+
+/// Whether a child of droved's that is neither a worker nor a template is
+/// an unnamed fork of a lost template: in its session (whatever program
+/// it runs by now) and started no earlier than the first unanswered ask
+/// (`tick`: the start time's granularity), so what the template's workers
+/// left behind before is not taken for one. Pure.
+pub fn is_stray(session: Pid, started: Duration, lost: &[LostTemplate], tick: Duration) -> bool {
+    lost.iter()
+        .any(|l| l.session == session && started + tick >= l.asked)
+}
+
 /// A message from a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -449,6 +468,44 @@ mod tests {
             judge_answer(&fork(207, droved, pid(207)), template, droved),
             Err(Refusal::NotItsFork)
         );
+    }
+
+    #[test]
+    fn strays_are_the_lost_templates_forks_since_the_first_unanswered_ask() {
+        let tick = Duration::from_millis(10);
+        let lost = [LostTemplate {
+            session: pid(200),
+            asked: Duration::from_millis(5_003),
+        }];
+        // Forked after the ask; or in the same tick (start times are
+        // truncated to whole ticks).
+        assert!(is_stray(
+            pid(200),
+            Duration::from_millis(6_000),
+            &lost,
+            tick
+        ));
+        assert!(is_stray(
+            pid(200),
+            Duration::from_millis(5_000),
+            &lost,
+            tick
+        ));
+        // Left behind by its workers before droved asked anything.
+        assert!(!is_stray(
+            pid(200),
+            Duration::from_millis(4_990),
+            &lost,
+            tick
+        ));
+        // Another session: an orphan from elsewhere, another template's.
+        assert!(!is_stray(
+            pid(300),
+            Duration::from_millis(6_000),
+            &lost,
+            tick
+        ));
+        assert!(!is_stray(pid(200), Duration::from_millis(6_000), &[], tick));
     }
 
     fn templates(list: &[(i32, u64, TemplateState, u64)], now: Instant) -> Templates {

@@ -219,15 +219,31 @@ impl Supervisor {
         if self.template_io.as_ref().is_some_and(|(p, _)| *p == pid) {
             self.template_io = None;
         }
+        let first_ask = self
+            .pool
+            .templates
+            .forks
+            .iter()
+            .filter(|f| f.template == pid)
+            .map(|f| f.asked)
+            .min();
         let before = self.pool.templates.forks.len();
         self.pool.templates.forks.retain(|f| f.template != pid);
         let dropped = before - self.pool.templates.forks.len();
-        if dropped > 0 {
+        if let Some(first_ask) = first_ask {
             let now = Instant::now();
             // Its forks are in its session (droved made it a session
-            // leader), whatever program they run by now.
-            if !self.stray_sessions.contains(&pid) {
-                self.stray_sessions.push(pid);
+            // leader), whatever program they run by now, and started
+            // after droved asked. Unknown boot time: the whole session.
+            let asked = process::since_boot()
+                .map(|b| b.saturating_sub(now.saturating_duration_since(first_ask)))
+                .unwrap_or_default();
+            match self.stray_sessions.iter_mut().find(|l| l.session == pid) {
+                Some(l) => l.asked = l.asked.min(asked),
+                None => self.stray_sessions.push(template::LostTemplate {
+                    session: pid,
+                    asked,
+                }),
             }
             self.stray_checks
                 .extend(STRAY_CHECKS.iter().map(|d| now + *d));
@@ -461,7 +477,12 @@ impl Supervisor {
             let Ok(stat) = process::stat(pid) else {
                 continue;
             };
-            if !self.stray_sessions.contains(&stat.session) {
+            if !template::is_stray(
+                stat.session,
+                stat.started,
+                &self.stray_sessions,
+                process::clock_tick(),
+            ) {
                 continue;
             }
             // Through a pidfd taken while it is our unreaped child: the

@@ -226,6 +226,9 @@ pub struct Stat {
     /// fork a process is. A pid stays allocated while its session has a
     /// member, so the id cannot name a later process.
     pub session: Pid,
+    /// When it started, since boot (CLOCK_BOOTTIME, in whole clock
+    /// ticks: see [`clock_tick`]).
+    pub started: Duration,
 }
 
 /// `pid`'s [`Stat`].
@@ -248,11 +251,25 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let parent = pid()?;
     let _group = pid()?;
     let session = pid()?;
+    // tty_nr .. itrealvalue, then starttime (field 22).
+    let ticks: u64 = fields.nth(15)?.parse().ok()?;
     Some(Stat {
         state,
         parent,
         session,
+        started: clock_tick() * u32::try_from(ticks).ok()?,
     })
+}
+
+/// The unit of /proc's process times (USER_HZ).
+pub fn clock_tick() -> Duration {
+    Duration::from_secs(1) / clock_ticks() as u32
+}
+
+/// Time since boot, on the clock of [`Stat::started`].
+pub fn since_boot() -> io::Result<Duration> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)?;
+    Ok(Duration::from(t))
 }
 
 /// droved's own children, from /proc/self/task/*/children.
@@ -580,16 +597,18 @@ mod tests {
 
     #[test]
     fn stat_fields_after_a_command_name_with_spaces_and_parens() {
-        let text = "4242 (a b) c) Z 17 4242 4240 0 -1 4194564 0 0";
+        let text = "4242 (a b) c) Z 17 4242 4240 0 -1 4194564 0 0 0 0 3 4 0 0 20 0 1 0 250 0 0";
         assert_eq!(
             parse_stat(text),
             Some(Stat {
                 state: 'Z',
                 parent: Pid::from_raw(17),
                 session: Pid::from_raw(4240),
+                started: clock_tick() * 250,
             })
         );
         assert_eq!(parse_stat("4242 (x) S 17"), None);
+        assert_eq!(parse_stat("4242 (x) S 17 4242 4240 0 -1"), None);
         assert_eq!(parse_stat("garbage"), None);
     }
 
