@@ -583,3 +583,131 @@ while True:
     let status = d.wait_exit(30 * SEC);
     assert!(status.success(), "droved exited with {status}\n{}", d.log());
 }
+
+#[test]
+fn droved_never_signals_a_reaped_templates_pid_once_another_process_has_it() {
+    // The first template answers with its own pid (and forks nothing: a
+    // pid stays taken while a process of its session lives). Later ones
+    // fork real workers that ignore SIGTERM, so a stop lasts stop_timeout.
+    // Once the first template is reaped, a bystander takes its pid (this
+    // namespace's ns_last_pid): droved must never signal it.
+    let scratch = Scratch::new("pid1-recycled");
+    let template = scratch.join("own.py");
+    std::fs::write(
+        &template,
+        r#"
+import os, signal, socket, sys, time
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+droved = os.getppid()
+try:
+    os.close(os.open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "first"), os.O_CREAT | os.O_EXCL))
+    first = True
+except FileExistsError:
+    first = False
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    if first:
+        s.send(("pid %d" % os.getpid()).encode())
+        continue
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        worker = os.fork()
+        if worker == 0:
+            s.close()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while os.getppid() != droved:
+                time.sleep(0.01)
+            while os.getppid() == droved:
+                time.sleep(0.2)
+            os._exit(0)
+        os.write(w, str(worker).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(middle, 0)
+    s.send(("pid " + os.read(r, 32).decode()).encode())
+"#,
+    )
+    .unwrap();
+    let mut d = Droved::builder("pid1-recycled")
+        .launcher(UNSHARE)
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["python3", "{}"]
+ready_timeout = "10s"
+stop_timeout = "8s"
+[pool]
+min = 1
+max = 1
+"#,
+            template.display()
+        ))
+        .start();
+    let init = init_pid(&d);
+    d.wait_log("event=\"started\"", 1, 20 * SEC);
+    // Its pid inside the namespace, as droved logs it.
+    let first: i32 = d
+        .log()
+        .lines()
+        .find(|l| l.contains("event=\"template-started\""))
+        .and_then(|l| {
+            l.split("template_pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the first template's pid");
+    nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    // Once pid `first` is free, the next fork in the namespace gets it.
+    let out = Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-p", "-m", "--", "sh", "-c"])
+        .arg(format!(
+            "for i in $(seq 400); do [ -e /proc/{first} ] || break; sleep 0.05; done; \
+             [ -e /proc/{first} ] && exit 1; \
+             echo {} > /proc/sys/kernel/ns_last_pid; \
+             sleep 600 </dev/null >/dev/null 2>&1 & echo $!",
+            first - 1
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pid {first} never freed: {out:?}\n{}",
+        d.log()
+    );
+    let got: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_eq!(got, first, "the bystander did not get pid {first}");
+    let bystander = eventually("the bystander adopted by droved", 10 * SEC, || {
+        children_of(init)
+            .into_iter()
+            .find(|c| ns_pids(*c).last() == Some(&first) && cmdline(*c).starts_with("sleep 600"))
+    });
+    // It lives as long as droved does: it dies only with the namespace.
+    let deadline = std::time::Instant::now() + 30 * SEC;
+    while d.try_exit().is_none() {
+        if !alive(bystander) {
+            eventually(
+                &format!("droved to exit (else it killed pid {first} after reaping it)"),
+                5 * SEC,
+                || d.try_exit(),
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "droved did not stop\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = d.wait_exit(5 * SEC);
+    assert!(status.success(), "droved exited with {status}\n{}", d.log());
+}
