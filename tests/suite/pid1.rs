@@ -666,14 +666,15 @@ max = 1
         })
         .expect("the first template's pid");
     nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
-    // Once pid `first` is free, the next fork in the namespace gets it.
+    // Once pid `first` is free, the next fork in the namespace gets it:
+    // the bystander, a child of nsenter's (outside the namespace), so
+    // droved cannot reap it, only signal it.
     let out = Command::new("nsenter")
         .args(["-t", &init.to_string(), "-p", "-m", "--", "sh", "-c"])
         .arg(format!(
             "for i in $(seq 400); do [ -e /proc/{first} ] || break; sleep 0.05; done; \
              [ -e /proc/{first} ] && exit 1; \
-             echo {} > /proc/sys/kernel/ns_last_pid; \
-             sleep 600 </dev/null >/dev/null 2>&1 & echo $!",
+             echo {} > /proc/sys/kernel/ns_last_pid",
             first - 1
         ))
         .output()
@@ -683,13 +684,18 @@ max = 1
         "pid {first} never freed: {out:?}\n{}",
         d.log()
     );
-    let got: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    assert_eq!(got, first, "the bystander did not get pid {first}");
-    let bystander = eventually("the bystander adopted by droved", 10 * SEC, || {
-        children_of(init)
-            .into_iter()
-            .find(|c| ns_pids(*c).last() == Some(&first) && cmdline(*c).starts_with("sleep 600"))
+    let mut nsenter = Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-p", "--", "sleep", "600"])
+        .spawn()
+        .unwrap();
+    let bystander = eventually("the bystander", 10 * SEC, || {
+        children_of(nsenter.id() as i32).first().copied()
     });
+    assert_eq!(
+        ns_pids(bystander).last(),
+        Some(&first),
+        "the bystander did not get pid {first}"
+    );
     // It lives as long as droved does: it dies only with the namespace.
     let deadline = std::time::Instant::now() + 30 * SEC;
     while d.try_exit().is_none() {
@@ -709,5 +715,7 @@ max = 1
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let status = d.wait_exit(5 * SEC);
+    let _ = nsenter.kill();
+    let _ = nsenter.wait();
     assert!(status.success(), "droved exited with {status}\n{}", d.log());
 }
