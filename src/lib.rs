@@ -16,6 +16,7 @@
 //!   called through its generated proxy by drovectl.
 //! - [`ctl`]: drovectl's verbs, one file each.
 //! - [`metrics`]: Prometheus metrics on `[metrics] listen`.
+//! - [`panics`]: droved's panic hook, rate-limited, through `tracing`.
 
 pub mod bus;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod handover;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod panics;
 pub mod scale;
 pub mod supervisor;
 #[allow(unsafe_code)]
