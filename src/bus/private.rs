@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::access::Access;
-use super::server::{Drove1, forward};
+use super::server::{Drove1, WorkerLists, forward};
 use super::throttle::Throttle;
 use super::{OBJECT_PATH, sasl, wire};
 use crate::supervisor::Handle;
@@ -128,6 +128,7 @@ pub fn serve_private(
 async fn accept_loop(socket: ControlSocket, handle: Handle, access: Access) {
     let slots = Arc::new(Mutex::new(Slots::default()));
     let throttle = Arc::new(Mutex::new(Throttle::new(Instant::now())));
+    let lists = WorkerLists::default();
     let mut refused: u64 = 0;
     let mut reported: Option<Instant> = None;
     loop {
@@ -170,6 +171,7 @@ async fn accept_loop(socket: ControlSocket, handle: Handle, access: Access) {
             peer,
             slot,
             throttle.clone(),
+            lists.clone(),
             handle.clone(),
             access.clone(),
         ));
@@ -182,6 +184,7 @@ async fn connection(
     peer: Peer,
     slot: Slot,
     throttle: Arc<Mutex<Throttle>>,
+    lists: WorkerLists,
     handle: Handle,
     access: Access,
 ) {
@@ -215,7 +218,7 @@ async fn connection(
         throttle: (!slot.privileged).then_some(throttle),
         closed: closed_tx,
     };
-    let object = Drove1::for_peer(&handle, access, peer);
+    let object = Drove1::for_peer(&handle, access, peer, lists);
     let conn = match zbus::connection::Builder::authenticated_socket(socket, guid)
         .map(|b| b.p2p().max_queued(MAX_QUEUED))
         .and_then(|b| b.serve_at(OBJECT_PATH, object))

@@ -554,9 +554,12 @@ elif mode == "connect":
         print(made, flush=True)
 "#;
 
+/// The raw client as nobody, at the lowest CPU priority: a flood must
+/// reach droved without starving the rest of the machine (other tests).
 fn raw_client(args: &[&str]) -> Command {
-    let mut cmd = Command::new(NOBODY[0]);
-    cmd.args(&NOBODY[1..])
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", "10"])
+        .args(NOBODY)
         .args(["/usr/bin/python3", "-c", RAW_CLIENT])
         .args(args)
         .stdin(Stdio::null());
@@ -614,8 +617,13 @@ fn while_flooding<T>(mut client: Command, during: impl FnOnce() -> T) -> (T, Str
     (result, last)
 }
 
+/// The flood tests take turns: each measures root's calls, which the
+/// other's flood would slow down.
+static FLOODS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn nobodys_list_workers_flood_does_not_slow_roots_calls() {
+    let _turn = FLOODS.lock().unwrap_or_else(|p| p.into_inner());
     let (_d, instance) = droved("listflood", 2, 4, "");
     let path = socket_of(&instance).display().to_string();
     let time = |args: &[&str]| {
@@ -639,10 +647,12 @@ fn nobodys_list_workers_flood_does_not_slow_roots_calls() {
     eprintln!(
         "root during nobody's ListWorkers flood ({flooded} bytes of replies): \
          status p99 {status:?}, scale p99 {scale:?} (quiet status p99 {:?})",
-        p99(quiet)
+        p99(quiet.clone())
     );
     assert!(flooded.parse::<u64>().unwrap() > 0, "the flood got answers");
-    let bound = 200 * Duration::from_millis(1);
+    // Far below the seconds before throttling, with room for a loaded
+    // machine (the quiet calls show how loaded).
+    let bound = Duration::from_millis(300) + p99(quiet.clone());
     assert!(
         status <= bound && scale <= bound,
         "status {status:?}, scale {scale:?}"
@@ -651,6 +661,7 @@ fn nobodys_list_workers_flood_does_not_slow_roots_calls() {
 
 #[test]
 fn nobodys_connect_flood_does_not_lock_root_out() {
+    let _turn = FLOODS.lock().unwrap_or_else(|p| p.into_inner());
     let (_d, instance) = droved("connflood", 1, 2, "");
     let path = socket_of(&instance).display().to_string();
     let flood = || raw_client(&["connect", &path, "300"]);
