@@ -24,6 +24,7 @@ pub mod control;
 pub mod environment;
 pub mod gate;
 pub mod lifecycle;
+mod memory_watch;
 pub mod ondemand;
 pub mod plan;
 pub mod pool;
@@ -134,7 +135,8 @@ pub struct Supervisor {
     cpu_sampling: tick::CpuSampling,
     /// The wake on a burst's first connection, and the early ticks after it.
     arrival: tick::Arrival,
-    last_rss_check: Option<Instant>,
+    /// Workers' owned memory, for `worker.max_rss`.
+    memory: memory_watch::MemoryWatch,
     snapshot_tx: watch::Sender<Snapshot>,
     events: broadcast::Sender<Event>,
     commands_rx: mpsc::Receiver<Command>,
@@ -231,7 +233,7 @@ impl Supervisor {
             journal: Default::default(),
             cpu_sampling: Default::default(),
             arrival: Default::default(),
-            last_rss_check: None,
+            memory: memory_watch::MemoryWatch::default(),
             snapshot_tx: watch::channel(placeholder_snapshot()).0,
             events,
             commands_rx,

@@ -27,4 +27,5 @@ mod harness;
 
 mod bad_input;
 mod matrix;
+mod puma_template;
 mod servers;
