@@ -339,6 +339,10 @@ impl BoundedRead {
         let len = wire::message_len(&header, MAX_MESSAGE).map_err(invalid)?;
         let mut message = std::mem::take(&mut self.message);
         message.clear();
+        // Calls are small: an idle client keeps no 64 KiB buffer.
+        if message.capacity() > 4096 {
+            message = Vec::new();
+        }
         message.extend_from_slice(&header);
         message.resize(len, 0);
         if !self.fill(&mut message[wire::FIXED_HEADER..]).await? {
