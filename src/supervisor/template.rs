@@ -275,7 +275,7 @@ pub fn unexpected(template: Pid, shown: &str, state: TemplateState, owed: Option
 
 /// A template's message as the log shows it: one line, 80 characters.
 pub fn shown(bytes: &[u8]) -> String {
-    one_line(&String::from_utf8_lossy(bytes).trim_end_matches('\n'), 80)
+    one_line(String::from_utf8_lossy(bytes).trim_end_matches('\n'), 80)
 }
 
 /// A message on `template`'s socket that `sender` sent: refused (with the
