@@ -60,6 +60,10 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerStatus>,
     /// Sum of the readable queues (see `scale` for why the sum).
     pub queued: Option<u32>,
+    /// Workers the scaler would want with no `max` (scale::Scaler::demand);
+    /// `None` while no queue can be read.
+    #[serde(default)]
+    pub demand: Option<u32>,
     pub last_scale: Option<String>,
     pub spawned: u64,
     pub exited: u64,
@@ -165,6 +169,7 @@ mod tests {
                 error: None,
             }],
             queued: Some(0),
+            demand: None,
             last_scale: None,
             spawned: 4,
             exited: 0,

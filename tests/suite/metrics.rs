@@ -52,11 +52,32 @@ fn scrape(port: u16) -> String {
         .unwrap_or_else(|e| panic!("scrape of 127.0.0.1:{port}: {e}"))
 }
 
-/// The value of the sample line `series` (name and labels as printed).
+/// The value of the sample line `series` (name and labels as printed,
+/// without the `pool` label every series carries).
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(unpooled)
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// A sample line without its `pool="..."` label (droved puts it first on
+/// every series): `m{pool="web",a="b"} 1` -> `m{a="b"} 1`, `m{pool="web"}
+/// 1` -> `m 1`. Other lines are returned as they are.
+pub(crate) fn unpooled(line: &str) -> String {
+    let Some(start) = line.find("{pool=\"") else {
+        return line.to_owned();
+    };
+    let (name, rest) = line.split_at(start);
+    let rest = &rest["{pool=\"".len()..];
+    let Some(end) = rest.find('"') else {
+        return line.to_owned();
+    };
+    match &rest[end + 1..] {
+        after if after.starts_with(',') => format!("{name}{{{}", &after[1..]),
+        after if after.starts_with('}') => format!("{name}{}", &after[1..]),
+        _ => line.to_owned(),
+    }
 }
 
 fn started(config: &str) -> Droved {
