@@ -1368,7 +1368,8 @@ mod tests {
     #[test]
     fn utilization_table() {
         // (busy, ready, target, max) -> utilization
-        let table: &[((Option<u32>, u32, u32, u32), Option<f64>)] = &[
+        type Row = ((Option<u32>, u32, u32, u32), Option<f64>);
+        let table: &[Row] = &[
             ((None, 2, 2, 8), Some(0.25)),
             ((None, 4, 4, 4), Some(1.0)),
             ((None, 0, 0, 4), Some(0.0)),
