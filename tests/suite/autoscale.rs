@@ -22,6 +22,7 @@ const SEC: Duration = Duration::from_secs(1);
 /// The pods of the deployment, and the workers each may have.
 const PODS: u32 = 3;
 const MAX: u32 = 4;
+const MIN: u32 = 1;
 /// The pool name (droved's instance name) on every series.
 const POOL: &str = "web";
 /// The namespace a Kubernetes scrape config would add (the recipes select
@@ -37,14 +38,15 @@ fn recipe_path(name: &str) -> PathBuf {
 /// The documents of a YAML file, as JSON, parsed by PyYAML.
 fn yaml(name: &str) -> Vec<Value> {
     let path = recipe_path(name);
-    let out = Command::new("python3")
+    // Debian's python3, where python3-yaml installs (not a venv's).
+    let out = Command::new("/usr/bin/python3")
         .args([
             "-c",
             "import json, sys, yaml; json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
         ])
         .arg(&path)
         .output()
-        .expect("python3 must be installed");
+        .expect("/usr/bin/python3 must be installed");
     assert!(
         out.status.success(),
         "parsing {} (needs Debian's python3-yaml): {}",
@@ -101,6 +103,14 @@ const HPA_TOLERANCE: f64 = 0.1;
 const NOMAD_THRESHOLD: f64 = 0.01;
 
 impl Formula {
+    /// The target value, and the change in the metric the engine ignores.
+    fn target(self) -> (f64, f64) {
+        match self {
+            Formula::HpaAverageValue { target } => (target, HPA_TOLERANCE),
+            Formula::NomadTargetValue { target } => (target, NOMAD_THRESHOLD),
+        }
+    }
+
     /// Replicas the engine asks for, before its min/max bounds.
     fn desired(self, current: u32, value: f64) -> u32 {
         let current_f = f64::from(current);
@@ -494,7 +504,7 @@ addresses = ["127.0.0.1:{{port}}"]
 command = ["{{worker}}"]
 ready = "notify"
 [pool]
-min = 1
+min = {MIN}
 max = {MAX}
 [scale]
 cooldown = "1s"
@@ -554,6 +564,14 @@ fn recipes_ask_for_more_pods_under_overload_and_fewer_after() {
     let recipes = [hpa_recipe(), keda_recipe(), nomad_recipe()];
     for r in &recipes {
         assert!(r.min >= 1 && r.max > PODS, "{r:?}");
+        // docs/autoscaling.md's rule: idle pods (demand pool.min) must ask
+        // for fewer pods, and pods at max with no queue may ask for more.
+        let (target, tolerance) = r.formula.target();
+        assert!(
+            f64::from(MIN) / target < 1.0 - tolerance && target <= f64::from(MAX),
+            "{}: target {target} for pool.min {MIN}, pool.max {MAX}",
+            r.engine
+        );
         assert!(
             r.query.contains(&format!("pool=\"{POOL}\"")),
             "{} selects the pool: {}",
