@@ -14,16 +14,20 @@
 //! - `procfs`: the /proc readings (netns-wide listen overflows, RSS, CPU,
 //!   the pool's PSS and USS);
 //! - `http`: the request parser and responses (pure, unit-tested);
-//! - `server`: the listener, the accept loop and its bounds per connection.
+//! - `server`: the listener, the accept loop and its bounds per connection;
+//! - `slots`: which connection makes room for a new one (pure);
+//! - `cache`: a rendered scrape reused for a second (pure).
 //!
 //! Names follow php-fpm_exporter and uwsgi_exporter where they have one
 //! (`listen_queue`, `listen_queue_length`, `max_listen_queue`,
 //! `max_children_reached`), all prefixed `drove_`; README.md lists them.
 
+mod cache;
 mod http;
 mod procfs;
 mod render;
 mod server;
+mod slots;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -147,6 +151,7 @@ impl Metrics {
         let source = server::Source {
             metrics: self.clone(),
             snapshot,
+            cache: Default::default(),
         };
         tokio::spawn(server::run(pending, rx, source));
     }
@@ -241,6 +246,7 @@ impl Metrics {
         if matches!(d.reason, Reason::AtMax { .. }) {
             e.max_children_reached.inc();
         }
+        e.changed();
     }
 
     /// The target was changed by hand (D-Bus Scale or SetLimits,
@@ -255,11 +261,13 @@ impl Metrics {
                 reason: "manual",
             })
             .inc();
+        self.inner.events.changed();
     }
 
     /// A worker sent READY=1 `after` its start.
     pub fn worker_ready(&self, after: Duration) {
         self.inner.events.ready_seconds.observe(after.as_secs_f64());
+        self.inner.events.changed();
     }
 
     /// A worker exited; `verdict` says why.
@@ -282,6 +290,7 @@ impl Metrics {
             .worker_exits
             .get_or_create(&render::ReasonLabel { reason })
             .inc();
+        self.inner.events.changed();
     }
 
     /// A reload was applied (`true`) or rejected.

@@ -72,6 +72,9 @@ pub struct Events {
     pub(super) reloads: Family<ResultLabel, Counter>,
     pub(super) rollouts: Family<ResultLabel, Counter>,
     pub(super) upgrades: Family<ResultLabel, Counter>,
+    /// Bumped by every hook that counts an event, so that a reused scrape
+    /// (see `cache`) is never older than the last event.
+    pub(super) changes: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Events {
@@ -84,6 +87,7 @@ impl Default for Events {
             reloads: Family::default(),
             rollouts: Family::default(),
             upgrades: Family::default(),
+            changes: Default::default(),
         };
         // Series that exist from the start, at 0, so that queries and
         // alerts on them work before the first event.
@@ -113,6 +117,17 @@ impl Default for Events {
 impl Events {
     pub(super) fn count_result(&self, family: &Family<ResultLabel, Counter>, result: &'static str) {
         family.get_or_create(&ResultLabel { result }).inc();
+        self.changed();
+    }
+
+    /// Notes that a counter changed (see `changes`).
+    pub(super) fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    pub(super) fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

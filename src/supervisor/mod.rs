@@ -49,6 +49,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::handover::Counters;
+use crate::oneline::OneLine;
 use crate::scale::{ScaleParams, Scaler};
 use crate::sys::listen::Listener;
 use crate::sys::notify_socket::NotifySocket;
@@ -159,8 +160,11 @@ pub struct Supervisor {
     early: template_io::Early,
     /// Template mode: when to look for forks of a lost template.
     stray_checks: Vec<Instant>,
-    /// The programs of templates lost with forks unanswered.
-    stray_exes: Vec<PathBuf>,
+    /// Templates lost with forks unanswered: where their forks are.
+    stray_sessions: Vec<template::LostTemplate>,
+    /// Workers and templates, each held by a pidfd until reaped: every
+    /// signal droved sends them goes through it.
+    children: crate::sys::process::Signallable,
     /// pool.min = 0: the watch for a connection at zero workers, idle exit.
     on_demand: ondemand::OnDemand,
     /// Prometheus metrics, fed by one-line hooks at the events.
@@ -248,7 +252,8 @@ impl Supervisor {
             template_io: None,
             early: Default::default(),
             stray_checks: Vec::new(),
-            stray_exes: Vec::new(),
+            stray_sessions: Vec::new(),
+            children: Default::default(),
             on_demand: ondemand::OnDemand::new(setup.socket_activated),
             metrics: setup.metrics,
         };
@@ -381,7 +386,7 @@ impl Supervisor {
     fn enter(&mut self, next: Lifecycle) -> Lifecycle {
         let old = std::mem::replace(&mut self.lifecycle, next);
         let (from, to) = (old.phase(), self.lifecycle.phase());
-        let line = self.snapshot().status_line();
+        let line = OneLine::new(&self.snapshot().status_line());
         match lifecycle::announcement(from, to) {
             Announcement::Ready => self.upward.ready(&line),
             Announcement::Reloading => self.upward.reloading(&line),
@@ -407,7 +412,12 @@ impl Supervisor {
             pid: std::process::id(),
             phase: self.phase(),
             failing: self.gate.is_failing(),
-            failure: self.last_failure.clone().filter(|_| self.gate.is_failing()),
+            // Worker or template text may be in it: one line, bounded.
+            failure: self
+                .last_failure
+                .as_deref()
+                .filter(|_| self.gate.is_failing())
+                .map(|f| OneLine::new(f).into_string()),
             generation: self.generation,
             min: self.config.pool.min,
             max: self.config.pool.max,
@@ -435,7 +445,7 @@ impl Supervisor {
         let snap = self.snapshot();
         // STATUS= also before READY=1: `systemctl status` then says why a
         // unit hangs in "activating" (e.g. a failing worker command).
-        self.upward.status(&snap.status_line());
+        self.upward.status(&OneLine::new(&snap.status_line()));
         self.snapshot_tx.send_if_modified(|old| {
             // uptime always moves; only wake watchers on real changes.
             let mut a = old.clone();
