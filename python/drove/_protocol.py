@@ -204,10 +204,11 @@ def adopt_listeners(fds):
 class Spawn:
     """What a forked worker learns from droved's `spawn`."""
 
-    def __init__(self, droved, slot, generation):
+    def __init__(self, droved, slot, generation, number):
         self.droved = droved
         self.slot = slot
         self.generation = generation
+        self.number = number  # this template's nth fork, from 1
 
 
 def warn_threads(log):
@@ -238,6 +239,7 @@ def serve_template(fd, log, freeze=True):
         gc.collect()
         gc.freeze()
     tsock.send(f"DROVE-TEMPLATE {PROTOCOL_VERSION}".encode())
+    forks = 0
     while True:
         msg = parse_message(tsock.recv(512))
         if msg[0] == "eof":
@@ -248,6 +250,7 @@ def serve_template(fd, log, freeze=True):
             log(f"ignoring unknown message from droved: {msg[1]!r}")
             continue
         _, slot, generation = msg
+        forks += 1
         r, w = os.pipe()
         try:
             middle = os.fork()
@@ -266,7 +269,7 @@ def serve_template(fd, log, freeze=True):
                 os.close(w)
                 tsock.close()
                 become_worker(droved, slot, generation)
-                return Spawn(droved, slot, generation)
+                return Spawn(droved, slot, generation, forks)
             os.write(w, str(worker).encode())
             os._exit(0)
         os.close(w)
