@@ -33,6 +33,9 @@ import traceback
 from drove import _protocol
 
 PROG = "python3 -m drove.gunicorn"
+# How long a stopping uvicorn worker waits for the requests of connections
+# it accepted but has not read yet (_adapt_uvicorn).
+SHUTDOWN_READ_GRACE = 0.5
 
 # The arbiter's hooks: droved does their work, nothing calls them here.
 ARBITER_ONLY_HOOKS = (
@@ -173,7 +176,7 @@ def drove_worker_class(base, notifier):
 
         def run(self):
             if _is_uvicorn(self):
-                _ready_when_uvicorn_started(notifier)
+                _adapt_uvicorn(notifier)
             else:
                 notifier.send("READY=1")
             super().run()
@@ -192,19 +195,42 @@ def _is_uvicorn(worker):
     return type(config).__module__.startswith("uvicorn.")
 
 
-def _ready_when_uvicorn_started(notifier):
-    """uvicorn's worker runs the app's lifespan startup inside run():
-    READY=1 only once uvicorn's server has started (after the lifespan)."""
+def _adapt_uvicorn(notifier):
+    """Two changes to uvicorn's server, in this worker process only:
+
+    - READY=1 once it has started: uvicorn's worker runs the app's lifespan
+      startup inside run(), so not before;
+    - on shutdown (SIGTERM, max_requests), stop accepting first and let the
+      connections it has already accepted deliver their request before it
+      closes the idle ones: uvicorn closes a connection whose request it
+      has not read yet, and under drove the listening socket stays open
+      (other workers serve it), so its client would get a reset instead of
+      an answer. Bounded by SHUTDOWN_READ_GRACE."""
+    import asyncio
+
     import uvicorn.server
 
-    startup = uvicorn.server.Server.startup
+    server_class = uvicorn.server.Server
+    startup, shutdown = server_class.startup, server_class.shutdown
 
     async def started(server, *args, **kwargs):
         await startup(server, *args, **kwargs)
         if server.started:
             notifier.send("READY=1")
 
-    uvicorn.server.Server.startup = started
+    async def drained(server, *args, **kwargs):
+        for s in getattr(server, "servers", []):
+            s.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_READ_GRACE
+        while loop.time() < deadline and any(
+            getattr(c, "cycle", True) is None for c in server.server_state.connections
+        ):
+            await asyncio.sleep(0.005)
+        await shutdown(server, *args, **kwargs)
+
+    server_class.startup = started
+    server_class.shutdown = drained
 
 
 def warm_up(worker_class, app, glog):

@@ -26,5 +26,6 @@
 mod harness;
 
 mod bad_input;
+mod gunicorn_template;
 mod matrix;
 mod servers;

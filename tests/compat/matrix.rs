@@ -221,7 +221,33 @@ pub fn descendants(pid: i32) -> Vec<i32> {
     out
 }
 
-fn parent_of(pid: i32) -> Option<i32> {
+/// droved's workers: its children less its templates (template mode,
+/// docs/template.md), whose pids droved logs.
+pub fn pool_workers(d: &Droved) -> Vec<i32> {
+    let templates = templates_started(d);
+    d.workers()
+        .into_iter()
+        .filter(|p| !templates.contains(p))
+        .collect()
+}
+
+/// The pids of the templates droved logged as started, in order.
+pub fn templates_started(d: &Droved) -> Vec<i32> {
+    d.log()
+        .lines()
+        .filter(|l| l.contains("event=\"template-started\""))
+        .filter_map(|l| {
+            l.split("template_pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(1)?.parse().ok()
@@ -251,7 +277,7 @@ pub fn get(target: &Target, path: &str) -> std::io::Result<String> {
 /// Rounds of [`CLIENTS`] concurrent slow requests until every worker has
 /// answered (or 5 s passed); returns the distinct droved workers seen.
 fn distinct_workers(d: &Droved, target: &Target) -> BTreeSet<i32> {
-    let workers = d.workers();
+    let workers = pool_workers(d);
     let mut seen = BTreeSet::new();
     let deadline = Instant::now() + 5 * SEC;
     while seen.len() < workers.len() && Instant::now() < deadline {
@@ -375,7 +401,7 @@ pub fn run(server: Server) {
     let ready_in = t0.elapsed();
     row.ready_in = format!("{} ms", ready_in.as_millis());
     row.step = "readiness";
-    let workers = d.workers();
+    let workers = pool_workers(&d);
     assert_eq!(workers.len(), WORKERS, "{}", d.log());
     row.ready = match server.ready {
         // In notify mode a worker is ready only on its own READY=1.
@@ -452,13 +478,19 @@ pub fn run(server: Server) {
             );
         }
     }
-    let new = d.workers();
+    let new = pool_workers(&d);
     assert_eq!(new.len(), WORKERS, "{}", d.log());
     assert!(new.iter().all(|p| !workers.contains(p)));
+    // Template mode: the reload loaded the app again, in a new template.
+    let templates = templates_started(&d);
+    if let Some(first) = templates.first() {
+        assert!(templates.len() >= 2, "no new template\n{}", d.log());
+        assert!(!alive(*first), "the old template {first} is still alive");
+    }
 
     // 4. SIGTERM: a graceful stop, nothing left behind.
     row.step = "stop";
-    let mut tree: Vec<i32> = new.clone();
+    let mut tree: Vec<i32> = d.workers();
     for &w in &new {
         tree.extend(descendants(w));
     }
