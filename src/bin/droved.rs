@@ -65,6 +65,12 @@ struct Args {
     #[arg(long, value_name = "MODE")]
     mode: Option<drove::config::WorkerMode>,
 
+    /// When a worker counts as ready: "exec" (once started; a template's
+    /// worker once forked) or "notify" (once it sends READY=1). Overrides
+    /// worker.ready.
+    #[arg(long, value_name = "WHEN")]
+    ready: Option<drove::config::ReadyMode>,
+
     /// Validate the configuration and exit (0 when valid).
     #[arg(long)]
     check: bool,
@@ -143,6 +149,9 @@ impl Args {
         }
         if let Some(mode) = self.mode {
             config.worker.mode = mode;
+        }
+        if let Some(ready) = self.ready {
+            config.worker.ready = ready;
         }
         if !self.command.is_empty() {
             config.worker.command = self.command.clone();

@@ -8,6 +8,8 @@ use nix::sys::signal::Signal;
 
 use super::harness::*;
 
+const SEC: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs droved with `args` and its stdout a pipe whose read end is already
 /// closed, as in `droved --check -c ok.toml | true`.
 fn run_into_closed_pipe(args: &[&str], config: &std::path::Path) -> Output {
@@ -54,4 +56,22 @@ fn check_and_preflight_end_quietly_when_the_reader_is_gone() {
         assert!(out.status.success(), "{mode}: {out:?}");
         assert!(!out.stdout.is_empty(), "{mode} printed nothing");
     }
+}
+
+/// `--ready notify` overrides `worker.ready`: a worker that never sends
+/// READY=1 is then killed for not being ready in time, where the config's
+/// `ready = "exec"` alone would count it ready at once.
+#[test]
+fn ready_flag_overrides_worker_ready() {
+    let config = "[listen]\naddresses = [\"127.0.0.1:{port}\"]\n\
+                  [pool]\nmin = 1\nmax = 1\n\
+                  [worker]\ncommand = [\"sleep\", \"30\"]\nready = \"exec\"\nready_timeout = \"1s\"\n";
+    let mut exec = Droved::builder("ready-flag-exec").config(config).start();
+    exec.wait_status("1 worker ready", 10 * SEC);
+    let mut notify = Droved::builder("ready-flag-notify")
+        .config(config)
+        .args(&["--ready", "notify"])
+        .start();
+    notify.wait_log("not ready in time", 1, 15 * SEC);
+    assert_eq!(exec.log_count("not ready in time"), 0, "{}", exec.log());
 }
