@@ -251,6 +251,9 @@ def serve_template(fd, log, freeze=True):
             continue
         _, slot, generation = msg
         forks += 1
+        # Else what the app buffered is written once per worker.
+        sys.stdout.flush()
+        sys.stderr.flush()
         r, w = os.pipe()
         try:
             middle = os.fork()
