@@ -25,7 +25,6 @@ not started by droved; 1 when the app cannot be loaded (its traceback is
 on stderr); a worker exits like a gunicorn worker.
 """
 
-import gc
 import os
 import sys
 import traceback
@@ -358,23 +357,19 @@ def main(argv=None):
     if note:
         log(note)
 
-    # Load the app once, with the collector off: it would only walk the
-    # objects the import makes. Workers turn it back on.
+    # Load the app once. (With the collector off during the import it was
+    # no faster here, within noise, and an app making cyclic garbage at
+    # import would only grow: it stays on.)
     util._setproctitle(f"template [{cfg.proc_name}]")
     worker_class = cfg.worker_class  # imports it (uvicorn's too) here, once
     if hasattr(worker_class, "check_config"):
         worker_class.check_config(cfg, glog)
     glog.info("Using worker: %s", cfg.worker_class_str)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
         application.wsgi()
     except Exception:
         traceback.print_exc()
         die(f"cannot load the app {application.app_uri!r}", 1)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     warm_up(worker_class, application.wsgi(), glog)
     template = Template(application, cfg, glog, listeners, worker_class, timeout)
 
