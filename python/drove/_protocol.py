@@ -151,7 +151,9 @@ class Notifier:
         if raw and self.addr is None:
             log(f"unsupported NOTIFY_SOCKET={raw!r}, not notifying")
         self.sock = None
-        self.lock = threading.Lock()
+        # Re-entrant: a signal handler may notify while the main thread is
+        # in send().
+        self.lock = threading.RLock()
         self.heartbeat = None
 
     def send(self, msg):

@@ -169,6 +169,27 @@ def drove_worker_class(base, notifier):
     its parent gone)."""
 
     class DroveWorker(base):
+        _drove_alive = True
+        _drove_aborting = False
+
+        # gunicorn's worker classes stop by setting `alive` to False (on
+        # SIGTERM, SIGINT/SIGQUIT, max_requests, a new parent): say
+        # STOPPING=1 at that moment, so droved starts the replacement while
+        # this one drains, not after.
+        @property
+        def alive(self):
+            return self._drove_alive
+
+        @alive.setter
+        def alive(self, value):
+            if self._drove_alive and not value and self.booted and not self._drove_aborting:
+                notifier.send("STOPPING=1")
+            self._drove_alive = value
+
+        def handle_abort(self, sig, frame):
+            self._drove_aborting = True  # an abort is a failure, not a stop
+            super().handle_abort(sig, frame)
+
         def notify(self):
             super().notify()
             notifier.ping()
@@ -199,7 +220,8 @@ def _adapt_uvicorn(notifier):
 
     - READY=1 once it has started: uvicorn's worker runs the app's lifespan
       startup inside run(), so not before;
-    - on shutdown (SIGTERM, max_requests), stop accepting first and let the
+    - on shutdown (SIGTERM, max_requests), say STOPPING=1, stop accepting
+      first and let the
       connections it has already accepted deliver their request before it
       closes the idle ones: uvicorn closes a connection whose request it
       has not read yet, and under drove the listening socket stays open
@@ -218,6 +240,7 @@ def _adapt_uvicorn(notifier):
             notifier.send("READY=1")
 
     async def drained(server, *args, **kwargs):
+        notifier.send("STOPPING=1")  # droved starts the replacement now
         for s in getattr(server, "servers", []):
             s.close()
         loop = asyncio.get_running_loop()
