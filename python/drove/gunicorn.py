@@ -200,8 +200,8 @@ def drove_worker_class(base, notifier):
             else:
                 notifier.send("READY=1")
             super().run()
-            # Returned, not raised: a planned end. droved starts the
-            # replacement now and does not count it as a failure.
+            # Returned, not raised: a planned end (said already by the
+            # `alive` setter, unless a worker class stops another way).
             notifier.send("STOPPING=1")
 
     DroveWorker.__name__ = base.__name__
@@ -220,13 +220,12 @@ def _adapt_uvicorn(notifier):
 
     - READY=1 once it has started: uvicorn's worker runs the app's lifespan
       startup inside run(), so not before;
-    - on shutdown (SIGTERM, max_requests), say STOPPING=1, stop accepting
-      first and let the
-      connections it has already accepted deliver their request before it
-      closes the idle ones: uvicorn closes a connection whose request it
-      has not read yet, and under drove the listening socket stays open
-      (other workers serve it), so its client would get a reset instead of
-      an answer. Bounded by SHUTDOWN_READ_GRACE."""
+    - on shutdown (SIGTERM, max_requests): STOPPING=1, stop accepting, and
+      let the connections it has already accepted deliver their request
+      before it closes the idle ones. uvicorn alone closes a connection
+      whose request it has not read yet; under drove the listening socket
+      stays open (other workers serve it), so that client would get a
+      reset instead of an answer. Bounded by SHUTDOWN_READ_GRACE."""
     import asyncio
 
     import uvicorn.server
@@ -401,7 +400,7 @@ def main(argv=None):
     else:
         spawn = _protocol.serve_template(template_fd, log)  # returns in a worker
         ppid, age = spawn.droved, spawn.number
-        template.pid = ppid
+    template.pid = ppid  # the hooks' server.pid: the worker's parent, droved
     notifier = _protocol.Notifier(log)
     if watchdog is not None:
         notifier.watchdog_every(watchdog)
