@@ -20,9 +20,11 @@ LOADED_BY = os.getpid()
 VERSION = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "version")).read().strip()
 
 def application(environ, start_response):
+    import time
     if environ["PATH_INFO"] == "/sleep":
-        import time
         time.sleep(0.01)
+    if environ["PATH_INFO"] == "/hang":
+        time.sleep(60)
     body = "pid={} loaded_by={} ppid={} version={}\n".format(
         os.getpid(), LOADED_BY, os.getppid(), VERSION).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
@@ -43,6 +45,17 @@ fn pid_field(body: &str, key: &str) -> i32 {
 /// A pool of `workers` running `python3 -m drove.gunicorn ARGS app:application`
 /// in template mode, with `source` as app.py (version 1) in a scratch dir.
 fn pool(tag: &str, workers: usize, args: &[&str], source: &str) -> (Droved, PathBuf) {
+    pool_with(tag, workers, args, source, "")
+}
+
+/// `pool`, with `extra` lines in `[worker]`.
+fn pool_with(
+    tag: &str,
+    workers: usize,
+    args: &[&str],
+    source: &str,
+    extra: &str,
+) -> (Droved, PathBuf) {
     let dir = temp_dir(tag);
     std::fs::write(dir.join("app.py"), source).unwrap();
     std::fs::write(dir.join("version"), "1").unwrap();
@@ -72,6 +85,7 @@ environment = {{ PYTHONPATH = "{python}", HOOKS_LOG = "{hooks}" }}
 ready = "notify"
 ready_timeout = "20s"
 stop_timeout = "10s"
+{extra}
 [pool]
 min = {workers}
 max = {workers}
@@ -242,6 +256,42 @@ fn max_requests_replacements_are_not_failures_uvicorn() {
         // between: fewer, longer lives.
         3,
     );
+}
+
+/// gunicorn's timeout is drove's watchdog: idle workers heartbeat
+/// (WATCHDOG=1 from gunicorn's notify()) and live on; a worker stuck in a
+/// request is killed by droved and replaced.
+#[test]
+fn the_watchdog_keeps_idle_workers_and_replaces_a_hung_one() {
+    let (mut d, _dir) = pool_with("gt-watchdog", 2, &[], APP, "watchdog = \"1s\"");
+    d.wait_for("the pool ready", 30 * SEC, |u| u.ready);
+    let workers = pool_workers(&d);
+    // Three watchdog periods idle: nobody is killed.
+    std::thread::sleep(3 * SEC);
+    assert_eq!(d.log_count("watchdog timeout"), 0, "{}", d.log());
+    assert_eq!(pool_workers(&d), workers, "{}", d.log());
+    // A request that hangs: its worker stops heartbeating.
+    let port = d.port;
+    let hung = std::thread::spawn(move || http_get(("127.0.0.1", port), "/hang"));
+    eventually("the hung worker killed by the watchdog", 20 * SEC, || {
+        (d.log_count("watchdog timeout; killing it") >= 1).then_some(())
+    });
+    assert!(
+        hung.join().unwrap().is_err(),
+        "the hung request got no answer"
+    );
+    eventually("a replacement ready", 20 * SEC, || {
+        let now = pool_workers(&d);
+        (now.len() == 2 && d.upward().status.starts_with("2 workers ready")).then_some(())
+    });
+    assert_eq!(
+        d.log_count("watchdog timeout; killing it"),
+        1,
+        "only the hung one\n{}",
+        d.log()
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(20 * SEC).success(), "{}", d.log());
 }
 
 /// An app that cannot be imported: its traceback is in droved's output,
