@@ -4,7 +4,10 @@
 # The template protocol (docs/template.md) in Ruby, stdlib only, to show it
 # is not Python's: a tiny HTTP worker that answers
 # "pid=.. loaded_by=.. ppid=.. worker=.. generation=..". Without
-# DROVE_TEMPLATE_FD it is an ordinary (exec mode) worker.
+# DROVE_TEMPLATE_FD it is an ordinary (exec mode) worker. It stays one
+# standalone file on purpose; the library for real servers (message checks,
+# error answers, PDEATHSIG without Fiddle) is ruby/lib/drove/template.rb,
+# which drove-puma uses.
 require "socket"
 require "fiddle"
 

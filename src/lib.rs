@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: the TOML configuration, parsed and validated (pure).
 //! - [`notify`]: sd_notify(3) datagram parsing (pure).
+//! - [`oneline`]: worker and template text made one printable line (pure).
 //! - [`scale`]: the autoscaling policy (pure).
 //! - [`sys`]: fork/exec of workers, listening sockets, the notify socket,
 //!   accept-queue probes: every libc call behind a safe wrapper.
@@ -24,6 +25,7 @@ pub mod handover;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod oneline;
 pub mod scale;
 pub mod supervisor;
 #[allow(unsafe_code)]

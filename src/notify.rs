@@ -23,9 +23,10 @@
 //! - The datagram as a whole is rejected ([`NotifyError`]) when it is empty,
 //!   longer than [`MAX_DATAGRAM`] bytes, contains a NUL byte (systemd drops
 //!   those too) or is not valid UTF-8.
-//! - `STATUS` text is untrusted and ends up in logs and on D-Bus: control
-//!   characters (and Unicode line separators and bidirectional overrides) are
-//!   removed and the rest is cut to [`MAX_STATUS_CHARS`] characters.
+//! - `STATUS` text is untrusted and ends up in logs and on D-Bus: it is made
+//!   one printable line ([`crate::oneline::one_line`]: line breaks become a
+//!   space, other control characters and bidirectional overrides are
+//!   removed) and cut to [`MAX_STATUS_CHARS`] characters.
 
 use std::time::Duration;
 
@@ -122,17 +123,10 @@ pub fn parse(datagram: &[u8]) -> Result<Notification, NotifyError> {
 }
 
 /// Make untrusted status text safe for a log line or a D-Bus property:
-/// drop control characters, Unicode line/paragraph separators and
-/// bidirectional formatting characters, then keep at most
-/// [`MAX_STATUS_CHARS`] characters.
+/// one printable line of at most [`MAX_STATUS_CHARS`] characters (see
+/// [`crate::oneline`]).
 pub fn sanitize_status(text: &str) -> String {
-    text.chars()
-        .filter(|c| {
-            !c.is_control()
-                && !matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
-        })
-        .take(MAX_STATUS_CHARS)
-        .collect()
+    crate::oneline::one_line(text, MAX_STATUS_CHARS)
 }
 
 #[cfg(test)]
@@ -259,13 +253,13 @@ mod tests {
             ok(b"STATUS=\x1b[31mred\x1b[0m\tand\x07bell\x7f")
                 .status
                 .as_deref(),
-            Some("[31mred[0mandbell")
+            Some("[31mred[0m andbell")
         );
         assert_eq!(
             ok("STATUS=a\u{2028}b\u{202E}c\u{0085}d".as_bytes())
                 .status
                 .as_deref(),
-            Some("abcd")
+            Some("a bc d")
         );
         assert_eq!(
             ok("STATUS=héllo wörld ✓".as_bytes()).status.as_deref(),

@@ -18,9 +18,10 @@ use zbus::{Connection, interface};
 use super::access::{Access, DENIAL_WINDOW, Grant};
 use super::{BusError, BusKind, Listener, OBJECT_PATH, Worker};
 use crate::supervisor::Handle;
-use crate::supervisor::control::{Command, ControlError, Event, RolloutAction};
+use crate::supervisor::control::{Command, ControlError, Event, ProcessMemory, RolloutAction};
 use crate::supervisor::status::Snapshot;
 use crate::sys::control_socket::Peer;
+use crate::sys::memory;
 
 /// The object at /org/drove/Drove1.
 pub struct Drove1 {
@@ -214,6 +215,30 @@ impl Drove1 {
         let mut list: Vec<Worker> = self.ask(|reply| Command::ListWorkers { reply }).await?;
         list.sort_by_key(|w| (w.slot, w.pid));
         Ok(list)
+    }
+
+    /// Memory of the workers and templates from /proc/PID/smaps_rollup:
+    /// pid, PSS, USS, swap (bytes). Processes droved cannot read are left
+    /// out. Readings may be up to 10 s old (each costs a page-table walk).
+    async fn list_memory(&self) -> Result<Vec<ProcessMemory>, BusError> {
+        let list: Vec<Worker> = self.ask(|reply| Command::ListWorkers { reply }).await?;
+        let read = move || {
+            list.iter()
+                .filter_map(|w| {
+                    let pid = nix::unistd::Pid::from_raw(i32::try_from(w.pid).ok()?);
+                    let m = memory::read_cached(pid, Duration::from_secs(10)).ok()?;
+                    Some(ProcessMemory {
+                        pid: w.pid,
+                        pss_bytes: m.pss,
+                        uss_bytes: m.uss,
+                        swap_bytes: m.swap,
+                    })
+                })
+                .collect()
+        };
+        tokio::task::spawn_blocking(read).await.map_err(|e| {
+            BusError::ZBus(zbus::Error::Failure(format!("reading memory failed: {e}")))
+        })
     }
 
     // ---- properties: constant -----------------------------------------

@@ -11,18 +11,23 @@
 //! blocking-pool thread. The HTTP side only reads.
 //!
 //! - `render`: the metric families and their text (pure, unit-tested);
-//! - `procfs`: the /proc readings (netns-wide listen overflows, RSS, CPU);
+//! - `procfs`: the /proc readings (netns-wide listen overflows, RSS, CPU,
+//!   the pool's PSS and USS);
 //! - `http`: the request parser and responses (pure, unit-tested);
-//! - `server`: the listener, the accept loop and its bounds per connection.
+//! - `server`: the listener, the accept loop and its bounds per connection;
+//! - `slots`: which connection makes room for a new one (pure);
+//! - `cache`: a rendered scrape reused for a second (pure).
 //!
 //! Names follow php-fpm_exporter and uwsgi_exporter where they have one
 //! (`listen_queue`, `listen_queue_length`, `max_listen_queue`,
 //! `max_children_reached`), all prefixed `drove_`; README.md lists them.
 
+mod cache;
 mod http;
 mod procfs;
 mod render;
 mod server;
+mod slots;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -84,8 +89,17 @@ pub struct Live {
     /// Highest accept-queue depth seen per listener (by position in the
     /// snapshot's listener list, which never changes while droved runs).
     pub high_water: Vec<u32>,
-    /// The workers' pids, for their RSS and CPU time.
-    pub worker_pids: Vec<i32>,
+    /// The pool's pids: the workers' and the templates'.
+    pub worker_pids: PoolPids,
+}
+
+/// The processes of the pool, by kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolPids {
+    /// Workers, for their RSS and CPU time and the pool's memory.
+    pub workers: Vec<i32>,
+    /// Templates (template mode), for the pool's memory.
+    pub templates: Vec<i32>,
 }
 
 #[derive(Default)]
@@ -137,6 +151,7 @@ impl Metrics {
         let source = server::Source {
             metrics: self.clone(),
             snapshot,
+            cache: Default::default(),
         };
         tokio::spawn(server::run(pending, rx, source));
     }
@@ -188,15 +203,24 @@ impl Metrics {
 
     // --- Hooks, called by the supervisor at its events -------------------
 
-    /// After each queue probe: high-water marks and the workers' pids.
-    pub fn tick(&self, listeners: &[ListenerStatus], workers: impl Iterator<Item = i32>) {
+    /// After each queue probe: high-water marks, the workers' and the
+    /// templates' pids.
+    pub fn tick(
+        &self,
+        listeners: &[ListenerStatus],
+        workers: impl Iterator<Item = i32>,
+        templates: impl Iterator<Item = i32>,
+    ) {
         let mut live = lock(&self.inner.live);
         live.high_water.resize(listeners.len(), 0);
         for (high, l) in live.high_water.iter_mut().zip(listeners) {
             *high = (*high).max(l.queued.unwrap_or(0));
         }
-        live.worker_pids.clear();
-        live.worker_pids.extend(workers);
+        let pids = &mut live.worker_pids;
+        pids.workers.clear();
+        pids.workers.extend(workers);
+        pids.templates.clear();
+        pids.templates.extend(templates);
     }
 
     /// The scaler decided (a change of target or the start of a hold).
@@ -222,6 +246,7 @@ impl Metrics {
         if matches!(d.reason, Reason::AtMax { .. }) {
             e.max_children_reached.inc();
         }
+        e.changed();
     }
 
     /// The target was changed by hand (D-Bus Scale or SetLimits,
@@ -236,11 +261,13 @@ impl Metrics {
                 reason: "manual",
             })
             .inc();
+        self.inner.events.changed();
     }
 
     /// A worker sent READY=1 `after` its start.
     pub fn worker_ready(&self, after: Duration) {
         self.inner.events.ready_seconds.observe(after.as_secs_f64());
+        self.inner.events.changed();
     }
 
     /// A worker exited; `verdict` says why.
@@ -263,6 +290,7 @@ impl Metrics {
             .worker_exits
             .get_or_create(&render::ReasonLabel { reason })
             .inc();
+        self.inner.events.changed();
     }
 
     /// A reload was applied (`true`) or rejected.

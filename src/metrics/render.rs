@@ -49,6 +49,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
     build: String,
@@ -65,6 +70,9 @@ pub struct Events {
     pub(super) reloads: Family<ResultLabel, Counter>,
     pub(super) rollouts: Family<ResultLabel, Counter>,
     pub(super) upgrades: Family<ResultLabel, Counter>,
+    /// Bumped by every hook that counts an event, so that a reused scrape
+    /// (see `cache`) is never older than the last event.
+    pub(super) changes: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Events {
@@ -77,6 +85,7 @@ impl Default for Events {
             reloads: Family::default(),
             rollouts: Family::default(),
             upgrades: Family::default(),
+            changes: Default::default(),
         };
         // Series that exist from the start, at 0, so that queries and
         // alerts on them work before the first event.
@@ -106,6 +115,17 @@ impl Default for Events {
 impl Events {
     pub(super) fn count_result(&self, family: &Family<ResultLabel, Counter>, result: &'static str) {
         family.get_or_create(&ResultLabel { result }).inc();
+        self.changed();
+    }
+
+    /// Notes that a counter changed (see `changes`).
+    pub(super) fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    pub(super) fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -251,6 +271,18 @@ pub fn render(
         Unit::Bytes,
         gauge(readings.workers_rss as i64),
     );
+    if let Some(m) = readings.pool_memory {
+        let memory = Family::<KindLabel, Gauge>::default();
+        for (kind, bytes) in [("pss", m.pss), ("uss", m.uss)] {
+            memory.get_or_create(&KindLabel { kind }).set(bytes as i64);
+        }
+        r.register_with_unit(
+            "pool_memory",
+            "Memory of the workers and templates from /proc/PID/smaps_rollup, summed (at most 30 s old): pss (shared pages divided among the processes mapping them; the pool's real footprint) and uss (pages only one of them maps)",
+            Unit::Bytes,
+            memory,
+        );
+    }
     r.register_with_unit(
         "workers_cpu",
         "CPU time (user + system) used by droved's children: the current workers, and the exited workers and templates droved reaped",
@@ -318,7 +350,7 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::procfs::Netstat;
+    use crate::metrics::procfs::{Netstat, PoolMemory};
     use crate::supervisor::status::{ListenerStatus, Phase};
 
     fn snapshot() -> Snapshot {
@@ -367,6 +399,10 @@ mod tests {
             own_rss: Some(6_000_000),
             workers_rss: 40_000_000,
             workers_cpu_seconds: 1.5,
+            pool_memory: Some(PoolMemory {
+                pss: 30_000_000,
+                uss: 12_000_000,
+            }),
         }
     }
 
@@ -382,7 +418,7 @@ mod tests {
         events.ready_seconds.observe(0.2);
         let live = Live {
             high_water: vec![12],
-            worker_pids: vec![],
+            worker_pids: Default::default(),
         };
         let text = render(&snapshot(), &events, &live, &readings(), Format::Text);
         for line in [
@@ -406,6 +442,8 @@ mod tests {
             "drove_worker_ready_seconds_count 1",
             "drove_workers_resident_memory_bytes 40000000",
             "drove_workers_cpu_seconds_total 1.5",
+            r#"drove_pool_memory_bytes{kind="pss"} 30000000"#,
+            r#"drove_pool_memory_bytes{kind="uss"} 12000000"#,
             r#"drove_reloads_total{result="applied"} 0"#,
             r#"drove_upgrades_total{result="failed"} 0"#,
             r#"drove_rollouts_total{result="aborted"} 0"#,
@@ -464,6 +502,7 @@ mod tests {
         let r = Readings {
             netstat: None,
             own_rss: None,
+            pool_memory: None,
             ..readings()
         };
         let text = render(
@@ -477,5 +516,6 @@ mod tests {
         assert!(!text.contains("drove_listen_queue_length{"), "{text}");
         assert!(!text.contains("drove_listen_overflows_total "), "{text}");
         assert!(!text.contains("drove_resident_memory_bytes "), "{text}");
+        assert!(!text.contains("drove_pool_memory_bytes"), "{text}");
     }
 }

@@ -1,31 +1,41 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The metrics listener and its accept loop, one tokio task beside the
 //! supervisor's. What a connection may cost is bounded: at most
-//! [`MAX_CONNECTIONS`] at once (more are closed at once), [`http::MAX_HEAD`]
-//! bytes and [`HEAD_TIMEOUT`] to send the request head, [`WRITE_TIMEOUT`]
-//! to take the response; anything else is answered 400 and closed. A
-//! scrape renders on the blocking pool, so even a slow one never holds the
-//! runtime thread the supervisor runs on.
+//! [`MAX_CONNECTIONS`] at once, [`http::MAX_HEAD`] bytes and
+//! [`HEAD_TIMEOUT`] to send the request head, [`WRITE_TIMEOUT`] to take
+//! the response; anything else is answered 400 and closed. When every slot
+//! is taken, a new connection closes the one that has waited longest for
+//! its head (`slots`), so slow clients cannot keep scrapes out. A scrape
+//! renders on the blocking pool, so even a slow one never holds the runtime
+//! thread the supervisor runs on, and at most once per second while nothing
+//! changed (`cache`), so scraping in a loop costs droved little.
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
+use super::cache::{self, Cache};
 use super::http::{self, Route};
+use super::slots::{self, Admission, Held};
 use super::{Metrics, procfs, render};
 use crate::config::ListenAddr;
 use crate::supervisor::status::Snapshot;
 
-/// Connections served at once; more are closed as soon as accepted.
+/// Connections open at once (see `slots` for who makes room).
 pub const MAX_CONNECTIONS: usize = 16;
-/// Time a client has to send its whole request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to send its whole request head (a scraper sends it
+/// at once).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Listen backlog of a unix metrics socket (std's for TCP).
+const BACKLOG: u32 = 128;
 /// Time a client has to take the whole response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,7 +58,8 @@ pub(super) enum Bound {
 }
 
 /// Binds `address`. A unix socket file left by a droved that is gone is
-/// replaced; one that a live process still serves is not.
+/// replaced; one that a live process still serves is not, nor a file that
+/// is not a socket.
 pub(super) fn bind(address: &ListenAddr) -> Result<Bound, BindError> {
     let fail = |error| BindError {
         address: address.clone(),
@@ -61,29 +72,15 @@ pub(super) fn bind(address: &ListenAddr) -> Result<Bound, BindError> {
             Ok(Bound::Tcp(l))
         }
         ListenAddr::Unix(path) => {
-            use std::os::unix::fs::FileTypeExt;
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if !meta.file_type().is_socket() {
-                    return Err(fail(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        "the path exists and is not a socket",
-                    )));
-                }
-                match std::os::unix::net::UnixStream::connect(path) {
-                    Ok(_) => {
-                        return Err(fail(io::Error::new(
-                            io::ErrorKind::AddrInUse,
-                            "another process serves on this socket",
-                        )));
-                    }
-                    Err(_) => std::fs::remove_file(path).map_err(fail)?,
-                }
-            }
-            let l = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
-            // Readable like a TCP port on 127.0.0.1: by every local user
-            // who can reach the directory (no request changes anything).
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
+            // The listeners' binder: bound in a private directory, made
+            // 0666 through its fd and renamed into place, so whoever owns
+            // the directory cannot aim root's chmod at another file by
+            // swapping the socket for a symlink. Readable like a TCP port
+            // on 127.0.0.1: by every local user who can reach the
+            // directory (no request changes anything).
+            let l = crate::sys::listen::bind_unix(path, BACKLOG, "metrics", Some(0o666), None)
+                .map_err(fail)?;
+            let l = std::os::unix::net::UnixListener::from(l.fd);
             l.set_nonblocking(true).map_err(fail)?;
             Ok(Bound::Unix(l, path.clone()))
         }
@@ -119,12 +116,20 @@ impl Listening {
 pub(super) struct Source {
     pub(super) metrics: Metrics,
     pub(super) snapshot: watch::Receiver<Snapshot>,
+    /// Also makes scrapes render one at a time.
+    pub(super) cache: Arc<Mutex<Cache>>,
 }
 
 impl Source {
-    /// Renders a scrape; on the blocking pool (it reads /proc).
-    async fn scrape(&self, format: render::Format) -> Option<String> {
+    /// A scrape's text: the last one rendered, if still good (see `cache`),
+    /// else rendered afresh on the blocking pool (it reads /proc).
+    async fn scrape(&self, format: render::Format) -> Option<Arc<String>> {
+        let mut cache = self.cache.lock().await;
         let snapshot = self.snapshot.borrow().clone();
+        let key = cache::Key::new(&snapshot, self.metrics.events().changes());
+        if let Some(text) = cache.get(format, &key, Instant::now()) {
+            return Some(text);
+        }
         let metrics = self.metrics.clone();
         let job = move || {
             let live = metrics.live();
@@ -132,13 +137,24 @@ impl Source {
             render::render(&snapshot, metrics.events(), &live, &readings, format)
         };
         match tokio::task::spawn_blocking(job).await {
-            Ok(text) => Some(text),
+            Ok(text) => {
+                let text = Arc::new(text);
+                cache.put(format, key, Instant::now(), text.clone());
+                Some(text)
+            }
             Err(e) => {
                 warn!(event = "metrics", "rendering metrics failed: {e}");
                 None
             }
         }
     }
+}
+
+/// A connection holding a slot.
+struct Slot {
+    opened: Instant,
+    head_in: Arc<AtomicBool>,
+    task: AbortHandle,
 }
 
 /// The accept loop. `swap` brings a new listener (or none: metrics off)
@@ -158,7 +174,8 @@ pub(super) async fn run(
         })
     };
     let mut current = adopt(first);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut open: Vec<Slot> = Vec::with_capacity(MAX_CONNECTIONS);
+    let mut refused = 0u64;
     loop {
         tokio::select! {
             next = swap.recv() => match next {
@@ -175,17 +192,46 @@ pub(super) async fn run(
                         continue;
                     }
                 };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    debug!(event = "metrics", "{MAX_CONNECTIONS} metrics connections open; closing a new one");
-                    continue;
-                };
-                let source = source.clone();
-                tokio::spawn(async move {
-                    match conn {
-                        Conn::Tcp(s) => serve(s, &source).await,
-                        Conn::Unix(s) => serve(s, &source).await,
+                // A scraper sends its head right after connecting: what is
+                // in already tells a scrape from a client holding slots.
+                let early = early_bytes(&conn);
+                let has_head = http::head_len(&early).is_some();
+                open.retain(|s| !s.task.is_finished());
+                let now = Instant::now();
+                let held: Vec<Held> = open
+                    .iter()
+                    .map(|s| Held {
+                        opened: s.opened,
+                        head_in: s.head_in.load(Ordering::Acquire),
+                    })
+                    .collect();
+                match slots::admit(&held, MAX_CONNECTIONS, has_head, now) {
+                    Admission::Take => {}
+                    Admission::Evict(i) => {
+                        // Dropping its future closes the connection.
+                        open.swap_remove(i).task.abort();
                     }
-                    drop(slot);
+                    Admission::Refuse => {
+                        refused += 1;
+                        if refused.is_power_of_two() {
+                            debug!(event = "metrics", "no metrics connection slot to take; closed {refused} new connection(s) so far");
+                        }
+                        continue;
+                    }
+                }
+                let head_in = Arc::new(AtomicBool::new(has_head));
+                let source = source.clone();
+                let flag = head_in.clone();
+                let task = tokio::spawn(async move {
+                    match conn {
+                        Conn::Tcp(s) => serve(s, early, &source, &flag).await,
+                        Conn::Unix(s) => serve(s, early, &source, &flag).await,
+                    }
+                });
+                open.push(Slot {
+                    opened: now,
+                    head_in,
+                    task: task.abort_handle(),
                 });
             }
         }
@@ -197,6 +243,23 @@ enum Conn {
     Unix(tokio::net::UnixStream),
 }
 
+/// What the client sent before it was accepted (up to 1 KiB), read without
+/// waiting; empty if nothing yet.
+fn early_bytes(conn: &Conn) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    let fd = match conn {
+        Conn::Tcp(s) => s.as_raw_fd(),
+        Conn::Unix(s) => s.as_raw_fd(),
+    };
+    let mut buf = vec![0u8; 1024];
+    // Straight from the socket: tokio keeps no buffer of its own, and its
+    // readiness for a just-accepted socket is not known yet.
+    let n =
+        nix::sys::socket::recv(fd, &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
 async fn accept(l: &Option<Listening>) -> io::Result<Conn> {
     match l {
         Some(Listening::Tcp(l)) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
@@ -205,16 +268,19 @@ async fn accept(l: &Option<Listening>) -> io::Result<Conn> {
     }
 }
 
-/// One request, one response, then close.
-async fn serve<S>(mut stream: S, source: &Source)
+/// One request, one response, then close. `early`: what was read at
+/// accept. `head_in` is set once the request head is read: from then on
+/// the connection keeps its slot.
+async fn serve<S>(mut stream: S, early: Vec<u8>, source: &Source, head_in: &AtomicBool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, early)).await {
         Ok(Ok(head)) => head,
         Ok(Err(HeadError::TooLarge)) => Err(http::Refusal::HeadTooLarge),
         Ok(Err(HeadError::Closed)) | Err(_) => return,
     };
+    head_in.store(true, Ordering::Release);
     let response = match head {
         Err(r) => http::refusal(r),
         Ok(Route::Index { head_only }) => http::response(
@@ -247,13 +313,22 @@ enum HeadError {
     Closed,
 }
 
-/// Reads up to the end of the request head, parsed; never more than
-/// [`http::MAX_HEAD`] bytes.
-async fn read_head<S>(stream: &mut S) -> Result<Result<Route, http::Refusal>, HeadError>
+/// Reads up to the end of the request head, parsed, after the `early`
+/// bytes read already; never more than [`http::MAX_HEAD`] bytes.
+async fn read_head<S>(
+    stream: &mut S,
+    early: Vec<u8>,
+) -> Result<Result<Route, http::Refusal>, HeadError>
 where
     S: tokio::io::AsyncRead + Unpin,
 {
-    let mut buf = Vec::with_capacity(1024);
+    if let Some(len) = http::head_len(&early) {
+        return Ok(http::parse(&early[..len]));
+    }
+    if !early.is_empty() && !plausible_start(&early) {
+        return Ok(Err(http::Refusal::BadRequest));
+    }
+    let mut buf = early;
     let mut chunk = [0u8; 1024];
     loop {
         let n = stream

@@ -101,6 +101,18 @@ pub struct WorkerInfo {
     pub status: String,
 }
 
+/// One process of the pool (a worker or a template) as `ListMemory`
+/// returns it, signature `(uttt)`; see `sys::memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, zbus::zvariant::Type)]
+pub struct ProcessMemory {
+    pub pid: u32,
+    pub pss_bytes: u64,
+    /// Private_Clean + Private_Dirty.
+    pub uss_bytes: u64,
+    /// SwapPss.
+    pub swap_bytes: u64,
+}
+
 /// What happened, for D-Bus signals and `drovectl watch`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]

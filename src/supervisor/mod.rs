@@ -24,6 +24,7 @@ pub mod control;
 pub mod environment;
 pub mod gate;
 pub mod lifecycle;
+mod memory_watch;
 pub mod ondemand;
 pub mod plan;
 pub mod pool;
@@ -48,6 +49,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::handover::Counters;
+use crate::oneline::OneLine;
 use crate::scale::{ScaleParams, Scaler};
 use crate::sys::listen::Listener;
 use crate::sys::notify_socket::NotifySocket;
@@ -134,7 +136,8 @@ pub struct Supervisor {
     cpu_sampling: tick::CpuSampling,
     /// The wake on a burst's first connection, and the early ticks after it.
     arrival: tick::Arrival,
-    last_rss_check: Option<Instant>,
+    /// Workers' owned memory, for `worker.max_rss`.
+    memory: memory_watch::MemoryWatch,
     snapshot_tx: watch::Sender<Snapshot>,
     events: broadcast::Sender<Event>,
     commands_rx: mpsc::Receiver<Command>,
@@ -231,7 +234,7 @@ impl Supervisor {
             journal: Default::default(),
             cpu_sampling: Default::default(),
             arrival: Default::default(),
-            last_rss_check: None,
+            memory: memory_watch::MemoryWatch::default(),
             snapshot_tx: watch::channel(placeholder_snapshot()).0,
             events,
             commands_rx,
@@ -379,7 +382,7 @@ impl Supervisor {
     fn enter(&mut self, next: Lifecycle) -> Lifecycle {
         let old = std::mem::replace(&mut self.lifecycle, next);
         let (from, to) = (old.phase(), self.lifecycle.phase());
-        let line = self.snapshot().status_line();
+        let line = OneLine::new(&self.snapshot().status_line());
         match lifecycle::announcement(from, to) {
             Announcement::Ready => self.upward.ready(&line),
             Announcement::Reloading => self.upward.reloading(&line),
@@ -405,7 +408,12 @@ impl Supervisor {
             pid: std::process::id(),
             phase: self.phase(),
             failing: self.gate.is_failing(),
-            failure: self.last_failure.clone().filter(|_| self.gate.is_failing()),
+            // Worker or template text may be in it: one line, bounded.
+            failure: self
+                .last_failure
+                .as_deref()
+                .filter(|_| self.gate.is_failing())
+                .map(|f| OneLine::new(f).into_string()),
             generation: self.generation,
             min: self.config.pool.min,
             max: self.config.pool.max,
@@ -432,7 +440,7 @@ impl Supervisor {
         let snap = self.snapshot();
         // STATUS= also before READY=1: `systemctl status` then says why a
         // unit hangs in "activating" (e.g. a failing worker command).
-        self.upward.status(&snap.status_line());
+        self.upward.status(&OneLine::new(&snap.status_line()));
         self.snapshot_tx.send_if_modified(|old| {
             // uptime always moves; only wake watchers on real changes.
             let mut a = old.clone();

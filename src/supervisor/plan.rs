@@ -130,15 +130,16 @@ pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<
 /// Recycling (max_lifetime, max_rss), one worker at a time and gated on
 /// readiness like a rollout: the due worker keeps serving while its
 /// replacement starts, and gets its stop signal only once enough workers
-/// are ready without it. `rss` is asked only when `max_rss` is given (the
-/// caller passes `None` between its periodic memory checks).
+/// are ready without it. `owned` (a worker's own memory, `None` when
+/// unknown) is asked only when `max_rss` is given (the caller passes `None`
+/// between its periodic memory checks).
 pub fn recycle(
     pool: &Pool,
     generation: u64,
     target: u32,
     now: Instant,
     max_rss: Option<u64>,
-    rss: impl Fn(Pid) -> Option<u64>,
+    owned: impl Fn(Pid) -> Option<u64>,
 ) -> Option<Action> {
     if let Some(w) = pool
         .workers
@@ -160,7 +161,7 @@ pub fn recycle(
                 return Some(Action::Replace(w.pid, StopReason::Lifetime));
             }
             let limit = max_rss?;
-            (rss(w.pid)? > limit).then_some(Action::Replace(w.pid, StopReason::Memory))
+            (owned(w.pid)? > limit).then_some(Action::Replace(w.pid, StopReason::Memory))
         })
 }
 
@@ -508,6 +509,29 @@ mod tests {
         assert_eq!(
             recycle(&p, 1, 2, now, None, no_rss),
             Some(Action::Stop(pid(10), StopReason::Lifetime))
+        );
+    }
+
+    /// Template mode: every worker maps the template's 130 MB, but owns
+    /// only what it allocated itself; only that is compared.
+    #[test]
+    fn recycling_compares_owned_memory_not_rss() {
+        use crate::sys::memory::Memory;
+        let now = Instant::now();
+        let p = pool(&[(10, 1, Ready), (11, 1, Ready)], now);
+        let forked = |uss| Memory {
+            rss: 130 << 20,
+            pss: 70 << 20,
+            uss,
+            swap: 0,
+        };
+        let lean = |_: Pid| Some(forked(3 << 20).owned());
+        assert_eq!(recycle(&p, 1, 1, now, Some(32 << 20), lean), None);
+        let grown =
+            |p: Pid| Some(forked(if p.as_raw() == 11 { 48 << 20 } else { 3 << 20 }).owned());
+        assert_eq!(
+            recycle(&p, 1, 1, now, Some(32 << 20), grown),
+            Some(Action::Replace(pid(11), StopReason::Memory))
         );
     }
 

@@ -2,17 +2,15 @@
 //! and stops toward the target, the rollout's progress and the first
 //! READY=1.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::info;
 
 use super::Supervisor;
 use super::lifecycle::Lifecycle;
 use super::plan::{self, Action, Goal};
-use crate::sys::process;
-
-/// How often workers' memory is compared with `worker.max_rss`.
-const RSS_CHECK_EVERY: Duration = Duration::from_secs(1);
+use super::pool::WorkerState;
+use crate::sys::{memory, process};
 
 impl Supervisor {
     /// Forks or retires workers until the pool matches the target (and the
@@ -54,20 +52,40 @@ impl Supervisor {
     }
 
     fn recycle_step(&mut self, now: Instant) -> Option<Action> {
-        let check_rss = self.config.worker.max_rss.is_some()
-            && self
-                .last_rss_check
-                .is_none_or(|t| now.duration_since(t) >= RSS_CHECK_EVERY);
-        if check_rss {
-            self.last_rss_check = Some(now);
+        let max_rss = self.config.worker.max_rss.filter(|_| self.memory.due(now));
+        if let Some(limit) = max_rss {
+            // Only ready workers of this generation can be recycled.
+            let pids: Vec<_> = self
+                .pool
+                .workers
+                .values()
+                .filter(|w| w.state == WorkerState::Ready && w.generation == self.generation)
+                .map(|w| w.pid)
+                .collect();
+            let started = Instant::now();
+            self.memory.check(
+                now,
+                limit,
+                &pids,
+                |pid| memory::owned_bound(pid).ok(),
+                // Unreadable smaps_rollup (no ptrace access): RSS, as
+                // before (sys::memory logs it once).
+                |pid| {
+                    memory::read(pid)
+                        .map(|m| m.owned())
+                        .or_else(|_| process::rss_bytes(pid))
+                        .ok()
+                },
+                || started.elapsed(),
+            );
         }
         plan::recycle(
             &self.pool,
             self.generation,
             self.target,
             now,
-            self.config.worker.max_rss.filter(|_| check_rss),
-            |pid| process::rss_bytes(pid).ok(),
+            max_rss,
+            |pid| self.memory.owned(pid),
         )
     }
 
@@ -78,8 +96,8 @@ impl Supervisor {
             Action::Replace(pid, reason) => {
                 let detail = match (reason, self.config.worker.max_rss) {
                     (super::pool::StopReason::Memory, Some(max)) => {
-                        let rss = process::rss_bytes(pid).unwrap_or(0);
-                        format!(" ({} MiB > {} MiB)", rss >> 20, max >> 20)
+                        let owned = self.memory.owned(pid).unwrap_or(0);
+                        format!(" (owns {} MiB > {} MiB)", owned >> 20, max >> 20)
                     }
                     _ => String::new(),
                 };

@@ -49,6 +49,7 @@ pub struct Snapshot {
     pub phase: Phase,
     /// Workers die right after start repeatedly (see `failure`).
     pub failing: bool,
+    /// Why, as one line (worker and template text go through `oneline`).
     pub failure: Option<String>,
     pub generation: u64,
     pub min: u32,

@@ -6,10 +6,38 @@
 //! that does not fit the receiver's queue is dropped with a warning, never
 //! allowed to stall supervision. READY/RELOADING/STOPPING carry the current
 //! STATUS= too, so a dropped status line is corrected by the next one.
+//!
+//! systemd reads a datagram as `VAR=value` lines and trusts a root sender's
+//! `MAINPID=`, so a value must never hold a line break: the status comes
+//! in as a [`OneLine`], and [`payload`] refuses any value with a line
+//! break or NUL all the same.
 
 use std::time::{Duration, Instant};
 
+use crate::oneline::OneLine;
 use crate::sys::notify_socket::{UpwardSocket, monotonic_usec};
+
+/// One datagram for systemd from `VAR=value` pairs; `None` (and nothing
+/// sent) if a name is not `[A-Z_]+` or a value holds `\n`, `\r` or NUL,
+/// which would let text add assignments of its own.
+pub fn payload(fields: &[(&str, &str)]) -> Option<String> {
+    let mut out = String::new();
+    for (name, value) in fields {
+        if name.is_empty()
+            || !name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+            || value.contains(['\n', '\r', '\0'])
+        {
+            return None;
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(name);
+        out.push('=');
+        out.push_str(value);
+    }
+    Some(out)
+}
 
 pub struct Upward {
     socket: Option<UpwardSocket>,
@@ -49,6 +77,23 @@ impl Upward {
         }
     }
 
+    /// Sends one datagram built from `fields` (see [`payload`]); false
+    /// when systemd did not take it.
+    fn send_fields(&mut self, fields: &[(&str, &str)]) -> bool {
+        if self.socket.is_none() {
+            return true;
+        }
+        match payload(fields) {
+            Some(p) => self.send(&p),
+            None => {
+                tracing::error!(
+                    "not notifying systemd: a value would span lines ({fields:?}); this is a bug in droved"
+                );
+                false
+            }
+        }
+    }
+
     /// Sends one datagram; false when systemd did not take it.
     fn send(&mut self, payload: &str) -> bool {
         let Some(socket) = &self.socket else {
@@ -70,36 +115,42 @@ impl Upward {
     }
 
     /// A state change, with its STATUS=: kept until systemd takes it.
-    fn send_state(&mut self, payload: String, status: &str) {
-        self.unsent = (!self.send(&payload)).then_some(payload);
+    fn send_state(&mut self, fields: &[(&str, &str)], status: &OneLine) {
+        let sent = self.send_fields(fields);
+        self.unsent = match (sent, payload(fields)) {
+            (false, Some(p)) => Some(p),
+            _ => None,
+        };
         self.last_status = status.to_string();
     }
 
     /// READY=1 (once at start-up, and again after a reload or upgrade).
-    pub fn ready(&mut self, status: &str) {
-        self.send_state(format!("READY=1\nSTATUS={status}"), status);
+    pub fn ready(&mut self, status: &OneLine) {
+        self.send_state(&[("READY", "1"), ("STATUS", status)], status);
     }
 
     /// STATUS=, only when the text changed (or the last one was dropped).
-    pub fn status(&mut self, status: &str) {
-        if status != self.last_status && self.send(&format!("STATUS={status}")) {
+    pub fn status(&mut self, status: &OneLine) {
+        if status.as_str() != self.last_status && self.send_fields(&[("STATUS", status)]) {
             self.last_status = status.to_string();
         }
     }
 
     /// RELOADING=1 with MONOTONIC_USEC, as Type=notify-reload expects.
-    pub fn reloading(&mut self, status: &str) {
+    pub fn reloading(&mut self, status: &OneLine) {
+        let usec = monotonic_usec().to_string();
         self.send_state(
-            format!(
-                "RELOADING=1\nSTATUS={status}\nMONOTONIC_USEC={}",
-                monotonic_usec()
-            ),
+            &[
+                ("RELOADING", "1"),
+                ("STATUS", status),
+                ("MONOTONIC_USEC", &usec),
+            ],
             status,
         );
     }
 
-    pub fn stopping(&mut self, status: &str) {
-        self.send_state(format!("STOPPING=1\nSTATUS={status}"), status);
+    pub fn stopping(&mut self, status: &OneLine) {
+        self.send_state(&[("STOPPING", "1"), ("STATUS", status)], status);
     }
 
     /// Sends a dropped state change again; call every tick.
@@ -120,7 +171,7 @@ impl Upward {
             .last_ping
             .is_none_or(|t| now.duration_since(t) >= interval / 2)
         {
-            self.send("WATCHDOG=1");
+            self.send_fields(&[("WATCHDOG", "1")]);
             self.last_ping = Some(now);
         }
     }
@@ -146,7 +197,7 @@ mod tests {
             n += 1;
             assert!(n < 100_000, "the queue never filled");
         }
-        up.ready("4 workers ready");
+        up.ready(&OneLine::new("4 workers ready"));
         up.retry();
         let mut buf = [0u8; 4096];
         let mut got = Vec::new();
@@ -160,6 +211,38 @@ mod tests {
         let len = systemd.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"READY=1\nSTATUS=4 workers ready");
         assert!(systemd.recv(&mut buf).is_err(), "sent once");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_value_with_a_line_break_is_never_sent() {
+        assert_eq!(
+            payload(&[("READY", "1"), ("STATUS", "4 workers ready")]).as_deref(),
+            Some("READY=1\nSTATUS=4 workers ready")
+        );
+        assert_eq!(payload(&[("STATUS", "")]).as_deref(), Some("STATUS="));
+        for bad in ["boom\nMAINPID=1", "a\rb", "a\0b", "\n"] {
+            assert_eq!(payload(&[("STATUS", bad)]), None, "{bad:?}");
+        }
+        assert_eq!(payload(&[("MAINPID=1\nSTATUS", "x")]), None);
+        assert_eq!(payload(&[("", "x")]), None);
+        assert_eq!(payload(&[("status", "x")]), None);
+
+        // Through the writer: what reaches the socket is one assignment
+        // per field, whatever text the status was made from.
+        let dir = std::env::temp_dir().join(format!("drove-upward-nl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let _ = std::fs::remove_file(&path);
+        let systemd = UnixDatagram::bind(&path).unwrap();
+        let mut up = Upward::to(Some(path.to_str().unwrap().to_string()));
+        up.ready(&OneLine::new("FAILING: boom\nMAINPID=1\r\nWATCHDOG_USEC=1"));
+        let mut buf = [0u8; 4096];
+        let len = systemd.recv(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..len],
+            b"READY=1\nSTATUS=FAILING: boom MAINPID=1 WATCHDOG_USEC=1"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use crate::oneline::{OneLine, one_line};
 use crate::sys::process::ExitStatus;
 
 /// The protocol version this droved speaks.
@@ -125,8 +126,9 @@ pub enum Message {
     Hello(u32),
     /// `pid <n>`: the worker of the oldest unanswered `spawn`.
     Pid(Pid),
-    /// `error <text>`: that fork failed.
-    Error(String),
+    /// `error <text>`: that fork failed. The text is the template's, shown
+    /// in STATUS=, on D-Bus and in the journal: one line, 200 characters.
+    Error(OneLine),
 }
 
 /// Why a template's message is garbage.
@@ -144,8 +146,7 @@ pub fn parse(bytes: &[u8]) -> Result<Message, MessageError> {
     if bytes.is_empty() {
         return Err(MessageError::Closed);
     }
-    let garbage =
-        || MessageError::Garbage(String::from_utf8_lossy(bytes).chars().take(80).collect());
+    let garbage = || MessageError::Garbage(one_line(&String::from_utf8_lossy(bytes), 80));
     let text = std::str::from_utf8(bytes).map_err(|_| garbage())?;
     let text = text.strip_suffix('\n').unwrap_or(text);
     let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
@@ -155,7 +156,7 @@ pub fn parse(bytes: &[u8]) -> Result<Message, MessageError> {
             Ok(n) if n > 1 => Ok(Message::Pid(Pid::from_raw(n))),
             _ => Err(garbage()),
         },
-        "error" => Ok(Message::Error(rest.chars().take(200).collect())),
+        "error" => Ok(Message::Error(OneLine::capped(rest, 200))),
         _ => Err(garbage()),
     }
 }
@@ -279,6 +280,20 @@ mod tests {
         assert_eq!(
             parse(b"error fork: EAGAIN"),
             Ok(Message::Error("fork: EAGAIN".into()))
+        );
+        // Its text cannot add lines to droved's STATUS= (or anywhere).
+        assert_eq!(
+            parse(b"error boom\nMAINPID=1\r\nWATCHDOG_USEC=1\x1b[2J\n"),
+            Ok(Message::Error("boom MAINPID=1 WATCHDOG_USEC=1[2J".into()))
+        );
+        let Ok(Message::Error(long)) = parse(format!("error {}", "x".repeat(999)).as_bytes())
+        else {
+            panic!("not an error message")
+        };
+        assert_eq!(long.len(), 200);
+        assert_eq!(
+            parse(b"bad\nMAINPID=1"),
+            Err(MessageError::Garbage("bad MAINPID=1".into()))
         );
         assert_eq!(parse(b""), Err(MessageError::Closed));
         for bad in [

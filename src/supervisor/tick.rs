@@ -140,7 +140,8 @@ impl Supervisor {
         self.probe_queues();
         self.zero_tick(now);
         let pids = self.pool.workers.keys().map(|p| p.as_raw());
-        self.metrics.tick(&self.listener_status, pids);
+        let templates = self.pool.templates.all.iter().map(|t| t.pid.as_raw());
+        self.metrics.tick(&self.listener_status, pids, templates);
         self.autoscale(now, false);
         self.arm_arrival();
         self.check_journal();

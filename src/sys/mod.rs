@@ -10,6 +10,7 @@ pub mod exec;
 pub mod fdstore;
 pub mod journal;
 pub mod listen;
+pub mod memory;
 pub mod notify_socket;
 pub mod private_socket;
 pub mod probe;

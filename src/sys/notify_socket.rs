@@ -28,17 +28,17 @@
 //! anything else is looked at, then those from pids that are not workers;
 //! both are counted and summarised in one log line at most every
 //! [`REPORT_EVERY`], never logged one by one (except at trace level). Any fds a sender attaches
-//! (SCM_RIGHTS) are closed at once, never kept.
+//! (SCM_RIGHTS) are closed at once, never kept, however many: the control
+//! buffer holds the most one datagram can carry, and a truncated list is
+//! closed too. A failing read is logged at most once per [`REPORT_EVERY`].
 
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{
-    self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, sockopt,
-};
+use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr, sockopt};
 use nix::sys::stat::fstat;
 use nix::unistd::{Gid, Uid, fchownat};
 use tokio::io::unix::AsyncFd;
@@ -101,6 +101,9 @@ struct Filter {
     /// Per kind (not workers, other users): the count at the last summary
     /// line and when it was written.
     reported: [(u64, Option<Instant>); 2],
+    /// recvmsg(2) failures: how many, and the count and time at the last
+    /// line about them.
+    errors: (u64, u64, Option<Instant>),
 }
 
 impl Filter {
@@ -109,6 +112,7 @@ impl Filter {
             uids: vec![0, Uid::effective().as_raw()],
             ignored: Ignored::default(),
             reported: [(0, None); 2],
+            errors: (0, 0, None),
         };
         f.admit(workers);
         f
@@ -120,6 +124,22 @@ impl Filter {
         {
             self.uids.push(c.uid.as_raw());
         }
+    }
+
+    /// Counts a failed recvmsg(2); returns the line to log if one is due
+    /// (the first at once, then at most one per [`REPORT_EVERY`]).
+    fn error(&mut self, e: &io::Error, now: Instant) -> Option<String> {
+        let (total, last_count, last_at) = &mut self.errors;
+        *total += 1;
+        if last_at.is_some_and(|t| now.duration_since(t) < REPORT_EVERY) {
+            return None;
+        }
+        let n = *total - *last_count;
+        (*last_count, *last_at) = (*total, Some(now));
+        Some(format!(
+            "notify socket: {e} ({n} failed read(s) since the last line, {total} since start; next line in {}s at the earliest)",
+            REPORT_EVERY.as_secs()
+        ))
     }
 
     fn uid_ok(&self, uid: u32) -> bool {
@@ -404,7 +424,23 @@ impl NotifySocket {
         loop {
             let mut guard = self.fd.readable().await?;
             let got = match guard.try_io(|fd| recv_one(fd.get_ref().as_raw_fd(), &mut buf)) {
-                Ok(result) => result?,
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Not one line per datagram, and no spinning on an error
+                // that persists.
+                Ok(Err(e)) => {
+                    drop(guard);
+                    let line = self
+                        .filter
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .error(&e, Instant::now());
+                    if let Some(line) = line {
+                        warn!("{line}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 Err(_would_block) => continue,
             };
             drop(guard);
@@ -486,41 +522,119 @@ struct Received {
     fds_dropped: usize,
 }
 
+/// Most fds one sendmsg(2) can pass (the kernel's SCM_MAX_FD): the control
+/// buffer has room for them all, so the kernel never has to cut a list.
+const SCM_MAX_FD: usize = 253;
+
+/// The control buffer: credentials and [`SCM_MAX_FD`] fds, as `u64`s so
+/// that it is aligned for `cmsghdr`.
+type ControlBuffer = [u64; control_words()];
+
+const fn control_words() -> usize {
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let bytes = unsafe {
+        libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32)
+            + libc::CMSG_SPACE((SCM_MAX_FD * std::mem::size_of::<libc::c_int>()) as u32)
+    } as usize;
+    bytes.div_ceil(8)
+}
+
+/// Receives one datagram into `buf`, closing every fd the sender attached.
+///
+/// recvmsg(2) is called directly, not through nix: nix refuses to walk the
+/// control messages when the kernel set MSG_CTRUNC, and the fds the kernel
+/// did install then stayed open in droved, 16 per datagram (issue 24).
+/// Here every SCM_RIGHTS message the kernel wrote is walked and each fd in
+/// it closed, truncated or not.
 fn recv_one(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<Received> {
     buf.resize(MAX_DATAGRAM, 0);
-    let mut cmsg = nix::cmsg_space!(libc::ucred, [RawFd; 16]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = socket::recvmsg::<()>(
-        fd,
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC | MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    let mut cred = None;
-    let mut fds_dropped = 0;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        match c {
-            ControlMessageOwned::ScmCredentials(c) => cred = Some((c.uid(), c.pid())),
-            ControlMessageOwned::ScmRights(fds) => {
-                for raw in fds {
-                    // SAFETY: the kernel just installed this fd in our table
-                    // for this message; nobody else knows it. Dropping closes it.
-                    drop(unsafe { OwnedFd::from_raw_fd(raw) });
-                    fds_dropped += 1;
-                }
-            }
-            _ => {}
-        }
+    let mut control: ControlBuffer = [0; control_words()];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg points at `iov` (into `buf`, MAX_DATAGRAM bytes) and at
+    // `control`, both alive and writable for the call's duration with the
+    // lengths given.
+    let n = unsafe {
+        libc::recvmsg(
+            fd,
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    // Read what the kernel put in the control buffer before anything else
+    // can fail: the fds in it are ours to close.
+    let (cred, fds_dropped) = if n >= 0 {
+        take_control(&msg)
+    } else {
+        (None, 0)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let len = msg.bytes;
-    let truncated = len > MAX_DATAGRAM || msg.flags.contains(MsgFlags::MSG_TRUNC);
+    let len = n as usize;
     Ok(Received {
         cred,
         len,
-        truncated,
+        truncated: len > MAX_DATAGRAM || msg.msg_flags & libc::MSG_TRUNC != 0,
         fds_dropped,
     })
+}
+
+/// Walks the control messages recvmsg(2) left in `msg`: returns the
+/// sender's credentials and closes every fd passed (returning how many).
+fn take_control(msg: &libc::msghdr) -> (Option<(u32, i32)>, usize) {
+    let start = msg.msg_control as usize;
+    let end = start + msg.msg_controllen;
+    let mut cred = None;
+    let mut closed = 0;
+    // SAFETY: `msg` is the header recvmsg(2) filled; msg_control and
+    // msg_controllen describe the part of our buffer the kernel wrote.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !c.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return either null or a
+        // header that lies within msg_controllen (glibc checks).
+        let hdr = unsafe { std::ptr::read_unaligned(c) };
+        // SAFETY: as above; CMSG_DATA is pointer arithmetic on `c`.
+        let data = unsafe { libc::CMSG_DATA(c) };
+        let data_start = data as usize;
+        let data_end = (c as usize).saturating_add(hdr.cmsg_len as usize).min(end);
+        let data_len = data_end.saturating_sub(data_start);
+        match (hdr.cmsg_level, hdr.cmsg_type) {
+            (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                for i in 0..data_len / std::mem::size_of::<libc::c_int>() {
+                    // SAFETY: within this message's data, inside our buffer.
+                    let raw =
+                        unsafe { std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i)) };
+                    if raw >= 0 {
+                        // SAFETY: the kernel just installed this fd in our
+                        // table for this message; nobody else knows it.
+                        // Dropping closes it.
+                        drop(unsafe { OwnedFd::from_raw_fd(raw) });
+                        closed += 1;
+                    }
+                }
+            }
+            (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
+                if data_len >= std::mem::size_of::<libc::ucred>() =>
+            {
+                // SAFETY: a whole ucred lies within this message's data.
+                let u = unsafe { std::ptr::read_unaligned(data.cast::<libc::ucred>()) };
+                cred = Some((u.uid, u.pid));
+            }
+            _ => {}
+        }
+        // SAFETY: `c` is a header within the buffer `msg` describes.
+        c = unsafe { libc::CMSG_NXTHDR(msg, c) };
+    }
+    (cred, closed)
 }
 
 /// A socket for droved's own messages to systemd's NOTIFY_SOCKET.
@@ -638,6 +752,61 @@ mod tests {
         drop(sock);
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_fd_is_closed_however_many_are_attached() {
+        let dir = scratch("manyfds");
+        let sock = NotifySocket::bind_in(&dir.join("rt"), None).unwrap();
+        let count = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let tx = UnixDatagram::unbound().unwrap();
+        let addr = UnixAddr::new(sock.address.as_str()).unwrap();
+        let before = count();
+        for per in [1usize, 16, 17, 64, SCM_MAX_FD] {
+            let fds = vec![file.as_raw_fd(); per];
+            let cmsg = [socket::ControlMessage::ScmRights(&fds)];
+            let iov = [std::io::IoSlice::new(b"STATUS=x")];
+            socket::sendmsg(tx.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr)).unwrap();
+            let d = sock.recv().await.unwrap();
+            assert_eq!(d.fds_dropped, per);
+            assert_eq!(d.bytes, b"STATUS=x");
+            assert_eq!(d.pid, Some(std::process::id() as i32));
+            assert_eq!(count(), before, "after {per} fds");
+        }
+        // Two SCM_RIGHTS messages in one datagram: the kernel merges them.
+        let (a, b) = (vec![file.as_raw_fd(); 100], vec![file.as_raw_fd(); 100]);
+        let cmsg = [
+            socket::ControlMessage::ScmRights(&a),
+            socket::ControlMessage::ScmRights(&b),
+        ];
+        let iov = [std::io::IoSlice::new(b"READY=1")];
+        socket::sendmsg(tx.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr)).unwrap();
+        let d = sock.recv().await.unwrap();
+        assert_eq!(d.fds_dropped, 200);
+        assert_eq!(count(), before);
+        drop(sock);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn read_errors_are_reported_at_most_every_interval() {
+        let mut f = Filter::new(None);
+        let e = io::Error::from_raw_os_error(libc::ENOBUFS);
+        let t = Instant::now();
+        let line = f.error(&e, t).unwrap();
+        assert!(
+            line.contains("1 failed read(s) since the last line, 1 since start"),
+            "{line}"
+        );
+        for i in 0..500 {
+            assert!(f.error(&e, t + Duration::from_millis(i)).is_none());
+        }
+        let line = f.error(&e, t + REPORT_EVERY).unwrap();
+        assert!(
+            line.contains("501 failed read(s) since the last line, 502 since start"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -136,7 +136,7 @@ fn workers_are_droved_children_call_gunicorns_worker_hooks_and_reload_new_code()
     let conf = repo().join("tests/compat/apps/gunicorn_hooks.conf.py");
     let (mut d, dir) = pool("gt-hooks", 2, &["-c", &conf.display().to_string()], APP);
     d.wait_for("the pool ready", 30 * SEC, |u| u.ready);
-    let template = templates_started(&d)[0];
+    let template = templates(&d)[0];
     let workers = pool_workers(&d);
     assert_eq!(workers.len(), 2, "{}", d.log());
     for body in answers_from(&d, 2) {
@@ -179,7 +179,7 @@ fn workers_are_droved_children_call_gunicorns_worker_hooks_and_reload_new_code()
     d.ready_again_after("READY=1 after the reload", 30 * SEC, |d| {
         d.signal(Signal::SIGHUP)
     });
-    let templates = templates_started(&d);
+    let templates = templates(&d);
     assert_eq!(templates.len(), 2, "{}", d.log());
     eventually("only new workers answer", 20 * SEC, || {
         let body = d.get("/").ok()?;
@@ -311,9 +311,9 @@ fn an_app_that_cannot_import_shows_its_traceback_and_the_pool_fails() {
         log.contains("cannot load the app 'app:application'"),
         "{log}"
     );
-    let started = templates_started(&d).len();
+    let started = templates(&d).len();
     std::thread::sleep(Duration::from_secs(2));
-    let later = templates_started(&d).len();
+    let later = templates(&d).len();
     assert!(
         later - started <= 3,
         "{} templates in 2 s: no back-off ({status})\n{log}",

@@ -31,4 +31,5 @@ mod harness;
 mod bad_input;
 mod gunicorn_template;
 mod matrix;
+mod puma_template;
 mod servers;

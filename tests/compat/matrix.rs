@@ -221,18 +221,8 @@ pub fn descendants(pid: i32) -> Vec<i32> {
     out
 }
 
-/// droved's workers: its children less its templates (template mode,
-/// docs/template.md), whose pids droved logs.
-pub fn pool_workers(d: &Droved) -> Vec<i32> {
-    let templates = templates_started(d);
-    d.workers()
-        .into_iter()
-        .filter(|p| !templates.contains(p))
-        .collect()
-}
-
-/// The pids of the templates droved logged as started, in order.
-pub fn templates_started(d: &Droved) -> Vec<i32> {
+/// Templates droved logged as started (template mode), oldest first.
+pub fn templates(d: &Droved) -> Vec<i32> {
     d.log()
         .lines()
         .filter(|l| l.contains("event=\"template-started\""))
@@ -247,7 +237,45 @@ pub fn templates_started(d: &Droved) -> Vec<i32> {
         .collect()
 }
 
-pub fn parent_of(pid: i32) -> Option<i32> {
+/// droved's workers: its children but the template (template mode).
+pub fn pool_workers(d: &Droved) -> Vec<i32> {
+    let templates = templates(d);
+    d.workers()
+        .into_iter()
+        .filter(|p| !templates.contains(p))
+        .collect()
+}
+
+/// The `loaded_by=N` an app answered with: the process that loaded it
+/// (the template, for a forked worker).
+pub fn loaded_by(body: &str) -> Option<i32> {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("loaded_by="))
+        .and_then(|p| p.parse().ok())
+}
+
+/// Template mode: the workers answering are droved's children, not the
+/// template's, and, where the app says who loaded it (`loaded_by=`, as
+/// apps/hello.ru does), forks of `template`.
+fn assert_forked_from(d: &Droved, target: &Target, template: i32) {
+    let workers = pool_workers(d);
+    for _ in 0..(2 * WORKERS) {
+        let body = get(target, "/").expect("a request to the template's workers");
+        let pid = answered_pid(&body);
+        assert!(
+            workers.contains(&pid),
+            "pid {pid} is no droved worker's ({workers:?})"
+        );
+        if let Some(loader) = loaded_by(&body) {
+            assert_eq!(
+                loader, template,
+                "a worker not forked from template {template}: {body}"
+            );
+        }
+    }
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(1)?.parse().ok()
@@ -348,12 +376,15 @@ pub fn tail(log: &str, n: usize) -> String {
 /// Runs `server` through the whole matrix; panics at the first failure,
 /// with the table row saying where.
 pub fn run(server: Server) {
+    let template = server.extra.contains("mode = \"template\"");
     let mut row = Row {
         server: server.name.to_string(),
         version: server.version.read(),
-        mode: match server.ready {
-            Ready::Notify => "notify",
-            Ready::Exec => "exec",
+        mode: match (server.ready, template) {
+            (Ready::Notify, true) => "template, notify",
+            (Ready::Exec, true) => "template, exec",
+            (Ready::Notify, false) => "notify",
+            (Ready::Exec, false) => "exec",
         },
         listener: match server.listener {
             Listener::Tcp => "tcp",
@@ -420,6 +451,11 @@ pub fn run(server: Server) {
 
     // 2. Distinct workers serve.
     row.step = "serving";
+    if template {
+        let started = templates(&d);
+        assert_eq!(started.len(), 1, "one template: {started:?}\n{}", d.log());
+        assert_forked_from(&d, &target, started[0]);
+    }
     let seen = distinct_workers(&d, &target);
     row.pids = format!("{}/{WORKERS}", seen.len());
     assert!(
@@ -481,17 +517,24 @@ pub fn run(server: Server) {
     let new = pool_workers(&d);
     assert_eq!(new.len(), WORKERS, "{}", d.log());
     assert!(new.iter().all(|p| !workers.contains(p)));
-    // Template mode: the reload loaded the app again, in a new template.
-    let templates = templates_started(&d);
-    if let Some(first) = templates.first() {
-        assert!(templates.len() >= 2, "no new template\n{}", d.log());
-        assert!(!alive(*first), "the old template {first} is still alive");
+    if template {
+        // A new template loaded the app anew, and the new workers are its.
+        let started = templates(&d);
+        assert!(
+            started.len() >= 2,
+            "no new template: {started:?}\n{}",
+            d.log()
+        );
+        let newest = *started.last().unwrap();
+        assert!(!started[..started.len() - 1].contains(&newest));
+        assert_forked_from(&d, &target, newest);
     }
 
     // 4. SIGTERM: a graceful stop, nothing left behind.
     row.step = "stop";
+    // The workers and the template (droved's children), and theirs.
     let mut tree: Vec<i32> = d.workers();
-    for &w in &new {
+    for w in tree.clone() {
         tree.extend(descendants(w));
     }
     let stop_t0 = Instant::now();

@@ -139,6 +139,8 @@ pub struct Upward {
     /// When each of `statuses` arrived (read by the drain thread, not
     /// when a test looked).
     pub status_times: Vec<Instant>,
+    /// Every datagram as it came, to check what a line could smuggle in.
+    pub datagrams: Vec<String>,
     /// Flush markers the harness sent itself (see `Droved::flush_upward`).
     flushed: u32,
 }
@@ -167,6 +169,7 @@ pub struct Droved {
 impl Upward {
     fn take(&mut self, datagram: &[u8]) {
         let text = String::from_utf8_lossy(datagram).into_owned();
+        self.datagrams.push(text.clone());
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("READY", "1")) => {

@@ -5,6 +5,7 @@ pub mod dbus;
 pub mod faults;
 pub mod fuzz;
 pub mod harness;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod ondemand;

@@ -393,3 +393,78 @@ fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
+
+/// Sends `count` datagrams, each with `per` fds (of /dev/null) attached,
+/// to `address` as the user `setpriv` says; prints "sent N".
+const FD_SENDER: &str = r#"
+import array, os, socket, sys
+addr, count, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(per)]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.settimeout(10)
+n = 0
+for i in range(count):
+    s.sendmsg([b"STATUS=fds"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], 0, addr)
+    n += 1
+print("sent", n, flush=True)
+"#;
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn fds_attached_to_notify_datagrams_are_all_closed_however_many() {
+    let inst = instance("fds");
+    let mut d = Droved::builder("notify-fds")
+        .config(&pool(1, "user = \"daemon\""))
+        .args(&["--instance", &inst])
+        .start();
+    d.wait_ready();
+    d.wait_status("1 worker ready", 20 * SEC);
+    let address = notify_socket_of_workers(&d);
+    let before = fd_count(d.pid());
+    let lines_before = d.log().lines().count();
+
+    // As the workers' user (not a worker pid): 80 datagrams of 64 fds
+    // each, more than droved's control buffer's 16 once held.
+    let out = Command::new("setpriv")
+        .args(["--reuid=1", "--regid=1", "--init-groups", "--inh-caps=-all"])
+        .args(["/usr/bin/python3", "-c", FD_SENDER, &address, "80", "64"])
+        .output()
+        .expect("setpriv and /usr/bin/python3");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sent 80"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A rolling restart completes on the new worker's READY=1, which
+    // queues behind whatever of the 80 droved has not read yet.
+    d.signal(Signal::SIGHUP);
+    d.wait_log("rolling restart done", 1, 30 * SEC);
+    d.wait_status("1 worker ready", 20 * SEC);
+    let after = fd_count(d.pid());
+    let lines = d.log().lines().count() - lines_before;
+    eprintln!(
+        "droved's fds: {before} before, {after} after 80 datagrams of 64 fds; {lines} log lines"
+    );
+    assert!(
+        after <= before + 2,
+        "droved kept fds: {before} before, {after} after\n{}",
+        tail(&d.log())
+    );
+    let about = d
+        .log()
+        .lines()
+        .skip(lines_before)
+        .filter(|l| l.contains("notify"))
+        .count();
+    assert!(
+        about <= 3,
+        "{about} log lines about notify datagrams\n{}",
+        tail(&d.log())
+    );
+}

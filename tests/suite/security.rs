@@ -906,3 +906,189 @@ fn a_unix_socket_keeps_its_reported_address_across_an_upgrade() {
     assert_eq!(address(&bus), want);
     assert!(http_get_unix(&sock, "/").is_ok());
 }
+
+/// A template that says hello, then answers every spawn with an `error`
+/// whose text carries more sd_notify assignments and a terminal escape.
+const HOSTILE_TEMPLATE: &str = r#"
+import os, socket, sys
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    s.send(b"error boom\nMAINPID=1\nWATCHDOG_USEC=1\r\nSTATUS=owned\x1b[2J\xe2\x80\xa8READY=1")
+"#;
+
+#[test]
+fn a_templates_error_text_cannot_add_lines_to_droveds_status_for_systemd() {
+    let bus = PrivateBus::start();
+    let scratch = Scratch::new("hostile-text");
+    let script = scratch.join("template.py");
+    std::fs::write(&script, HOSTILE_TEMPLATE).unwrap();
+    let config = format!(
+        r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["/usr/bin/python3", "{}"]
+[pool]
+min = 1
+max = 1
+"#,
+        script.display()
+    );
+    let mut d = Droved::builder("hostile-text")
+        .config(&config)
+        .args(&["--bus", "session", "--instance", "hostile-text"])
+        .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+        .start();
+    // Three failed forks make the pool "failing": the text is in STATUS=.
+    d.wait_for(
+        "STATUS= says FAILING with the template's text",
+        60 * SEC,
+        |u| {
+            u.statuses
+                .iter()
+                .any(|s| s.contains("FAILING") && s.contains("boom"))
+        },
+    );
+    let up = d.upward();
+    for datagram in &up.datagrams {
+        for line in datagram.split(['\n', '\r']) {
+            let key = line.split_once('=').map_or(line, |(k, _)| k);
+            assert!(
+                [
+                    "STATUS",
+                    "READY",
+                    "RELOADING",
+                    "STOPPING",
+                    "WATCHDOG",
+                    "MONOTONIC_USEC"
+                ]
+                .contains(&key),
+                "droved sent systemd a line {line:?} in {datagram:?}"
+            );
+        }
+        assert!(
+            !datagram.contains(['\x1b', '\u{2028}']),
+            "control text in {datagram:?}"
+        );
+    }
+    assert!(
+        up.datagrams
+            .iter()
+            .all(|d| d.matches("READY=1").count() <= 1),
+        "{:?}",
+        up.datagrams
+    );
+    // The same text over D-Bus (the Failure property) and in drovectl.
+    let out = bus.ctl(true, &["--instance", "hostile-text", "--json", "status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failure = s["failure"].as_str().unwrap_or_default().to_string();
+    assert!(failure.contains("boom"), "{s}");
+    assert!(
+        !failure.chars().any(|c| c.is_control() || c == '\u{2028}'),
+        "Failure property {failure:?}"
+    );
+    assert!(failure.chars().count() <= 300, "{failure:?}");
+    let out = bus.ctl(true, &["--instance", "hostile-text", "status"]);
+    let shown = text(&out.stdout);
+    assert!(shown.contains("boom"), "{shown}");
+    assert!(
+        !shown.lines().any(|l| l.starts_with("MAINPID=")
+            || l.starts_with("WATCHDOG_USEC=")
+            || l.starts_with("STATUS="))
+            && !shown.contains('\x1b'),
+        "drovectl status shows {shown:?}"
+    );
+}
+
+#[test]
+fn a_racing_user_cannot_aim_the_metrics_sockets_chmod_at_root_files() {
+    let scratch = Scratch::new("metrics-race");
+    std::fs::set_permissions(&scratch.0, PermissionsExt::from_mode(0o755)).unwrap();
+    // The metrics socket's directory belongs to the unprivileged user.
+    let sockdir = scratch.join("run");
+    std::fs::create_dir(&sockdir).unwrap();
+    std::os::unix::fs::chown(&sockdir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let target = scratch.join("secret");
+    std::fs::write(&target, b"root only").unwrap();
+    std::fs::set_permissions(&target, PermissionsExt::from_mode(0o600)).unwrap();
+    let sock = sockdir.join("app.sock");
+
+    let racer = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            RACER,
+        ])
+        .arg(&sockdir)
+        .arg(&target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setpriv and /usr/bin/python3 (tests/run installs them) must be installed");
+    struct Racer(Option<std::process::Child>);
+    impl Drop for Racer {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut racer = Racer(Some(racer));
+    let config = format!(
+        r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+command = ["{{worker}}"]
+[pool]
+min = 1
+max = 1
+[metrics]
+listen = "unix:{}"
+"#,
+        sock.display()
+    );
+    let unchanged = |what: &str| {
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (0, 0, 0o600),
+            "{what}: the root-only file's owner or mode changed"
+        );
+    };
+    let starts = 150;
+    let began = Instant::now();
+    let mut served = 0;
+    for i in 0..starts {
+        let _ = std::fs::remove_file(&sock);
+        let mut d = Droved::builder("metrics-race").config(&config).start();
+        d.wait_ready();
+        unchanged(&format!("after start {i}"));
+        // The socket is where it was asked for, as a socket, unless the
+        // racer has swapped it already.
+        if http_get_unix(&sock, "/metrics").is_ok() {
+            served += 1;
+        }
+    }
+    std::fs::write(sockdir.join("stop"), b"").unwrap();
+    let out = racer.0.take().unwrap().wait_with_output().unwrap();
+    let swaps: u64 = text(&out.stdout).trim().parse().unwrap_or(0);
+    eprintln!(
+        "{starts} starts in {:?}; the racer swapped the metrics socket {swaps} times; {served} scrapes through it",
+        began.elapsed()
+    );
+    assert!(
+        swaps >= starts / 2,
+        "the racer must really have raced ({swaps} swaps in {starts} starts)"
+    );
+    unchanged("at the end");
+}
