@@ -17,6 +17,7 @@
 //!   called through its generated proxy by drovectl.
 //! - [`ctl`]: drovectl's verbs, one file each.
 //! - [`metrics`]: Prometheus metrics on `[metrics] listen`.
+//! - [`panics`]: droved's panic hook, rate-limited, through `tracing`.
 
 pub mod bus;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod oneline;
+pub mod panics;
 pub mod scale;
 pub mod supervisor;
 #[allow(unsafe_code)]

@@ -368,8 +368,11 @@ fn main() -> ExitCode {
         };
     }
 
-    if drove::logging::init() == drove::logging::Sink::Stderr && drove::logging::stderr_is_journal()
-    {
+    let sink = drove::logging::init();
+    // From here on a panic (in a client's task, say) is one rate-limited
+    // log line.
+    drove::panics::install();
+    if sink == drove::logging::Sink::Stderr && drove::logging::stderr_is_journal() {
         tracing::warn!(
             "the journal does not take messages now; logging to standard error (the journal stream) instead"
         );

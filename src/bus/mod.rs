@@ -16,6 +16,8 @@ mod private;
 pub mod properties;
 mod sasl;
 mod server;
+pub mod throttle;
+pub mod wire;
 
 use serde::{Deserialize, Serialize};
 use zbus::zvariant::{OwnedValue, Type, Value};

@@ -14,8 +14,14 @@
 //! - authentication: droved's own ([`super::sasl`]), a few hundred bytes,
 //!   within [`HANDSHAKE_TIMEOUT`];
 //! - messages: [`MAX_MESSAGE`] bytes each, checked from the header before
-//!   zbus allocates the body ([`BoundedRead`]); any fds attached are
-//!   closed unread; at most [`MAX_QUEUED`] messages waiting.
+//!   anything is allocated for the body, read whole and their header
+//!   fields validated before zbus sees them ([`BoundedRead`], [`wire`]):
+//!   a malformed one closes the connection; any fds attached are closed
+//!   unread; at most [`MAX_QUEUED`] messages waiting;
+//! - rate: an unprivileged uid's messages are read at most
+//!   [`super::throttle::UID_RATE`] a second (all unprivileged uids
+//!   together [`super::throttle::ALL_RATE`]), after a burst; the excess
+//!   waits in the client's own socket, not in droved.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -29,8 +35,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::access::Access;
-use super::server::{Drove1, forward};
-use super::{OBJECT_PATH, sasl};
+use super::server::{Drove1, WorkerLists, forward};
+use super::throttle::Throttle;
+use super::{OBJECT_PATH, sasl, wire};
 use crate::supervisor::Handle;
 use crate::sys::control_socket::{self, ControlSocket, Peer};
 
@@ -120,6 +127,8 @@ pub fn serve_private(
 
 async fn accept_loop(socket: ControlSocket, handle: Handle, access: Access) {
     let slots = Arc::new(Mutex::new(Slots::default()));
+    let throttle = Arc::new(Mutex::new(Throttle::new(Instant::now())));
+    let lists = WorkerLists::default();
     let mut refused: u64 = 0;
     let mut reported: Option<Instant> = None;
     loop {
@@ -161,6 +170,8 @@ async fn accept_loop(socket: ControlSocket, handle: Handle, access: Access) {
             stream,
             peer,
             slot,
+            throttle.clone(),
+            lists.clone(),
             handle.clone(),
             access.clone(),
         ));
@@ -172,6 +183,8 @@ async fn connection(
     mut stream: UnixStream,
     peer: Peer,
     slot: Slot,
+    throttle: Arc<Mutex<Throttle>>,
+    lists: WorkerLists,
     handle: Handle,
     access: Access,
 ) {
@@ -201,9 +214,11 @@ async fn connection(
     let (closed_tx, closed_rx) = watch::channel(false);
     let socket = Bounded {
         stream,
+        uid: peer.uid,
+        throttle: (!slot.privileged).then_some(throttle),
         closed: closed_tx,
     };
-    let object = Drove1::for_peer(&handle, access, peer);
+    let object = Drove1::for_peer(&handle, access, peer, lists);
     let conn = match zbus::connection::Builder::authenticated_socket(socket, guid)
         .map(|b| b.p2p().max_queued(MAX_QUEUED))
         .and_then(|b| b.serve_at(OBJECT_PATH, object))
@@ -231,11 +246,14 @@ async fn connection(
     drop(slot);
 }
 
-/// A client's stream for zbus: reads bounded per message (see
+/// A client's stream for zbus: read a checked message at a time (see
 /// [`BoundedRead`]), and tells the connection's owner when it closed.
 #[derive(Debug)]
 struct Bounded {
     stream: UnixStream,
+    uid: u32,
+    /// For unprivileged clients.
+    throttle: Option<Arc<Mutex<Throttle>>>,
     closed: watch::Sender<bool>,
 }
 
@@ -248,7 +266,10 @@ impl zbus::connection::Socket for Bounded {
         zbus::connection::socket::Split::new(
             BoundedRead {
                 inner: read,
-                frame: Frame::default(),
+                message: Vec::new(),
+                handed: 0,
+                uid: self.uid,
+                throttle: self.throttle,
                 closed: self.closed,
             },
             write,
@@ -256,88 +277,107 @@ impl zbus::connection::Socket for Bounded {
     }
 }
 
-/// Where the reader is in the stream of messages: D-Bus frames are a
-/// 16-byte fixed header that gives the length of the rest.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Frame {
-    header: [u8; 16],
-    have: usize,
-    /// Bytes of the current message after its fixed header still to come.
-    rest: usize,
-}
-
-impl Frame {
-    /// How many bytes the next read may take (never past the current
-    /// message's header, so it can be checked before the rest is read).
-    pub fn want(&self, len: usize) -> usize {
-        if self.rest > 0 {
-            len.min(self.rest)
-        } else {
-            len.min(16 - self.have)
-        }
-    }
-
-    /// Accounts for `bytes` just read; an error when a header announces a
-    /// message over `max` bytes (or is not D-Bus).
-    pub fn advance(&mut self, bytes: &[u8], max: usize) -> Result<(), String> {
-        if self.rest > 0 {
-            self.rest -= bytes.len();
-            return Ok(());
-        }
-        self.header[self.have..self.have + bytes.len()].copy_from_slice(bytes);
-        self.have += bytes.len();
-        if self.have < 16 {
-            return Ok(());
-        }
-        self.have = 0;
-        let h = &self.header;
-        let u32_at = |i: usize| {
-            let b = [h[i], h[i + 1], h[i + 2], h[i + 3]];
-            match h[0] {
-                b'l' => Ok(u32::from_le_bytes(b)),
-                b'B' => Ok(u32::from_be_bytes(b)),
-                e => Err(format!("not a D-Bus message (endianness byte {e:#04x})")),
-            }
-        };
-        let body = u32_at(4)? as usize;
-        let fields = u32_at(12)? as usize;
-        let header_len = 16 + fields;
-        let total = header_len.next_multiple_of(8).saturating_add(body);
-        if total > max {
-            return Err(format!(
-                "a message of {total} bytes (at most {max} are accepted here)"
-            ));
-        }
-        self.rest = total - 16;
-        Ok(())
-    }
-}
-
+/// Reads a client's stream a whole message at a time: the length from
+/// the fixed header (refused over [`MAX_MESSAGE`]), then the rest, then
+/// the header fields checked ([`wire::check_header`]); only then is the
+/// message handed to zbus. Any error ends the connection. An unprivileged
+/// client's next message is read no sooner than the [`Throttle`] allows.
 #[derive(Debug)]
 struct BoundedRead {
     inner: OwnedReadHalf,
-    frame: Frame,
+    /// The checked message being handed out, and how much of it is out.
+    message: Vec<u8>,
+    handed: usize,
+    uid: u32,
+    throttle: Option<Arc<Mutex<Throttle>>>,
     closed: watch::Sender<bool>,
+}
+
+impl BoundedRead {
+    /// Fills `buf` from the socket; `Ok(false)` on a clean end of stream
+    /// before the first byte.
+    async fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        let mut have = 0;
+        while have < buf.len() {
+            let (n, fds) =
+                zbus::connection::socket::ReadHalf::recvmsg(&mut self.inner, &mut buf[have..])
+                    .await?;
+            // fd passing was refused in the handshake: close any sent.
+            drop(fds);
+            if n == 0 {
+                if have == 0 {
+                    return Ok(false);
+                }
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the client closed in the middle of a message",
+                ));
+            }
+            have += n;
+        }
+        Ok(true)
+    }
+
+    /// Reads and checks the next message; `Ok(false)` at end of stream.
+    /// Not cancel-safe (a partly read message would be lost), and need not
+    /// be: zbus's reader task awaits every read to its end.
+    async fn next_message(&mut self) -> std::io::Result<bool> {
+        if let Some(throttle) = &self.throttle {
+            let wait = throttle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(self.uid, Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let mut header = [0u8; wire::FIXED_HEADER];
+        if !self.fill(&mut header).await? {
+            return Ok(false);
+        }
+        let len = wire::message_len(&header, MAX_MESSAGE).map_err(invalid)?;
+        let mut message = std::mem::take(&mut self.message);
+        message.clear();
+        // Calls are small: an idle client keeps no 64 KiB buffer.
+        if message.capacity() > 4096 {
+            message = Vec::new();
+        }
+        message.extend_from_slice(&header);
+        message.resize(len, 0);
+        if !self.fill(&mut message[wire::FIXED_HEADER..]).await? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the client closed after a message's fixed header",
+            ));
+        }
+        wire::check_header(&message).map_err(invalid)?;
+        self.message = message;
+        self.handed = 0;
+        Ok(true)
+    }
 }
 
 #[async_trait::async_trait]
 impl zbus::connection::socket::ReadHalf for BoundedRead {
     async fn recvmsg(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-        let want = self.frame.want(buf.len());
-        let result = zbus::connection::socket::ReadHalf::recvmsg(&mut self.inner, &mut buf[..want])
-            .await
-            .and_then(|(n, fds)| {
-                // fd passing was refused in the handshake: close any sent.
-                drop(fds);
-                self.frame
-                    .advance(&buf[..n], MAX_MESSAGE)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                Ok((n, Vec::new()))
-            });
-        if !matches!(result, Ok((n, _)) if n > 0) {
-            self.closed.send_replace(true);
+        if self.handed == self.message.len() {
+            match self.next_message().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.closed.send_replace(true);
+                    return Ok((0, Vec::new()));
+                }
+                Err(e) => {
+                    self.closed.send_replace(true);
+                    return Err(e);
+                }
+            }
         }
-        result
+        let n = buf.len().min(self.message.len() - self.handed);
+        buf[..n].copy_from_slice(&self.message[self.handed..self.handed + n]);
+        self.handed += n;
+        Ok((n, Vec::new()))
     }
 }
 
@@ -370,45 +410,5 @@ mod tests {
         assert!(s.take(3000, false));
         s.give_back(0, true);
         assert_eq!(s.total(), MAX_UNPRIVILEGED);
-    }
-
-    fn header(endian: u8, body: u32, fields: u32) -> [u8; 16] {
-        let mut h = [0u8; 16];
-        h[0] = endian;
-        h[1] = 1;
-        h[3] = 1;
-        let (b, f) = if endian == b'l' {
-            (body.to_le_bytes(), fields.to_le_bytes())
-        } else {
-            (body.to_be_bytes(), fields.to_be_bytes())
-        };
-        h[4..8].copy_from_slice(&b);
-        h[12..16].copy_from_slice(&f);
-        h
-    }
-
-    #[test]
-    fn frames_are_followed_and_big_ones_refused_from_the_header() {
-        let mut f = Frame::default();
-        assert_eq!(f.want(4096), 16);
-        let h = header(b'l', 10, 20);
-        f.advance(&h[..5], 1000).unwrap();
-        assert_eq!(f.want(4096), 11);
-        f.advance(&h[5..], 1000).unwrap();
-        // 16 + 20 = 36, padded to 40, + 10 = 50: 34 after the fixed header.
-        assert_eq!(f.want(4096), 34);
-        f.advance(&[0; 30], 1000).unwrap();
-        assert_eq!(f.want(4096), 4);
-        f.advance(&[0; 4], 1000).unwrap();
-        assert_eq!(f.want(4096), 16, "the next message");
-
-        let big = header(b'B', 128 * 1024 * 1024, 8);
-        assert!(
-            f.advance(&big, MAX_MESSAGE)
-                .unwrap_err()
-                .contains("at most")
-        );
-        let mut g = Frame::default();
-        assert!(g.advance(b"GET / HTTP/1.1\r\n", MAX_MESSAGE).is_err());
     }
 }

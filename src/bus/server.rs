@@ -35,6 +35,45 @@ pub struct Drove1 {
     /// On the private socket: the client, as the kernel reported it at
     /// accept (there is no bus daemon to ask).
     peer: Option<Peer>,
+    lists: WorkerLists,
+}
+
+/// ListWorkers answers shared by the callers that wait at the same time,
+/// so a flood of them (anyone may call it) asks the supervisor one at a
+/// time instead of filling its command queue ahead of root's Scale. A
+/// caller gets a list the supervisor made after the call arrived, never an
+/// older one. Shared by every object (cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct WorkerLists(std::sync::Arc<Lists>);
+
+#[derive(Debug, Default)]
+struct Lists {
+    /// Requests to the supervisor started so far.
+    started: std::sync::atomic::AtomicU64,
+    /// The latest answer and the number of its request.
+    last: tokio::sync::Mutex<Option<(u64, Vec<Worker>)>>,
+}
+
+impl WorkerLists {
+    async fn get(
+        &self,
+        ask: impl std::future::Future<Output = Result<Vec<Worker>, BusError>>,
+    ) -> Result<Vec<Worker>, BusError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let seen = self.0.started.load(SeqCst);
+        // tokio's Mutex is fair: callers are served in arrival order.
+        let mut last = self.0.last.lock().await;
+        if let Some((n, list)) = &*last
+            && *n > seen
+        {
+            // Asked for after this call arrived.
+            return Ok(list.clone());
+        }
+        let n = self.0.started.fetch_add(1, SeqCst) + 1;
+        let list = ask.await?;
+        *last = Some((n, list.clone()));
+        Ok(list)
+    }
 }
 
 impl Drove1 {
@@ -47,13 +86,16 @@ impl Drove1 {
             dbus: tokio::sync::OnceCell::new(),
             started: Instant::now() - Duration::from_secs_f64(uptime.max(0.0)),
             peer: None,
+            lists: WorkerLists::default(),
         }
     }
 
-    /// The object for one client of the private socket.
-    pub fn for_peer(handle: &Handle, access: Access, peer: Peer) -> Drove1 {
+    /// The object for one client of the private socket; `lists` is shared
+    /// by all of them.
+    pub fn for_peer(handle: &Handle, access: Access, peer: Peer, lists: WorkerLists) -> Drove1 {
         Drove1 {
             peer: Some(peer),
+            lists,
             ..Drove1::new(handle, access)
         }
     }
@@ -212,7 +254,8 @@ impl Drove1 {
     /// The workers: pid, slot, state, generation, age (s), RSS (bytes),
     /// CPU (s), last STATUS=.
     async fn list_workers(&self) -> Result<Vec<Worker>, BusError> {
-        let mut list: Vec<Worker> = self.ask(|reply| Command::ListWorkers { reply }).await?;
+        let ask = self.ask(|reply| Command::ListWorkers { reply });
+        let mut list = self.lists.get(ask).await?;
         list.sort_by_key(|w| (w.slot, w.pid));
         Ok(list)
     }
@@ -623,5 +666,50 @@ async fn emit(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
         Event::RolledBack { generation, reason } => {
             Drove1::rolled_back(emitter, *generation, reason).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn list_workers_callers_waiting_together_share_one_fresh_answer() {
+        let lists = WorkerLists::default();
+        let asked = AtomicU32::new(0);
+        let (release, held) = oneshot::channel::<()>();
+        let ask = |gate: Option<oneshot::Receiver<()>>| {
+            let asked = &asked;
+            async move {
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                asked.fetch_add(1, Ordering::SeqCst);
+                Ok(Vec::new())
+            }
+        };
+        // One caller's request is in flight while three more arrive: they
+        // need an answer made after they arrived, so one more request,
+        // which all three share.
+        let release = async {
+            tokio::task::yield_now().await;
+            release.send(()).unwrap();
+        };
+        let (a, b, c, d, ()) = tokio::join!(
+            lists.get(ask(Some(held))),
+            lists.get(ask(None)),
+            lists.get(ask(None)),
+            lists.get(ask(None)),
+            release
+        );
+        for r in [a, b, c, d] {
+            r.unwrap();
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        // A caller arriving later gets a new answer.
+        lists.get(ask(None)).await.unwrap();
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
     }
 }

@@ -6,7 +6,9 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
 
 use zbus::Connection;
 use zbus::names::InterfaceName;
@@ -95,9 +97,31 @@ fn is_socket(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
+/// How long drovectl keeps trying while the private socket's listen queue
+/// is full (EAGAIN): others flooding it with connections droved turns
+/// away at accept must not make root's call fail.
+const FULL_QUEUE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Connects to the unix socket at `path`, again and again (backing off
+/// from 1 ms to 50 ms) while its listen queue is full, for up to
+/// `patience`.
+async fn connect_stream(path: &Path, patience: Duration) -> std::io::Result<UnixStream> {
+    let deadline = Instant::now() + patience;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Connects to the private socket at `path`.
 pub async fn connect_private(path: &Path, timeout: Duration) -> Result<Connection, String> {
-    let stream = tokio::net::UnixStream::connect(path)
+    let stream = connect_stream(path, FULL_QUEUE_PATIENCE.min(timeout))
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
     let build = zbus::connection::Builder::unix_stream(stream)

@@ -160,8 +160,11 @@ pub struct Supervisor {
     early: template_io::Early,
     /// Template mode: when to look for forks of a lost template.
     stray_checks: Vec<Instant>,
-    /// The programs of templates lost with forks unanswered.
-    stray_exes: Vec<PathBuf>,
+    /// Templates lost with forks unanswered: where their forks are.
+    stray_sessions: Vec<template::LostTemplate>,
+    /// Workers and templates, each held by a pidfd until reaped: every
+    /// signal droved sends them goes through it.
+    children: crate::sys::process::Signallable,
     /// pool.min = 0: the watch for a connection at zero workers, idle exit.
     on_demand: ondemand::OnDemand,
     /// Prometheus metrics, fed by one-line hooks at the events.
@@ -249,7 +252,8 @@ impl Supervisor {
             template_io: None,
             early: Default::default(),
             stray_checks: Vec::new(),
-            stray_exes: Vec::new(),
+            stray_sessions: Vec::new(),
+            children: Default::default(),
             on_demand: ondemand::OnDemand::new(setup.socket_activated),
             metrics: setup.metrics,
         };
@@ -423,6 +427,7 @@ impl Supervisor {
             stopping: counts.stopping,
             listeners: self.listener_status.clone(),
             queued: self.queued_total(),
+            demand: self.scaler.demand(),
             last_scale: self.scaler.last_decision().map(|d| d.to_string()),
             spawned: self.counters.spawned,
             exited: self.counters.exited,
@@ -469,6 +474,7 @@ fn placeholder_snapshot() -> Snapshot {
         stopping: 0,
         listeners: vec![],
         queued: None,
+        demand: None,
         last_scale: None,
         spawned: 0,
         exited: 0,

@@ -29,7 +29,7 @@ impl Supervisor {
     pub(super) fn reap(&mut self) {
         for _ in 0..SWEEP_MAX {
             match process::reap_next() {
-                Ok(Reaped::Child(pid, status)) => self.on_child_exit(pid, status),
+                Ok(Reaped::Child(pid, status, session)) => self.on_child_exit(pid, status, session),
                 Ok(Reaped::Nothing) => return,
                 Ok(Reaped::Held(held)) => {
                     // Its waiter reaps it soon; the kernel's P_ALL wait
@@ -41,8 +41,8 @@ impl Supervisor {
                     );
                     match process::reap_unheld() {
                         Ok(exits) => {
-                            for (pid, status) in exits {
-                                self.on_child_exit(pid, status);
+                            for (pid, status, session) in exits {
+                                self.on_child_exit(pid, status, session);
                             }
                         }
                         Err(e) => warn!("cannot list droved's children to reap them: {e}"),
@@ -57,14 +57,16 @@ impl Supervisor {
         }
     }
 
-    fn on_child_exit(&mut self, pid: Pid, status: ExitStatus) {
+    fn on_child_exit(&mut self, pid: Pid, status: ExitStatus, session: Option<Pid>) {
+        // Reaped: its pid may name another process from now on.
+        self.children.reaped(pid);
         if self.pool.workers.contains_key(&pid) {
             self.on_exit(pid, status);
         } else if self.pool.templates.all.iter().any(|t| t.pid == pid) {
             self.on_template_exit(pid, status);
         } else if !self.pool.templates.forks.is_empty() && self.early.exits.len() < EARLY_MAX {
             // Perhaps a forked worker its template has not named yet.
-            self.early.exits.push((pid, status));
+            self.early.exits.push((pid, status, session));
         } else {
             debug!(
                 pid = pid.as_raw(),

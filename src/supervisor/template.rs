@@ -43,8 +43,6 @@ pub struct Template {
     pub started: Instant,
     /// Why droved killed it as broken (its exit then counts as failed).
     pub broken: Option<&'static str>,
-    /// Its program, read at its hello: its forks run the same.
-    pub exe: Option<std::path::PathBuf>,
 }
 
 /// The slot `ListWorkers` shows for a template, which has none.
@@ -67,7 +65,6 @@ impl Template {
             state: TemplateState::Starting,
             started: now,
             broken: None,
-            exe: None,
         }
     }
 
@@ -117,6 +114,89 @@ impl Templates {
             .filter(|f| f.generation == generation)
             .count() as u32
     }
+}
+
+/// What droved knows of a pid a template answered, read while it was
+/// still unreaped (from /proc, or from the zombie an early exit left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub pid: Pid,
+    /// Its parent and session; `None` when /proc had nothing for it.
+    pub lineage: Option<(Pid, Pid)>,
+    /// It is a template (of any generation).
+    pub is_template: bool,
+    /// It is a worker already.
+    pub is_worker: bool,
+    /// Some other code waits for it: a fork not yet exec'd, the upgrade's
+    /// preflight.
+    pub is_held: bool,
+}
+
+/// Why a `pid` answer is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Template,
+    Worker,
+    Held,
+    NotOurChild,
+    NotItsFork,
+}
+
+impl Refusal {
+    /// What the template did, for its kill: "killing template N: it ...".
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Template => "answered the pid of a template",
+            Refusal::Worker => "answered the pid of a worker",
+            Refusal::Held => "answered the pid of a process droved waits for",
+            Refusal::NotOurChild => "answered a pid that is not droved's child",
+            Refusal::NotItsFork => "answered a pid that is not its fork",
+        }
+    }
+}
+
+/// Whether droved adopts the pid `template` answered as a worker: only a
+/// child of droved's (the double fork reparented it) in the template's own
+/// session (droved makes every template a session leader; a fork inherits
+/// the session, nothing outside the template's tree can join it, and the
+/// session's id cannot be reused while a member lives); never a template,
+/// a worker or a child waited for elsewhere (the preflight), whatever
+/// their lineage says. Pure.
+pub fn judge_answer(a: &Answered, template: Pid, droved: Pid) -> Result<(), Refusal> {
+    if a.is_template || a.pid == template {
+        return Err(Refusal::Template);
+    }
+    if a.is_worker {
+        return Err(Refusal::Worker);
+    }
+    if a.is_held {
+        return Err(Refusal::Held);
+    }
+    match a.lineage {
+        Some((parent, _)) if parent != droved => Err(Refusal::NotOurChild),
+        None => Err(Refusal::NotOurChild),
+        Some((_, session)) if session != template => Err(Refusal::NotItsFork),
+        Some(_) => Ok(()),
+    }
+}
+
+/// A template lost with forks unanswered: its session, and when droved
+/// first asked it for a fork it never named (since boot, the clock of a
+/// process's start time in /proc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LostTemplate {
+    pub session: Pid,
+    pub asked: Duration,
+}
+
+/// Whether a child of droved's that is neither a worker nor a template is
+/// an unnamed fork of a lost template: in its session (whatever program
+/// it runs by now) and started no earlier than the first unanswered ask
+/// (`tick`: the start time's granularity), so what the template's workers
+/// left behind before is not taken for one. Pure.
+pub fn is_stray(session: Pid, started: Duration, lost: &[LostTemplate], tick: Duration) -> bool {
+    lost.iter()
+        .any(|l| l.session == session && started + tick >= l.asked)
 }
 
 /// A message from a template.
@@ -313,6 +393,136 @@ mod tests {
         assert_eq!(spawn_request(3, 7), b"spawn 3 7".to_vec());
     }
 
+    #[test]
+    fn adopts_only_a_fork_of_the_answering_template() {
+        let (droved, template, other_template) = (pid(100), pid(200), pid(300));
+        let fork = |p: i32, parent: Pid, session: Pid| Answered {
+            pid: pid(p),
+            lineage: Some((parent, session)),
+            is_template: false,
+            is_worker: false,
+            is_held: false,
+        };
+        assert_eq!(
+            judge_answer(&fork(201, droved, template), template, droved),
+            Ok(())
+        );
+        // The template's own pid: droved's child, and in its session.
+        let own = Answered {
+            is_template: true,
+            ..fork(200, droved, template)
+        };
+        assert_eq!(judge_answer(&own, template, droved), Err(Refusal::Template));
+        // Even if droved's books missed it, its own pid is never a worker.
+        let own_unbooked = fork(200, droved, template);
+        assert_eq!(
+            judge_answer(&own_unbooked, template, droved),
+            Err(Refusal::Template)
+        );
+        // Another generation's template, and that template's fork.
+        let other = Answered {
+            is_template: true,
+            ..fork(300, droved, other_template)
+        };
+        assert_eq!(
+            judge_answer(&other, template, droved),
+            Err(Refusal::Template)
+        );
+        assert_eq!(
+            judge_answer(&fork(301, droved, other_template), template, droved),
+            Err(Refusal::NotItsFork)
+        );
+        // The upgrade's preflight: droved's child, held by its waiter.
+        let preflight = Answered {
+            is_held: true,
+            ..fork(400, droved, pid(99))
+        };
+        assert_eq!(
+            judge_answer(&preflight, template, droved),
+            Err(Refusal::Held)
+        );
+        // Held even if it were in the template's session.
+        let held_fork = Answered {
+            is_held: true,
+            ..fork(202, droved, template)
+        };
+        assert_eq!(
+            judge_answer(&held_fork, template, droved),
+            Err(Refusal::Held)
+        );
+        // A worker already booked (a second answer naming it).
+        let worker = Answered {
+            is_worker: true,
+            ..fork(203, droved, template)
+        };
+        assert_eq!(
+            judge_answer(&worker, template, droved),
+            Err(Refusal::Worker)
+        );
+        // Its fork before the intermediate exited: not droved's child yet.
+        assert_eq!(
+            judge_answer(&fork(204, pid(205), template), template, droved),
+            Err(Refusal::NotOurChild)
+        );
+        // A pid that is gone or never was, and a process elsewhere (pid 1).
+        let gone = Answered {
+            lineage: None,
+            ..fork(206, droved, template)
+        };
+        assert_eq!(
+            judge_answer(&gone, template, droved),
+            Err(Refusal::NotOurChild)
+        );
+        assert_eq!(
+            judge_answer(&fork(1, pid(0), pid(1)), template, droved),
+            Err(Refusal::NotOurChild)
+        );
+        // A fork that left the template's session (setsid): not provably
+        // its fork.
+        assert_eq!(
+            judge_answer(&fork(207, droved, pid(207)), template, droved),
+            Err(Refusal::NotItsFork)
+        );
+    }
+
+    #[test]
+    fn strays_are_the_lost_templates_forks_since_the_first_unanswered_ask() {
+        let tick = Duration::from_millis(10);
+        let lost = [LostTemplate {
+            session: pid(200),
+            asked: Duration::from_millis(5_003),
+        }];
+        // Forked after the ask; or in the same tick (start times are
+        // truncated to whole ticks).
+        assert!(is_stray(
+            pid(200),
+            Duration::from_millis(6_000),
+            &lost,
+            tick
+        ));
+        assert!(is_stray(
+            pid(200),
+            Duration::from_millis(5_000),
+            &lost,
+            tick
+        ));
+        // Left behind by its workers before droved asked anything.
+        assert!(!is_stray(
+            pid(200),
+            Duration::from_millis(4_990),
+            &lost,
+            tick
+        ));
+        // Another session: an orphan from elsewhere, another template's.
+        assert!(!is_stray(
+            pid(300),
+            Duration::from_millis(6_000),
+            &lost,
+            tick
+        ));
+        assert!(!is_stray(pid(200), Duration::from_millis(6_000), &[], tick));
+    }
+
     fn templates(list: &[(i32, u64, TemplateState, u64)], now: Instant) -> Templates {
         Templates {
             all: list
@@ -323,7 +533,6 @@ mod tests {
                     state,
                     started: now - Duration::from_millis(age_ms),
                     broken: None,
-                    exe: None,
                 })
                 .collect(),
             forks: VecDeque::new(),

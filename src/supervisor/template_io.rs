@@ -30,7 +30,8 @@ pub(super) const EARLY_MAX: usize = 64;
 #[derive(Default)]
 pub(super) struct Early {
     datagrams: Vec<(Pid, Datagram)>,
-    pub(super) exits: Vec<(Pid, ExitStatus)>,
+    /// With the session each had as a zombie: whose fork it was.
+    pub(super) exits: Vec<(Pid, ExitStatus, Option<Pid>)>,
 }
 
 /// When to look for workers forked by a template that was lost before it
@@ -69,7 +70,7 @@ impl Supervisor {
             self.stray_checks.retain(|t| now < *t);
             self.kill_strays();
             if self.stray_checks.is_empty() {
-                self.stray_exes.clear();
+                self.stray_sessions.clear();
             }
         }
         let budget = self.gate.available(now);
@@ -121,6 +122,13 @@ impl Supervisor {
         self.gate.consume(now);
         match spawn::spawn(&spec) {
             Ok(pid) => {
+                if let Err(e) = self.children.track(pid) {
+                    // Unreachable for a child just spawned; without a pidfd
+                    // droved could not signal it, so let it go: it exits
+                    // on end of file (our end drops here), the sweep reaps it.
+                    self.template_failed(format!("cannot hold template {pid}: {e}"), now);
+                    return;
+                }
                 info!(
                     template_pid = pid.as_raw(),
                     generation = self.generation,
@@ -180,7 +188,7 @@ impl Supervisor {
             };
         }
         info!(template_pid = pid.as_raw(), "stopping template {pid}");
-        if let Err(e) = process::send_signal(pid, Signal::SIGTERM) {
+        if let Err(e) = self.children.signal(pid, Signal::SIGTERM) {
             warn!(template_pid = pid.as_raw(), "cannot signal template: {e}");
         }
     }
@@ -201,7 +209,7 @@ impl Supervisor {
             event = "template-killed",
             "killing template {pid}: it {why}"
         );
-        if let Err(e) = process::send_signal(pid, Signal::SIGKILL) {
+        if let Err(e) = self.children.signal(pid, Signal::SIGKILL) {
             warn!(template_pid = pid.as_raw(), "cannot signal template: {e}");
         }
     }
@@ -211,22 +219,31 @@ impl Supervisor {
         if self.template_io.as_ref().is_some_and(|(p, _)| *p == pid) {
             self.template_io = None;
         }
+        let first_ask = self
+            .pool
+            .templates
+            .forks
+            .iter()
+            .filter(|f| f.template == pid)
+            .map(|f| f.asked)
+            .min();
         let before = self.pool.templates.forks.len();
         self.pool.templates.forks.retain(|f| f.template != pid);
         let dropped = before - self.pool.templates.forks.len();
-        if dropped > 0 {
+        if let Some(first_ask) = first_ask {
             let now = Instant::now();
-            // Its forks run its program (read when it said hello).
-            if let Some(exe) = self
-                .pool
-                .templates
-                .all
-                .iter()
-                .find(|t| t.pid == pid)
-                .and_then(|t| t.exe.clone())
-                && !self.stray_exes.contains(&exe)
-            {
-                self.stray_exes.push(exe);
+            // Its forks are in its session (droved made it a session
+            // leader), whatever program they run by now, and started
+            // after droved asked. Unknown boot time: the whole session.
+            let asked = process::since_boot()
+                .map(|b| b.saturating_sub(now.saturating_duration_since(first_ask)))
+                .unwrap_or_default();
+            match self.stray_sessions.iter_mut().find(|l| l.session == pid) {
+                Some(l) => l.asked = l.asked.min(asked),
+                None => self.stray_sessions.push(template::LostTemplate {
+                    session: pid,
+                    asked,
+                }),
             }
             self.stray_checks
                 .extend(STRAY_CHECKS.iter().map(|d| now + *d));
@@ -309,7 +326,6 @@ impl Supervisor {
         match (parsed, state) {
             (Ok(Message::Hello(v)), TemplateState::Starting) if v == template::PROTOCOL_VERSION => {
                 t.state = TemplateState::Ready;
-                t.exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
                 info!(
                     template_pid = pid.as_raw(),
                     event = "template-ready",
@@ -379,23 +395,43 @@ impl Supervisor {
             self.kill_template(template, "answered a spawn never asked", now);
             return;
         };
-        let early_exit = self
-            .early
-            .exits
-            .iter()
-            .position(|(p, _)| *p == pid)
-            .map(|i| self.early.exits.remove(i).1);
-        // Never adopt a pid that is not ours: droved would signal it later.
-        let ours = early_exit.is_some()
-            || process::parent_pid(pid).is_ok_and(|p| p == nix::unistd::getpid());
-        if !ours || self.pool.workers.contains_key(&pid) {
+        let droved = nix::unistd::getpid();
+        let early = self.early.exits.iter().position(|(p, ..)| *p == pid);
+        // An early exit was droved's child, reaped already: its lineage is
+        // what its zombie showed. Else it must be an unreaped child now.
+        let lineage = match early {
+            Some(i) => self.early.exits[i].2.map(|session| (droved, session)),
+            None => process::stat(pid).ok().map(|s| (s.parent, s.session)),
+        };
+        let answered = template::Answered {
+            pid,
+            lineage,
+            is_template: self.pool.templates.all.iter().any(|t| t.pid == pid),
+            is_worker: self.pool.workers.contains_key(&pid),
+            is_held: process::is_held(pid),
+        };
+        // Never adopt a pid that is not this template's fork: droved would
+        // book its exit and signal it later.
+        let judged = template::judge_answer(&answered, template, droved).and_then(|()| {
+            match early {
+                Some(_) => Ok(()),
+                // Held from now until it is reaped: signals reach it only.
+                None => self.children.track(pid).map_err(|e| {
+                    warn!(worker_pid = pid.as_raw(), "cannot hold {pid}: {e}");
+                    template::Refusal::NotOurChild
+                }),
+            }
+        });
+        if let Err(refusal) = judged {
             warn!(
                 template_pid = template.as_raw(),
-                "template {template} answered pid {pid}, which is not a new child of droved's"
+                "template {template} answered pid {pid}, which droved does not adopt: \
+                 {refusal:?} ({lineage:?})"
             );
-            self.kill_template(template, "answered a pid that is not droved's child", now);
+            self.kill_template(template, refusal.reason(), now);
             return;
         }
+        let early_exit = early.map(|i| self.early.exits.remove(i).1);
         self.pool.templates.forks.pop_front();
         self.pool
             .workers
@@ -417,8 +453,10 @@ impl Supervisor {
     }
 
     /// Kills droved's children that are neither workers nor templates but
-    /// run the program of a template that was lost with forks unanswered:
-    /// its unnamed forks.
+    /// are in the session of a template that was lost with forks
+    /// unanswered: its unnamed forks, whatever they exec'd since. An
+    /// orphan from anywhere else (droved as PID 1 adopts them all) is in
+    /// another session and left alone.
     fn kill_strays(&mut self) {
         if matches!(self.lifecycle, Lifecycle::Upgrading(_)) {
             return;
@@ -436,14 +474,30 @@ impl Supervisor {
             {
                 continue;
             }
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
-            if exe.is_ok_and(|e| self.stray_exes.contains(&e)) {
-                warn!(
+            let Ok(stat) = process::stat(pid) else {
+                continue;
+            };
+            if !template::is_stray(
+                stat.session,
+                stat.started,
+                &self.stray_sessions,
+                process::clock_tick(),
+            ) {
+                continue;
+            }
+            // Through a pidfd taken while it is our unreaped child: the
+            // kill cannot reach a later owner of the pid.
+            let killed =
+                process::PidFd::open_child(pid).and_then(|fd| fd.send_signal(Signal::SIGKILL));
+            match killed {
+                Ok(_) => warn!(
                     pid = pid.as_raw(),
+                    session = stat.session.as_raw(),
                     event = "stray-killed",
-                    "killing {pid}: forked by a lost template that never named it"
-                );
-                let _ = process::send_signal(pid, Signal::SIGKILL);
+                    "killing {pid}: forked by lost template {} that never named it",
+                    stat.session
+                ),
+                Err(e) => warn!(pid = pid.as_raw(), "cannot kill stray fork {pid}: {e}"),
             }
         }
     }
@@ -532,10 +586,14 @@ impl Supervisor {
         let socket = crate::sys::exec::adopt_inherited(t.fd).and_then(TemplateSocket::from_fd);
         match socket {
             Ok(socket) => {
+                if let Err(e) = self.children.track(pid) {
+                    // Not signallable: let it go (EOF as `socket` drops).
+                    warn!(template_pid = t.pid, "cannot take over template {pid}: {e}");
+                    return;
+                }
                 let _ = process::become_subreaper();
                 let mut template = Template::new(pid, t.generation, started);
                 template.state = TemplateState::Ready;
-                template.exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
                 self.pool.templates.all.push(template);
                 self.template_io = Some((pid, socket));
                 info!(template_pid = t.pid, "took over template {pid}");

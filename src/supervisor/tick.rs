@@ -15,7 +15,7 @@ use super::pool::StopReason;
 use super::status::ListenerStatus;
 use crate::scale::{BLIP, PoolView, Sample};
 use crate::sys::arrival::ArrivalWatch;
-use crate::sys::{probe, process};
+use crate::sys::probe;
 
 /// Idle ticks between CPU baselines (10 ticks of 100 ms by default).
 const CPU_IDLE_SAMPLE_TICKS: u32 = 10;
@@ -117,7 +117,9 @@ impl Supervisor {
                 "worker {pid} still running {:?} after the stop signal; sending SIGKILL",
                 self.config.worker.stop_timeout
             );
-            let _ = process::send_signal(pid, Signal::SIGKILL);
+            if let Err(e) = self.children.signal(pid, Signal::SIGKILL) {
+                warn!(worker_pid = pid.as_raw(), "cannot kill worker: {e}");
+            }
             if let Some(w) = self.pool.workers.get_mut(&pid) {
                 w.killed = true;
             }

@@ -330,6 +330,12 @@ impl Supervisor {
         }
         for w in state.workers {
             let pid = nix::unistd::Pid::from_raw(w.pid);
+            // Still droved's children across the exec (same pid) and not
+            // reaped yet (nothing reaps before this): their pids name them.
+            if let Err(e) = self.children.track(pid) {
+                warn!(worker_pid = w.pid, "not taking over worker {pid}: {e}");
+                continue;
+            }
             let mut worker = Worker::new(pid, w.slot, w.generation, back(w.age_ms));
             worker.state = w.state;
             worker.ready_at = w.ready_age_ms.map(back);

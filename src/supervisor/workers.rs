@@ -15,7 +15,7 @@ use super::pool::{StopReason, Worker, WorkerState};
 use crate::config::{Config, ReadyMode, WorkerSocket};
 use crate::notify;
 use crate::sys::listen::Listener;
-use crate::sys::process::{self, ExitStatus};
+use crate::sys::process::ExitStatus;
 use crate::sys::spawn::{self, Credentials, SpawnSpec};
 use crate::sys::users;
 
@@ -313,7 +313,7 @@ impl Supervisor {
         } else {
             self.config.worker.stop_signal
         };
-        if let Err(e) = process::send_signal(pid, sig) {
+        if let Err(e) = self.children.signal(pid, sig) {
             warn!(worker_pid = pid.as_raw(), "cannot signal worker: {e}");
         }
         debug!(
@@ -368,7 +368,17 @@ impl Supervisor {
         for (p, slot) in pending {
             let pid = p.pid();
             match p.finish() {
-                Ok(_) => self.worker_started(pid, now),
+                Ok(_) => {
+                    // Exec'd, no longer held: ours alone to reap, so the
+                    // pid still names it.
+                    if let Err(e) = self.children.track(pid) {
+                        error!(
+                            worker_pid = pid.as_raw(),
+                            "cannot hold worker {pid}: {e}; droved cannot signal it"
+                        );
+                    }
+                    self.worker_started(pid, now)
+                }
                 Err(e) => {
                     self.pool.workers.remove(&pid);
                     self.spawn_failed(slot, e, now);

@@ -26,9 +26,6 @@ pub const SOCKET_NAME: &str = "private";
 /// Anyone may connect; droved checks each caller's uid.
 pub const SOCKET_MODE: u32 = 0o666;
 
-/// Connections the kernel queues before droved accepts them.
-const BACKLOG: i32 = 64;
-
 /// Who is at the other end of a connection, as the kernel says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
@@ -67,7 +64,10 @@ impl ControlSocket {
             }
         };
         let listening = || -> io::Result<tokio::net::UnixListener> {
-            socket::listen(&fd, Backlog::new(BACKLOG).map_err(io::Error::from)?)?;
+            // As many as the kernel allows (net.core.somaxconn): a connect
+            // flood must not fill the queue before droved's per-uid limits,
+            // which apply at accept, can turn it away.
+            socket::listen(&fd, Backlog::MAXCONN)?;
             let std = std::os::unix::net::UnixListener::from(fd);
             std.set_nonblocking(true)?;
             tokio::net::UnixListener::from_std(std)

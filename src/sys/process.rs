@@ -7,11 +7,13 @@
 //! the few places that wait for a particular child themselves hold it
 //! ([`fork_held`]) so the sweep cannot steal its status.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use nix::sys::signal::{self, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
@@ -134,8 +136,9 @@ pub fn fork_held<T>(
 /// What [`reap_next`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reaped {
-    /// A child exited and is reaped now.
-    Child(Pid, ExitStatus),
+    /// A child exited and is reaped now; its session as it was a zombie
+    /// (`None` if /proc could not tell).
+    Child(Pid, ExitStatus, Option<Pid>),
     /// The next exited child is waited for elsewhere; `waitid(P_ALL)` sees
     /// no further while it is there ([`reap_unheld`] looks past it).
     Held(Pid),
@@ -154,8 +157,10 @@ pub fn reap_next() -> io::Result<Reaped> {
     if held.contains(&pid) {
         return Ok(Reaped::Held(pid));
     }
+    // Read while it is a zombie: the session tells whose fork it was.
+    let session = stat(pid).ok().map(|s| s.session);
     Ok(match try_reap(pid)? {
-        Some(status) => Reaped::Child(pid, status),
+        Some(status) => Reaped::Child(pid, status, session),
         None => Reaped::Nothing,
     })
 }
@@ -163,19 +168,31 @@ pub fn reap_next() -> io::Result<Reaped> {
 /// Reaps every exited child except the [`Held`] ones, child by child from
 /// /proc/self/task/*/children: the slow way past a held zombie that blocks
 /// [`reap_next`].
-pub fn reap_unheld() -> io::Result<Vec<(Pid, ExitStatus)>> {
+pub fn reap_unheld() -> io::Result<Vec<(Pid, ExitStatus, Option<Pid>)>> {
     let held = waited_elsewhere();
     let mut out = Vec::new();
     for pid in own_children()? {
         if held.contains(&pid) {
             continue;
         }
-        // Running, or ECHILD (reaped meanwhile): nothing to take.
+        // Only zombies, whose session is read before they go; one that
+        // exits after this look is taken by the next sweep (its SIGCHLD).
+        let Ok(zombie) = stat(pid) else { continue };
+        if zombie.state != 'Z' {
+            continue;
+        }
+        // ECHILD (reaped meanwhile): nothing to take.
         if let Ok(Some(status)) = try_reap(pid) {
-            out.push((pid, status));
+            out.push((pid, status, Some(zombie.session)));
         }
     }
     Ok(out)
+}
+
+/// Whether `pid` is a child some other code waits for (an unconfirmed
+/// fork, the upgrade's preflight): never a worker, never to be signalled.
+pub fn is_held(pid: Pid) -> bool {
+    waited_elsewhere().contains(&pid)
 }
 
 /// The pid of some exited child not yet reaped, without reaping it
@@ -197,15 +214,62 @@ fn exited_child() -> io::Result<Option<Pid>> {
     }
 }
 
-/// The parent pid of `pid`, from /proc/PID/stat.
-pub fn parent_pid(pid: Pid) -> io::Result<Pid> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // After the ")" that ends comm: state, then ppid.
-    text.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .map(Pid::from_raw)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))
+/// Where a process stands in the process tree, from /proc/PID/stat (a
+/// zombie's too, until it is reaped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// `R`, `S`, `Z`, ... (proc(5)).
+    pub state: char,
+    pub parent: Pid,
+    /// The session: every process droved spawns starts one (setsid), and
+    /// only the leader's forks are in it, so the session id tells whose
+    /// fork a process is. A pid stays allocated while its session has a
+    /// member, so the id cannot name a later process.
+    pub session: Pid,
+    /// When it started, since boot (CLOCK_BOOTTIME, in whole clock
+    /// ticks: see [`clock_tick`]).
+    pub started: Duration,
+}
+
+/// `pid`'s [`Stat`].
+pub fn stat(pid: Pid) -> io::Result<Stat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed /proc/{pid}/stat"),
+        )
+    })
+}
+
+/// Parses /proc/PID/stat: after the ")" that ends comm come state, ppid,
+/// pgrp, session. Pure.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let (_, rest) = text.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let mut pid = || fields.next()?.parse().ok().map(Pid::from_raw);
+    let parent = pid()?;
+    let _group = pid()?;
+    let session = pid()?;
+    // tty_nr .. itrealvalue, then starttime (field 22).
+    let ticks: u64 = fields.nth(15)?.parse().ok()?;
+    Some(Stat {
+        state,
+        parent,
+        session,
+        started: clock_tick() * u32::try_from(ticks).ok()?,
+    })
+}
+
+/// The unit of /proc's process times (USER_HZ).
+pub fn clock_tick() -> Duration {
+    Duration::from_secs(1) / clock_ticks() as u32
+}
+
+/// Time since boot, on the clock of [`Stat::started`].
+pub fn since_boot() -> io::Result<Duration> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)?;
+    Ok(Duration::from(t))
 }
 
 /// droved's own children, from /proc/self/task/*/children.
@@ -226,11 +290,101 @@ pub fn own_children() -> io::Result<Vec<Pid>> {
     Ok(out)
 }
 
-/// Sends `sig` to `pid`; a process that is already gone is not an error.
-pub fn send_signal(pid: Pid, sig: Signal) -> io::Result<()> {
-    match signal::kill(pid, sig) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-        Err(e) => Err(e.into()),
+/// A process droved may signal: a pidfd (pidfd_open(2)), which names that
+/// process and never a later one that reuses its pid. Taken while the
+/// process is droved's unreaped child, when its pid surely still names it.
+#[derive(Debug)]
+pub struct PidFd(OwnedFd);
+
+impl PidFd {
+    /// Opens `pid`, which must be droved's own child, not yet reaped and
+    /// not [held](is_held) for another waiter (it could be reaped under
+    /// us). Checked after the open: a pidfd of any other process is
+    /// refused.
+    pub fn open_child(pid: Pid) -> io::Result<PidFd> {
+        if is_held(pid) {
+            return Err(io::Error::other(format!("{pid} is waited for elsewhere")));
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd (or
+        // -1); no memory is passed.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("pidfd_open({pid}): {e}")));
+        }
+        // SAFETY: the fd was just returned to us and nothing else owns it
+        // (pidfd_open sets O_CLOEXEC itself).
+        let pidfd = PidFd(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        // The open named whoever had `pid` then; if that is our child now,
+        // it was then too (only droved reaps its unheld children).
+        let parent = stat(pid)?.parent;
+        if parent != nix::unistd::getpid() {
+            return Err(io::Error::other(format!(
+                "{pid} is not droved's child (its parent is {parent})"
+            )));
+        }
+        Ok(pidfd)
+    }
+
+    /// Sends `sig` (pidfd_send_signal(2)); `Ok(false)` when the process
+    /// has exited already.
+    pub fn send_signal(&self, sig: Signal) -> io::Result<bool> {
+        // SAFETY: a valid pidfd, a signal number, no siginfo (NULL: as
+        // kill(2)), no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            e => Err(e),
+        }
+    }
+}
+
+/// The children droved may signal, each by a [`PidFd`] taken when it was
+/// spawned, adopted or taken over, and dropped when the sweep reaps it:
+/// no signal of droved's can reach a pid it has reaped.
+#[derive(Debug, Default)]
+pub struct Signallable {
+    fds: HashMap<Pid, PidFd>,
+}
+
+impl Signallable {
+    /// Starts tracking `pid` (see [`PidFd::open_child`] for what it must be).
+    pub fn track(&mut self, pid: Pid) -> io::Result<()> {
+        let fd = PidFd::open_child(pid)?;
+        self.fds.insert(pid, fd);
+        Ok(())
+    }
+
+    /// `pid` was reaped: never signal it again.
+    pub fn reaped(&mut self, pid: Pid) {
+        self.fds.remove(&pid);
+    }
+
+    pub fn is_tracked(&self, pid: Pid) -> bool {
+        self.fds.contains_key(&pid)
+    }
+
+    /// Sends `sig` to the tracked child `pid`; a child that has exited (a
+    /// zombie not reaped yet) is not an error, an untracked pid is.
+    pub fn signal(&self, pid: Pid, sig: Signal) -> io::Result<()> {
+        let fd = self.fds.get(&pid).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{pid} is not a live child of droved's; not signalled"),
+            )
+        })?;
+        fd.send_signal(sig).map(|_| ())
     }
 }
 
@@ -415,10 +569,14 @@ mod tests {
         let mut reaped = Vec::new();
         loop {
             match reap_next().unwrap() {
-                Reaped::Child(pid, status) => reaped.push((pid, status)),
+                Reaped::Child(pid, status, session) => {
+                    // Read as a zombie: the session it inherited from us.
+                    assert_eq!(session, Some(nix::unistd::getsid(None).unwrap()));
+                    reaped.push((pid, status))
+                }
                 Reaped::Held(pid) => {
                     assert_eq!(pid, held.pid());
-                    reaped.extend(reap_unheld().unwrap());
+                    reaped.extend(reap_unheld().unwrap().into_iter().map(|(p, s, _)| (p, s)));
                     break;
                 }
                 Reaped::Nothing => break,
@@ -435,5 +593,67 @@ mod tests {
         assert_eq!(held_child.wait().unwrap().code(), Some(3));
         drop(held);
         assert_eq!(reap_next().unwrap(), Reaped::Nothing);
+    }
+
+    #[test]
+    fn stat_fields_after_a_command_name_with_spaces_and_parens() {
+        let text = "4242 (a b) c) Z 17 4242 4240 0 -1 4194564 0 0 0 0 3 4 0 0 20 0 1 0 250 0 0";
+        assert_eq!(
+            parse_stat(text),
+            Some(Stat {
+                state: 'Z',
+                parent: Pid::from_raw(17),
+                session: Pid::from_raw(4240),
+                started: clock_tick() * 250,
+            })
+        );
+        assert_eq!(parse_stat("4242 (x) S 17"), None);
+        assert_eq!(parse_stat("4242 (x) S 17 4242 4240 0 -1"), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_pidfd_signals_its_child_and_nothing_once_that_child_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let mut children = Signallable::default();
+        children.track(pid).unwrap();
+        let kept = PidFd::open_child(pid).unwrap();
+        children.signal(pid, Signal::SIGKILL).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        // Reaped: its pidfd reaches nobody, whoever gets the pid next.
+        assert!(!kept.send_signal(Signal::SIGKILL).unwrap());
+        children.reaped(pid);
+        assert!(!children.is_tracked(pid));
+        let err = children.signal(pid, Signal::SIGKILL).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    }
+
+    #[test]
+    fn only_an_unheld_child_can_be_tracked() {
+        // Not our child: our parent (cargo's test runner or a shell).
+        let parent = nix::unistd::getppid();
+        let err = PidFd::open_child(parent).unwrap_err();
+        assert!(err.to_string().contains("not droved's child"), "{err}");
+        // A child some other code waits for (the preflight's case).
+        let (mut child, held) = fork_held(
+            || std::process::Command::new("sleep").arg("60").spawn(),
+            |c| Some(Pid::from_raw(c.id() as i32)),
+        )
+        .unwrap();
+        let held = held.unwrap();
+        assert!(is_held(held.pid()));
+        let err = PidFd::open_child(held.pid()).unwrap_err();
+        assert!(err.to_string().contains("waited for elsewhere"), "{err}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(held);
     }
 }

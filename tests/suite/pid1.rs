@@ -7,6 +7,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -499,4 +500,225 @@ fn the_container_recipe_runs_as_pid1() {
     eventually("the namespace to be empty", 10 * SEC, || {
         members(&ns).is_empty().then_some(())
     });
+}
+
+#[test]
+fn a_lost_templates_fork_that_exec_d_is_killed_and_an_unrelated_orphan_is_not() {
+    // The template forks a worker that execs `sleep` and never names it;
+    // an orphan from elsewhere in the namespace runs python3, the
+    // template's own program. Ancestry, not the program, tells them apart.
+    let scratch = Scratch::new("pid1-strays");
+    let template = scratch.join("mute.py");
+    std::fs::write(
+        &template,
+        r#"
+import os, socket, sys
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    middle = os.fork()
+    if middle == 0:
+        if os.fork() == 0:
+            s.close()
+            os.execvp("sleep", ["sleep", "600"])
+        os._exit(0)
+    os.waitpid(middle, 0)
+"#,
+    )
+    .unwrap();
+    let mut d = Droved::builder("pid1-strays")
+        .launcher(UNSHARE)
+        .args(&[
+            "-l",
+            "127.0.0.1:{port}",
+            "-w",
+            "1",
+            "--mode",
+            "template",
+            "--",
+            "python3",
+            &template.display().to_string(),
+        ])
+        .start();
+    let init = init_pid(&d);
+    let sleeps = || -> Vec<i32> {
+        children_of(init)
+            .into_iter()
+            .filter(|c| cmdline(*c).starts_with("sleep 600"))
+            .collect()
+    };
+    let stray = eventually("the unnamed fork, exec'd", 10 * SEC, || {
+        sleeps().first().copied()
+    });
+    // An orphan of the namespace running python3: its parent shell exits.
+    let marker = "unrelated-orphan-of-pid1-strays";
+    let out = Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-p", "--", "sh", "-c"])
+        .arg(format!(
+            "python3 -c 'import time; time.sleep(600)' {marker} </dev/null >/dev/null 2>&1 &"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let orphan = eventually("the orphan adopted by droved", 10 * SEC, || {
+        children_of(init)
+            .into_iter()
+            .find(|c| cmdline(*c).contains(marker))
+    });
+    d.wait_log("left a spawn unanswered", 1, 15 * SEC);
+    eventually("the stray killed", 10 * SEC, || {
+        (!alive(stray)).then_some(())
+    });
+    // Both looks are over once the next template is asked for a worker:
+    // its own fork appears.
+    eventually("the next template's fork", 20 * SEC, || {
+        sleeps().into_iter().find(|p| *p != stray)
+    });
+    assert!(
+        alive(orphan) && children_of(init).contains(&orphan),
+        "the unrelated orphan was killed\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("event=\"stray-killed\""), "{}", d.log());
+    nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    let status = d.wait_exit(30 * SEC);
+    assert!(status.success(), "droved exited with {status}\n{}", d.log());
+}
+
+#[test]
+fn droved_never_signals_a_reaped_templates_pid_once_another_process_has_it() {
+    // The first template answers with its own pid (and forks nothing: a
+    // pid stays taken while a process of its session lives). Later ones
+    // fork real workers that ignore SIGTERM, so a stop lasts stop_timeout.
+    // Once the first template is reaped, a bystander takes its pid (this
+    // namespace's ns_last_pid): droved must never signal it.
+    let scratch = Scratch::new("pid1-recycled");
+    let template = scratch.join("own.py");
+    std::fs::write(
+        &template,
+        r#"
+import os, signal, socket, sys, time
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+droved = os.getppid()
+try:
+    os.close(os.open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "first"), os.O_CREAT | os.O_EXCL))
+    first = True
+except FileExistsError:
+    first = False
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    if first:
+        s.send(("pid %d" % os.getpid()).encode())
+        continue
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        worker = os.fork()
+        if worker == 0:
+            s.close()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while os.getppid() != droved:
+                time.sleep(0.01)
+            while os.getppid() == droved:
+                time.sleep(0.2)
+            os._exit(0)
+        os.write(w, str(worker).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(middle, 0)
+    s.send(("pid " + os.read(r, 32).decode()).encode())
+"#,
+    )
+    .unwrap();
+    let mut d = Droved::builder("pid1-recycled")
+        .launcher(UNSHARE)
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["python3", "{}"]
+ready_timeout = "10s"
+stop_timeout = "8s"
+[pool]
+min = 1
+max = 1
+"#,
+            template.display()
+        ))
+        .start();
+    let init = init_pid(&d);
+    d.wait_log("event=\"started\"", 1, 20 * SEC);
+    // Its pid inside the namespace, as droved logs it.
+    let first: i32 = d
+        .log()
+        .lines()
+        .find(|l| l.contains("event=\"template-started\""))
+        .and_then(|l| {
+            l.split("template_pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the first template's pid");
+    nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    // Once pid `first` is free, the next fork in the namespace gets it:
+    // the bystander, a child of nsenter's (outside the namespace), so
+    // droved cannot reap it, only signal it.
+    let out = Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-p", "-m", "--", "sh", "-c"])
+        .arg(format!(
+            "for i in $(seq 400); do [ -e /proc/{first} ] || break; sleep 0.05; done; \
+             [ -e /proc/{first} ] && exit 1; \
+             echo {} > /proc/sys/kernel/ns_last_pid",
+            first - 1
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pid {first} never freed: {out:?}\n{}",
+        d.log()
+    );
+    let mut nsenter = Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-p", "--", "sleep", "600"])
+        .spawn()
+        .unwrap();
+    let bystander = eventually("the bystander", 10 * SEC, || {
+        children_of(nsenter.id() as i32).first().copied()
+    });
+    assert_eq!(
+        ns_pids(bystander).last(),
+        Some(&first),
+        "the bystander did not get pid {first}"
+    );
+    // It lives as long as droved does: it dies only with the namespace.
+    let deadline = std::time::Instant::now() + 30 * SEC;
+    while d.try_exit().is_none() {
+        if !alive(bystander) {
+            eventually(
+                &format!("droved to exit (else it killed pid {first} after reaping it)"),
+                5 * SEC,
+                || d.try_exit(),
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "droved did not stop\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = d.wait_exit(5 * SEC);
+    let _ = nsenter.kill();
+    let _ = nsenter.wait();
+    assert!(status.success(), "droved exited with {status}\n{}", d.log());
 }

@@ -1092,3 +1092,139 @@ listen = "unix:{}"
     );
     unchanged("at the end");
 }
+
+/// A template-mode pool whose template, run as `nobody`, is `script`
+/// (Python, in a directory `nobody` may write to); `min = max = 1`.
+fn hostile_template(tag: &str, script: &str) -> (Droved, Scratch) {
+    let dir = Scratch::new(tag);
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let path = dir.join("template.py");
+    std::fs::write(&path, script).unwrap();
+    let d = Droved::builder(tag)
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = ["/usr/bin/python3", "{}"]
+user = "nobody"
+ready = "exec"
+ready_timeout = "10s"
+stop_timeout = "3s"
+[pool]
+min = 1
+max = 1
+"#,
+            path.display()
+        ))
+        .start();
+    (d, dir)
+}
+
+/// The pids droved logged as `key=` on lines with `event="event"`.
+fn logged_pids(d: &Droved, event: &str, key: &str) -> Vec<i32> {
+    d.log()
+        .lines()
+        .filter(|l| l.contains(&format!("event=\"{event}\"")))
+        .filter_map(|l| {
+            l.split(&format!("{key}="))
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_template_answering_its_own_pid_is_killed_and_never_becomes_a_worker() {
+    // It is droved's child, so "is it droved's child?" let it through: its
+    // exit was booked as a worker's, droved signalled its pid after reaping
+    // it, and never finished stopping (it waited for the ghost template).
+    let (mut d, _dir) = hostile_template(
+        "tpl-own-pid",
+        r#"
+import os, socket, sys
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        sys.exit(0)
+    s.send(("pid %d" % os.getpid()).encode())
+"#,
+    );
+    d.wait_log("killing template", 1, 20 * SEC);
+    let log = d.log();
+    assert!(log.contains("it answered the pid of a template"), "{log}");
+    assert_eq!(d.log_count("event=\"started\""), 0, "{log}");
+    // A second template is started and refused the same way.
+    d.wait_log("killing template", 2, 30 * SEC);
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = d.wait_exit(20 * SEC);
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    for t in logged_pids(&d, "template-started", "template_pid") {
+        assert!(!alive(t), "template {t} outlived droved");
+    }
+    assert_eq!(d.log_count("event=\"started\""), 0, "{}", d.log());
+}
+
+#[test]
+fn a_template_answering_another_generations_template_is_killed() {
+    // Generation 1 forks a real worker, then lingers after droved is done
+    // with it (ignores SIGTERM and end of file); generation 2 names it.
+    let (mut d, dir) = hostile_template(
+        "tpl-other-gen",
+        r#"
+import os, signal, socket, sys, time
+here = os.path.dirname(os.path.abspath(__file__))
+gen = os.environ["DROVE_GENERATION"]
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+droved = os.getppid()
+with open(os.path.join(here, "template-" + gen + ".new"), "w") as f:
+    f.write(str(os.getpid()))
+os.rename(os.path.join(here, "template-" + gen + ".new"), os.path.join(here, "template-" + gen))
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    if not s.recv(512):
+        while os.getppid() == droved:
+            time.sleep(0.1)
+        sys.exit(0)
+    if gen != "1":
+        s.send(("pid " + open(os.path.join(here, "template-1")).read()).encode())
+        continue
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        worker = os.fork()
+        if worker == 0:
+            s.close()
+            while os.getppid() != droved:
+                time.sleep(0.01)
+            while os.getppid() == droved:
+                time.sleep(0.2)
+            os._exit(0)
+        os.write(w, str(worker).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(middle, 0)
+    s.send(("pid " + os.read(r, 32).decode()).encode())
+"#,
+    );
+    d.wait_ready();
+    let first: i32 = std::fs::read_to_string(dir.join("template-1"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_log("killing template", 1, 20 * SEC);
+    let log = d.log();
+    assert!(log.contains("it answered the pid of a template"), "{log}");
+    let started = logged_pids(&d, "started", "worker_pid");
+    assert!(!started.contains(&first), "template {first} adopted\n{log}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = d.wait_exit(30 * SEC);
+    assert!(status.success(), "{status:?}\n{}", d.log());
+}
