@@ -128,6 +128,20 @@ class Contender:
         # uWSGI: preload means without --lazy-apps (load once, then fork).
         self.mode, self.preload = mode, preload
 
+    def droved_argv(self, ctx, port, workdir, cmd, extra=""):
+        """Writes workdir/drove.toml for a pool of `cmd` (`extra`: more
+        [worker] settings) and returns droved's argv."""
+        conf = os.path.join(workdir, "drove.toml")
+        with open(conf, "w") as f:
+            f.write(
+                "# written by bench/bench.py; everything not set here is droved's default\n"
+                f'[listen]\naddresses = ["127.0.0.1:{port}"]\nbacklog = {BACKLOG}\n'
+                f"[worker]\ncommand = {json.dumps(cmd)}\nready = \"notify\"\n"
+                f"mode = \"{self.mode}\"\n{extra}"
+                f"[pool]\nmin = {self.min}\nmax = {self.max}\n"
+            )
+        return [ctx.droved, "-c", conf, "--instance", self.name]
+
     @property
     def dynamic(self):
         return self.min != self.max
@@ -140,16 +154,7 @@ class Contender:
                 cmd = [py, os.path.join(ROOT, "examples", "wsgi_worker.py"), app + ":application"]
             else:
                 cmd = [ctx.rust_worker]
-            conf = os.path.join(workdir, "drove.toml")
-            with open(conf, "w") as f:
-                f.write(
-                    "# written by bench/bench.py; everything not set here is droved's default\n"
-                    f'[listen]\naddresses = ["127.0.0.1:{port}"]\nbacklog = {BACKLOG}\n'
-                    f"[worker]\ncommand = {json.dumps(cmd)}\nready = \"notify\"\n"
-                    f"mode = \"{self.mode}\"\n"
-                    f"[pool]\nmin = {self.min}\nmax = {self.max}\n"
-                )
-            return [ctx.droved, "-c", conf, "--instance", self.name]
+            return self.droved_argv(ctx, port, workdir, cmd)
         if self.kind == "gunicorn":
             return [
                 os.path.join(ctx.venv, "bin", "gunicorn"),

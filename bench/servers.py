@@ -58,18 +58,9 @@ class Peer(bench.Contender):
             else:
                 cmd = [ctx.python, "-m", "drove.gunicorn", "--no-control-socket", "--chdir", BENCH,
                        "--log-level", "warning"] + self.app_args(app)
-            env = ", ".join(f'{k} = {json.dumps(v)}' for k, v in self.env(app).items())
-            conf = os.path.join(workdir, "drove.toml")
-            with open(conf, "w") as f:
-                f.write(
-                    "# written by bench/servers.py; everything not set here is droved's default\n"
-                    f'[listen]\naddresses = ["127.0.0.1:{port}"]\nbacklog = {bench.BACKLOG}\n'
-                    f"[worker]\ncommand = {json.dumps(cmd)}\nready = \"notify\"\n"
-                    f'mode = "{self.mode}"\nready_timeout = "120s"\nallow_root = true\n'
-                    f"environment = {{ {env} }}\n"
-                    f"[pool]\nmin = {self.min}\nmax = {self.max}\n"
-                )
-            return [ctx.droved, "-c", conf, "--instance", self.name]
+            env = ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.env(app).items())
+            return self.droved_argv(ctx, port, workdir, cmd, 'ready_timeout = "120s"\n'
+                                    f"allow_root = true\nenvironment = {{ {env} }}\n")
         if self.kind == "gunicorn":
             return [os.path.join(ctx.venv, "bin", "gunicorn"), "-w", str(self.max),
                     "-b", f"127.0.0.1:{port}", "--backlog", str(bench.BACKLOG), "--chdir", BENCH,
