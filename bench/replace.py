@@ -9,7 +9,9 @@ it (its log line's timestamp; same clock as ours). Prints median and p99
 per mode. 127.0.0.1 only; each pool is stopped at the end.
 
 --app heavy: bench/heavy_app.py (~100 MB of objects at import) under
-`python3 -m drove.gunicorn` instead (the --python must have gunicorn).
+`python3 -m drove.gunicorn` instead (the --python must have gunicorn);
+--app gunicorn-light: bench/app.py under it (what gunicorn's worker costs
+without the heap).
 """
 
 import argparse
@@ -72,11 +74,11 @@ def run(mode, args, workdir):
     port = free_port()
     conf = os.path.join(workdir, f"{mode}.toml")
     log = os.path.join(workdir, f"{mode}.log")
-    if args.app == "heavy":
-        # bench/heavy_app.py (~100 MB of objects) under gunicorn's sync
-        # worker through the adapter, in both modes.
-        command = [args.python, "-m", "drove.gunicorn", "--no-control-socket", "--chdir", BENCH,
-                   "heavy_app:application"]
+    if args.app in ("heavy", "gunicorn-light"):
+        # bench/heavy_app.py (~100 MB of objects) or bench/app.py under
+        # gunicorn's sync worker through the adapter, in both modes.
+        app = "heavy_app:application" if args.app == "heavy" else "app:application"
+        command = [args.python, "-m", "drove.gunicorn", "--no-control-socket", "--chdir", BENCH, app]
         extra = (f'ready_timeout = "120s"\nenvironment = {{ PYTHONPATH = "{ROOT}/python", '
                  f'HEAVY_ITEMS = "200000" }}\n')
     else:
@@ -121,8 +123,9 @@ def main():
     p.add_argument("--kills", type=int, default=100)
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--pause", type=float, default=0.2, help="seconds between kills")
-    p.add_argument("--app", choices=("light", "heavy"), default="light",
-                   help="heavy: bench/heavy_app.py under python3 -m drove.gunicorn")
+    p.add_argument("--app", choices=("light", "heavy", "gunicorn-light"), default="light",
+                   help="heavy: bench/heavy_app.py under python3 -m drove.gunicorn; "
+                   "gunicorn-light: bench/app.py under it")
     p.add_argument("--json", action="store_true", help="also print every time as one JSON line")
     args = p.parse_args()
     out = {"app": args.app, "workers": args.workers}
