@@ -74,9 +74,78 @@ pub(super) struct JournalWatch {
     unreported_stall: Option<Instant>,
 }
 
+/// How often [`TickTimes`] reports.
+const TICK_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The scale tick's own cost (the tick's work and the reconcile and
+/// publish after it, as the event loop runs them), so that droved's cost
+/// per tick can be watched as a pool grows (bench/fleet.py). Two clock
+/// reads a tick; every [`TICK_REPORT_EVERY`] one debug line under the
+/// target `drove::tick_time` (`DROVE_LOG=info,drove::tick_time=debug`)
+/// gives the count, the mean and the slowest.
+#[derive(Debug)]
+pub(super) struct TickTimes {
+    since: Instant,
+    ticks: u32,
+    total: Duration,
+    slowest: Duration,
+}
+
+/// One report of [`TickTimes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TickSummary {
+    pub(super) ticks: u32,
+    pub(super) mean: Duration,
+    pub(super) slowest: Duration,
+}
+
+impl TickTimes {
+    pub(super) fn new(now: Instant) -> TickTimes {
+        TickTimes {
+            since: now,
+            ticks: 0,
+            total: Duration::ZERO,
+            slowest: Duration::ZERO,
+        }
+    }
+
+    /// Adds one tick that took `took`, and logs the summary of the
+    /// window ending at `now` if one is due.
+    pub(super) fn record(&mut self, took: Duration, now: Instant) {
+        if let Some(s) = self.add(took, now) {
+            debug!(
+                target: "drove::tick_time",
+                ticks = s.ticks,
+                mean_us = s.mean.as_micros() as u64,
+                slowest_us = s.slowest.as_micros() as u64,
+                "scale ticks in the last {TICK_REPORT_EVERY:?}"
+            );
+        }
+    }
+
+    /// Pure: adds one tick; once the window is over, its summary, and a
+    /// new window begins.
+    fn add(&mut self, took: Duration, now: Instant) -> Option<TickSummary> {
+        self.ticks += 1;
+        self.total += took;
+        self.slowest = self.slowest.max(took);
+        if now.duration_since(self.since) < TICK_REPORT_EVERY {
+            return None;
+        }
+        let summary = TickSummary {
+            ticks: self.ticks,
+            mean: self.total / self.ticks,
+            slowest: self.slowest,
+        };
+        *self = TickTimes::new(now);
+        Some(summary)
+    }
+}
+
 impl Supervisor {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
+        self.tick_began = Some(now);
         // A fork asked of the template and not answered yet would be lost
         // in the exec: its worker unknown to the new image, the template
         // not handed over. No new forks are asked while upgrading, so wait
@@ -336,5 +405,38 @@ impl Supervisor {
             });
             self.target = d.to;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_times_report_once_a_window_with_mean_and_slowest() {
+        let t0 = Instant::now();
+        let mut times = TickTimes::new(t0);
+        let ms = Duration::from_millis;
+        assert_eq!(times.add(ms(1), t0 + ms(100)), None);
+        assert_eq!(times.add(ms(5), t0 + ms(200)), None);
+        let end = t0 + TICK_REPORT_EVERY;
+        assert_eq!(
+            times.add(ms(3), end),
+            Some(TickSummary {
+                ticks: 3,
+                mean: ms(3),
+                slowest: ms(5)
+            })
+        );
+        // A new window: the old ticks are gone.
+        assert_eq!(times.add(ms(2), end + ms(100)), None);
+        assert_eq!(
+            times.add(ms(2), end + TICK_REPORT_EVERY),
+            Some(TickSummary {
+                ticks: 2,
+                mean: ms(2),
+                slowest: ms(2)
+            })
+        );
     }
 }
