@@ -83,7 +83,8 @@ def memory(pid):
 
 def raise_limits():
     # A thousand workers: droved holds a few fds per worker (pidfds, pipes).
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Droved:
@@ -159,7 +160,7 @@ class Droved:
         out = []
         with open(self.log_path, errors="replace") as f:
             for line in f:
-                if "tick_time" not in line:
+                if "scale ticks in the last" not in line:
                     continue
                 m = {k: int(v) for k, v in re.findall(r"(ticks|mean_us|slowest_us)=(\d+)", line)}
                 if len(m) == 3:
@@ -203,6 +204,7 @@ def measure_pool(ctx, n, rep, workdir):
         c1, w1 = cpu_ticks(d.pid), time.monotonic()
         cpu_s = (c1 - c0) / CLK_TCK
         idle_pct = 100 * cpu_s / (w1 - w0)
+        cpu_per_tick_ms = 1000 * cpu_s / ((w1 - w0) / INTERVAL)
         ticks = [t for t in d.tick_lines()[lines_before:]]
         rss, pss = memory(d.pid)
         # Scrapes: the first (every cache cold), then cold renders spaced
@@ -230,7 +232,7 @@ def measure_pool(ctx, n, rep, workdir):
             "workers": n, "repeat": rep, "ready_s": round(ready_s, 2),
             "loadavg": load,
             "idle_cpu_pct": round(idle_pct, 3),
-            "idle_cpu_ms_per_tick": round(1000 * cpu_s / ((w1 - w0) / INTERVAL), 4),
+            "idle_cpu_ms_per_tick": round(cpu_per_tick_ms, 4),
             "tick_mean_us": statistics.median([t[1] for t in ticks]) if ticks else None,
             "tick_slowest_us": max(t[2] for t in ticks) if ticks else None,
             "tick_windows": ticks,
@@ -394,6 +396,7 @@ def plot(data, sizes, med, path):
         if target is not None:
             ax.axhline(target, color="red", linestyle="--", linewidth=1, label="target at 1,024")
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)
         ax.set_xticks(sizes)
         ax.set_xticklabels([str(n) for n in sizes])
         ax.set_xlabel("workers")

@@ -26,6 +26,30 @@ pub(super) struct CpuSampling {
     idle_ticks: u32,
 }
 
+impl CpuSampling {
+    /// Whether this tick samples the workers' CPU (a /proc read per
+    /// worker and thread). The guard only judges ticks with a queue, but
+    /// the first such tick needs a baseline: sample while a queue is (or
+    /// just was) there, and once a second otherwise, which keeps idle
+    /// ticks cheap. Never while the pool cannot grow (`can_grow`: the
+    /// target is below max; a static pool never can): the guard only
+    /// holds back growth, and at max the scaler holds without asking it.
+    /// Pure.
+    fn due(&mut self, queued: bool, cpu_guard: bool, can_grow: bool) -> bool {
+        let due = cpu_guard
+            && can_grow
+            && (queued || self.recent_queue || self.idle_ticks >= CPU_IDLE_SAMPLE_TICKS);
+        self.recent_queue = queued;
+        if due {
+            self.idle_ticks = 0;
+        } else {
+            // Saturating: a pool at max for days must not wrap around.
+            self.idle_ticks = self.idle_ticks.saturating_add(1);
+        }
+        due
+    }
+}
+
 impl Default for CpuSampling {
     fn default() -> Self {
         // Take a baseline on the very first tick.
@@ -350,15 +374,14 @@ impl Supervisor {
         // needs a baseline: sample while a queue is (or just was) there,
         // and once a second otherwise, which keeps idle ticks cheap.
         let queued = self.queued_total().unwrap_or(0) > 0;
-        let sample_cpu = queued
-            || self.cpu_sampling.recent_queue
-            || self.cpu_sampling.idle_ticks >= CPU_IDLE_SAMPLE_TICKS;
-        self.cpu_sampling.recent_queue = queued;
-        let cpu_busy = if self.config.scale.cpu_guard && sample_cpu {
-            self.cpu_sampling.idle_ticks = 0;
+        let sample_cpu = self.cpu_sampling.due(
+            queued,
+            self.config.scale.cpu_guard,
+            self.target < self.config.pool.max,
+        );
+        let cpu_busy = if sample_cpu {
             self.cpu.sample(self.pool.workers.keys().copied(), now)
         } else {
-            self.cpu_sampling.idle_ticks += 1;
             None
         };
         if !matches!(self.lifecycle, Lifecycle::Running) {
@@ -411,6 +434,29 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_is_sampled_while_queued_once_a_second_idle_and_never_at_max() {
+        let mut s = CpuSampling::default();
+        // A baseline on the first tick, then one after each
+        // CPU_IDLE_SAMPLE_TICKS ticks without.
+        let idle: Vec<bool> = (0..23).map(|_| s.due(false, true, true)).collect();
+        let expected: Vec<bool> = (0..23).map(|i| i % 11 == 0).collect();
+        assert_eq!(idle, expected);
+        // Every tick with a queue, and the one after.
+        assert!(s.due(true, true, true));
+        assert!(s.due(true, true, true));
+        assert!(s.due(false, true, true));
+        assert!(!s.due(false, true, true));
+        // Guard off: never.
+        let mut off = CpuSampling::default();
+        assert!((0..30).all(|i| !off.due(i % 2 == 0, false, true)));
+        // At max (or a static pool): never, queue or not; below max again,
+        // a baseline at once.
+        let mut at_max = CpuSampling::default();
+        assert!((0..30).all(|i| !at_max.due(i % 3 == 0, true, false)));
+        assert!(at_max.due(false, true, true));
+    }
 
     #[test]
     fn tick_times_report_once_a_window_with_mean_and_slowest() {
