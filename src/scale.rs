@@ -73,6 +73,18 @@
 //! has been empty for a `cooldown` (an unreadable-queue hold: once it reads
 //! again). [`Scaler::last_decision`] keeps the
 //! latest one for status.
+//!
+//! # Demand
+//!
+//! [`Scaler::demand`] is what this tick's decision would have been with no
+//! `max` and no CPU guard: the workers the pool wants, host limits aside.
+//! While connections queue (beyond a blip) it is the same `wanted` the
+//! scale-up computes, `ready + max(starting, queued)`, or the target if that
+//! is more; otherwise it is the target the tick leaves. A pod whose demand
+//! exceeds its `max` wants more pods: it is the signal a cluster autoscaler
+//! reads (docs/autoscaling.md). The CPU guard's cap counts as a host limit
+//! too, since more pods bring more cores. [`utilization`] is the share of
+//! the pool's room in use.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -320,6 +332,28 @@ impl fmt::Display for Decision {
     }
 }
 
+/// A queue that asks for workers: how many the pool wants in all, and the
+/// samples since the last scale-up that saw a queue.
+#[derive(Debug, Clone, Copy)]
+struct QueueWants {
+    wanted: u32,
+    busy_samples: u32,
+}
+
+/// The share `0.0..=1.0` of the pool's room in use: `busy / ready` when the
+/// busy workers are known, else `target / max`, the share of `max` the
+/// scaler has asked for (a pool at `max` reads 1.0 whether it keeps up or
+/// not; [`Scaler::demand`] says by how much it falls short). `None` when
+/// neither can be computed (`max` 0). droved does not count busy workers
+/// yet, so it passes `None` for `busy`; the metrics say which one it is.
+pub fn utilization(busy: Option<u32>, ready: u32, target: u32, max: u32) -> Option<f64> {
+    match busy {
+        Some(busy) if ready > 0 => Some((f64::from(busy) / f64::from(ready)).min(1.0)),
+        _ if max > 0 => Some((f64::from(target) / f64::from(max)).min(1.0)),
+        _ => None,
+    }
+}
+
 /// The scaler's memory between ticks: recent samples, when it last
 /// changed the target, and the hold it is in.
 #[derive(Debug, Clone)]
@@ -343,6 +377,9 @@ pub struct Scaler {
     /// The hold announced and still in force, if any.
     hold: Option<std::mem::Discriminant<Reason>>,
     last: Option<Decision>,
+    /// The latest tick's demand (see the module doc); `None` before the
+    /// first tick and while no queue can be read.
+    demand: Option<u32>,
 }
 
 impl Scaler {
@@ -361,6 +398,7 @@ impl Scaler {
             down_unconfirmed: false,
             hold: None,
             last: None,
+            demand: None,
         }
     }
 
@@ -389,16 +427,56 @@ impl Scaler {
         self.last.as_ref()
     }
 
+    /// The workers the pool would want with no `max` and no CPU guard, as
+    /// of the latest tick (see the module doc); `None` before the first
+    /// tick and while no listener's queue can be read.
+    pub fn demand(&self) -> Option<u32> {
+        self.demand
+    }
+
     /// Take one sample and decide. `now` is any monotonic time (tests pass
     /// simulated time); it should not go backwards.
     pub fn tick(&mut self, now: Duration, sample: Sample, pool: PoolView) -> Option<Decision> {
         self.record(now, sample);
-        let decision = self.decide_tick(now, sample, pool);
+        // Before deciding: a scale-up restarts the count of busy samples.
+        let wants = sample.queued.and_then(|q| self.queue_wants(q, pool));
+        let decision = self.decide_tick(now, sample, pool, wants);
+        let target = decision.as_ref().map_or(pool.target, |d| d.to);
+        self.demand = sample
+            .queued
+            .map(|_| wants.map_or(target, |w| w.wanted.max(target)));
         self.prev_ready = Some(pool.ready);
         decision
     }
 
-    fn decide_tick(&mut self, now: Duration, sample: Sample, pool: PoolView) -> Option<Decision> {
+    /// What a queue of `queued` asks for, unless it is empty or a blip
+    /// that has not persisted (yet).
+    fn queue_wants(&self, queued: u32, pool: PoolView) -> Option<QueueWants> {
+        if queued == 0 {
+            return None;
+        }
+        let after_up = self.last_up;
+        let busy_samples = self
+            .queue
+            .iter()
+            .filter(|&&(t, q)| after_up.is_none_or(|u| t > u) && q.is_some_and(|q| q > 0))
+            .count();
+        if queued <= BLIP && busy_samples < self.params.persist_samples() {
+            return None; // a blip, so far
+        }
+        Some(QueueWants {
+            wanted: pool.ready.saturating_add(pool.starting.max(queued)),
+            busy_samples: busy_samples as u32,
+        })
+    }
+
+    fn decide_tick(
+        &mut self,
+        now: Duration,
+        sample: Sample,
+        pool: PoolView,
+        wants: Option<QueueWants>,
+    ) -> Option<Decision> {
         let p = self.params;
         let target = pool.target;
 
@@ -430,7 +508,8 @@ impl Scaler {
             );
         };
         if queued > 0 {
-            self.scale_up(now, queued, pool, sample.cpu_while_queued)
+            let wants = wants?; // a blip, so far
+            self.scale_up(now, queued, wants, pool, sample.cpu_while_queued)
         } else {
             self.scale_down(now, target)
         }
@@ -471,21 +550,16 @@ impl Scaler {
         &mut self,
         now: Duration,
         queued: u32,
+        wants: QueueWants,
         pool: PoolView,
         cpu_while_queued: bool,
     ) -> Option<Decision> {
         let p = self.params;
         let target = pool.target;
-        let after_up = self.last_up;
-        let busy_samples = self
-            .queue
-            .iter()
-            .filter(|&&(t, q)| after_up.is_none_or(|u| t > u) && q.is_some_and(|q| q > 0))
-            .count();
-        if queued <= BLIP && busy_samples < p.persist_samples() {
-            return None; // a blip, so far
-        }
-        let wanted = pool.ready.saturating_add(pool.starting.max(queued));
+        let QueueWants {
+            wanted,
+            busy_samples,
+        } = wants;
         if wanted <= target {
             return None; // the workers already asked for will take them
         }
@@ -534,7 +608,7 @@ impl Scaler {
             queued,
             ready: pool.ready,
             starting: pool.starting,
-            busy_samples: busy_samples as u32,
+            busy_samples,
             wanted,
             max: p.max,
             cpu_busy,
@@ -1211,5 +1285,106 @@ mod tests {
         // While workers are still starting, the pool is not at max yet.
         let mut s = Scaler::new(ScaleParams::new(2, 16));
         assert_eq!(s.tick(S, sample(40), pool(16, 4, 12)), None);
+    }
+
+    #[test]
+    fn demand_is_the_target_before_the_cap_at_max() {
+        let mut sim = Sim::new(ScaleParams::new(1, 4), 1);
+        assert_eq!(sim.scaler.demand(), None, "no tick yet");
+        sim.step(Some(0));
+        assert_eq!(sim.scaler.demand(), Some(1), "idle: the target");
+        // 20 queued on 1 ready: the jump is capped at 4, demand is not.
+        let d = sim.step(Some(20)).expect("scale up");
+        assert_eq!((d.to, sim.scaler.demand()), (4, Some(21)));
+        // While the three start, they count against the queue.
+        sim.step(Some(20));
+        assert_eq!(sim.scaler.demand(), Some(21));
+        // At max, still 20 waiting: 4 ready + 20.
+        sim.run_for(S, |_, _| Some(20));
+        assert_eq!((sim.target, sim.ready), (4, 4));
+        assert_eq!(sim.scaler.demand(), Some(24));
+        // The load ends: demand falls to the target, and with it.
+        sim.step(Some(0));
+        assert_eq!(sim.scaler.demand(), Some(4));
+        sim.run_for(11 * S, |_, _| Some(0));
+        assert_eq!((sim.target, sim.scaler.demand()), (3, Some(3)));
+        // Unreadable queues: no demand to report.
+        sim.step(None);
+        assert_eq!(sim.scaler.demand(), None);
+    }
+
+    #[test]
+    fn demand_table() {
+        // (min, max, target, ready, starting, queued, prior queued samples)
+        //   -> demand after one tick
+        type Row = ((u32, u32, u32, u32, u32, Option<u32>, usize), Option<u32>);
+        let table: &[Row] = &[
+            // A blip that has not persisted: the target.
+            ((1, 4, 2, 2, 0, Some(1), 0), Some(2)),
+            // The same blip after 3 of 10 samples saw a queue: scales.
+            ((1, 4, 2, 2, 0, Some(1), 3), Some(3)),
+            // A fixed pool (min == max) never scales; demand still moves.
+            ((4, 4, 4, 4, 0, Some(10), 0), Some(14)),
+            // Workers starting already cover the queue: the target.
+            ((1, 8, 6, 2, 4, Some(3), 0), Some(6)),
+            // The target below min is raised: demand follows the new target.
+            ((3, 8, 1, 1, 0, Some(0), 0), Some(3)),
+            // Pool at zero (min 0), one waiting: one worker.
+            ((0, 4, 0, 0, 0, Some(1), 3), Some(1)),
+            ((1, 4, 2, 2, 0, None, 0), None),
+        ];
+        for &((min, max, target, ready, starting, queued, prior), want) in table {
+            let mut s = Scaler::new(ScaleParams::new(min, max));
+            let view = pool(target, ready, starting);
+            for i in 0..prior {
+                s.tick(i as u32 * 100 * MS, sample(1), view);
+            }
+            let s_ = Sample {
+                queued,
+                ..sample(0)
+            };
+            s.tick(S, s_, view);
+            assert_eq!(
+                s.demand(),
+                want,
+                "min {min} max {max} target {target} ready {ready} starting {starting} queued {queued:?} after {prior}"
+            );
+        }
+    }
+
+    #[test]
+    fn demand_ignores_the_cpu_guard() {
+        let mut sim = Sim::new(ScaleParams::new(2, 16), 6);
+        for _ in 0..10 {
+            sim.step_with(Some(0.2), |_| Some(0));
+        }
+        sim.step_with(Some(0.6), |_| Some(12));
+        let d = sim.step_with(Some(0.98), |_| Some(12)).expect("hold");
+        assert!(d.is_hold());
+        // More cores (another pod) would take the 12 waiting.
+        assert_eq!(sim.scaler.demand(), Some(18));
+    }
+
+    #[test]
+    fn utilization_table() {
+        // (busy, ready, target, max) -> utilization
+        type Row = ((Option<u32>, u32, u32, u32), Option<f64>);
+        let table: &[Row] = &[
+            ((None, 2, 2, 8), Some(0.25)),
+            ((None, 4, 4, 4), Some(1.0)),
+            ((None, 0, 0, 4), Some(0.0)),
+            ((None, 3, 6, 4), Some(1.0)), // above max after a reload
+            ((Some(3), 4, 4, 8), Some(0.75)),
+            ((Some(5), 4, 4, 8), Some(1.0)),
+            ((Some(0), 0, 1, 4), Some(0.25)), // no ready worker to divide by
+            ((None, 0, 0, 0), None),
+        ];
+        for &((busy, ready, target, max), want) in table {
+            assert_eq!(
+                utilization(busy, ready, target, max),
+                want,
+                "busy {busy:?} ready {ready} target {target} max {max}"
+            );
+        }
     }
 }

@@ -14,3 +14,10 @@ if [ -d /run/systemd/system ]; then
         /usr/lib/drove/instances upgrade || :
     fi
 fi
+# The Python adapters (python3 -m drove.gunicorn, drove.wsgi) live in
+# /usr/lib/drove/python: site-packages is per Python version here, so a
+# .pth file in this python3's puts them on its path (postun removes it).
+if command -v python3 >/dev/null 2>&1; then
+    site=$(python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))' 2>/dev/null) \
+        && mkdir -p "$site" && echo /usr/lib/drove/python > "$site/drove.pth" || :
+fi

@@ -116,6 +116,7 @@ pub fn snapshot_from(map: &HashMap<String, OwnedValue>) -> Result<Snapshot, Prop
         stopping: get(map, "Stopping")?,
         listeners: listeners.into_iter().map(Into::into).collect(),
         queued: u32::try_from(queued).ok(),
+        demand: None,
         last_scale: nonempty(get(map, "LastScale")?),
         spawned: get(map, "Spawned")?,
         exited: get(map, "Exited")?,

@@ -179,6 +179,7 @@ mod tests {
                 error: None,
             }],
             queued: Some(2),
+            demand: None,
             last_scale: Some("scale up 2 -> 4".into()),
             spawned: 9,
             exited: 5,

@@ -91,6 +91,7 @@ mod tests {
             stopping: 0,
             listeners: vec![],
             queued: Some(0),
+            demand: Some(2),
             last_scale: None,
             spawned: 2,
             exited: 0,

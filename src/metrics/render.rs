@@ -4,6 +4,8 @@
 //! in [`Events`] for droved's lifetime; everything else is built afresh
 //! for each scrape from the values it was given.
 
+use std::borrow::Cow;
+
 use prometheus_client::encoding::{EncodeLabelSet, prometheus_text, text};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -159,7 +161,11 @@ pub fn render(
     readings: &Readings,
     format: Format,
 ) -> String {
-    let mut r = Registry::with_prefix("drove");
+    // Every series names its pool (the instance name), as php-fpm_exporter
+    // does: one matcher selects a deployment's pods in an autoscaler's
+    // query. Not `instance` or `job`, which Prometheus sets itself.
+    let pool = [(Cow::Borrowed("pool"), Cow::Owned(snap.instance.clone()))];
+    let mut r = Registry::with_prefix_and_labels("drove", pool.into_iter());
 
     // --- Listeners (php-fpm_exporter: listen_queue, listen_queue_length,
     // max_listen_queue; uwsgi_exporter: listen_queue).
@@ -230,6 +236,22 @@ pub fn render(
         "Number of workers the pool aims for now (the autoscaler's target)",
         gauge(i64::from(snap.target)),
     );
+    // --- Signals for a cluster autoscaler (docs/autoscaling.md).
+    if let Some(demand) = snap.demand {
+        r.register(
+            "workers_demand",
+            "Workers the autoscaler would want with no pool.max and no CPU guard: ready + queued while connections wait, else the target; above drove_workers_max the pod wants more pods (docs/autoscaling.md)",
+            gauge(i64::from(demand)),
+        );
+    }
+    if let Some(u) = crate::scale::utilization(None, snap.ready, snap.target, snap.max) {
+        r.register_with_unit(
+            "workers_utilization",
+            "Share of the pool's room in use, 0 to 1: drove_workers_target / drove_workers_max (droved does not count busy workers yet); 1 at max whether or not the pod keeps up, see drove_workers_demand",
+            Unit::Other("ratio".into()),
+            ConstGauge::new(u),
+        );
+    }
     r.register("workers_min", "pool.min", gauge(i64::from(snap.min)));
     r.register("workers_max", "pool.max", gauge(i64::from(snap.max)));
     r.register(
@@ -377,6 +399,7 @@ mod tests {
                 error: None,
             }],
             queued: Some(5),
+            demand: Some(7),
             last_scale: None,
             spawned: 9,
             exited: 5,
@@ -422,34 +445,36 @@ mod tests {
         };
         let text = render(&snapshot(), &events, &live, &readings(), Format::Text);
         for line in [
-            r#"drove_listen_queue{listener="http",address="127.0.0.1:8080"} 5"#,
-            r#"drove_max_listen_queue{listener="http",address="127.0.0.1:8080"} 12"#,
-            r#"drove_listen_queue_length{listener="http",address="127.0.0.1:8080"} 1024"#,
-            "drove_listen_overflows_total 7",
-            "drove_listen_drops_total 8",
-            r#"drove_workers{state="ready"} 3"#,
-            r#"drove_workers{state="starting"} 1"#,
-            r#"drove_workers{state="stopping"} 0"#,
-            "drove_workers_target 4",
-            "drove_workers_min 2",
-            "drove_workers_max 16",
-            "drove_max_children_reached_total 1",
-            r#"drove_scale_decisions_total{direction="hold",reason="at-max"} 0"#,
-            "drove_worker_starts_total 9",
-            "drove_worker_failed_starts_total 1",
-            r#"drove_worker_ready_seconds_bucket{le="0.25"} 1"#,
-            r#"drove_worker_ready_seconds_bucket{le="0.1"} 0"#,
-            "drove_worker_ready_seconds_count 1",
-            "drove_workers_resident_memory_bytes 40000000",
-            "drove_workers_cpu_seconds_total 1.5",
-            r#"drove_pool_memory_bytes{kind="pss"} 30000000"#,
-            r#"drove_pool_memory_bytes{kind="uss"} 12000000"#,
-            r#"drove_reloads_total{result="applied"} 0"#,
-            r#"drove_upgrades_total{result="failed"} 0"#,
-            r#"drove_rollouts_total{result="aborted"} 0"#,
-            "drove_resident_memory_bytes 6000000",
-            "drove_uptime_seconds 12.5",
-            "drove_generation 3",
+            r#"drove_listen_queue{pool="web",listener="http",address="127.0.0.1:8080"} 5"#,
+            r#"drove_max_listen_queue{pool="web",listener="http",address="127.0.0.1:8080"} 12"#,
+            r#"drove_listen_queue_length{pool="web",listener="http",address="127.0.0.1:8080"} 1024"#,
+            r#"drove_listen_overflows_total{pool="web"} 7"#,
+            r#"drove_listen_drops_total{pool="web"} 8"#,
+            r#"drove_workers{pool="web",state="ready"} 3"#,
+            r#"drove_workers{pool="web",state="starting"} 1"#,
+            r#"drove_workers{pool="web",state="stopping"} 0"#,
+            r#"drove_workers_target{pool="web"} 4"#,
+            r#"drove_workers_demand{pool="web"} 7"#,
+            r#"drove_workers_utilization_ratio{pool="web"} 0.25"#,
+            r#"drove_workers_min{pool="web"} 2"#,
+            r#"drove_workers_max{pool="web"} 16"#,
+            r#"drove_max_children_reached_total{pool="web"} 1"#,
+            r#"drove_scale_decisions_total{pool="web",direction="hold",reason="at-max"} 0"#,
+            r#"drove_worker_starts_total{pool="web"} 9"#,
+            r#"drove_worker_failed_starts_total{pool="web"} 1"#,
+            r#"drove_worker_ready_seconds_bucket{pool="web",le="0.25"} 1"#,
+            r#"drove_worker_ready_seconds_bucket{pool="web",le="0.1"} 0"#,
+            r#"drove_worker_ready_seconds_count{pool="web"} 1"#,
+            r#"drove_workers_resident_memory_bytes{pool="web"} 40000000"#,
+            r#"drove_workers_cpu_seconds_total{pool="web"} 1.5"#,
+            r#"drove_pool_memory_bytes{pool="web",kind="pss"} 30000000"#,
+            r#"drove_pool_memory_bytes{pool="web",kind="uss"} 12000000"#,
+            r#"drove_reloads_total{pool="web",result="applied"} 0"#,
+            r#"drove_upgrades_total{pool="web",result="failed"} 0"#,
+            r#"drove_rollouts_total{pool="web",result="aborted"} 0"#,
+            r#"drove_resident_memory_bytes{pool="web"} 6000000"#,
+            r#"drove_uptime_seconds{pool="web"} 12.5"#,
+            r#"drove_generation{pool="web"} 3"#,
             "# TYPE drove_listen_overflows_total counter",
         ] {
             assert!(has(&text, line), "missing {line:?} in\n{text}");
@@ -457,7 +482,7 @@ mod tests {
         assert!(text.contains("netns-wide"), "{text}");
         assert!(
             text.contains(&format!(
-                r#"drove_build_info{{version="{}",build="{}"}} 1"#,
+                r#"drove_build_info{{pool="web",version="{}",build="{}"}} 1"#,
                 env!("CARGO_PKG_VERSION"),
                 crate::build_id()
             )),
@@ -484,11 +509,15 @@ mod tests {
             "{text}"
         );
         assert!(has(&text, "# UNIT drove_uptime_seconds seconds"), "{text}");
+        assert!(
+            has(&text, "# UNIT drove_workers_utilization_ratio ratio"),
+            "{text}"
+        );
         // The probe's current depth is a floor for the high-water mark.
         assert!(
             has(
                 &text,
-                r#"drove_max_listen_queue{listener="http",address="127.0.0.1:8080"} 5"#
+                r#"drove_max_listen_queue{pool="web",listener="http",address="127.0.0.1:8080"} 5"#
             ),
             "{text}"
         );
@@ -499,6 +528,7 @@ mod tests {
         let mut snap = snapshot();
         snap.listeners[0].queued = None;
         snap.listeners[0].backlog = None;
+        snap.demand = None;
         let r = Readings {
             netstat: None,
             own_rss: None,
@@ -512,10 +542,23 @@ mod tests {
             &r,
             Format::Text,
         );
-        assert!(!text.contains("drove_listen_queue{"), "{text}");
-        assert!(!text.contains("drove_listen_queue_length{"), "{text}");
-        assert!(!text.contains("drove_listen_overflows_total "), "{text}");
-        assert!(!text.contains("drove_resident_memory_bytes "), "{text}");
+        assert!(
+            !text.contains(r#"drove_listen_queue{pool="web","#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"drove_listen_queue_length{pool="web","#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"drove_listen_overflows_total{pool="web"} "#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"drove_resident_memory_bytes{pool="web"} "#),
+            "{text}"
+        );
         assert!(!text.contains("drove_pool_memory_bytes"), "{text}");
+        assert!(!text.contains("\ndrove_workers_demand{"), "{text}");
     }
 }

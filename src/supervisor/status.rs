@@ -61,6 +61,11 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerStatus>,
     /// Sum of the readable queues (see `scale` for why the sum).
     pub queued: Option<u32>,
+    /// Workers the scaler would want with no `max` (scale::Scaler::demand);
+    /// `None` while no queue can be read. Not a D-Bus property (yet): the
+    /// metrics carry it, and drovectl's JSON leaves it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand: Option<u32>,
     pub last_scale: Option<String>,
     pub spawned: u64,
     pub exited: u64,
@@ -166,6 +171,7 @@ mod tests {
                 error: None,
             }],
             queued: Some(0),
+            demand: None,
             last_scale: None,
             spawned: 4,
             exited: 0,

@@ -22,6 +22,16 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// nothing to drain).
 pub const TEMPLATE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// When droved says what it waits for, if no hello has come by then: a
+/// template that loads slowly (or never speaks) is not left to guess.
+pub const HELLO_NOTE_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a template that closed its socket gets to be seen exiting. A
+/// dying process closes its files before it can be reaped, so the end of
+/// file often comes before SIGCHLD: its exit, when it comes, is told as
+/// what it was. One that stays after this is killed as broken.
+pub const CLOSED_GRACE: Duration = Duration::from_secs(1);
+
 /// Where a template is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateState {
@@ -43,6 +53,10 @@ pub struct Template {
     pub started: Instant,
     /// Why droved killed it as broken (its exit then counts as failed).
     pub broken: Option<&'static str>,
+    /// droved said it waits for the hello ([`HELLO_NOTE_AFTER`]).
+    pub hello_noted: bool,
+    /// When it closed its socket ([`CLOSED_GRACE`]).
+    pub closed: Option<Instant>,
 }
 
 /// The slot `ListWorkers` shows for a template, which has none.
@@ -65,6 +79,8 @@ impl Template {
             state: TemplateState::Starting,
             started: now,
             broken: None,
+            hello_noted: false,
+            closed: None,
         }
     }
 
@@ -241,6 +257,58 @@ pub fn parse(bytes: &[u8]) -> Result<Message, MessageError> {
     }
 }
 
+/// What came out of turn and what droved expected instead, for the log:
+/// `shown` is the message made one line ([`shown`]); `owed` the slot of
+/// the oldest spawn this template has not answered.
+pub fn unexpected(template: Pid, shown: &str, state: TemplateState, owed: Option<u32>) -> String {
+    let expected = match (state, owed) {
+        (TemplateState::Starting, _) => {
+            format!("expected its hello \"DROVE-TEMPLATE {PROTOCOL_VERSION}\"")
+        }
+        (_, Some(slot)) => {
+            format!("expected \"pid N\" or \"error TEXT\" answering spawn of slot {slot}")
+        }
+        (_, None) => "expected nothing (no spawn is unanswered)".into(),
+    };
+    format!("template {template} sent \"{shown}\", {expected}")
+}
+
+/// A template's message as the log shows it: one line, 80 characters.
+pub fn shown(bytes: &[u8]) -> String {
+    one_line(String::from_utf8_lossy(bytes).trim_end_matches('\n'), 80)
+}
+
+/// A message on `template`'s socket that `sender` sent: refused (with the
+/// log's explanation and the kill's reason) unless the template sent it.
+/// Its forks inherit the socket; only the template may speak on it. A
+/// hello from elsewhere means droved did not start the template itself
+/// but a wrapper (a shell without `exec`): then the template's parent is
+/// not droved, and its workers wait for the wrong parent. Pure.
+pub fn judge_sender(
+    template: Pid,
+    state: TemplateState,
+    sender: Option<Pid>,
+) -> Result<(), (String, &'static str)> {
+    match sender {
+        Some(s) if s != template && state == TemplateState::Starting => Err((
+            format!(
+                "template {template}: its hello came from pid {s}, not from pid {template} that \
+                 droved started; the template must be droved's own child: exec it \
+                 (sh -c 'exec …') or drop the shell"
+            ),
+            "is not droved's own child (its hello came from another process)",
+        )),
+        Some(s) if s != template => Err((
+            format!(
+                "template {template}: a message came from pid {s}, not from the template; \
+                 only the template itself may write to its socket (a worker closes it)"
+            ),
+            "let another process write to its socket",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// droved's request for one worker.
 pub fn spawn_request(slot: u32, generation: u64) -> Vec<u8> {
     format!("spawn {slot} {generation}").into_bytes()
@@ -255,6 +323,8 @@ pub enum TemplateAction {
     Stop(Pid),
     /// Kill a template at once: broken, or past its stop grace.
     Kill(Pid, &'static str),
+    /// Say once that droved waits for this template's hello.
+    NoteWaiting(Pid),
 }
 
 /// Decisions about templates: one active template of the current
@@ -280,12 +350,26 @@ pub fn plan_templates(
                 }
             }
             _ if Some(tpl.generation) != generation => actions.push(TemplateAction::Stop(tpl.pid)),
+            _ if tpl.closed.is_some() => {
+                if tpl
+                    .closed
+                    .is_some_and(|at| now.duration_since(at) >= CLOSED_GRACE)
+                {
+                    actions.push(TemplateAction::Kill(
+                        tpl.pid,
+                        "closed its socket but did not exit",
+                    ));
+                }
+            }
             TemplateState::Starting => {
-                if now.duration_since(tpl.started) > ready_timeout {
+                let waited = now.duration_since(tpl.started);
+                if waited > ready_timeout {
                     actions.push(TemplateAction::Kill(
                         tpl.pid,
                         "sent no hello within ready_timeout",
                     ));
+                } else if !tpl.hello_noted && waited >= HELLO_NOTE_AFTER {
+                    actions.push(TemplateAction::NoteWaiting(tpl.pid));
                 }
             }
             TemplateState::Ready => {
@@ -533,6 +617,8 @@ mod tests {
                     state,
                     started: now - Duration::from_millis(age_ms),
                     broken: None,
+                    hello_noted: false,
+                    closed: None,
                 })
                 .collect(),
             forks: VecDeque::new(),
@@ -610,6 +696,96 @@ mod tests {
                 assert_eq!(got, want, "{what}");
             }
         }
+    }
+
+    #[test]
+    fn notes_the_hello_wait_once() {
+        let now = Instant::now();
+        let rt = Duration::from_secs(30);
+        let mut t = templates(&[(10, 1, TemplateState::Starting, 4_000)], now);
+        assert!(plan_templates(&t, Some(1), now, rt, 1).is_empty());
+        t.all[0].started = now - HELLO_NOTE_AFTER;
+        assert_eq!(
+            plan_templates(&t, Some(1), now, rt, 1),
+            vec![TemplateAction::NoteWaiting(pid(10))]
+        );
+        t.all[0].hello_noted = true;
+        assert!(plan_templates(&t, Some(1), now, rt, 1).is_empty());
+        t.all[0].started = now - rt - Duration::from_millis(1);
+        assert_eq!(
+            plan_templates(&t, Some(1), now, rt, 1),
+            vec![TemplateAction::Kill(
+                pid(10),
+                "sent no hello within ready_timeout"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_closed_socket_gets_a_moment_to_show_the_exit() {
+        let now = Instant::now();
+        let rt = Duration::from_secs(30);
+        for state in [TemplateState::Starting, TemplateState::Ready] {
+            let mut t = templates(&[(10, 1, state, 9_000)], now);
+            t.all[0].closed = Some(now - Duration::from_millis(100));
+            assert!(
+                plan_templates(&t, Some(1), now, rt, 1).is_empty(),
+                "{state:?}"
+            );
+            t.all[0].closed = Some(now - CLOSED_GRACE);
+            assert_eq!(
+                plan_templates(&t, Some(1), now, rt, 1),
+                vec![TemplateAction::Kill(
+                    pid(10),
+                    "closed its socket but did not exit"
+                )],
+                "{state:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn says_what_came_and_what_was_expected() {
+        assert_eq!(
+            unexpected(
+                pid(123),
+                &shown(b"ok 30706\n"),
+                TemplateState::Ready,
+                Some(2)
+            ),
+            "template 123 sent \"ok 30706\", expected \"pid N\" or \"error TEXT\" \
+             answering spawn of slot 2"
+        );
+        assert_eq!(
+            unexpected(pid(123), &shown(b"pid 5"), TemplateState::Starting, None),
+            "template 123 sent \"pid 5\", expected its hello \"DROVE-TEMPLATE 1\""
+        );
+        assert_eq!(
+            unexpected(
+                pid(123),
+                &shown(b"DROVE-TEMPLATE 1"),
+                TemplateState::Ready,
+                None
+            ),
+            "template 123 sent \"DROVE-TEMPLATE 1\", expected nothing (no spawn is unanswered)"
+        );
+        assert_eq!(shown(b"a\nb\x1b\xff"), "a b\u{fffd}");
+    }
+
+    #[test]
+    fn only_the_template_may_speak() {
+        let (t, other) = (pid(10), pid(11));
+        for state in [TemplateState::Starting, TemplateState::Ready] {
+            assert_eq!(judge_sender(t, state, Some(t)), Ok(()));
+            assert_eq!(judge_sender(t, state, None), Ok(()));
+        }
+        let (log, why) = judge_sender(t, TemplateState::Starting, Some(other)).unwrap_err();
+        assert!(log.contains("pid 11") && log.contains("pid 10"), "{log}");
+        assert!(log.contains("sh -c 'exec"), "{log}");
+        assert!(why.contains("droved's own child"), "{why}");
+        let (log, why) = judge_sender(t, TemplateState::Ready, Some(other)).unwrap_err();
+        assert!(log.contains("pid 11"), "{log}");
+        assert_eq!(why, "let another process write to its socket");
     }
 
     #[test]

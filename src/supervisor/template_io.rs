@@ -20,7 +20,7 @@ use crate::config::WorkerMode;
 use crate::sys::notify_socket::Datagram;
 use crate::sys::process::{self, ExitStatus};
 use crate::sys::spawn::{self, SpawnSpec};
-use crate::sys::template_socket::{self, TemplateSocket};
+use crate::sys::template_socket::{self, Received, TemplateSocket};
 
 /// Datagrams and exits of unknown children kept while forks are
 /// unanswered, at most this many of each.
@@ -46,7 +46,7 @@ const STRAY_CHECKS: [std::time::Duration; 2] = [
 pub(super) type TemplateIo = Option<(Pid, TemplateSocket)>;
 
 /// The next message of the current template (pending forever without one).
-pub(super) async fn recv(io: &TemplateIo) -> (Pid, io::Result<Vec<u8>>) {
+pub(super) async fn recv(io: &TemplateIo) -> (Pid, io::Result<Received>) {
     match io {
         Some((pid, socket)) => (*pid, socket.recv().await),
         None => std::future::pending().await,
@@ -85,6 +85,7 @@ impl Supervisor {
                 TemplateAction::Start => self.start_template(now),
                 TemplateAction::Stop(pid) => self.stop_template(pid, now),
                 TemplateAction::Kill(pid, why) => self.kill_template(pid, why, now),
+                TemplateAction::NoteWaiting(pid) => self.note_hello_wait(pid),
             }
         }
     }
@@ -173,6 +174,22 @@ impl Supervisor {
             }
         );
         self.last_failure = Some(why);
+    }
+
+    /// Says once what droved waits for from a template that is slow to
+    /// say hello.
+    fn note_hello_wait(&mut self, pid: Pid) {
+        if let Some(t) = self.pool.templates.get_mut(pid) {
+            t.hello_noted = true;
+        }
+        info!(
+            template_pid = pid.as_raw(),
+            "waiting for template {pid} to say hello (DROVE-TEMPLATE {} on fd {}); \
+             it is killed at ready_timeout = {:?}",
+            template::PROTOCOL_VERSION,
+            3 + self.listeners.len(),
+            self.config.worker.ready_timeout
+        );
     }
 
     /// Closes our end (the template exits on EOF) and sends SIGTERM.
@@ -309,20 +326,28 @@ impl Supervisor {
     }
 
     /// A message (or an error) on the current template's socket.
-    pub(super) fn on_template_message(&mut self, pid: Pid, msg: io::Result<Vec<u8>>) {
+    pub(super) fn on_template_message(&mut self, pid: Pid, msg: io::Result<Received>) {
         let now = Instant::now();
-        let parsed = match msg {
-            Ok(bytes) => template::parse(&bytes),
+        let msg = match msg {
+            Ok(msg) => msg,
             Err(e) => {
                 warn!(template_pid = pid.as_raw(), "template socket: {e}");
                 self.kill_template(pid, "broke its socket", now);
                 return;
             }
         };
+        let parsed = template::parse(&msg.bytes);
         let Some(t) = self.pool.templates.get_mut(pid) else {
             return;
         };
         let state = t.state;
+        if !msg.bytes.is_empty()
+            && let Err((explanation, why)) = template::judge_sender(pid, state, msg.sender)
+        {
+            error!(template_pid = pid.as_raw(), "{explanation}");
+            self.kill_template(pid, why, now);
+            return;
+        }
         match (parsed, state) {
             (Ok(Message::Hello(v)), TemplateState::Starting) if v == template::PROTOCOL_VERSION => {
                 t.state = TemplateState::Ready;
@@ -365,19 +390,35 @@ impl Supervisor {
                 self.last_failure = Some(why);
             }
             (Err(template::MessageError::Closed), _) => {
-                // Usually it is exiting: judge its exit status if it is
-                // there already, else it is broken.
+                // Usually it is exiting: its exit is judged as what it was
+                // when it is reaped (now, or within CLOSED_GRACE: a dying
+                // process closes its files before it is a zombie). One
+                // that stays is killed then (`plan_templates`).
                 self.reap();
-                if self.pool.templates.get_mut(pid).is_some() {
-                    self.kill_template(pid, "closed its socket", now)
+                self.forget_io(pid);
+                if let Some(t) = self.pool.templates.get_mut(pid) {
+                    debug!(
+                        template_pid = pid.as_raw(),
+                        "end of file from template {pid}; waiting for its exit"
+                    );
+                    t.closed = Some(now);
                 }
             }
-            (parsed, _) => {
-                warn!(
+            (_, state) => {
+                let owed = self
+                    .pool
+                    .templates
+                    .forks
+                    .iter()
+                    .find(|f| f.template == pid)
+                    .map(|f| f.slot);
+                let shown = template::shown(&msg.bytes);
+                error!(
                     template_pid = pid.as_raw(),
-                    "template {pid} sent {parsed:?} out of turn"
+                    "{}",
+                    template::unexpected(pid, &shown, state, owed)
                 );
-                self.kill_template(pid, "answered garbage", now);
+                self.kill_template(pid, "sent a message the protocol does not allow here", now);
             }
         }
     }

@@ -15,6 +15,9 @@
 //!   reload under load with 0 failures, a graceful stop leaving nothing);
 //! - `bad_input.rs`: servers that break the contract (no READY=1 in notify
 //!   mode, a server binding its own port) and what droved makes of them;
+//! - `gunicorn_template.rs`: drove.gunicorn (python/drove) in template
+//!   mode beyond its matrix rows: hooks, new code on reload, max_requests,
+//!   the watchdog, bad input;
 //! - `matrix.rs`: the runner, the table row, process-tree helpers.
 //!
 //! The shared harness (start droved, wait for its READY=1/STATUS=, load
@@ -26,6 +29,7 @@
 mod harness;
 
 mod bad_input;
+mod gunicorn_template;
 mod matrix;
 mod puma_template;
 mod servers;

@@ -2,6 +2,8 @@
 //! socket-activation support, unmodified, with the one line of config the
 //! README's "Runs under drove" table gives for it.
 
+use std::path::Path;
+
 use crate::matrix::*;
 
 fn s(args: &[&str]) -> Vec<String> {
@@ -195,4 +197,69 @@ fn node_http() {
 #[test]
 fn node_http_unix_socket() {
     run(node(Listener::Unix));
+}
+
+/// drove.gunicorn (python/drove): gunicorn's own worker class in drove's
+/// template mode. The template reads gunicorn's options and loads the app
+/// once; each worker is forked from it, a child of droved, and sends
+/// READY=1 itself. From a checkout: PYTHONPATH=python.
+fn gunicorn_template(name: &'static str, args: &[&str], dir: &str, app: &str) -> Server {
+    let mut command = vec![
+        venv_python(),
+        "-m".into(),
+        "drove.gunicorn".into(),
+        "--no-control-socket".into(),
+    ];
+    command.extend(s(args));
+    command.extend(s(&["--chdir", dir, app]));
+    Server {
+        name,
+        version: Version::Cmd(vec![gunicorn_path(), "--version".into()]),
+        ready: Ready::Notify,
+        listener: Listener::Tcp,
+        command,
+        env: vec![("PYTHONPATH", repo().join("python").display().to_string())],
+        extra: "mode = \"template\"",
+        drops_in_flight: None,
+    }
+}
+
+/// The venv's python3, where gunicorn and uvicorn-worker are installed.
+pub fn venv_python() -> String {
+    let gunicorn = gunicorn_path();
+    Path::new(&gunicorn)
+        .with_file_name("python3")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn gunicorn_template_sync() {
+    run(gunicorn_template(
+        "drove.gunicorn template (sync)",
+        &[],
+        &examples(),
+        "wsgi_app:application",
+    ));
+}
+
+#[test]
+fn gunicorn_template_gthread() {
+    run(gunicorn_template(
+        "drove.gunicorn template (gthread)",
+        &["-k", "gthread", "--threads", "2"],
+        &examples(),
+        "wsgi_app:application",
+    ));
+}
+
+/// uvicorn's gunicorn worker (uvicorn-worker) with a Starlette app: ASGI.
+#[test]
+fn gunicorn_template_uvicorn() {
+    run(gunicorn_template(
+        "drove.gunicorn template (uvicorn, Starlette)",
+        &["-k", "uvicorn_worker.UvicornWorker"],
+        &repo().join("tests/compat/apps").display().to_string(),
+        "hello_asgi:app",
+    ));
 }

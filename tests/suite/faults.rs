@@ -64,8 +64,14 @@ spawn_rate = 200
 }
 
 /// droved's own resources: open fds, zombie children, resident memory (KiB).
-fn resources(pid: i32) -> (usize, usize, u64) {
-    let fds = fds_of(pid).len();
+/// droved's fds (not counting its pidfds, one per live child, which
+/// follow the number of workers alive at the moment), zombie children and
+/// RSS in KiB; and its pidfds.
+fn resources(pid: i32) -> (usize, usize, u64, usize) {
+    let (pidfds, fds): (Vec<_>, Vec<_>) = fds_of(pid)
+        .into_iter()
+        .partition(|(_, target)| target == "anon_inode:[pidfd]");
+    let fds = fds.len();
     let zombies = children_of(pid)
         .into_iter()
         .filter(|&c| {
@@ -85,7 +91,7 @@ fn resources(pid: i32) -> (usize, usize, u64) {
                 .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
         })
         .unwrap_or(0);
-    (fds, zombies, rss)
+    (fds, zombies, rss, pidfds.len())
 }
 
 #[test]
@@ -255,6 +261,14 @@ spawn_rate = 1000
         after.0
     );
     assert!(after.1 <= 1, "{} zombies", after.1);
+    // One pidfd per child: the 8 workers (a pidfd kept past its reap is a
+    // leak that the count above no longer sees).
+    let children = children_of(d.pid()).len();
+    assert!(
+        after.3 <= children,
+        "{} pidfds for {children} children",
+        after.3
+    );
     assert!(
         after.2 <= before.2 + 2048,
         "RSS grew from {} KiB to {} KiB",

@@ -122,7 +122,8 @@ fn pids_of_ready(list: &[Value]) -> Vec<u64> {
 fn sample(port: u16, series: &str) -> u64 {
     let text = http_get(("127.0.0.1", port), "/metrics").unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(super::metrics::unpooled)
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }

@@ -52,11 +52,32 @@ fn scrape(port: u16) -> String {
         .unwrap_or_else(|e| panic!("scrape of 127.0.0.1:{port}: {e}"))
 }
 
-/// The value of the sample line `series` (name and labels as printed).
+/// The value of the sample line `series` (name and labels as printed,
+/// without the `pool` label every series carries).
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(unpooled)
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// A sample line without its `pool="..."` label (droved puts it first on
+/// every series): `m{pool="web",a="b"} 1` -> `m{a="b"} 1`, `m{pool="web"}
+/// 1` -> `m 1`. Other lines are returned as they are.
+pub(crate) fn unpooled(line: &str) -> String {
+    let Some(start) = line.find("{pool=\"") else {
+        return line.to_owned();
+    };
+    let (name, rest) = line.split_at(start);
+    let rest = &rest["{pool=\"".len()..];
+    let Some(end) = rest.find('"') else {
+        return line.to_owned();
+    };
+    match &rest[end + 1..] {
+        after if after.starts_with(',') => format!("{name}{{{}", &after[1..]),
+        after if after.starts_with('}') => format!("{name}{}", &after[1..]),
+        _ => line.to_owned(),
+    }
 }
 
 fn started(config: &str) -> Droved {
@@ -207,8 +228,9 @@ impl Drop for Bus {
 }
 
 /// A real Prometheus on 127.0.0.1 scraping `target` every second, with
-/// its own storage in a scratch directory.
-struct Prometheus {
+/// its own storage in a scratch directory (tests/suite/autoscale.rs
+/// scrapes several).
+pub(crate) struct Prometheus {
     child: Child,
     port: u16,
     _reservation: std::os::fd::OwnedFd,
@@ -217,6 +239,14 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target: u16) -> Prometheus {
+        Prometheus::with_scrape_configs(&format!(
+            "  - job_name: drove\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+        ))
+    }
+
+    /// Scrapes every second what `scrape_configs` (YAML, the list under
+    /// `scrape_configs:`) names.
+    pub(crate) fn with_scrape_configs(scrape_configs: &str) -> Prometheus {
         let dir = Scratch::new("prometheus");
         let (reservation, port) = reserve_port();
         let config = dir.join("prometheus.yml");
@@ -224,7 +254,7 @@ impl Prometheus {
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-                 scrape_configs:\n  - job_name: drove\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+                 scrape_configs:\n{scrape_configs}"
             ),
         )
         .unwrap();
@@ -252,8 +282,8 @@ impl Prometheus {
         p
     }
 
-    /// The value of the one series PromQL `query` returns now, if any.
-    fn query(&self, query: &str) -> Option<f64> {
+    /// GET /api/v1/`api`?query=`query``extra`: the `data` of the answer.
+    pub(crate) fn api(&self, api: &str, query: &str, extra: &str) -> Option<Value> {
         let encoded: String = query
             .bytes()
             .map(|b| match b {
@@ -265,11 +295,22 @@ impl Prometheus {
             .collect();
         let body = http_get(
             ("127.0.0.1", self.port),
-            &format!("/api/v1/query?query={encoded}"),
+            &format!("/api/v1/{api}?query={encoded}{extra}"),
         )
         .ok()?;
-        let v: Value = serde_json::from_str(&body).ok()?;
-        let result = v["data"]["result"].as_array()?;
+        let mut v: Value = serde_json::from_str(&body).ok()?;
+        Some(v["data"].take())
+    }
+
+    /// Prometheus' own log, for failure messages.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.err")).unwrap_or_default()
+    }
+
+    /// The value of the one series PromQL `query` returns now, if any.
+    pub(crate) fn query(&self, query: &str) -> Option<f64> {
+        let data = self.api("query", query, "")?;
+        let result = data["result"].as_array()?;
         if result.len() != 1 {
             return None;
         }
@@ -277,7 +318,7 @@ impl Prometheus {
     }
 
     /// Waits until `query` answers `want`.
-    fn wait_for(&self, query: &str, want: f64) {
+    pub(crate) fn wait_for(&self, query: &str, want: f64) {
         let mut last = None;
         let deadline = Instant::now() + 30 * SEC;
         while Instant::now() < deadline {
@@ -289,7 +330,7 @@ impl Prometheus {
         }
         panic!(
             "Prometheus answers {last:?} to {query}, not {want}; its log:\n{}",
-            std::fs::read_to_string(self.dir.join("prometheus.err")).unwrap_or_default()
+            self.log()
         );
     }
 }

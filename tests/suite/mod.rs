@@ -1,3 +1,4 @@
+pub mod autoscale;
 pub mod canary;
 pub mod cli;
 pub mod core;

@@ -418,7 +418,9 @@ allow_root = true
 fn the_container_recipe_runs_as_pid1() {
     // packaging/container: app.toml with the paths the Containerfile puts
     // the app at (/srv/app, on a tmpfs of this test's mount namespace), run
-    // as the image's entrypoint does; only the addresses are the test's
+    // as the image's entrypoint does (the image has the drove Python package
+    // from the .deb; here a copy next to the app, where wsgi_worker.py finds
+    // it); only the addresses are the test's
     // (-l, and a unix socket for metrics), not the image's 0.0.0.0 ports.
     let root = env!("CARGO_MANIFEST_DIR");
     let containerfile =
@@ -433,6 +435,7 @@ fn the_container_recipe_runs_as_pid1() {
     let setup = format!(
         "mount -t tmpfs -o mode=755 tmpfs /srv && mkdir /srv/app && \
          cp {root}/examples/wsgi_worker.py {root}/examples/wsgi_app.py /srv/app/ && \
+         cp -r {root}/python/drove /srv/app/ && \
          exec \"$@\""
     );
     // The image's metrics port would be the host's here: a unix socket of

@@ -799,3 +799,150 @@ max = 4
     assert!(up.status.contains("2 workers ready"), "{}", up.status);
     assert!(!d.log().contains("stray"), "{}", d.log());
 }
+
+/// docs/template.md, "What trips a new template up": a template behind a
+/// shell that does not exec it is not droved's child; its workers wait for
+/// the wrong parent and give up. droved must say so and back off, not loop.
+#[test]
+fn a_template_behind_a_shell_is_refused_and_reported_failing() {
+    // Like the reference templates, minus their LISTEN_PID check (which
+    // would stop it at once behind a shell): the worker waits to be
+    // reparented to its template's parent, then serves nothing.
+    let dir = temp_dir("tpl-shell");
+    let script = dir.join("tpl.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, socket, sys, time
+s = socket.socket(fileno=int(os.environ["DROVE_TEMPLATE_FD"]))
+droved = os.getppid()
+s.send(b"DROVE-TEMPLATE 1")
+while True:
+    msg = s.recv(512)
+    if not msg:
+        sys.exit(0)
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        worker = os.fork()
+        if worker == 0:
+            s.close()
+            deadline = time.monotonic() + 2
+            while os.getppid() != droved:
+                if time.monotonic() > deadline:
+                    os._exit(1)
+                time.sleep(0.01)
+            time.sleep(600)
+            os._exit(0)
+        os.write(w, str(worker).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(middle, 0)
+    s.send(b"pid " + os.read(r, 32))
+    os.close(r)
+"#,
+    )
+    .unwrap();
+    // `; true`: no shell can exec the last command in place.
+    let line = format!("python3 {}; true", script.display());
+    let mut d = Droved::builder("tpl-shell")
+        .args(&[
+            "-l",
+            "127.0.0.1:{port}",
+            "-w",
+            "1",
+            "--mode",
+            "template",
+            "--",
+            "sh",
+            "-c",
+            &line,
+        ])
+        .start();
+    let status = d.wait_status("FAILING", 30 * SEC);
+    assert!(status.contains("droved's own child"), "{status}");
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("the template must be droved's own child"))
+        .unwrap_or_else(|| panic!("no explanation in {log}"));
+    assert!(line.contains("sh -c 'exec"), "{line}");
+    // Both pids named: the shell droved started and the one that spoke.
+    let shell = templates_started(&d)[0];
+    assert!(line.contains(&format!("pid {shell}")), "{line}");
+    assert!(d.try_exit().is_none(), "droved stays up");
+}
+
+/// The hello wait is not silent: droved says once what it waits for.
+#[test]
+fn a_slow_template_is_told_what_droved_waits_for() {
+    let mut d = Droved::builder("tpl-slowhello")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+mode = "template"
+command = ["sleep", "600"]
+ready_timeout = "30s"
+[pool]
+min = 1
+max = 1
+"#,
+        )
+        .start();
+    d.wait_log("to say hello", 1, 15 * SEC);
+    let template = templates_started(&d)[0];
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("to say hello")).unwrap();
+    assert!(
+        line.contains(&format!(
+            "waiting for template {template} to say hello (DROVE-TEMPLATE 1 on fd 4)"
+        )),
+        "{line}"
+    );
+    assert!(line.contains("ready_timeout = 30s"), "{line}");
+    // Once, not at every tick.
+    std::thread::sleep(SEC);
+    assert_eq!(d.log_count("to say hello"), 1, "{}", d.log());
+}
+
+/// An answer out of turn is told as what came and what was expected, not
+/// as droved's internals.
+#[test]
+fn an_unexpected_answer_is_logged_as_what_came_and_what_was_expected() {
+    let mut d = bad_template("tpl-unexpected", "ok 30706");
+    d.wait_log("killing template", 1, 10 * SEC);
+    let template = templates_started(&d)[0];
+    let log = d.log();
+    assert!(
+        log.contains(&format!(
+            "template {template} sent \\\"ok 30706\\\", expected \\\"pid N\\\" or \\\"error TEXT\\\" answering spawn of slot 0"
+        )) || log.contains(&format!(
+            "template {template} sent \"ok 30706\", expected \"pid N\" or \"error TEXT\" answering spawn of slot 0"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("Garbage("), "{log}");
+}
+
+/// A template that dies closes its socket before droved can reap it; its
+/// exit is still told as what it was, never as a kill for closing it.
+#[test]
+fn a_killed_template_is_logged_with_its_signal_not_as_closing_its_socket() {
+    let (mut d, _app) = template_pool("tpl-kill15", 1);
+    d.wait_ready();
+    const KILLS: usize = 15;
+    for i in 0..KILLS {
+        d.wait_log("event=\"template-ready\"", i + 1, 20 * SEC);
+        let template = *templates_started(&d).last().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(template), Signal::SIGKILL).unwrap();
+        eventually("a new template", 20 * SEC, || {
+            (templates_started(&d).len() >= i + 2).then_some(())
+        });
+    }
+    let log = d.log();
+    assert_eq!(d.log_count("closed its socket"), 0, "{log}");
+    assert_eq!(d.log_count("event=\"template-killed\""), 0, "{log}");
+    assert_eq!(d.log_count("exited with signal SIGKILL"), KILLS, "{log}");
+}
