@@ -51,6 +51,12 @@ impl Supervisor {
                 let _ = reply.send(self.rollout_command(action));
             }
 
+            Command::ListPids { reply } => {
+                let workers = self.pool.workers.keys();
+                let templates = self.pool.templates.all.iter().map(|t| &t.pid);
+                let pids = workers.chain(templates).map(|p| p.as_raw() as u32);
+                let _ = reply.send(pids.collect());
+            }
             Command::ListWorkers { reply } => {
                 let now = Instant::now();
                 // One /proc read per process, on droved's loop.
