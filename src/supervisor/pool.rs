@@ -78,6 +78,9 @@ pub struct Worker {
     pub recycle_at: Option<Instant>,
     /// Due for recycling: it serves until its replacement is ready.
     pub replace: Option<StopReason>,
+    /// The watchdog timeout the worker asked for itself (`WATCHDOG_USEC=`,
+    /// as systemd takes it from a service), over `worker.watchdog`.
+    pub watchdog: Option<Duration>,
 }
 
 impl Worker {
@@ -95,6 +98,7 @@ impl Worker {
             status_text: None,
             recycle_at: None,
             replace: None,
+            watchdog: None,
         }
     }
 
@@ -223,7 +227,7 @@ impl Pool {
                 WorkerState::Starting if now.duration_since(w.started) > ready_timeout => {
                     Some((w.pid, StopReason::ReadyTimeout))
                 }
-                WorkerState::Ready => match watchdog {
+                WorkerState::Ready => match w.watchdog.or(watchdog) {
                     Some(limit) if now.duration_since(w.last_ping) > limit => {
                         Some((w.pid, StopReason::Watchdog))
                     }
@@ -381,6 +385,20 @@ mod tests {
             ]
         );
         assert!(pool.overdue(now, Duration::from_secs(10), None).is_empty());
+        // A worker's own WATCHDOG_USEC= holds with no worker.watchdog, and
+        // over it.
+        pool.workers.get_mut(&Pid::from_raw(11)).unwrap().watchdog = Some(Duration::from_secs(7));
+        assert!(pool.overdue(now, Duration::from_secs(10), None).is_empty());
+        assert!(
+            pool.overdue(now, Duration::from_secs(10), Some(Duration::from_secs(5)))
+                .is_empty()
+        );
+        pool.workers.get_mut(&Pid::from_raw(11)).unwrap().watchdog = Some(Duration::from_secs(3));
+        assert_eq!(
+            pool.overdue(now, Duration::from_secs(10), None),
+            vec![(Pid::from_raw(11), StopReason::Watchdog)]
+        );
+        pool.workers.get_mut(&Pid::from_raw(11)).unwrap().watchdog = None;
 
         let w = pool.workers.get_mut(&Pid::from_raw(10)).unwrap();
         w.state = WorkerState::Stopping;
