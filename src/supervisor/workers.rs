@@ -353,8 +353,7 @@ impl Supervisor {
             return self.ask_template(n, now);
         }
         let mut pending = Vec::new();
-        for _ in 0..n {
-            let slot = self.pool.free_slot();
+        for slot in self.pool.free_slots(n as usize) {
             let mut env = self.plan.env.clone();
             env.push(("DROVE_WORKER".into(), slot.to_string()));
             env.push(("DROVE_GENERATION".into(), self.generation.to_string()));
