@@ -98,6 +98,9 @@ pub struct WorkerState {
     pub killed: bool,
     pub status_text: Option<String>,
     pub recycle_in_ms: Option<u64>,
+    /// The worker's own WATCHDOG_USEC= (absent from older droveds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog_usec: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +239,7 @@ mod tests {
                 killed: false,
                 status_text: Some("serving".into()),
                 recycle_in_ms: None,
+                watchdog_usec: None,
             }],
             counters: Counters {
                 spawned: 5,

@@ -106,28 +106,26 @@ def incompatible_options(setting):
 
 def worker_timeout(gunicorn_timeout, gunicorn_timeout_set, watchdog):
     """The timeout the worker class gets (half of it, as from gunicorn's
-    arbiter: it heartbeats at least that often), and a note for the log
-    when gunicorn's `timeout` and drove's watchdog disagree. Pure.
+    arbiter: it heartbeats at least that often), the watchdog the worker
+    announces to droved itself (WATCHDOG_USEC=, or None), and a note for
+    the log when gunicorn's `timeout` and drove's watchdog disagree. Pure.
 
-    droved's watchdog (worker.watchdog in drove.toml, WATCHDOG_USEC) is what
-    kills a hung worker, so it wins: a worker that heartbeats on gunicorn's
-    longer timeout would be killed while idle."""
+    Without drove's watchdog (worker.watchdog in drove.toml), gunicorn's
+    `timeout` becomes it: the worker sends WATCHDOG_USEC=timeout and
+    heartbeats, and droved kills it when it stops, as gunicorn's arbiter
+    would. With drove's watchdog set, that wins: a worker that heartbeats
+    on gunicorn's longer timeout would be killed while idle."""
     if watchdog is None:
-        note = None
-        if gunicorn_timeout:
-            note = (
-                f"gunicorn's timeout ({gunicorn_timeout:g} s) is not enforced without "
-                f'drove\'s watchdog: set watchdog = "{gunicorn_timeout:g}s" in '
-                "drove.toml's [worker]"
-            )
-        return gunicorn_timeout / 2.0, note
+        if not gunicorn_timeout:
+            return 0, None, None  # timeout = 0: gunicorn's "no timeout"
+        return gunicorn_timeout / 2.0, float(gunicorn_timeout), None
     note = None
     if gunicorn_timeout_set and abs(gunicorn_timeout - watchdog) > 1e-3:
         note = (
             f"gunicorn's timeout ({gunicorn_timeout:g} s) is replaced by drove's "
             f"watchdog ({watchdog:g} s, worker.watchdog in drove.toml)"
         )
-    return watchdog / 2.0, note
+    return watchdog / 2.0, None, note
 
 
 # ------------------------------------------------------------------ gunicorn
@@ -373,7 +371,7 @@ def main(argv=None):
     except _protocol.ContractError as e:
         die(str(e))
     timeout_setting = cfg.settings["timeout"]
-    timeout, note = worker_timeout(
+    timeout, announce, note = worker_timeout(
         cfg.timeout, timeout_setting.value != timeout_setting.default, watchdog
     )
     if note:
@@ -402,6 +400,10 @@ def main(argv=None):
         ppid, age = spawn.droved, spawn.number
     template.pid = ppid  # the hooks' server.pid: the worker's parent, droved
     notifier = _protocol.Notifier(log)
+    if announce is not None:
+        # gunicorn's timeout is the watchdog: droved learns it from us.
+        notifier.send(f"WATCHDOG_USEC={int(announce * 1_000_000)}")
+        watchdog = announce
     if watchdog is not None:
         notifier.watchdog_every(watchdog)
     run_worker(template, notifier, ppid, age)

@@ -58,21 +58,22 @@ class Options(unittest.TestCase):
 
 class Timeout(unittest.TestCase):
     def test_watchdog_wins_and_the_worker_heartbeats_at_half(self):
-        self.assertEqual(g.worker_timeout(30, False, 10.0), (5.0, None))
+        self.assertEqual(g.worker_timeout(30, False, 10.0), (5.0, None, None))
 
     def test_an_explicit_gunicorn_timeout_that_differs_is_noted(self):
-        half, note = g.worker_timeout(60, True, 10.0)
-        self.assertEqual(half, 5.0)
+        half, announce, note = g.worker_timeout(60, True, 10.0)
+        self.assertEqual((half, announce), (5.0, None))
         self.assertIn("replaced by drove's watchdog (10 s", note)
 
     def test_the_same_timeout_needs_no_note(self):
-        self.assertEqual(g.worker_timeout(10, True, 10.0), (5.0, None))
+        self.assertEqual(g.worker_timeout(10, True, 10.0), (5.0, None, None))
 
-    def test_without_a_watchdog_gunicorns_timeout_is_not_enforced(self):
-        half, note = g.worker_timeout(30, False, None)
-        self.assertEqual(half, 15.0)
-        self.assertIn('watchdog = "30s"', note)
+    def test_without_a_watchdog_gunicorns_timeout_becomes_it(self):
+        # The worker announces it to droved (WATCHDOG_USEC=30000000).
+        self.assertEqual(g.worker_timeout(30, False, None), (15.0, 30.0, None))
 
+    def test_gunicorns_timeout_0_means_no_watchdog(self):
+        self.assertEqual(g.worker_timeout(0, True, None), (0, None, None))
 
 if __name__ == "__main__":
     unittest.main()

@@ -264,14 +264,16 @@ impl Drove1 {
     /// pid, PSS, USS, swap (bytes). Processes droved cannot read are left
     /// out. Readings may be up to 10 s old (each costs a page-table walk).
     async fn list_memory(&self) -> Result<Vec<ProcessMemory>, BusError> {
-        let list: Vec<Worker> = self.ask(|reply| Command::ListWorkers { reply }).await?;
+        // Only the pids: a ListWorkers here would read every worker's
+        // /proc/PID/stat on droved's loop for nothing.
+        let pids: Vec<u32> = self.ask(|reply| Command::ListPids { reply }).await?;
         let read = move || {
-            list.iter()
-                .filter_map(|w| {
-                    let pid = nix::unistd::Pid::from_raw(i32::try_from(w.pid).ok()?);
+            pids.iter()
+                .filter_map(|&raw| {
+                    let pid = nix::unistd::Pid::from_raw(i32::try_from(raw).ok()?);
                     let m = memory::read_cached(pid, Duration::from_secs(10)).ok()?;
                     Some(ProcessMemory {
-                        pid: w.pid,
+                        pid: raw,
                         pss_bytes: m.pss,
                         uss_bytes: m.uss,
                         swap_bytes: m.swap,

@@ -51,25 +51,37 @@ impl Supervisor {
                 let _ = reply.send(self.rollout_command(action));
             }
 
+            Command::ListPids { reply } => {
+                let workers = self.pool.workers.keys();
+                let templates = self.pool.templates.all.iter().map(|t| &t.pid);
+                let pids = workers.chain(templates).map(|p| p.as_raw() as u32);
+                let _ = reply.send(pids.collect());
+            }
             Command::ListWorkers { reply } => {
                 let now = Instant::now();
+                // One /proc read per process, on droved's loop.
+                let usage = |pid| {
+                    process::usage(pid).map_or((0, 0.0), |(rss, cpu)| (rss, cpu.as_secs_f64()))
+                };
                 let list = self
                     .pool
                     .workers
                     .values()
-                    .map(|w| WorkerInfo {
-                        pid: w.pid.as_raw() as u32,
-                        slot: w.slot,
-                        state: w.state.to_string(),
-                        generation: w.generation,
-                        age_secs: now.duration_since(w.started).as_secs_f64(),
-                        rss_bytes: process::rss_bytes(w.pid).unwrap_or(0),
-                        cpu_secs: process::cpu_time(w.pid)
-                            .map(|d| d.as_secs_f64())
-                            .unwrap_or(0.0),
-                        status: w.status_text.clone().unwrap_or_default(),
+                    .map(|w| {
+                        let (rss_bytes, cpu_secs) = usage(w.pid);
+                        WorkerInfo {
+                            pid: w.pid.as_raw() as u32,
+                            slot: w.slot,
+                            state: w.state.to_string(),
+                            generation: w.generation,
+                            age_secs: now.duration_since(w.started).as_secs_f64(),
+                            rss_bytes,
+                            cpu_secs,
+                            status: w.status_text.clone().unwrap_or_default(),
+                        }
                     })
                     .chain(self.pool.templates.all.iter().map(|t| {
+                        let (rss_bytes, cpu_secs) = usage(t.pid);
                         WorkerInfo {
                             pid: t.pid.as_raw() as u32,
                             // Not a worker: no slot.
@@ -77,10 +89,8 @@ impl Supervisor {
                             state: t.list_state().to_string(),
                             generation: t.generation,
                             age_secs: now.duration_since(t.started).as_secs_f64(),
-                            rss_bytes: process::rss_bytes(t.pid).unwrap_or(0),
-                            cpu_secs: process::cpu_time(t.pid)
-                                .map(|d| d.as_secs_f64())
-                                .unwrap_or(0.0),
+                            rss_bytes,
+                            cpu_secs,
                             status: String::new(),
                         }
                     }))

@@ -31,6 +31,9 @@ pub enum Command {
     ListWorkers {
         reply: oneshot::Sender<Vec<WorkerInfo>>,
     },
+    /// The pids of the workers and templates, without reading /proc (what
+    /// ListMemory needs of the pool).
+    ListPids { reply: oneshot::Sender<Vec<u32>> },
     /// Re-exec the binary on disk in place (same pid); answers with the
     /// refusal reason if preflight fails.
     Upgrade {

@@ -134,6 +134,10 @@ pub struct Supervisor {
     counters: Counters,
     journal: tick::JournalWatch,
     cpu_sampling: tick::CpuSampling,
+    /// The scale tick's own cost, logged at debug (see `tick::TickTimes`).
+    tick_times: tick::TickTimes,
+    /// A regular tick is being handled, since then.
+    tick_began: Option<Instant>,
     /// The wake on a burst's first connection, and the early ticks after it.
     arrival: tick::Arrival,
     /// Workers' owned memory, for `worker.max_rss`.
@@ -236,6 +240,8 @@ impl Supervisor {
             counters: Counters::default(),
             journal: Default::default(),
             cpu_sampling: Default::default(),
+            tick_times: tick::TickTimes::new(now),
+            tick_began: None,
             arrival: Default::default(),
             memory: memory_watch::MemoryWatch::default(),
             snapshot_tx: watch::channel(placeholder_snapshot()).0,
@@ -363,6 +369,9 @@ impl Supervisor {
             self.reconcile();
             self.track_zero(Instant::now());
             self.publish();
+            if let Some(began) = self.tick_began.take() {
+                self.tick_times.record(began.elapsed(), Instant::now());
+            }
             if self.lifecycle.is_stopping()
                 && self.pool.workers.is_empty()
                 && self.pool.templates.all.is_empty()

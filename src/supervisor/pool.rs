@@ -78,6 +78,9 @@ pub struct Worker {
     pub recycle_at: Option<Instant>,
     /// Due for recycling: it serves until its replacement is ready.
     pub replace: Option<StopReason>,
+    /// The watchdog timeout the worker asked for itself (`WATCHDOG_USEC=`,
+    /// as systemd takes it from a service), over `worker.watchdog`.
+    pub watchdog: Option<Duration>,
 }
 
 impl Worker {
@@ -95,6 +98,7 @@ impl Worker {
             status_text: None,
             recycle_at: None,
             replace: None,
+            watchdog: None,
         }
     }
 
@@ -163,6 +167,12 @@ impl Pool {
     /// Lowest slot number no live worker holds. Slots are stable names for
     /// workers (DROVE_WORKER), reused as workers come and go.
     pub fn free_slot(&self) -> u32 {
+        self.free_slots(1)[0]
+    }
+
+    /// The `n` lowest free slots (see [`Pool::free_slot`]): for a burst of
+    /// spawns, one sort of the used slots rather than one per spawn.
+    pub fn free_slots(&self, n: usize) -> Vec<u32> {
         // A fork asked of a template holds its slot until answered.
         let mut used: Vec<u32> = self
             .workers
@@ -171,15 +181,17 @@ impl Pool {
             .chain(self.templates.forks.iter().map(|f| f.slot))
             .collect();
         used.sort_unstable();
+        used.dedup();
+        let mut used = used.into_iter().peekable();
+        let mut free = Vec::with_capacity(n);
         let mut slot = 0;
-        for u in used {
-            if u == slot {
-                slot += 1;
-            } else if u > slot {
-                break;
+        while free.len() < n {
+            if used.next_if_eq(&slot).is_none() {
+                free.push(slot);
             }
+            slot += 1;
         }
-        slot
+        free
     }
 
     /// Chooses `n` active workers to retire: starting ones first (they serve
@@ -190,7 +202,8 @@ impl Pool {
             .values()
             .filter(|w| w.is_active() && w.replace.is_none())
             .collect();
-        candidates.sort_by_key(|w| {
+        // is_idle reads /proc: once per candidate, not per comparison.
+        candidates.sort_by_cached_key(|w| {
             (
                 w.state == WorkerState::Ready,
                 !is_idle(w.pid),
@@ -214,7 +227,7 @@ impl Pool {
                 WorkerState::Starting if now.duration_since(w.started) > ready_timeout => {
                     Some((w.pid, StopReason::ReadyTimeout))
                 }
-                WorkerState::Ready => match watchdog {
+                WorkerState::Ready => match w.watchdog.or(watchdog) {
                     Some(limit) if now.duration_since(w.last_ping) > limit => {
                         Some((w.pid, StopReason::Watchdog))
                     }
@@ -299,6 +312,60 @@ mod tests {
     }
 
     #[test]
+    fn retiring_asks_about_each_worker_once() {
+        let now = Instant::now();
+        let states: Vec<_> = (0..64)
+            .map(|i| (100 + i, i as u32, WorkerState::Ready, 10 * i as u64))
+            .collect();
+        let pool = pool_with(&states, now);
+        let asked = std::cell::Cell::new(0);
+        let idle = |pid: Pid| {
+            asked.set(asked.get() + 1);
+            pid.as_raw() % 2 == 0
+        };
+        let picked = pool.pick_to_retire(3, idle);
+        assert_eq!(asked.get(), 64, "one /proc read per worker");
+        // The youngest idle ones: pids 100, 102, 104 are the youngest evens.
+        assert_eq!(
+            picked,
+            vec![Pid::from_raw(100), Pid::from_raw(102), Pid::from_raw(104)]
+        );
+    }
+
+    #[test]
+    fn free_slots_are_the_lowest_unused() {
+        let now = Instant::now();
+        let pool = pool_with(
+            &[
+                (10, 0, WorkerState::Ready, 5),
+                (11, 2, WorkerState::Ready, 5),
+                (12, 3, WorkerState::Ready, 5),
+            ],
+            now,
+        );
+        assert_eq!(pool.free_slots(4), vec![1, 4, 5, 6]);
+        assert_eq!(pool.free_slots(0), Vec::<u32>::new());
+        assert_eq!(Pool::default().free_slots(2), vec![0, 1]);
+        // The same as taking free_slot one by one.
+        let mut one_by_one = pool_with(
+            &[
+                (10, 0, WorkerState::Ready, 5),
+                (11, 2, WorkerState::Ready, 5),
+                (12, 3, WorkerState::Ready, 5),
+            ],
+            now,
+        );
+        let mut taken = Vec::new();
+        for pid in 20..24 {
+            let slot = one_by_one.free_slot();
+            taken.push(slot);
+            let w = Worker::new(Pid::from_raw(pid), slot, 1, now);
+            one_by_one.workers.insert(w.pid, w);
+        }
+        assert_eq!(taken, pool.free_slots(4));
+    }
+
+    #[test]
     fn overdue_and_stop_deadlines() {
         let now = Instant::now();
         let mut pool = pool_with(
@@ -318,6 +385,20 @@ mod tests {
             ]
         );
         assert!(pool.overdue(now, Duration::from_secs(10), None).is_empty());
+        // A worker's own WATCHDOG_USEC= holds with no worker.watchdog, and
+        // over it.
+        pool.workers.get_mut(&Pid::from_raw(11)).unwrap().watchdog = Some(Duration::from_secs(7));
+        assert!(pool.overdue(now, Duration::from_secs(10), None).is_empty());
+        assert!(
+            pool.overdue(now, Duration::from_secs(10), Some(Duration::from_secs(5)))
+                .is_empty()
+        );
+        pool.workers.get_mut(&Pid::from_raw(11)).unwrap().watchdog = Some(Duration::from_secs(3));
+        assert_eq!(
+            pool.overdue(now, Duration::from_secs(10), None),
+            vec![(Pid::from_raw(11), StopReason::Watchdog)]
+        );
+        pool.workers.get_mut(&Pid::from_raw(11)).unwrap().watchdog = None;
 
         let w = pool.workers.get_mut(&Pid::from_raw(10)).unwrap();
         w.state = WorkerState::Stopping;

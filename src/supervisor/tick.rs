@@ -26,6 +26,30 @@ pub(super) struct CpuSampling {
     idle_ticks: u32,
 }
 
+impl CpuSampling {
+    /// Whether this tick samples the workers' CPU (a /proc read per
+    /// worker and thread). The guard only judges ticks with a queue, but
+    /// the first such tick needs a baseline: sample while a queue is (or
+    /// just was) there, and once a second otherwise, which keeps idle
+    /// ticks cheap. Never while the pool cannot grow (`can_grow`: the
+    /// target is below max; a static pool never can): the guard only
+    /// holds back growth, and at max the scaler holds without asking it.
+    /// Pure.
+    fn due(&mut self, queued: bool, cpu_guard: bool, can_grow: bool) -> bool {
+        let due = cpu_guard
+            && can_grow
+            && (queued || self.recent_queue || self.idle_ticks >= CPU_IDLE_SAMPLE_TICKS);
+        self.recent_queue = queued;
+        if due {
+            self.idle_ticks = 0;
+        } else {
+            // Saturating: a pool at max for days must not wrap around.
+            self.idle_ticks = self.idle_ticks.saturating_add(1);
+        }
+        due
+    }
+}
+
 impl Default for CpuSampling {
     fn default() -> Self {
         // Take a baseline on the very first tick.
@@ -74,9 +98,78 @@ pub(super) struct JournalWatch {
     unreported_stall: Option<Instant>,
 }
 
+/// How often [`TickTimes`] reports.
+const TICK_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The scale tick's own cost (the tick's work and the reconcile and
+/// publish after it, as the event loop runs them), so that droved's cost
+/// per tick can be watched as a pool grows (bench/fleet.py). Two clock
+/// reads a tick; every [`TICK_REPORT_EVERY`] one debug line under the
+/// target `drove::tick_time` (`DROVE_LOG=info,drove::tick_time=debug`)
+/// gives the count, the mean and the slowest.
+#[derive(Debug)]
+pub(super) struct TickTimes {
+    since: Instant,
+    ticks: u32,
+    total: Duration,
+    slowest: Duration,
+}
+
+/// One report of [`TickTimes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TickSummary {
+    pub(super) ticks: u32,
+    pub(super) mean: Duration,
+    pub(super) slowest: Duration,
+}
+
+impl TickTimes {
+    pub(super) fn new(now: Instant) -> TickTimes {
+        TickTimes {
+            since: now,
+            ticks: 0,
+            total: Duration::ZERO,
+            slowest: Duration::ZERO,
+        }
+    }
+
+    /// Adds one tick that took `took`, and logs the summary of the
+    /// window ending at `now` if one is due.
+    pub(super) fn record(&mut self, took: Duration, now: Instant) {
+        if let Some(s) = self.add(took, now) {
+            debug!(
+                target: "drove::tick_time",
+                ticks = s.ticks,
+                mean_us = s.mean.as_micros() as u64,
+                slowest_us = s.slowest.as_micros() as u64,
+                "scale ticks in the last {TICK_REPORT_EVERY:?}"
+            );
+        }
+    }
+
+    /// Pure: adds one tick; once the window is over, its summary, and a
+    /// new window begins.
+    fn add(&mut self, took: Duration, now: Instant) -> Option<TickSummary> {
+        self.ticks += 1;
+        self.total += took;
+        self.slowest = self.slowest.max(took);
+        if now.duration_since(self.since) < TICK_REPORT_EVERY {
+            return None;
+        }
+        let summary = TickSummary {
+            ticks: self.ticks,
+            mean: self.total / self.ticks,
+            slowest: self.slowest,
+        };
+        *self = TickTimes::new(now);
+        Some(summary)
+    }
+}
+
 impl Supervisor {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
+        self.tick_began = Some(now);
         // A fork asked of the template and not answered yet would be lost
         // in the exec: its worker unknown to the new image, the template
         // not handed over. No new forks are asked while upgrading, so wait
@@ -281,15 +374,14 @@ impl Supervisor {
         // needs a baseline: sample while a queue is (or just was) there,
         // and once a second otherwise, which keeps idle ticks cheap.
         let queued = self.queued_total().unwrap_or(0) > 0;
-        let sample_cpu = queued
-            || self.cpu_sampling.recent_queue
-            || self.cpu_sampling.idle_ticks >= CPU_IDLE_SAMPLE_TICKS;
-        self.cpu_sampling.recent_queue = queued;
-        let cpu_busy = if self.config.scale.cpu_guard && sample_cpu {
-            self.cpu_sampling.idle_ticks = 0;
+        let sample_cpu = self.cpu_sampling.due(
+            queued,
+            self.config.scale.cpu_guard,
+            self.target < self.config.pool.max,
+        );
+        let cpu_busy = if sample_cpu {
             self.cpu.sample(self.pool.workers.keys().copied(), now)
         } else {
-            self.cpu_sampling.idle_ticks += 1;
             None
         };
         if !matches!(self.lifecycle, Lifecycle::Running) {
@@ -336,5 +428,61 @@ impl Supervisor {
             });
             self.target = d.to;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_sampled_while_queued_once_a_second_idle_and_never_at_max() {
+        let mut s = CpuSampling::default();
+        // A baseline on the first tick, then one after each
+        // CPU_IDLE_SAMPLE_TICKS ticks without.
+        let idle: Vec<bool> = (0..23).map(|_| s.due(false, true, true)).collect();
+        let expected: Vec<bool> = (0..23).map(|i| i % 11 == 0).collect();
+        assert_eq!(idle, expected);
+        // Every tick with a queue, and the one after.
+        assert!(s.due(true, true, true));
+        assert!(s.due(true, true, true));
+        assert!(s.due(false, true, true));
+        assert!(!s.due(false, true, true));
+        // Guard off: never.
+        let mut off = CpuSampling::default();
+        assert!((0..30).all(|i| !off.due(i % 2 == 0, false, true)));
+        // At max (or a static pool): never, queue or not; below max again,
+        // a baseline at once.
+        let mut at_max = CpuSampling::default();
+        assert!((0..30).all(|i| !at_max.due(i % 3 == 0, true, false)));
+        assert!(at_max.due(false, true, true));
+    }
+
+    #[test]
+    fn tick_times_report_once_a_window_with_mean_and_slowest() {
+        let t0 = Instant::now();
+        let mut times = TickTimes::new(t0);
+        let ms = Duration::from_millis;
+        assert_eq!(times.add(ms(1), t0 + ms(100)), None);
+        assert_eq!(times.add(ms(5), t0 + ms(200)), None);
+        let end = t0 + TICK_REPORT_EVERY;
+        assert_eq!(
+            times.add(ms(3), end),
+            Some(TickSummary {
+                ticks: 3,
+                mean: ms(3),
+                slowest: ms(5)
+            })
+        );
+        // A new window: the old ticks are gone.
+        assert_eq!(times.add(ms(2), end + ms(100)), None);
+        assert_eq!(
+            times.add(ms(2), end + TICK_REPORT_EVERY),
+            Some(TickSummary {
+                ticks: 2,
+                mean: ms(2),
+                slowest: ms(2)
+            })
+        );
     }
 }

@@ -217,6 +217,7 @@ impl Supervisor {
                     recycle_in_ms: w
                         .recycle_at
                         .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                    watchdog_usec: w.watchdog.map(|d| d.as_micros() as u64),
                 })
                 .collect(),
             counters: self.counters,
@@ -344,6 +345,7 @@ impl Supervisor {
             worker.killed = w.killed;
             worker.status_text = w.status_text;
             worker.recycle_at = w.recycle_in_ms.map(|ms| now + Duration::from_millis(ms));
+            worker.watchdog = w.watchdog_usec.map(Duration::from_micros);
             self.pool.workers.insert(pid, worker);
         }
         if let Some(t) = state.template {

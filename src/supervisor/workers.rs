@@ -270,6 +270,23 @@ impl Supervisor {
         if msg.watchdog {
             w.last_ping = now;
         }
+        // WATCHDOG_USEC=: the worker sets its own watchdog (a server's own
+        // timeout, e.g. gunicorn's), and the clock starts again, as systemd
+        // does for a service. 0 is not a timeout: ignored.
+        if let Some(usec) = msg.watchdog_usec.filter(|d| !d.is_zero())
+            && w.watchdog != Some(usec)
+        {
+            w.watchdog = Some(usec);
+            w.last_ping = now;
+            info!(
+                worker_pid = pid.as_raw(),
+                slot = w.slot,
+                event = "watchdog",
+                "worker {pid} (slot {}) set its watchdog to {} ms",
+                w.slot,
+                usec.as_millis()
+            );
+        }
         if msg.ready && w.state == WorkerState::Starting {
             w.state = WorkerState::Ready;
             w.ready_at = Some(now);
@@ -336,8 +353,7 @@ impl Supervisor {
             return self.ask_template(n, now);
         }
         let mut pending = Vec::new();
-        for _ in 0..n {
-            let slot = self.pool.free_slot();
+        for slot in self.pool.free_slots(n as usize) {
             let mut env = self.plan.env.clone();
             env.push(("DROVE_WORKER".into(), slot.to_string()));
             env.push(("DROVE_GENERATION".into(), self.generation.to_string()));

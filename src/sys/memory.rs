@@ -110,29 +110,66 @@ pub fn read(pid: Pid) -> io::Result<Memory> {
 /// Readings older than this leave the cache of [`read_cached`].
 const CACHE_FOR: Duration = Duration::from_secs(120);
 
-static CACHE: Mutex<Option<HashMap<Pid, (Instant, Memory)>>> = Mutex::new(None);
+/// How often the cache of [`read_cached`] drops the readings older than
+/// [`CACHE_FOR`]: that scans the whole cache, and one scrape calls
+/// `read_cached` once per worker (a scan per call made a scrape of 1,024
+/// workers quadratic).
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+static CACHE: Mutex<Option<ReadingCache>> = Mutex::new(None);
+
+/// The readings of [`read_cached`], by pid. Pure.
+#[derive(Debug, Default)]
+struct ReadingCache {
+    readings: HashMap<Pid, (Instant, Memory)>,
+    pruned: Option<Instant>,
+    /// Scans of the whole cache so far.
+    prunes: u64,
+}
+
+impl ReadingCache {
+    /// `pid`'s reading if younger than `max_age` at `now`; drops the old
+    /// readings first if a prune is due.
+    fn get(&mut self, pid: Pid, now: Instant, max_age: Duration) -> Option<Memory> {
+        if self
+            .pruned
+            .is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY)
+        {
+            self.readings
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < CACHE_FOR);
+            self.pruned = Some(now);
+            self.prunes += 1;
+        }
+        self.readings
+            .get(&pid)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < max_age)
+            .map(|&(_, m)| m)
+    }
+
+    fn insert(&mut self, pid: Pid, now: Instant, m: Memory) {
+        self.readings.insert(pid, (now, m));
+    }
+}
 
 /// [`read`], reusing a reading younger than `max_age`: for the readers
 /// anyone may trigger (`ListMemory` on D-Bus, a metrics scrape), so that
 /// asking often does not make droved walk page tables often.
 pub fn read_cached(pid: Pid, max_age: Duration) -> io::Result<Memory> {
     let now = Instant::now();
-    {
-        let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
-        let cache = cache.get_or_insert_default();
-        cache.retain(|_, (at, _)| now.duration_since(*at) < CACHE_FOR);
-        if let Some((at, m)) = cache.get(&pid)
-            && now.duration_since(*at) < max_age
-        {
-            return Ok(*m);
-        }
+    let cached = CACHE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert_default()
+        .get(pid, now, max_age);
+    if let Some(m) = cached {
+        return Ok(m);
     }
     let m = read(pid)?;
     CACHE
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .get_or_insert_default()
-        .insert(pid, (now, m));
+        .insert(pid, now, m);
     Ok(m)
 }
 
@@ -249,6 +286,34 @@ Locked:                0 kB
         let _grow = vec![1u8; 8 << 20];
         assert_eq!(read_cached(me, Duration::from_secs(60)).unwrap(), first);
         assert_ne!(read_cached(me, Duration::ZERO).unwrap(), first);
+    }
+
+    #[test]
+    fn reading_cache_keeps_ages_and_prunes_once_per_interval() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let m = |n| Memory {
+            rss: n,
+            ..Memory::default()
+        };
+        let mut cache = ReadingCache::default();
+        for pid in 1..=1000 {
+            assert_eq!(cache.get(Pid::from_raw(pid), t0, s(30)), None);
+            cache.insert(Pid::from_raw(pid), t0, m(pid as u64));
+        }
+        assert_eq!(cache.prunes, 1, "one scan for a thousand readers at once");
+        // Within max_age: the reading; past it: none, for that caller only.
+        assert_eq!(cache.get(Pid::from_raw(7), t0 + s(5), s(30)), Some(m(7)));
+        assert_eq!(cache.get(Pid::from_raw(7), t0 + s(5), s(1)), None);
+        assert_eq!(cache.get(Pid::from_raw(7), t0 + s(5), Duration::ZERO), None);
+        // Old readings leave at the next prune after CACHE_FOR.
+        cache.insert(Pid::from_raw(5000), t0 + CACHE_FOR, m(1));
+        assert_eq!(cache.get(Pid::from_raw(7), t0 + CACHE_FOR, s(1000)), None);
+        assert_eq!(cache.readings.len(), 1, "only the fresh reading stays");
+        assert_eq!(
+            cache.get(Pid::from_raw(5000), t0 + CACHE_FOR, s(30)),
+            Some(m(1))
+        );
     }
 
     #[test]

@@ -263,7 +263,28 @@ fn max_requests_replacements_are_not_failures_uvicorn() {
 /// request is killed by droved and replaced.
 #[test]
 fn the_watchdog_keeps_idle_workers_and_replaces_a_hung_one() {
-    let (mut d, _dir) = pool_with("gt-watchdog", 2, &[], APP, "watchdog = \"1s\"");
+    watchdog_keeps_idle_workers_and_replaces_a_hung_one("gt-watchdog", &[], "watchdog = \"1s\"");
+}
+
+/// Without drove's watchdog, gunicorn's own `timeout` is the watchdog:
+/// each worker announces it (WATCHDOG_USEC=) and droved enforces it.
+#[test]
+fn gunicorns_timeout_alone_is_the_watchdog() {
+    let (d, _dir) =
+        watchdog_keeps_idle_workers_and_replaces_a_hung_one("gt-timeout", &["--timeout", "1"], "");
+    assert!(
+        d.log_count("set its watchdog to 1000 ms") >= 2,
+        "{}",
+        d.log()
+    );
+}
+
+fn watchdog_keeps_idle_workers_and_replaces_a_hung_one(
+    tag: &str,
+    args: &[&str],
+    extra: &str,
+) -> (Droved, PathBuf) {
+    let (mut d, dir) = pool_with(tag, 2, args, APP, extra);
     d.wait_for("the pool ready", 30 * SEC, |u| u.ready);
     let workers = pool_workers(&d);
     // Three watchdog periods idle: nobody is killed.
@@ -292,6 +313,7 @@ fn the_watchdog_keeps_idle_workers_and_replaces_a_hung_one() {
     );
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(20 * SEC).success(), "{}", d.log());
+    (d, dir)
 }
 
 /// An app that cannot be imported: its traceback is in droved's output,

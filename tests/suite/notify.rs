@@ -468,3 +468,70 @@ fn fds_attached_to_notify_datagrams_are_all_closed_however_many() {
         tail(&d.log())
     );
 }
+
+/// A worker that sends `WATCHDOG_USEC=` sets its own watchdog, as systemd
+/// takes it from a service (how gunicorn's `timeout` becomes drove's
+/// watchdog under drove.gunicorn): with no `worker.watchdog` in the config,
+/// the worker that stops pinging is killed as hung, and the one that keeps
+/// pinging is not.
+#[test]
+fn a_workers_own_watchdog_usec_is_enforced() {
+    let dir = Scratch::new("own-watchdog");
+    let script = dir.join("worker.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, socket, sys, time
+addr = os.environ["NOTIFY_SOCKET"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+def send(m): s.sendto(m.encode(), addr)
+send("READY=1\nWATCHDOG_USEC=600000")
+# Slot 0 pings for 1 s then hangs; the others ping every 100 ms.
+hang_at = time.monotonic() + 1.0 if os.environ["DROVE_WORKER"] == "0" else None
+while True:
+    if hang_at is None or time.monotonic() < hang_at:
+        send("WATCHDOG=1")
+    time.sleep(0.1)
+"#,
+    )
+    .unwrap();
+    let mut d = Droved::builder("own-watchdog")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+command = ["python3", "{}"]
+ready = "notify"
+stop_timeout = "2s"
+[pool]
+min = 2
+max = 2
+"#,
+            script.display()
+        ))
+        .start();
+    d.wait_ready();
+    d.wait_log("set its watchdog to 600 ms", 2, 10 * SEC);
+    d.wait_log("watchdog timeout", 1, 10 * SEC);
+    let log = d.log();
+    // Only hung workers (slot 0's): slot 1's, which pings, lives on.
+    let pinging = log
+        .lines()
+        .find(|l| l.contains("(slot 1) set its watchdog"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or_else(|| panic!("no slot 1 worker\n{log}"))
+        .to_string();
+    let killed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("event=\"timeout\""))
+        .collect();
+    assert!(!killed.is_empty(), "{log}");
+    assert!(
+        killed
+            .iter()
+            .all(|l| l.contains("slot 0") || !l.contains(&format!("worker_pid={pinging} "))),
+        "the pinging worker {pinging} was killed\n{log}"
+    );
+    assert!(alive(pinging.parse().unwrap()), "{log}");
+}
