@@ -128,6 +128,20 @@ class Contender:
         # uWSGI: preload means without --lazy-apps (load once, then fork).
         self.mode, self.preload = mode, preload
 
+    def droved_argv(self, ctx, port, workdir, cmd, extra=""):
+        """Writes workdir/drove.toml for a pool of `cmd` (`extra`: more
+        [worker] settings) and returns droved's argv."""
+        conf = os.path.join(workdir, "drove.toml")
+        with open(conf, "w") as f:
+            f.write(
+                "# written by bench/bench.py; everything not set here is droved's default\n"
+                f'[listen]\naddresses = ["127.0.0.1:{port}"]\nbacklog = {BACKLOG}\n'
+                f"[worker]\ncommand = {json.dumps(cmd)}\nready = \"notify\"\n"
+                f"mode = \"{self.mode}\"\n{extra}"
+                f"[pool]\nmin = {self.min}\nmax = {self.max}\n"
+            )
+        return [ctx.droved, "-c", conf, "--instance", self.name]
+
     @property
     def dynamic(self):
         return self.min != self.max
@@ -140,16 +154,7 @@ class Contender:
                 cmd = [py, os.path.join(ROOT, "examples", "wsgi_worker.py"), app + ":application"]
             else:
                 cmd = [ctx.rust_worker]
-            conf = os.path.join(workdir, "drove.toml")
-            with open(conf, "w") as f:
-                f.write(
-                    "# written by bench/bench.py; everything not set here is droved's default\n"
-                    f'[listen]\naddresses = ["127.0.0.1:{port}"]\nbacklog = {BACKLOG}\n'
-                    f"[worker]\ncommand = {json.dumps(cmd)}\nready = \"notify\"\n"
-                    f"mode = \"{self.mode}\"\n"
-                    f"[pool]\nmin = {self.min}\nmax = {self.max}\n"
-                )
-            return [ctx.droved, "-c", conf, "--instance", self.name]
+            return self.droved_argv(ctx, port, workdir, cmd)
         if self.kind == "gunicorn":
             return [
                 os.path.join(ctx.venv, "bin", "gunicorn"),
@@ -636,6 +641,21 @@ def versions(ctx):
     }
 
 
+def servers_defaults(ap, args):
+    """--servers: 2 repeats of 30 s idle, 10 s burst, 60 s steady by
+    default; --quick: the heavy app only, short phases, 20 kills."""
+    default_out = os.path.join(BENCH, "results")
+    if ap.get_default("repeats") == args.repeats:
+        args.repeats = 2
+    if args.quick:
+        args.repeats = 2
+        args.apps, args.idle, args.burst, args.warm = "heavy", 5.0, 5, 1
+        args.steady_hello, args.steady_work, args.kills = 4, 8, 20
+        args.quiet_wait = min(args.quiet_wait, 5.0)
+    if args.out == default_out:
+        args.out = os.path.join(default_out, "servers-quick" if args.quick else "servers")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="short smoke run: 1 repeat, short phases")
@@ -655,8 +675,19 @@ def main():
     ap.add_argument("--rust-worker", required=True)
     ap.add_argument("--venv", required=True)
     ap.add_argument("--report-only", action="store_true", help="redo table and plot from OUT/results.json")
+    sv = ap.add_argument_group("--servers: issue 23, template mode against the real servers (servers.py)")
+    sv.add_argument("--servers", action="store_true",
+                    help="run servers.py's contenders instead (results in OUT/servers/)")
+    sv.add_argument("--apps", default="heavy,light", help="heavy, light or both")
+    sv.add_argument("--parts", default="fork,pools,replace", help="fork, pools, replace")
+    sv.add_argument("--kills", type=int, default=100, help="worker replacements per mode")
+    sv.add_argument("--steady-hello", type=int, default=20, help="measured s of steady `/`")
+    sv.add_argument("--steady-work", type=int, default=40, help="measured s of steady `/work`")
+    sv.add_argument("--start-timeout", type=float, default=180.0)
     args = ap.parse_args()
-    if args.quick:
+    if args.servers:
+        servers_defaults(ap, args)
+    if args.quick and not args.servers:
         args.repeats, args.idle, args.burst, args.steady, args.warm = 1, 5.0, 5, 3, 1
         args.quiet_wait = min(args.quiet_wait, 10.0)
         if args.out == os.path.join(BENCH, "results"):
@@ -669,6 +700,10 @@ def main():
     ctx.droved, ctx.rust_worker, ctx.venv = args.droved, args.rust_worker, args.venv
     ctx.python = os.path.join(args.venv, "bin", "python")
     ctx.loads = [("hello", "/", 32), ("sleep20", "/sleep?ms=20", 32)]
+    if args.servers:
+        import servers  # noqa: E402 (bench/servers.py)
+
+        return servers.main(args, ctx)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
 

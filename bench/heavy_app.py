@@ -5,6 +5,7 @@ for a large framework app's modules, caches and tables), so copy-on-write
 sharing between a template and its workers shows in PSS.
 
     /         pid=<pid> items=<n>
+    /sleep, /cpu, any t=   as bench/app.py (bench/servers.py's bursts)
     /work     reads 2,000 of the objects (the same hot ones each time:
               their refcount writes unshare only their pages) and
               allocates a little, as a request of a real app would; the
@@ -15,6 +16,8 @@ sharing between a template and its workers shows in PSS.
 
 import gc
 import os
+
+from app import application as _bench_app  # bench/app.py: /sleep, X-Bench-T
 
 ITEMS = int(os.environ.get("HEAVY_ITEMS", "200000"))
 DATA = [
@@ -35,6 +38,8 @@ def application(environ, start_response):
         picked = [DATA[i] for i in range(0, min(ITEMS, 2000))]
         total = sum(d["score"] for d in picked)
         body = f"pid={os.getpid()} total={total:.0f}\n".encode()
+    elif environ.get("PATH_INFO") != "/" or "t=" in environ.get("QUERY_STRING", ""):
+        return _bench_app(environ, start_response)
     else:
         body = f"pid={os.getpid()} items={ITEMS}\n".encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])

@@ -1,4 +1,4 @@
-# Run: python3 bench/replace.py --droved target/release/droved [--kills 100]
+# Run: python3 bench/replace.py --droved target/release/droved [--kills 100] [--app heavy]
 # SPDX-License-Identifier: MIT OR Apache-2.0
 """Worker replacement time, exec mode against template mode.
 
@@ -7,10 +7,16 @@ bench/app.py (ready = "notify"), then `--kills` times: SIGKILL one ready
 worker and time from the kill to the replacement's READY=1 as droved logs
 it (its log line's timestamp; same clock as ours). Prints median and p99
 per mode. 127.0.0.1 only; each pool is stopped at the end.
+
+--app heavy: bench/heavy_app.py (~100 MB of objects at import) under
+`python3 -m drove.gunicorn` instead (the --python must have gunicorn);
+--app gunicorn-light: bench/app.py under it (what gunicorn's worker costs
+without the heap).
 """
 
 import argparse
 import datetime
+import json
 import os
 import re
 import signal
@@ -54,7 +60,7 @@ def alive(pid):
         return False
 
 
-def wait_readies(path, n, timeout=60):
+def wait_readies(path, n, timeout=300):
     end = time.time() + timeout
     while time.time() < end:
         r = readies(path)
@@ -68,12 +74,21 @@ def run(mode, args, workdir):
     port = free_port()
     conf = os.path.join(workdir, f"{mode}.toml")
     log = os.path.join(workdir, f"{mode}.log")
+    if args.app in ("heavy", "gunicorn-light"):
+        # bench/heavy_app.py (~100 MB of objects) or bench/app.py under
+        # gunicorn's sync worker through the adapter, in both modes.
+        app = "heavy_app:application" if args.app == "heavy" else "app:application"
+        command = [args.python, "-m", "drove.gunicorn", "--no-control-socket", "--chdir", BENCH, app]
+        extra = (f'ready_timeout = "120s"\nenvironment = {{ PYTHONPATH = "{ROOT}/python", '
+                 f'HEAVY_ITEMS = "200000" }}\n')
+    else:
+        command = [args.python, f"{ROOT}/examples/wsgi_worker.py", f"{BENCH}/app.py:application"]
+        extra = ""
     with open(conf, "w") as f:
         f.write(
             f'[listen]\naddresses = ["127.0.0.1:{port}"]\n'
             f'[worker]\nmode = "{mode}"\nready = "notify"\n'
-            f'command = ["{args.python}", "{ROOT}/examples/wsgi_worker.py", '
-            f'"{BENCH}/app.py:application"]\n'
+            f"command = {json.dumps(command)}\n{extra}"
             f"[pool]\nmin = {args.workers}\nmax = {args.workers}\n"
         )
     env = dict(os.environ, DROVE_LOG="info")
@@ -108,15 +123,23 @@ def main():
     p.add_argument("--kills", type=int, default=100)
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--pause", type=float, default=0.2, help="seconds between kills")
+    p.add_argument("--app", choices=("light", "heavy", "gunicorn-light"), default="light",
+                   help="heavy: bench/heavy_app.py under python3 -m drove.gunicorn; "
+                   "gunicorn-light: bench/app.py under it")
+    p.add_argument("--json", action="store_true", help="also print every time as one JSON line")
     args = p.parse_args()
+    out = {"app": args.app, "workers": args.workers}
     with tempfile.TemporaryDirectory(prefix="drove-replace-") as workdir:
         for mode in ("exec", "template"):
             t = sorted(run(mode, args, workdir))
             p99 = t[min(len(t) - 1, int(len(t) * 0.99))]
+            out[mode] = {"median_ms": statistics.median(t), "p99_ms": p99, "times_ms": t}
             print(
                 f"{mode:8} kill -> replacement READY=1 over {len(t)} kills: "
-                f"median {statistics.median(t):.1f} ms, p99 {p99:.1f} ms"
+                f"median {statistics.median(t):.1f} ms, p99 {p99:.1f} ms", flush=True
             )
+    if args.json:
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -18,5 +18,9 @@ run lambda { |env|
     sleep(env["QUERY_STRING"].to_s[/ms=(\d+)/, 1].to_i / 1000.0)
   end
   body = JSON.generate(pid: Process.pid, entry: TABLE["key-#{rand(200_000)}"])
-  [200, { "Content-Type" => "application/json" }, [body]]
+  headers = { "Content-Type" => "application/json" }
+  # bench/burst.lua's send time, echoed (bench/servers.py's bursts)
+  tag = env["QUERY_STRING"].to_s[/(?:^|&)t=(\d+)/, 1]
+  headers["X-Bench-T"] = tag if tag
+  [200, headers, [body]]
 }
