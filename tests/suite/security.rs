@@ -3,6 +3,7 @@
 //! or a misconfiguration a review found, against the real binaries.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -57,21 +58,19 @@ while True:
 print(n, flush=True)
 "#;
 
-#[test]
-fn a_racing_user_cannot_aim_socket_chmod_and_chown_at_root_files() {
-    let scratch = Scratch::new("sock-race");
+/// The RACER's stage: a directory owned by `nobody` (as /run/app may belong
+/// to the app's user) where droved is to bind `app.sock`, a root-only file
+/// that user would like to own, and the RACER running as `nobody` on them.
+fn race(tag: &str) -> (Scratch, PathBuf, PathBuf, PathBuf, Racer) {
+    let scratch = Scratch::new(tag);
     std::fs::set_permissions(&scratch.0, PermissionsExt::from_mode(0o755)).unwrap();
-    // The socket's directory belongs to the unprivileged user, as /run/app
-    // may belong to the app's user.
     let sockdir = scratch.join("run");
     std::fs::create_dir(&sockdir).unwrap();
     std::os::unix::fs::chown(&sockdir, Some(NOBODY), Some(NOBODY)).unwrap();
-    // A root-only file that user would like to own.
     let target = scratch.join("secret");
     std::fs::write(&target, b"root only").unwrap();
     std::fs::set_permissions(&target, PermissionsExt::from_mode(0o600)).unwrap();
     let sock = sockdir.join("app.sock");
-
     let racer = Command::new("setpriv")
         .args([
             "--reuid=nobody",
@@ -88,16 +87,24 @@ fn a_racing_user_cannot_aim_socket_chmod_and_chown_at_root_files() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("setpriv and /usr/bin/python3 (tests/run installs them) must be installed");
-    struct Racer(Option<std::process::Child>);
-    impl Drop for Racer {
-        fn drop(&mut self) {
-            if let Some(mut c) = self.0.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+    (scratch, sockdir, target, sock, Racer(Some(racer)))
+}
+
+/// The racing process, killed if the test ends early.
+struct Racer(Option<std::process::Child>);
+
+impl Drop for Racer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
-    let mut racer = Racer(Some(racer));
+}
+
+#[test]
+fn a_racing_user_cannot_aim_socket_chmod_and_chown_at_root_files() {
+    let (_scratch, sockdir, target, sock, mut racer) = race("sock-race");
 
     let config = format!(
         r#"
@@ -1007,42 +1014,7 @@ max = 1
 
 #[test]
 fn a_racing_user_cannot_aim_the_metrics_sockets_chmod_at_root_files() {
-    let scratch = Scratch::new("metrics-race");
-    std::fs::set_permissions(&scratch.0, PermissionsExt::from_mode(0o755)).unwrap();
-    // The metrics socket's directory belongs to the unprivileged user.
-    let sockdir = scratch.join("run");
-    std::fs::create_dir(&sockdir).unwrap();
-    std::os::unix::fs::chown(&sockdir, Some(NOBODY), Some(NOBODY)).unwrap();
-    let target = scratch.join("secret");
-    std::fs::write(&target, b"root only").unwrap();
-    std::fs::set_permissions(&target, PermissionsExt::from_mode(0o600)).unwrap();
-    let sock = sockdir.join("app.sock");
-
-    let racer = Command::new("setpriv")
-        .args([
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-            RACER,
-        ])
-        .arg(&sockdir)
-        .arg(&target)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("setpriv and /usr/bin/python3 (tests/run installs them) must be installed");
-    struct Racer(Option<std::process::Child>);
-    impl Drop for Racer {
-        fn drop(&mut self) {
-            if let Some(mut c) = self.0.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    let mut racer = Racer(Some(racer));
+    let (_scratch, sockdir, target, sock, mut racer) = race("metrics-race");
     let config = format!(
         r#"
 [listen]
