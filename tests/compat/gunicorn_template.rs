@@ -68,11 +68,7 @@ fn pool_with(
     command.extend(args.iter().map(|a| a.to_string()));
     command.extend(["--chdir".into(), dir.display().to_string()]);
     command.push("app:application".into());
-    let command = command
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let command = toml_strings(&command);
     let d = Droved::builder(tag)
         .config(&format!(
             r#"

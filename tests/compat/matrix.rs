@@ -327,17 +327,21 @@ fn distinct_workers(d: &Droved, target: &Target) -> BTreeSet<i32> {
 }
 
 /// The droved config for `server`: a fixed pool of [`WORKERS`].
+/// `args` as the inside of a TOML array of strings: `"a", "b"` (Rust's
+/// string escapes are TOML's for what commands hold).
+pub fn toml_strings<S: AsRef<str>>(args: &[S]) -> String {
+    args.iter()
+        .map(|a| format!("{:?}", a.as_ref()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn config(server: &Server) -> String {
     let address = match server.listener {
         Listener::Tcp => "127.0.0.1:{port}",
         Listener::Unix => "unix:{dir}/app.sock",
     };
-    let command = server
-        .command
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let command = toml_strings(&server.command);
     let env = server
         .env
         .iter()

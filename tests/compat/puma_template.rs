@@ -59,11 +59,7 @@ fn failing_template(tag: &str, args: &[&str], app: &str) -> Droved {
     let mut command = vec![program("ruby"), drove_puma()];
     command.extend(args.iter().map(|a| a.to_string()));
     command.push(app.to_string());
-    let command = command
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let command = toml_strings(&command);
     Droved::builder(tag)
         .config(&format!(
             r#"
@@ -233,17 +229,13 @@ on_worker_shutdown { |i| $stderr.puts "hook on_worker_shutdown slot=#{i} pid=#{P
 "#,
     )
     .unwrap();
-    let command = [
+    let command = toml_strings(&[
         program("ruby"),
         drove_puma(),
         "-C".into(),
         conf.display().to_string(),
         hello_ru(),
-    ]
-    .iter()
-    .map(|a| format!("{a:?}"))
-    .collect::<Vec<_>>()
-    .join(", ");
+    ]);
     let mut d = Droved::builder("puma-hooks")
         .config(&format!(
             r#"
@@ -325,11 +317,7 @@ fn a_reload_to_an_app_that_cannot_load_keeps_the_old_puma_workers() {
     let dir = temp_dir("puma-badreload");
     let app = dir.join("app.ru");
     std::fs::copy(hello_ru(), &app).unwrap();
-    let command = [program("ruby"), drove_puma(), app.display().to_string()]
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let command = toml_strings(&[program("ruby"), drove_puma(), app.display().to_string()]);
     let mut d = Droved::builder("puma-badreload")
         .config(&format!(
             r#"
