@@ -60,6 +60,13 @@ max = 2
     assert_eq!(workers.len(), 2);
     let mut slots = BTreeSet::new();
     for pid in workers {
+        // "exec" readiness means execve happened, not that `sleep` is done
+        // starting: its loader and setlocale open and close files (ld.so.cache,
+        // libc, locale files) for a moment after. Read /proc once it sleeps.
+        eventually("the worker to reach its sleep", 10 * SEC, || {
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).ok()?;
+            wchan.contains("nanosleep").then_some(())
+        });
         assert_eq!(
             env_of(pid, "LISTEN_PID"),
             Some(pid.to_string()),
