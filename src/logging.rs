@@ -60,8 +60,10 @@ pub fn init() -> Sink {
     // The probe first: tracing-journald's own first send has no timeout.
     if stderr_is_journal()
         && journal::probe(JOURNAL_SEND_TIMEOUT).is_ok()
-        && let Ok(layer) = journal::with_send_timeout(JOURNAL_SEND_TIMEOUT, tracing_journald::layer)
+        && let Ok((layer, sockets)) =
+            journal::with_send_timeout(JOURNAL_SEND_TIMEOUT, tracing_journald::layer)
     {
+        journal::judge_by(&sockets);
         // No field prefix: `journalctl WORKER_PID=123` as documented.
         let layer = layer
             .with_syslog_identifier("droved".to_string())
@@ -109,7 +111,7 @@ pub fn retry_journal() {
         .lock()
         .is_ok_and(|g| g.health.stalled_since.is_some() && g.retry_at.is_none_or(|at| now >= at));
     if due {
-        let delivered = journal::probe(JOURNAL_SEND_TIMEOUT).is_ok();
+        let delivered = journal::probe_again(JOURNAL_SEND_TIMEOUT).is_ok();
         if let Ok(mut g) = GATE.lock() {
             // The probe carried no message: nothing more was lost.
             match delivered {
@@ -166,6 +168,17 @@ impl JournalGate {
     }
 }
 
+/// Whether a message whose send took `took` reached the journal.
+/// tracing-journald drops send errors, so only the time tells: a send that
+/// took the whole timeout timed out. A quick one is not proof while the
+/// journal is `stalled`: with a send timeout set, a signal (a worker's
+/// SIGCHLD) ends the blocked send at once with EINTR, SA_RESTART or not
+/// (signal(7)), and that ended stalls while journald was still stopped.
+/// Then `confirm` asks droved's own journal socket.
+fn delivered(took: Duration, stalled: bool, confirm: impl FnOnce() -> bool) -> bool {
+    took < JOURNAL_SEND_TIMEOUT && (!stalled || confirm())
+}
+
 /// The journald layer behind the [`JournalGate`]; everything but events
 /// passes straight through (span fields are recorded as usual).
 struct Bounded<L>(L);
@@ -177,11 +190,13 @@ impl<S: Subscriber, L: Layer<S>> Layer<S> for Bounded<L> {
             return;
         }
         self.0.on_event(event, ctx);
-        // tracing-journald drops send errors; a send that took the whole
-        // timeout is one that timed out.
         let took = started.elapsed();
+        let stalled = GATE.lock().is_ok_and(|g| g.health.stalled_since.is_some());
+        let delivered = delivered(took, stalled, || {
+            journal::probe_again(JOURNAL_SEND_TIMEOUT).is_ok()
+        });
         if let Ok(mut g) = GATE.lock() {
-            g.sent(started, took, took < JOURNAL_SEND_TIMEOUT);
+            g.sent(started, took, delivered);
         }
     }
 
@@ -264,5 +279,16 @@ mod tests {
         assert_eq!(g.health.stalled_since, None);
         assert_eq!(g.health.dropped, 125, "the count of lost messages stays");
         assert!(g.admit(later + FAST));
+    }
+
+    #[test]
+    fn a_quick_send_ends_a_stall_only_when_the_socket_confirms() {
+        let never = || -> bool { panic!("a healthy journal needs no confirmation") };
+        assert!(delivered(FAST, false, never));
+        assert!(!delivered(JOURNAL_SEND_TIMEOUT, false, never));
+        assert!(!delivered(JOURNAL_SEND_TIMEOUT, true, never), "timed out");
+        // Stalled: a send cut short by a signal is as quick as a delivery.
+        assert!(!delivered(FAST, true, || false));
+        assert!(delivered(FAST, true, || true));
     }
 }
