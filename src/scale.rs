@@ -7,8 +7,8 @@
 //! default), and early, every 10 ms for one interval, when a connection
 //! arrives after a quiet tick and more than a blip is queued
 //! (`sys::arrival`), with the total number of connections queued on all listeners
-//! ([`crate::sys::probe::queue_depth`]), the CPU share the pool's workers use
-//! ([`crate::sys::probe::CpuSampler`]) and a [`PoolView`]. A
+//! ([`crate::sys::probe::queue_depth`]), the share of the cores the pool's
+//! workers would keep busy (`supervisor::pool_cpu`) and a [`PoolView`]. A
 //! [`Decision`] says what the target should become and why; its `Display`
 //! is the log line.
 //!
@@ -49,9 +49,14 @@
 //!   was non-empty (the previous tick saw a queue too): the sample ending
 //!   at a burst's first tick is mostly idle time from before the burst, and
 //!   the one-jump policy would spend it on 14 workers. Then, if the workers
-//!   already use at least [`CPU_BUSY`] of the available cores, the scaler adds no workers and says
-//!   `cpu-bound`; otherwise it caps the jump at `ready / busy` workers, the
-//!   number that would saturate the cores (2 ready at 50% -> at most 4). The guard costs one tick (100 ms)
+//!   would keep at least [`CPU_BUSY`] of the available cores busy, the
+//!   scaler adds no workers and says `cpu-bound`; otherwise it caps the
+//!   jump at `ready / busy` workers, the number that would saturate the
+//!   cores (2 ready at 50% -> at most 4). "Would keep busy" leaves out the
+//!   time the workers waited for a CPU: on a host loaded by other
+//!   processes an I/O-bound pool waits at each wake-up yet mostly sleeps,
+//!   and more workers still serve more; a CPU-bound pool never sleeps, and
+//!   reads as busy whoever takes the CPUs. The guard costs one tick (100 ms)
 //!   of reaction time; it still raises the pool to `min` and still scales
 //!   down. It judges the latest 100 ms sample, not a window mean: a mean
 //!   over a window that began before the burst would never hold back the
@@ -95,8 +100,8 @@ pub const BLIP: u32 = 2;
 /// Fraction of a window's samples that must see a (small) queue before it
 /// counts as persistent; at least 2 samples.
 pub const PERSIST_FRACTION: f64 = 0.3;
-/// Machine busy fraction (of the latest sample) at which the CPU guard
-/// holds.
+/// Share of the cores the workers would keep busy (latest sample) at
+/// which the CPU guard holds.
 pub const CPU_BUSY: f64 = 0.9;
 /// Cap on the scale-down backoff, as a multiple of `cooldown`.
 pub const MAX_DOWN_BACKOFF: u32 = 8;
@@ -158,8 +163,9 @@ pub struct Sample {
     pub queued: Option<u32>,
     /// Number of listeners probed (for the reason text).
     pub listeners: u32,
-    /// Share `0.0..=1.0` of the available cores the workers used since the last
-    /// sample, if known.
+    /// Share `0.0..=1.0` of the available cores the workers would have kept
+    /// busy since the last sample had they never waited for a CPU, if
+    /// known (`supervisor::pool_cpu`).
     pub cpu_busy: Option<f64>,
     /// The supervisor knows `cpu_busy` was measured wholly while
     /// connections waited (an early probe after an arrival took its
@@ -195,7 +201,7 @@ pub enum Reason {
         /// Workers wanted before the caps at `max` and by CPU.
         wanted: u32,
         max: u32,
-        /// Machine busy fraction, when the CPU guard used it.
+        /// The workers' CPU demand over the cores, when the CPU guard used it.
         cpu_busy: Option<f64>,
     },
     /// The queue stayed empty for `quiet`: shrink by one.
@@ -204,7 +210,7 @@ pub enum Reason {
     BelowMin { min: u32 },
     /// The target was above `max`.
     AboveMax { max: u32 },
-    /// Hold: the queue asks for more, but the workers already use the CPUs.
+    /// Hold: the queue asks for more, but the workers would keep the CPUs busy.
     CpuBound { busy: f64, queued: u32 },
     /// Hold: the queue asks for more, but the pool is at `max`.
     AtMax { queued: u32, max: u32 },
@@ -274,7 +280,7 @@ impl fmt::Display for Reason {
             Reason::AboveMax { max } => write!(f, "above max {max}"),
             Reason::CpuBound { busy, queued } => write!(
                 f,
-                "cpu-bound: workers use {:.0}% of the CPUs despite queue {queued}",
+                "cpu-bound: workers need {:.0}% of the CPUs despite queue {queued}",
                 busy * 100.0
             ),
             Reason::AtMax { queued, max } => write!(f, "queue {queued} at max {max}"),
@@ -304,7 +310,7 @@ impl fmt::Display for Decision {
                     _ if wanted <= to => Ok(()),
                     Some(busy) if to < max => write!(
                         f,
-                        " (wanted {wanted}, capped at {to}: workers use {:.0}% of the CPUs)",
+                        " (wanted {wanted}, capped at {to}: workers need {:.0}% of the CPUs)",
                         busy * 100.0
                     ),
                     _ => write!(f, " (wanted {wanted}, capped at max {max})"),
@@ -323,7 +329,7 @@ impl fmt::Display for Decision {
             Reason::Quiet { .. } => write!(f, "{}: scale down {from} -> {to}", self.reason),
             Reason::CpuBound { busy, queued } => write!(
                 f,
-                "cpu-bound: workers use {:.0}% of the CPUs, holding at {to} despite queue {queued}",
+                "cpu-bound: workers need {:.0}% of the CPUs, holding at {to} despite queue {queued}",
                 busy * 100.0
             ),
             Reason::AtMax { .. } => write!(f, "{}: holding at {to}", self.reason),
@@ -1175,7 +1181,7 @@ mod tests {
         assert!(d.is_hold() && d.reason.is_hold());
         assert_eq!(
             d.to_string(),
-            "cpu-bound: workers use 98% of the CPUs, holding at 6 despite queue 12"
+            "cpu-bound: workers need 98% of the CPUs, holding at 6 despite queue 12"
         );
         for _ in 0..15 {
             assert_eq!(sim.step_with(Some(0.99), |_| Some(12)), None);
@@ -1187,7 +1193,7 @@ mod tests {
         let up = sim.step_with(Some(0.5), |_| Some(12)).expect("scale up");
         assert_eq!(
             up.to_string(),
-            "queue 12 with 6 ready and 0 starting: scale up 6 -> 12 (wanted 18, capped at 12: workers use 50% of the CPUs)"
+            "queue 12 with 6 ready and 0 starting: scale up 6 -> 12 (wanted 18, capped at 12: workers need 50% of the CPUs)"
         );
 
         // CPU-bound but idle queue: still scales down.

@@ -288,7 +288,7 @@ impl Supervisor {
         }
         if self.config.scale.cpu_guard && !self.arrival.baseline_taken {
             debug!(queued, "early probe after an arrival: CPU baseline");
-            self.cpu.sample(self.pool.workers.keys().copied(), now);
+            self.cpu.sample(self.pool.workers.keys().copied());
             self.arrival.baseline_taken = true;
             self.arrival.next = Some(now + EARLY_CPU_WINDOW);
             return;
@@ -380,7 +380,7 @@ impl Supervisor {
             self.target < self.config.pool.max,
         );
         let cpu_busy = if sample_cpu {
-            self.cpu.sample(self.pool.workers.keys().copied(), now)
+            self.cpu.sample(self.pool.workers.keys().copied())
         } else {
             None
         };

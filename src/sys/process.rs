@@ -442,30 +442,59 @@ pub fn cpu_time(pid: Pid) -> io::Result<Duration> {
     Ok(Duration::from_secs_f64(total as f64 / clock_ticks() as f64))
 }
 
-/// Time a process (all its threads) spent running on a CPU and waiting on
-/// a run queue for one, from /proc/PID/task/*/schedstat (sched_info;
-/// nanosecond precision).
-pub fn sched_times(pid: Pid) -> io::Result<(Duration, Duration)> {
-    let (mut run, mut wait) = (0u64, 0u64);
+/// One thread's scheduling record: time on a CPU, time waiting on a run
+/// queue for one, how many times it got one, and whether it was runnable
+/// (running or queued) when read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadTimes {
+    pub tid: i32,
+    pub run: Duration,
+    pub wait: Duration,
+    pub arrivals: u64,
+    pub runnable: bool,
+}
+
+/// Each thread's scheduling record, from /proc/PID/task/*/schedstat
+/// (sched_info; nanosecond precision) and the state in .../stat. Per
+/// thread, not summed: a thread that sleeps is time another worker could
+/// use, and a sum over threads would hide it.
+pub fn sched_times(pid: Pid) -> io::Result<Vec<ThreadTimes>> {
+    let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let Ok(text) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+        let task = task?;
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let (Ok(sched), Ok(stat)) = (
+            std::fs::read_to_string(task.path().join("schedstat")),
+            std::fs::read_to_string(task.path().join("stat")),
+        ) else {
             continue; // the thread just exited
         };
-        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>());
-        match (fields.next(), fields.next()) {
-            (Some(Ok(r)), Some(Ok(w))) => {
-                run += r;
-                wait += w;
-            }
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "malformed schedstat",
-                ));
-            }
-        }
+        let Some(times) = parse_schedstat(tid, &sched, &stat) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("malformed /proc/{pid}/task/{tid}/schedstat or stat: {sched:?}"),
+            ));
+        };
+        threads.push(times);
     }
-    Ok((Duration::from_nanos(run), Duration::from_nanos(wait)))
+    Ok(threads)
+}
+
+/// Pure: "run wait arrivals" from schedstat, and the state letter after
+/// the command name in stat (which may itself hold spaces and parens).
+fn parse_schedstat(tid: i32, sched: &str, stat: &str) -> Option<ThreadTimes> {
+    let mut fields = sched.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let (run, wait, arrivals) = (fields.next()??, fields.next()??, fields.next()??);
+    let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+    Some(ThreadTimes {
+        tid,
+        run: Duration::from_nanos(run),
+        wait: Duration::from_nanos(wait),
+        arrivals,
+        runnable: state == 'R',
+    })
 }
 
 fn page_size() -> u64 {
@@ -511,6 +540,29 @@ pub fn waits_for_connection(wchan: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedstat_and_state_are_parsed() {
+        let stat = "4242 (a (b) c) R 1 4242 4242 0 -1 4194560";
+        let t = parse_schedstat(4242, "1500 2500 7\n", stat).unwrap();
+        assert_eq!(
+            (t.run, t.wait, t.arrivals, t.runnable),
+            (
+                Duration::from_nanos(1500),
+                Duration::from_nanos(2500),
+                7,
+                true
+            )
+        );
+        let sleeping = parse_schedstat(1, "1 2 3", "1 (x) S 0").unwrap();
+        assert!(!sleeping.runnable);
+        assert_eq!(parse_schedstat(1, "1 2", "1 (x) S 0"), None);
+        assert_eq!(parse_schedstat(1, "1 2 3", "1 x S 0"), None);
+        // This thread, running the test, is runnable.
+        let me = sched_times(Pid::this()).unwrap();
+        let tid = nix::unistd::gettid().as_raw();
+        assert!(me.iter().any(|t| t.tid == tid && t.runnable), "{me:?}");
+    }
 
     #[test]
     fn usage_is_rss_and_cpu_of_one_stat_read() {

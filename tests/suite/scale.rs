@@ -171,9 +171,24 @@ fn fixed_pool_reports_its_queue_and_never_scales() {
 
 #[test]
 fn cpu_bound_load_is_not_met_with_more_workers() {
-    // 2 cores here (any count works): a CPU-bound app gains nothing from
-    // more processes than cores, so the guard must hold the pool well
-    // below max and say why.
+    cpu_bound_pool_is_held(0);
+}
+
+/// The same with other processes keeping the CPUs busy: the workers then
+/// get a fraction of a CPU each and wait for it, which must not make them
+/// look like workers that sleep.
+#[test]
+fn cpu_bound_pool_is_held_on_a_host_loaded_by_others() {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    cpu_bound_pool_is_held(2 * cores);
+}
+
+/// A CPU-bound app gains nothing from more processes than cores (2 here,
+/// any count works), so the guard must hold the pool well below max and
+/// say why, with `hogs` busy loops running beside it.
+fn cpu_bound_pool_is_held(hogs: usize) {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as u32;
@@ -193,6 +208,7 @@ max = {max}
         ))
         .start();
     d.wait_ready();
+    let _hog = (hogs > 0).then(|| CpuHog::start(hogs, 60 * SEC));
     // Watch the scaler for 40 of its ticks under load (4 s at its 100 ms
     // tick; droved logs a "queue sample" per tick that sees a queue): an
     // observation window (it asserts an absence of growth) counted in
@@ -227,7 +243,9 @@ max = {max}
         .collect();
     assert!(
         most <= 2 * cores + 1,
-        "pool grew to {most} workers on {cores} cores for a CPU-bound app:\n{}",
+        "pool grew to {most} workers on {cores} cores for a CPU-bound app \
+         ({hogs} busy loops beside it; {}):\n{}",
+        host_pressure(),
         decisions.join("\n")
     );
 }
@@ -279,5 +297,127 @@ cooldown = "60s"
         d.log().contains("early probe after an arrival"),
         "{}",
         d.log()
+    );
+}
+
+/// Busy loops that load the host from outside droved: each in its own
+/// session (as droved's workers are, so the kernel's per-session autogroup
+/// gives each hog a worker's weight), each ended by `timeout` after
+/// `limit` even if the test dies, and stopped when dropped.
+struct CpuHog {
+    hogs: Vec<std::process::Child>,
+}
+
+impl CpuHog {
+    fn start(n: usize, limit: Duration) -> CpuHog {
+        let secs = limit.as_secs().max(1).to_string();
+        let hogs = (0..n)
+            .map(|_| {
+                std::process::Command::new("setsid")
+                    .args(["timeout", &secs, "sh", "-c", "while :; do :; done"])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start a busy loop (setsid, timeout, sh)")
+            })
+            .collect();
+        CpuHog { hogs }
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        // SIGTERM to `timeout` (setsid exec'd it): it passes the signal on
+        // to its busy loop and exits; SIGKILL would leave the loop running.
+        for hog in &mut self.hogs {
+            let pid = nix::unistd::Pid::from_raw(hog.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = hog.wait();
+        }
+    }
+}
+
+/// How busy the machine is outside droved: the host's CPU pressure
+/// (PSI "some" avg10), for the failure text.
+fn host_pressure() -> String {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|t| t.lines().next().map(String::from))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// An I/O-bound pool (each request sleeps 20 ms) on a host whose CPUs are
+/// kept busy by other processes: its workers wait for a CPU whenever they
+/// wake, yet they mostly sleep, so more of them still serve more. The CPU
+/// guard must not take the wait for CPU-bound work and hold the pool.
+#[test]
+fn io_bound_pool_grows_on_a_host_loaded_by_others() {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut d = Droved::builder("io-loaded-host")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+ready = "notify"
+[pool]
+min = 2
+max = 16
+"#,
+        )
+        .start();
+    d.wait_ready();
+    let _hog = CpuHog::start(2 * cores, 40 * SEC);
+    // Let the hogs take the CPUs before the burst.
+    eventually("the host is loaded", 10 * SEC, || {
+        let load: f64 = std::fs::read_to_string("/proc/loadavg")
+            .ok()?
+            .split_whitespace()
+            .nth(3)?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()?;
+        (load >= cores as f64).then_some(())
+    });
+    let load = Load::start(Target::Tcp(d.port), "/sleep?ms=20", 32, 15 * SEC);
+    // Not wait_for: a pool that never grows must still show the decisions.
+    let deadline = Instant::now() + 8 * SEC;
+    let took = loop {
+        let up = d.upward();
+        if let Some(at) = up.statuses.iter().position(|s| ready_in(s) >= 10) {
+            break Some(up.status_times[at].duration_since(load.started_at()));
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pressure = host_pressure();
+    let ok = load.finish_clean();
+    assert!(ok > 0);
+    let decisions: Vec<String> = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("scale") || l.contains("cpu-bound"))
+        .map(String::from)
+        .collect();
+    let took = took.unwrap_or_else(|| {
+        panic!(
+            "the I/O-bound pool did not reach 10 ready in 8 s on a loaded host ({pressure}):\n{}",
+            decisions.join("\n")
+        )
+    });
+    assert!(
+        took <= 5 * SEC,
+        "the I/O-bound pool reached 10 ready after {took:?} (limit 5 s; {pressure}):\n{}",
+        decisions.join("\n")
+    );
+    assert!(
+        !d.log().contains("cpu-bound"),
+        "an I/O-bound pool was held as cpu-bound:\n{}",
+        decisions.join("\n")
     );
 }
