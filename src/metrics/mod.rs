@@ -23,6 +23,7 @@
 //! `max_children_reached`), all prefixed `drove_`; README.md lists them.
 
 mod cache;
+mod carry;
 mod http;
 mod procfs;
 mod render;
@@ -199,6 +200,16 @@ impl Metrics {
 
     pub(crate) fn live(&self) -> Live {
         lock(&self.inner.live).clone()
+    }
+
+    /// The event counters, for the handover to the next image.
+    pub fn event_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        carry::counts(&self.inner.events)
+    }
+
+    /// Starts from the event counters the previous image handed over.
+    pub fn restore_event_counts(&self, counts: &std::collections::BTreeMap<String, u64>) {
+        carry::restore(&self.inner.events, counts);
     }
 
     // --- Hooks, called by the supervisor at its events -------------------

@@ -61,8 +61,8 @@ struct BuildLabels {
     build: String,
 }
 
-/// Counters of events, kept for droved's lifetime (an upgrade starts them
-/// afresh, as any restart does; Prometheus' rate() copes).
+/// Counters of events, kept for droved's lifetime and carried across a
+/// binary upgrade (`carry`); the READY=1 histogram starts afresh there.
 #[derive(Debug)]
 pub struct Events {
     pub(super) max_children_reached: Counter,

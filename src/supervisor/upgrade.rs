@@ -226,6 +226,7 @@ impl Supervisor {
             resume,
             template: self.template_to_hand_over(now),
             socket_activated: self.on_demand.socket_activated,
+            event_counts: self.metrics.event_counts(),
         }
     }
 
@@ -320,6 +321,7 @@ impl Supervisor {
             .clamp(self.config.pool.min, self.config.pool.max);
         self.counters = state.counters;
         self.counters.upgrades += 1;
+        self.metrics.restore_event_counts(&state.event_counts);
         self.metrics.upgrade(crate::metrics::UpgradeResult::Done);
         self.started = back(state.uptime_ms);
         self.gate.consecutive_failures = state.consecutive_failures;
