@@ -21,7 +21,7 @@ use super::render::{Events, ReasonLabel, ResultLabel, ScaleLabels};
 /// Every direction and reason `Metrics::scale_decision` and
 /// `Metrics::manual_scale` write.
 const DIRECTIONS: [&str; 3] = ["up", "down", "hold"];
-const SCALE_REASONS: [&str; 8] = [
+const SCALE_REASONS: [&str; 9] = [
     "queue",
     "quiet",
     "below-min",
@@ -30,6 +30,7 @@ const SCALE_REASONS: [&str; 8] = [
     "at-max",
     "unreadable",
     "manual",
+    "wake",
 ];
 /// Every reason `Metrics::worker_exited` writes.
 const EXIT_REASONS: [&str; 9] = [
@@ -229,6 +230,7 @@ mod tests {
             },
             Reason::AtMax { queued: 1, max: 1 },
             Reason::Unreadable { listeners: 1 },
+            Reason::Wake { queued: 1 },
         ];
         for reason in reasons {
             for to in [1, 2, 3] {

@@ -250,6 +250,7 @@ impl Metrics {
             Reason::CpuBound { .. } => "cpu-bound",
             Reason::AtMax { .. } => "at-max",
             Reason::Unreadable { .. } => "unreadable",
+            Reason::Wake { .. } => "wake",
         };
         e.scale_decisions
             .get_or_create(&render::ScaleLabels { direction, reason })

@@ -119,8 +119,10 @@ impl Supervisor {
             reason: format!("connection waiting at zero workers ({queued} queued)"),
         });
         self.target = to;
-        self.scaler
-            .woke(Instant::now().duration_since(self.started));
+        let d = self
+            .scaler
+            .woke(Instant::now().duration_since(self.started), to, queued);
+        self.metrics.scale_decision(&d);
     }
 
     /// On every tick, after the queue probe: the probe as a stand-in for

@@ -397,11 +397,17 @@ impl Supervisor {
         if sample.queued.unwrap_or(0) > 0 {
             debug!(queued = ?sample.queued, cpu_busy = ?cpu_busy, ready = counts.ready, "queue sample");
         }
+        // Read only where it can matter: a quiet pool of one at min 0.
+        let last_worker_busy = self.target == 1
+            && self.config.pool.min == 0
+            && sample.queued == Some(0)
+            && !self.may_go_to_zero();
         let view = PoolView {
             target: self.target,
             alive: counts.active(),
             ready: counts.ready,
             starting: counts.starting,
+            last_worker_busy,
         };
         let Some(d) = self
             .scaler
@@ -413,10 +419,6 @@ impl Supervisor {
         if d.is_hold() {
             // Holds (cpu-bound, at max, unreadable) are reported once each.
             info!(event = "scale-hold", target = d.to, "{d}");
-            return;
-        }
-        if d.to == 0 && !self.may_go_to_zero() {
-            debug!("scale-down to 0 waits: a worker is busy");
             return;
         }
         if d.to != self.target {

@@ -47,14 +47,14 @@ fn exchange(port: u16, raw: &[u8]) -> std::io::Result<String> {
 }
 
 /// GET /metrics; the body, which must come with a 200.
-fn scrape(port: u16) -> String {
+pub(crate) fn scrape(port: u16) -> String {
     http_get(("127.0.0.1", port), "/metrics")
         .unwrap_or_else(|e| panic!("scrape of 127.0.0.1:{port}: {e}"))
 }
 
 /// The value of the sample line `series` (name and labels as printed,
 /// without the `pool` label every series carries).
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .map(unpooled)
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
