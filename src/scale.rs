@@ -442,6 +442,22 @@ impl Scaler {
         d
     }
 
+    /// Brings a `target` outside `min..=max` (after a reload or an
+    /// upgrade changed the limits) back within them, as a decision like
+    /// any other; `None` when it is within.
+    pub fn bound(&mut self, now: Duration, target: u32) -> Option<Decision> {
+        let p = self.params;
+        if target < p.min {
+            self.last_up = Some(now);
+            return self.decide(now, target, p.min, Reason::BelowMin { min: p.min });
+        }
+        if target > p.max {
+            self.last_down = Some(now);
+            return self.decide(now, target, p.max, Reason::AboveMax { max: p.max });
+        }
+        None
+    }
+
     /// The latest decision or hold, for status.
     pub fn last_decision(&self) -> Option<&Decision> {
         self.last.as_ref()
@@ -500,13 +516,8 @@ impl Scaler {
         let p = self.params;
         let target = pool.target;
 
-        if target < p.min {
-            self.last_up = Some(now);
-            return self.decide(now, target, p.min, Reason::BelowMin { min: p.min });
-        }
-        if target > p.max {
-            self.last_down = Some(now);
-            return self.decide(now, target, p.max, Reason::AboveMax { max: p.max });
+        if let Some(d) = self.bound(now, target) {
+            return Some(d);
         }
         if p.min == p.max {
             return None;

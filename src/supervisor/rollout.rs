@@ -101,9 +101,7 @@ impl Supervisor {
         self.notify.admit(plan.credentials.as_ref());
         self.plan = plan;
         self.apply_limits();
-        self.target = self
-            .target
-            .clamp(self.config.pool.min, self.config.pool.max);
+        self.bound_target(Instant::now());
         info!(
             event = "reload",
             "configuration reloaded{}",

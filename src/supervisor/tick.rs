@@ -415,6 +415,13 @@ impl Supervisor {
         else {
             return;
         };
+        self.apply_scale(d);
+    }
+
+    /// Carries out and reports one scaler decision: the journal line, the
+    /// D-Bus event, the metric, the target. Every decision of the scaler
+    /// (ticks, the wake from zero, limits that moved) goes through here.
+    pub(super) fn apply_scale(&mut self, d: crate::scale::Decision) {
         self.metrics.scale_decision(&d);
         if d.is_hold() {
             // Holds (cpu-bound, at max, unreadable) are reported once each.
@@ -429,6 +436,17 @@ impl Supervisor {
                 reason: d.reason.to_string(),
             });
             self.target = d.to;
+        }
+    }
+
+    /// After the limits changed (reload, upgrade): a target outside them
+    /// is brought back, reported like any scale decision.
+    pub(super) fn bound_target(&mut self, now: Instant) {
+        if let Some(d) = self
+            .scaler
+            .bound(now.duration_since(self.started), self.target)
+        {
+            self.apply_scale(d);
         }
     }
 }
