@@ -64,7 +64,7 @@ pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<
     let starting = pool
         .workers
         .values()
-        .filter(|w| w.state == WorkerState::Starting && w.generation == generation)
+        .filter(|w| w.state() == WorkerState::Starting && w.generation == generation)
         .count() as u32
         + asked;
 
@@ -92,7 +92,7 @@ pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<
             .values()
             .filter(|w| w.is_active() && w.generation != generation)
         {
-            if w.state == WorkerState::Starting {
+            if w.state() == WorkerState::Starting {
                 actions.push(Action::Stop(w.pid, StopReason::Rollout));
             } else if ready > floor {
                 ready -= 1;
@@ -149,13 +149,13 @@ pub fn recycle(
         let ready_staying = pool
             .workers
             .values()
-            .filter(|w| w.is_staying(generation) && w.state == WorkerState::Ready)
+            .filter(|w| w.is_staying(generation) && w.state() == WorkerState::Ready)
             .count() as u32;
         return (ready_staying >= target).then(|| Action::Stop(w.pid, w.replace.expect("checked")));
     }
     pool.workers
         .values()
-        .filter(|w| w.state == WorkerState::Ready && w.generation == generation)
+        .filter(|w| w.state() == WorkerState::Ready && w.generation == generation)
         .find_map(|w| {
             if w.recycle_at.is_some_and(|t| now >= t) {
                 return Some(Action::Replace(w.pid, StopReason::Lifetime));
@@ -185,11 +185,11 @@ pub fn judge_exit(
     uptime: Duration,
     min_uptime: Duration,
 ) -> ExitVerdict {
-    if let Some((reason, _)) = w.stop {
+    if let Some((reason, _)) = w.stop() {
         let failed = matches!(reason, StopReason::ReadyTimeout | StopReason::Watchdog);
         return ExitVerdict::Stopped { reason, failed };
     }
-    let never_ready = w.ready_at.is_none();
+    let never_ready = w.ready_at().is_none();
     // A worker that was ready and then was killed from outside (an
     // operator, the OOM killer) says nothing about the command; backing off
     // for it would only shrink the pool when it is needed.
@@ -232,7 +232,7 @@ pub fn proves_healthy(
     pool.workers.values().any(|w| {
         w.generation == generation
             && last_failure.is_none_or(|f| w.started > f)
-            && w.ready_at
+            && w.ready_at()
                 .is_some_and(|t| now.duration_since(t) >= min_uptime)
     })
 }
@@ -255,12 +255,11 @@ mod tests {
         let mut pool = Pool::default();
         for (slot, &(pid, generation, state)) in rows.iter().enumerate() {
             let mut w = Worker::new(Pid::from_raw(pid), slot as u32, generation, now - 1000 * MS);
-            w.state = state;
             if state == Ready {
-                w.ready_at = Some(now - 900 * MS);
+                w.become_ready(now - 900 * MS);
             }
             if state == Stopping {
-                w.stop = Some((StopReason::ScaleDown, now));
+                w.begin_stop(StopReason::ScaleDown, now);
             }
             pool.workers.insert(w.pid, w);
         }
@@ -504,7 +503,7 @@ mod tests {
         p.workers.get_mut(&pid(10)).unwrap().replace = Some(StopReason::Lifetime);
         assert_eq!(recycle(&p, 1, 2, now, None, no_rss), None);
         let mut w = Worker::new(pid(12), 2, 1, now);
-        w.state = Ready;
+        w.become_ready(now);
         p.workers.insert(w.pid, w);
         assert_eq!(
             recycle(&p, 1, 2, now, None, no_rss),
@@ -564,13 +563,13 @@ mod tests {
         let min_uptime = 1000 * MS;
         let ready = {
             let mut w = Worker::new(pid(1), 0, 1, now);
-            w.ready_at = Some(now);
+            w.become_ready(now);
             w
         };
         let never_ready = Worker::new(pid(2), 0, 1, now);
         let stopped = |reason| {
             let mut w = ready.clone();
-            w.stop = Some((reason, now));
+            w.begin_stop(reason, now);
             w
         };
         let kill = ExitStatus::Signaled(Signal::SIGKILL, false);

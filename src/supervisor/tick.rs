@@ -214,7 +214,7 @@ impl Supervisor {
                 warn!(worker_pid = pid.as_raw(), "cannot kill worker: {e}");
             }
             if let Some(w) = self.pool.workers.get_mut(&pid) {
-                w.killed = true;
+                w.mark_killed(StopReason::Shutdown, now);
             }
         }
         if self.gate.consecutive_failures > 0

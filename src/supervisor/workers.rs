@@ -287,10 +287,7 @@ impl Supervisor {
                 usec.as_millis()
             );
         }
-        if msg.ready && w.state == WorkerState::Starting {
-            w.state = WorkerState::Ready;
-            w.ready_at = Some(now);
-            w.last_ping = now;
+        if msg.ready && w.become_ready(now) {
             self.metrics.worker_ready(now.duration_since(w.started));
             info!(
                 worker_pid = pid.as_raw(),
@@ -301,14 +298,12 @@ impl Supervisor {
                 now.duration_since(w.started).as_millis()
             );
         }
-        if msg.watchdog_trigger && w.state == WorkerState::Ready {
+        if msg.watchdog_trigger && w.state() == WorkerState::Ready {
             let pid = w.pid;
             self.stop_worker(pid, StopReason::Watchdog, true);
-        } else if msg.stopping && w.state != WorkerState::Stopping {
+        } else if msg.stopping && w.begin_stop(StopReason::Lifetime, now) {
             // The worker leaves by itself (e.g. its own max-requests): count
             // it as stopping so a replacement starts now, not at its exit.
-            w.state = WorkerState::Stopping;
-            w.stop = Some((StopReason::Lifetime, now));
             info!(
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
@@ -322,7 +317,7 @@ impl Supervisor {
         let Some(w) = self.pool.workers.get_mut(&pid) else {
             return;
         };
-        if w.state == WorkerState::Stopping && (w.killed || !kill) {
+        if w.state() == WorkerState::Stopping && (w.killed() || !kill) {
             return;
         }
         let sig = if kill {
@@ -339,11 +334,11 @@ impl Supervisor {
             "sent {} ({reason})",
             sig.as_str()
         );
-        if w.stop.is_none() {
-            w.stop = Some((reason, Instant::now()));
+        if kill {
+            w.mark_killed(reason, Instant::now());
+        } else {
+            w.begin_stop(reason, Instant::now());
         }
-        w.state = WorkerState::Stopping;
-        w.killed |= kill;
     }
 
     /// Forks `n` workers, then confirms each exec: the children exec in
@@ -425,8 +420,7 @@ impl Supervisor {
             return;
         };
         if exec_ready {
-            w.state = WorkerState::Ready;
-            w.ready_at = Some(now);
+            w.become_ready(now);
         }
         if let Some(life) = lifetime {
             // Spread recycling so workers started together do not all
