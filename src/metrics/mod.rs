@@ -24,6 +24,7 @@
 //! lists them (tests/suite/docs.rs checks it against a scrape).
 
 mod cache;
+mod carry;
 mod http;
 mod procfs;
 mod render;
@@ -202,6 +203,16 @@ impl Metrics {
         lock(&self.inner.live).clone()
     }
 
+    /// The event counters, for the handover to the next image.
+    pub fn event_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        carry::counts(&self.inner.events)
+    }
+
+    /// Starts from the event counters the previous image handed over.
+    pub fn restore_event_counts(&self, counts: &std::collections::BTreeMap<String, u64>) {
+        carry::restore(&self.inner.events, counts);
+    }
+
     // --- Hooks, called by the supervisor at its events -------------------
 
     /// After each queue probe: high-water marks, the workers' and the
@@ -240,6 +251,7 @@ impl Metrics {
             Reason::CpuBound { .. } => "cpu-bound",
             Reason::AtMax { .. } => "at-max",
             Reason::Unreadable { .. } => "unreadable",
+            Reason::Wake { .. } => "wake",
         };
         e.scale_decisions
             .get_or_create(&render::ScaleLabels { direction, reason })

@@ -226,6 +226,7 @@ impl Supervisor {
             resume,
             template: self.template_to_hand_over(now),
             socket_activated: self.on_demand.socket_activated,
+            event_counts: self.metrics.event_counts(),
         }
     }
 
@@ -315,13 +316,14 @@ impl Supervisor {
     pub(super) fn restore(&mut self, state: State, now: Instant) {
         let back = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
         self.generation = state.generation;
-        self.target = state
-            .target
-            .clamp(self.config.pool.min, self.config.pool.max);
+        self.target = state.target;
         self.counters = state.counters;
         self.counters.upgrades += 1;
+        self.metrics.restore_event_counts(&state.event_counts);
         self.metrics.upgrade(crate::metrics::UpgradeResult::Done);
         self.started = back(state.uptime_ms);
+        // This image's config may have other limits: reported, not silent.
+        self.bound_target(now);
         self.gate.consecutive_failures = state.consecutive_failures;
         self.on_demand.socket_activated = state.socket_activated;
         if self.config.pool.idle_exit.is_some()
