@@ -48,6 +48,7 @@ mod validate;
 mod values;
 
 pub use error::{ConfigError, Position};
+pub use raw::KEYS;
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
     PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, WorkerConfig, WorkerMode,

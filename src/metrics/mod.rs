@@ -20,7 +20,8 @@
 //!
 //! Names follow php-fpm_exporter and uwsgi_exporter where they have one
 //! (`listen_queue`, `listen_queue_length`, `max_listen_queue`,
-//! `max_children_reached`), all prefixed `drove_`; README.md lists them.
+//! `max_children_reached`), all prefixed `drove_`; docs/reference/metrics.md
+//! lists them (tests/suite/docs.rs checks it against a scrape).
 
 mod cache;
 mod carry;
