@@ -76,6 +76,7 @@ pub const RESERVED_ENVIRONMENT: &[&str] = &[
     "DROVE_WORKER",
     "DROVE_GENERATION",
     "DROVE_TEMPLATE_FD",
+    "DROVE_INSTANCE",
 ];
 
 /// The whole configuration. `Default` is every default with no listen
