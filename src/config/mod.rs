@@ -51,7 +51,8 @@ pub use error::{ConfigError, Position};
 pub use raw::KEYS;
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
-    PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, WorkerConfig, WorkerMode,
+    PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, StopConfig, WorkerConfig,
+    WorkerMode,
     WorkerModeError, WorkerSocket, WorkerSocketError,
 };
 pub use values::{
@@ -92,6 +93,7 @@ pub struct Config {
     /// table) keeps plain rolling restarts.
     pub rollout: Option<RolloutConfig>,
     pub metrics: MetricsConfig,
+    pub stop: StopConfig,
 }
 
 impl Config {
