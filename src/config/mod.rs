@@ -52,8 +52,7 @@ pub use raw::KEYS;
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
     PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, StopConfig, WorkerConfig,
-    WorkerMode,
-    WorkerModeError, WorkerSocket, WorkerSocketError,
+    WorkerMode, WorkerModeError, WorkerSocket, WorkerSocketError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,

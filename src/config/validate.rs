@@ -1175,7 +1175,10 @@ mod tests {
     #[test]
     fn stop_delay() {
         use std::time::Duration;
-        assert_eq!(parse("[stop]\ndelay = \"5s\"").stop.delay, Duration::from_secs(5));
+        assert_eq!(
+            parse("[stop]\ndelay = \"5s\"").stop.delay,
+            Duration::from_secs(5)
+        );
         assert_eq!(parse("").stop.delay, Duration::ZERO);
         assert_eq!(parse("[stop]\ndelay = 0").stop.delay, Duration::ZERO);
         assert_err(

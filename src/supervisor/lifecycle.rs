@@ -199,7 +199,10 @@ impl Lifecycle {
     /// Stopping, or draining before it: no request that changes the pool
     /// (scale, reload, upgrade) is taken.
     pub fn is_ending(&self) -> bool {
-        matches!(self, Lifecycle::Stopping { .. } | Lifecycle::Draining { .. })
+        matches!(
+            self,
+            Lifecycle::Stopping { .. } | Lifecycle::Draining { .. }
+        )
     }
 
     /// When a drain ends.

@@ -331,6 +331,7 @@ impl Supervisor {
         self.reconcile();
         self.track_zero(Instant::now());
         self.publish();
+        self.metrics.heartbeat(self.config.scale.interval);
 
         loop {
             tokio::select! {
@@ -372,6 +373,7 @@ impl Supervisor {
             self.reconcile();
             self.track_zero(Instant::now());
             self.publish();
+            self.metrics.heartbeat(self.config.scale.interval);
             if let Some(began) = self.tick_began.take() {
                 self.tick_times.record(began.elapsed(), Instant::now());
             }

@@ -123,9 +123,7 @@ impl Supervisor {
         reply: Option<Reply>,
     ) {
         let refusal = match &mut self.lifecycle {
-            Lifecycle::Stopping { .. } | Lifecycle::Draining { .. } => {
-                Some(ControlError::Stopping)
-            }
+            Lifecycle::Stopping { .. } | Lifecycle::Draining { .. } => Some(ControlError::Stopping),
             Lifecycle::Upgrading(_) => Some(ControlError::RolloutFailed(
                 ReloadError::Upgrading.to_string(),
             )),
