@@ -89,7 +89,8 @@ fn probes_answer_in_each_state_of_a_pool() {
     assert_eq!(body, "ready: 2 workers");
     // HEAD, as some load balancers probe: the status without a body.
     let mut s = TcpStream::connect(("127.0.0.1", mport)).unwrap();
-    s.write_all(b"HEAD /readyz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    s.write_all(b"HEAD /readyz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
     let mut head = String::new();
     s.read_to_string(&mut head).unwrap();
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
@@ -123,12 +124,18 @@ fn a_pool_at_zero_is_ready_and_probes_wake_no_worker() {
         assert_eq!(code, 200, "{body}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(d.workers().is_empty(), "probes woke a worker: {:?}", d.workers());
+    assert!(
+        d.workers().is_empty(),
+        "probes woke a worker: {:?}",
+        d.workers()
+    );
     // A request to the app does wake one, and it serves.
     d.get("/").expect("a request wakes the pool");
     let body = wait_probe(mport, "/readyz", 200, 10 * SEC);
     assert!(
-        body.starts_with("ready: 1 workers") || body.starts_with("at zero") || body.starts_with("waking"),
+        body.starts_with("ready: 1 workers")
+            || body.starts_with("at zero")
+            || body.starts_with("waking"),
         "{body}"
     );
 }
@@ -153,13 +160,19 @@ fn sigterm_drains_for_stop_delay_while_requests_keep_succeeding() {
     assert_eq!(workers.len(), 2);
 
     let load = Load::start(Target::Tcp(d.port), "/sleep?ms=10", 4, 60 * SEC);
-    eventually("the load to get answers", 10 * SEC, || (load.ok() > 20).then_some(()));
+    eventually("the load to get answers", 10 * SEC, || {
+        (load.ok() > 20).then_some(())
+    });
     let term = Instant::now();
     d.signal(Signal::SIGTERM);
     // Not ready any more at once, while droved still runs.
     let body = wait_probe(mport, "/readyz", 503, SEC);
     assert!(body.starts_with("draining (stop.delay)"), "{body}");
-    assert!(term.elapsed() < SEC, "503 came only after {:?}", term.elapsed());
+    assert!(
+        term.elapsed() < SEC,
+        "503 came only after {:?}",
+        term.elapsed()
+    );
     let (code, body) = probe(mport, "/livez").unwrap();
     assert_eq!(code, 200, "alive while draining: {body}");
     let during = load.ok();
@@ -210,7 +223,11 @@ fn a_second_stop_signal_ends_the_drain_at_once() {
         d.signal(second);
         let status = d.wait_exit(20 * SEC);
         assert!(status.success(), "{second}: {status:?}\n{}", d.log());
-        assert!(t.elapsed() < 10 * SEC, "{second}: exit took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < 10 * SEC,
+            "{second}: exit took {:?}",
+            t.elapsed()
+        );
         assert!(
             d.log().contains(&format!("{second} during the drain")),
             "{}",
