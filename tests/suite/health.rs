@@ -253,3 +253,46 @@ fn a_connection_during_the_drain_wakes_a_pool_at_zero() {
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(20 * SEC).success());
 }
+
+/// A SIGTERM during a rolling restart drains too: the rollout ends where
+/// it stands (old and new workers alike keep serving), and the stop
+/// follows the delay.
+#[test]
+fn a_stop_during_a_rollout_drains_the_pool_as_it_stands() {
+    let (_reservation, mport) = reserve_port();
+    let base = config(2, 2, mport, "[stop]\ndelay = \"2s\"");
+    let base = base.replace(
+        "ready = \"notify\"",
+        "ready = \"notify\"\nstop_timeout = \"5s\"",
+    );
+    let mut d = Droved::builder("health-rollout").config(&base).start();
+    d.wait_ready();
+    let old = d.workers();
+    // New workers that take long to get ready keep the rollout going.
+    let slow = format!("{base}\n[worker.environment]\nWORKER_READY_DELAY_MS = \"20000\"\n");
+    let slow = slow
+        .replace("{port}", &d.port.to_string())
+        .replace("{worker}", &example_worker().display().to_string());
+    std::fs::write(d.config_path(), slow).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("state running -> reloading", 1, 10 * SEC);
+    d.signal(Signal::SIGTERM);
+    let body = wait_probe(mport, "/readyz", 503, 5 * SEC);
+    assert!(body.starts_with("draining"), "{body}");
+    d.wait_log("state reloading -> draining", 1, 5 * SEC);
+    // The old generation serves through the drain.
+    for _ in 0..10 {
+        let answer = d.get("/").expect("served during the drain");
+        assert!(
+            old.contains(&answered_pid(&answer)),
+            "{answer} not from {old:?}"
+        );
+    }
+    let status = d.wait_exit(30 * SEC);
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    assert!(
+        d.log().contains("stop.delay over: graceful stop"),
+        "{}",
+        d.log()
+    );
+}
