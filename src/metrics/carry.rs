@@ -33,7 +33,7 @@ const SCALE_REASONS: [&str; 9] = [
     "wake",
 ];
 /// Every reason `Metrics::worker_exited` writes.
-const EXIT_REASONS: [&str; 9] = [
+const EXIT_REASONS: [&str; 11] = [
     "scale-down",
     "shutdown",
     "ready-timeout",
@@ -43,6 +43,8 @@ const EXIT_REASONS: [&str; 9] = [
     "max-rss",
     "failed-start",
     "ended",
+    "crashed",
+    "oom-killed",
 ];
 const RELOAD_RESULTS: [&str; 2] = ["applied", "rejected"];
 const ROLLOUT_RESULTS: [&str; 3] = ["completed", "rolled-back", "aborted"];
@@ -206,7 +208,7 @@ mod tests {
     #[test]
     fn every_label_the_hooks_write_is_carried() {
         use crate::scale::{Decision, Reason};
-        use crate::supervisor::plan::ExitVerdict;
+        use crate::supervisor::plan::{EndCause, ExitVerdict};
         use crate::supervisor::pool::StopReason;
         let m = super::super::Metrics::default();
         let reasons = [
@@ -253,13 +255,21 @@ mod tests {
             StopReason::Lifetime,
             StopReason::Memory,
         ] {
-            m.worker_exited(&ExitVerdict::Stopped {
-                reason,
-                failed: false,
-            });
+            m.worker_exited(
+                &ExitVerdict::Stopped {
+                    reason,
+                    failed: false,
+                },
+                EndCause::Exited,
+            );
         }
-        m.worker_exited(&ExitVerdict::FailedStart { never_ready: true });
-        m.worker_exited(&ExitVerdict::Ended);
+        m.worker_exited(
+            &ExitVerdict::FailedStart { never_ready: true },
+            EndCause::Exited,
+        );
+        for cause in [EndCause::Exited, EndCause::Crashed, EndCause::OomKilled] {
+            m.worker_exited(&ExitVerdict::Ended, cause);
+        }
         for applied in [true, false] {
             m.reload(applied);
         }

@@ -41,7 +41,7 @@ use tracing::{error, info};
 
 use crate::config::{ListenAddr, MetricsConfig};
 use crate::scale::{Decision, Reason};
-use crate::supervisor::plan::ExitVerdict;
+use crate::supervisor::plan::{EndCause, ExitVerdict};
 use crate::supervisor::pool::StopReason;
 use crate::supervisor::status::{ListenerStatus, Snapshot};
 
@@ -294,8 +294,9 @@ impl Metrics {
         self.inner.events.changed();
     }
 
-    /// A worker exited; `verdict` says why.
-    pub fn worker_exited(&self, verdict: &ExitVerdict) {
+    /// A worker exited; `verdict` says why, and `cause` how it ended when
+    /// droved did not stop it.
+    pub fn worker_exited(&self, verdict: &ExitVerdict, cause: EndCause) {
         let reason = match verdict {
             ExitVerdict::Stopped { reason, .. } => match reason {
                 StopReason::ScaleDown => "scale-down",
@@ -307,7 +308,7 @@ impl Metrics {
                 StopReason::Memory => "max-rss",
             },
             ExitVerdict::FailedStart { .. } => "failed-start",
-            ExitVerdict::Ended => "ended",
+            ExitVerdict::Ended => cause.label(),
         };
         self.inner
             .events

@@ -207,6 +207,79 @@ pub fn judge_exit(
     }
 }
 
+/// How a worker ended that droved did not stop, for people (journal,
+/// `drovectl watch`, the exits metric): the OOM killer's kills are what
+/// users of every peer find hardest to see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCause {
+    /// It exited with a status.
+    Exited,
+    /// A signal ended it (a crash, or a kill from outside).
+    Crashed,
+    /// The kernel's OOM killer killed it.
+    OomKilled,
+}
+
+impl EndCause {
+    /// Its name in the journal (`CAUSE=`) and the exits metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndCause::Exited => "ended",
+            EndCause::Crashed => "crashed",
+            EndCause::OomKilled => "oom-killed",
+        }
+    }
+}
+
+/// The cause of an end; `oom_killed` when the OOM killer's count for
+/// droved's cgroup rose for this SIGKILL (see [`OomLedger`]).
+pub fn end_cause(status: ExitStatus, oom_killed: bool) -> EndCause {
+    match status {
+        ExitStatus::Exited(_) => EndCause::Exited,
+        ExitStatus::Signaled(Signal::SIGKILL, _) if oom_killed => EndCause::OomKilled,
+        ExitStatus::Signaled(..) => EndCause::Crashed,
+    }
+}
+
+/// OOM kills the kernel counted in droved's cgroup and no exit has been
+/// matched to yet. Each exit by a SIGKILL droved did not send takes one, if
+/// one was counted within [`OOM_MATCH_WINDOW`] (the kernel counts the kill
+/// before the process is reaped; an old count must not mark a later
+/// `kill -9` from an operator).
+#[derive(Debug, Default)]
+pub struct OomLedger {
+    seen: Option<u64>,
+    unclaimed: Vec<Instant>,
+}
+
+/// How long a counted OOM kill waits for its exit.
+pub const OOM_MATCH_WINDOW: Duration = Duration::from_secs(5);
+
+impl OomLedger {
+    /// Notes the count read at `now` (`None`: unreadable).
+    pub fn note(&mut self, count: Option<u64>, now: Instant) {
+        let Some(count) = count else {
+            return;
+        };
+        if let Some(seen) = self.seen {
+            // Bounded: a burst of kills is counted, a wild jump is not
+            // turned into a huge vector.
+            let new = count.saturating_sub(seen).min(1024);
+            self.unclaimed.extend((0..new).map(|_| now));
+        }
+        self.seen = Some(count);
+        self.unclaimed
+            .retain(|&at| now.saturating_duration_since(at) < OOM_MATCH_WINDOW);
+    }
+
+    /// Whether an exit by SIGKILL at `now`, with the count read then, was
+    /// one of the OOM killer's.
+    pub fn claim(&mut self, count: Option<u64>, now: Instant) -> bool {
+        self.note(count, now);
+        self.unclaimed.pop().is_some()
+    }
+}
+
 /// Whether an exit of a new-generation worker counts against a guarded
 /// rollout (`[rollout]`): any end droved did not ask for, and a stop for a
 /// failure (not ready in time, watchdog). Pure.
@@ -699,5 +772,41 @@ mod tests {
             !rollout_gives_up(1, 2, 5),
             "old workers failing say nothing of the new config"
         );
+    }
+
+    #[test]
+    fn end_causes() {
+        let kill = ExitStatus::Signaled(Signal::SIGKILL, false);
+        assert_eq!(end_cause(ExitStatus::Exited(3), true), EndCause::Exited);
+        assert_eq!(end_cause(kill, true), EndCause::OomKilled);
+        assert_eq!(end_cause(kill, false), EndCause::Crashed);
+        let segv = ExitStatus::Signaled(Signal::SIGSEGV, true);
+        assert_eq!(
+            end_cause(segv, true),
+            EndCause::Crashed,
+            "only SIGKILL is the OOM killer's"
+        );
+    }
+
+    #[test]
+    fn oom_kills_are_matched_to_exits_once_and_only_while_fresh() {
+        let t0 = Instant::now();
+        let mut l = OomLedger::default();
+        l.note(Some(4), t0); // baseline: earlier kills are not ours
+        assert!(!l.claim(Some(4), t0 + MS), "no new kill");
+        // Two workers killed at once: two exits match, the third does not.
+        assert!(l.claim(Some(6), t0 + 10 * MS));
+        assert!(l.claim(Some(6), t0 + 11 * MS));
+        assert!(!l.claim(Some(6), t0 + 12 * MS));
+        // A kill counted long before an exit is not that exit's (a later
+        // kill -9 from an operator).
+        l.note(Some(7), t0 + 20 * MS);
+        assert!(!l.claim(Some(7), t0 + 20 * MS + OOM_MATCH_WINDOW));
+        // Unreadable: nothing is matched, the count resumes when readable.
+        assert!(!l.claim(None, t0 + 30_000 * MS));
+        assert!(l.claim(Some(8), t0 + 31_000 * MS));
+        // No baseline yet: the first read is the baseline.
+        let mut fresh = OomLedger::default();
+        assert!(!fresh.claim(Some(9), t0));
     }
 }

@@ -119,22 +119,39 @@ impl WorkerPlan {
 }
 
 impl Supervisor {
-    pub(super) fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
+    pub(super) fn on_exit(&mut self, pid: Pid, exit_status: ExitStatus) {
+        let status = exit_status;
         let Some(w) = self.pool.workers.remove(&pid) else {
             return;
         };
         let now = Instant::now();
         let uptime = now.duration_since(w.started);
         self.counters.exited += 1;
+        // A SIGKILL droved did not send may be the OOM killer's: its count
+        // for droved's cgroup says (read only then).
+        let oom_killed =
+            !w.killed() && matches!(status, ExitStatus::Signaled(Signal::SIGKILL, _)) && {
+                let count = self
+                    .oom_counter
+                    .as_deref()
+                    .and_then(crate::sys::cgroup::read_oom_kills);
+                self.oom.claim(count, now)
+            };
+        let cause = plan::end_cause(status, oom_killed);
+        let status = if oom_killed {
+            format!("{status} from the OOM killer")
+        } else {
+            status.to_string()
+        };
         let _ = self.events.send(Event::WorkerExited {
             pid: pid.as_raw() as u32,
             slot: w.slot,
-            status: status.to_string(),
+            status: status.clone(),
             uptime_secs: uptime.as_secs_f64(),
         });
         let secs = uptime.as_secs_f64();
-        let verdict = plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime);
-        self.metrics.worker_exited(&verdict);
+        let verdict = plan::judge_exit(&w, exit_status, uptime, self.config.worker.min_uptime);
+        self.metrics.worker_exited(&verdict, cause);
         if w.generation == self.generation && plan::fails_rollout(&verdict) {
             self.note_rollout_failure(format!(
                 "worker {pid} of generation {} exited with {status} after {secs:.1} s",
@@ -186,6 +203,7 @@ impl Supervisor {
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
                 event = "exited",
+                cause = cause.label(),
                 "worker {pid} (slot {}) exited with {status} after {secs:.1} s; restarting",
                 w.slot,
             ),
