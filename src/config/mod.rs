@@ -51,8 +51,8 @@ pub use error::{ConfigError, Position};
 pub use raw::KEYS;
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
-    PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, WorkerConfig, WorkerMode,
-    WorkerModeError, WorkerSocket, WorkerSocketError,
+    PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, StopConfig, WorkerConfig,
+    WorkerMode, WorkerModeError, WorkerSocket, WorkerSocketError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,
@@ -92,6 +92,7 @@ pub struct Config {
     /// table) keeps plain rolling restarts.
     pub rollout: Option<RolloutConfig>,
     pub metrics: MetricsConfig,
+    pub stop: StopConfig,
 }
 
 impl Config {

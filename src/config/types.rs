@@ -369,6 +369,15 @@ pub struct MetricsConfig {
     pub listen: Option<ListenAddr>,
 }
 
+/// `[stop]`: how a graceful stop (SIGTERM) begins.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StopConfig {
+    /// Drain first: for this long after SIGTERM the workers keep accepting
+    /// while `/readyz` answers 503, so a load balancer takes the instance
+    /// out before they stop. Zero (the default): stop at once.
+    pub delay: Duration,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
