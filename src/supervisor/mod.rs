@@ -514,11 +514,3 @@ fn placeholder_snapshot() -> Snapshot {
         uptime_secs: 0.0,
     }
 }
-
-/// Where a unix listener's socket file lives, for cleanup by callers.
-pub fn owned_paths(listeners: &[Listener]) -> Vec<PathBuf> {
-    listeners
-        .iter()
-        .filter_map(|l| l.owned_path.clone())
-        .collect()
-}
