@@ -491,6 +491,12 @@ impl Cx<'_> {
         if let Some(d) = self.duration_min(&raw.stop_timeout, "worker.stop_timeout", nonzero)? {
             out.stop_timeout = d;
         }
+        if let Some(v) = &raw.timeout_signal {
+            let key = "worker.timeout_signal";
+            let s = self.string(v, key, "a signal name such as \"SIGABRT\"")?;
+            out.timeout_signal =
+                parse_signal(s).map_err(|e| self.at(v, key, format!("{key}: {e}")))?;
+        }
         out.watchdog =
             self.duration_min(&raw.watchdog, "worker.watchdog", Duration::from_millis(10))?;
         if let Some(d) = self.duration_min(&raw.restart_delay, "worker.restart_delay", nonzero)? {
