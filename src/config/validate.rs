@@ -777,7 +777,7 @@ mod tests {
         );
         assert_err(
             "[worker]\n  comand = []",
-            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, socket, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
+            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, socket, ready, ready_timeout, stop_signal, stop_timeout, timeout_signal, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
         );
         assert_err(
             "[listen]\nport = 80",
