@@ -28,11 +28,15 @@
 //! Cost: a sample is due once per [`SAMPLE_EVERY`] (and is taken afresh
 //! right before a scale-down chooses whom to retire, and before the last
 //! worker goes at `min = 0`). When no connection is open on the listeners,
-//! every worker is idle and no worker's /proc is read; a TCP dump (which
-//! walks the kernel's whole connection table) is skipped while the
-//! namespace's passive-open counter has not moved since a dump that found
-//! none. Otherwise workers are read oldest reading first, within
-//! [`BUDGET`], and stop being read once every open connection is found.
+//! every worker is idle and no worker's /proc is read. A TCP dump walks
+//! the kernel's whole connection table (~1.5 ms per address family on a
+//! 24 GB machine), so after one that found none open, the next waits for
+//! the namespace's passive-open counter to move (else nothing can have
+//! changed), and then, for the reports, also for a tick that saw a queue
+//! or for [`QUIET_TCP_DUMP_EVERY`]: on a quiet pool in a busy namespace
+//! the reports may see a new busy worker that much later, decisions never.
+//! Otherwise workers are read oldest reading first, within [`BUDGET`], and
+//! stop being read once every open connection is found.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -48,6 +52,11 @@ use crate::sys::conns::{self, ListenerKey};
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Time one sample may spend reading workers' fds (at least one is read).
 pub const BUDGET: Duration = Duration::from_millis(10);
+/// While the last TCP dump found no connection open and connections came
+/// to other listeners of the namespace since, how often a sample for the
+/// reports dumps again (unless a tick saw connections queued): each dump
+/// walks the kernel's whole connection table.
+pub const QUIET_TCP_DUMP_EVERY: Duration = Duration::from_secs(5);
 
 /// What the last reading of a worker found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,9 +93,11 @@ pub enum Open {
 pub struct Activity {
     readings: HashMap<Pid, Reading>,
     last: Option<Instant>,
-    /// The passive-open count read right before the last TCP dump, if
-    /// that dump found no connection open.
-    tcp_quiet_at: Option<u64>,
+    /// The last TCP dump, if it found no connection open: when, and the
+    /// passive-open count read right before it.
+    tcp_quiet: Option<(Instant, Option<u64>)>,
+    /// A tick saw connections queued since the last TCP dump.
+    queue_seen: bool,
     /// Why the last sample could not tell (the counts are unknown).
     blind: Option<String>,
 }
@@ -98,17 +109,37 @@ impl Activity {
             .is_none_or(|t| now.saturating_duration_since(t) >= SAMPLE_EVERY)
     }
 
-    /// Whether the TCP connections must be dumped, given the passive-open
-    /// count now: not while it is what it was before a dump that found
-    /// none (no connection has come since).
-    pub fn tcp_dump_needed(&self, passive_opens: Option<u64>) -> bool {
-        passive_opens.is_none() || self.tcp_quiet_at != passive_opens
+    /// Whether the TCP connections must be dumped at `now`, given the
+    /// passive-open count now, for a `decision` or for the reports. After
+    /// a dump that found none open: not while the count is what it was
+    /// before it (no connection has come since: exact); else for a
+    /// decision, once a tick saw a queue, or [`QUIET_TCP_DUMP_EVERY`]
+    /// after it.
+    pub fn tcp_dump_needed(
+        &self,
+        passive_opens: Option<u64>,
+        now: Instant,
+        decision: bool,
+    ) -> bool {
+        let Some((at, count)) = self.tcp_quiet else {
+            return true;
+        };
+        if passive_opens.is_some() && passive_opens == count {
+            return false;
+        }
+        decision || self.queue_seen || now.saturating_duration_since(at) >= QUIET_TCP_DUMP_EVERY
     }
 
-    /// A TCP dump was made after reading `passive_opens`; it found
-    /// `found` connections open.
-    pub fn tcp_dumped(&mut self, passive_opens: Option<u64>, found: usize) {
-        self.tcp_quiet_at = passive_opens.filter(|_| found == 0);
+    /// A TCP dump was made at `now` after reading `passive_opens`; it
+    /// found `found` connections open.
+    pub fn tcp_dumped(&mut self, passive_opens: Option<u64>, found: usize, now: Instant) {
+        self.tcp_quiet = (found == 0).then_some((now, passive_opens));
+        self.queue_seen = false;
+    }
+
+    /// A tick saw connections queued on the listeners.
+    pub fn queued(&mut self) {
+        self.queue_seen = true;
     }
 
     /// Takes a sample at `now` of the workers `ready`: `open` is what the
@@ -246,6 +277,9 @@ impl Supervisor {
     /// On the tick: a sample for the reports, once per [`SAMPLE_EVERY`],
     /// within [`BUDGET`].
     pub(super) fn activity_tick(&mut self, now: Instant) {
+        if self.queued_total().unwrap_or(0) > 0 {
+            self.activity.queued();
+        }
         if self.activity.due(now) {
             self.sample_activity(now, Some(BUDGET));
         }
@@ -263,7 +297,7 @@ impl Supervisor {
             .filter(|w| w.state == WorkerState::Ready)
             .map(|w| w.pid)
             .collect();
-        let open = self.open_connections(!ready.is_empty());
+        let open = self.open_connections(!ready.is_empty(), now, budget.is_none());
         let started = Instant::now();
         let budget = budget.unwrap_or(Duration::MAX);
         self.activity.sample(
@@ -277,8 +311,8 @@ impl Supervisor {
     }
 
     /// The connections open on the listeners (with no worker ready, no
-    /// dump: nobody can hold one).
-    fn open_connections(&mut self, any_ready: bool) -> Open {
+    /// dump: nobody can hold one), for a `decision` or for the reports.
+    fn open_connections(&mut self, any_ready: bool, now: Instant, decision: bool) -> Open {
         if !any_ready {
             return Open::Connections(HashSet::new());
         }
@@ -301,10 +335,10 @@ impl Supervisor {
             let opens = conns::passive_opens()
                 .inspect_err(|e| debug!("cannot read the TCP passive-open count: {e}"))
                 .ok();
-            if self.activity.tcp_dump_needed(opens) {
+            if self.activity.tcp_dump_needed(opens, now, decision) {
                 match conns::held_tcp(&tcp) {
                     Ok(found) => {
-                        self.activity.tcp_dumped(opens, found.len());
+                        self.activity.tcp_dumped(opens, found.len(), now);
                         open.extend(found);
                     }
                     Err(e) => return Open::Unknown(format!("cannot list TCP connections: {e}")),
@@ -529,17 +563,29 @@ mod tests {
     }
 
     #[test]
-    fn the_tcp_dump_is_skipped_only_while_no_connection_came_since_an_empty_one() {
+    fn after_an_empty_tcp_dump_the_next_waits_for_a_connection_a_queue_or_a_while() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
         let mut a = Activity::default();
-        assert!(a.tcp_dump_needed(Some(10)), "no dump yet");
-        a.tcp_dumped(Some(10), 0);
-        assert!(!a.tcp_dump_needed(Some(10)));
-        assert!(a.tcp_dump_needed(Some(11)), "a connection came");
-        assert!(a.tcp_dump_needed(None), "counter unreadable");
-        a.tcp_dumped(Some(11), 2);
-        assert!(a.tcp_dump_needed(Some(11)), "connections were open");
-        a.tcp_dumped(None, 0);
-        assert!(a.tcp_dump_needed(None));
+        assert!(a.tcp_dump_needed(Some(10), t0, false), "no dump yet");
+        a.tcp_dumped(Some(10), 0, t0);
+        // Nothing came since: no dump, not even for a decision, however long.
+        assert!(!a.tcp_dump_needed(Some(10), t0 + 60 * s, true));
+        // Connections came (to any listener of the namespace): a decision
+        // dumps at once, the reports after QUIET_TCP_DUMP_EVERY...
+        assert!(a.tcp_dump_needed(Some(11), t0 + s, true));
+        assert!(!a.tcp_dump_needed(Some(11), t0 + s, false));
+        assert!(a.tcp_dump_needed(Some(11), t0 + QUIET_TCP_DUMP_EVERY, false));
+        // ... or once a tick saw a queue.
+        a.queued();
+        assert!(a.tcp_dump_needed(Some(11), t0 + s, false));
+        // Counter unreadable: by time alone.
+        a.tcp_dumped(None, 0, t0);
+        assert!(!a.tcp_dump_needed(None, t0 + s, false));
+        assert!(a.tcp_dump_needed(None, t0 + QUIET_TCP_DUMP_EVERY, false));
+        // Connections were open: every sample dumps.
+        a.tcp_dumped(Some(11), 2, t0);
+        assert!(a.tcp_dump_needed(Some(11), t0, false));
     }
 
     #[test]

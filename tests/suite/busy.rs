@@ -127,7 +127,9 @@ fn holds_a_connection(pid: i32) -> bool {
 fn counts_busy_and_idle(mut d: Droved, instance: &str, to: Target, metrics: Option<u16>) {
     d.wait_ready();
     d.wait_status(", 0 busy", 10 * SEC);
-    let requests: Vec<_> = (0..2).map(|_| slow(to.clone(), 6000)).collect();
+    // Long enough for a report that waits QUIET_TCP_DUMP_EVERY (5 s) on a
+    // busy host to see them, with time left to look.
+    let requests: Vec<_> = (0..2).map(|_| slow(to.clone(), 12000)).collect();
     let status = d.wait_status(", 2 busy", 10 * SEC);
     assert!(status.starts_with("3 workers ready"), "{status}");
 
@@ -317,11 +319,11 @@ fn scale_down_retires_an_idle_worker_of_another_user_not_the_busy_one() {
 }
 
 /// A Node server, which tells droved nothing either: it answers `/slow`
-/// after 4 s (on a timer: its event loop is idle meanwhile, but the
+/// after 10 s (on a timer: its event loop is idle meanwhile, but the
 /// connection is held).
 const NODE_SERVER: &str = "require('http').createServer((q, s) => {
   const answer = () => s.end('pid=' + process.pid + '\\n');
-  if (q.url.startsWith('/slow')) setTimeout(answer, 4000); else answer();
+  if (q.url.startsWith('/slow')) setTimeout(answer, 10000); else answer();
 }).listen({ fd: 3 });";
 
 #[test]
