@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT OR Apache-2.0
-"""Cold start from zero workers (pool.min = 0, README "Scale to zero").
+"""Cold start from zero workers (pool.min = 0, docs/guide/scaling.md "Scale to zero";
+results in bench/results/coldstart.md).
 
     bench/coldstart.py [--droved PATH] [--worker PATH] [--rounds N]
 

@@ -72,7 +72,7 @@ def drove_conf(c, sock):
 
 
 def nginx_conf(workdir, port, sock):
-    # The README's server block; one nginx process, the same for everyone.
+    # docs/guide/php.md's server block; one nginx process, the same for everyone.
     return f"""daemon off;
 master_process off;
 pid {workdir}/nginx.pid;

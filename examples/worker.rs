@@ -21,6 +21,7 @@
 //!   omitted), `pid=<pid>` and one `fd <n> -> <target>` line per open fd
 //! - `/status?text=abc`  send `STATUS=abc` to NOTIFY_SOCKET
 //! - `/exit?code=N`      respond, then exit with code N
+//! - `/eat?mb=N`         allocate and touch N MiB, then answer (OOM tests)
 //! - `/stop-watchdog`    stop sending `WATCHDOG=1`
 //! - `/hang`             stop the watchdog and block forever without answering
 //!
@@ -581,6 +582,18 @@ fn route(req: &Request, notifier: Option<&Notifier>) -> Response {
                 Err(_) => resp(400, "expected ?code=<0..255>\n"),
             }
         }
+        "/eat" => match query_param(&req.query, "mb").and_then(|m| m.parse::<usize>().ok()) {
+            Some(mb) if mb <= 64 << 10 => {
+                let len = mb << 20;
+                let mut v = vec![0u8; len]; // calloc'd zero pages are not resident yet
+                for i in (0..len).step_by(4096) {
+                    v[i] = 1;
+                }
+                let touched = std::hint::black_box(v).len() >> 20;
+                resp(200, format!("pid={pid} touched {touched} MiB\n"))
+            }
+            _ => resp(400, "expected ?mb=<0..65536>\n"),
+        },
         "/stop-watchdog" => {
             WATCHDOG_STOPPED.store(true, Ordering::SeqCst);
             resp(200, format!("pid={pid} watchdog pings stopped\n"))

@@ -10,6 +10,8 @@
 //! Times are stored as ages (milliseconds before the handover), because
 //! `Instant` means nothing to another process image.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::supervisor::pool::{StopReason, WorkerState as PoolWorkerState};
@@ -47,6 +49,10 @@ pub struct State {
     /// needs it). Absent in older states: then false.
     #[serde(default)]
     pub socket_activated: bool,
+    /// The metrics' event counters (`metrics::carry`), so that they keep
+    /// counting across the upgrade. Absent in older states: they start at 0.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub event_counts: BTreeMap<String, u64>,
 }
 
 /// A template handed over with its socket.
@@ -258,6 +264,7 @@ mod tests {
                 age_ms: 1000,
             }),
             socket_activated: true,
+            event_counts: BTreeMap::from([("reloads{result=applied}".into(), 2)]),
         }
     }
 
@@ -279,6 +286,7 @@ mod tests {
         let s = decode(&bytes).unwrap();
         assert_eq!(s.resume, Resume::Running);
         assert!(!s.socket_activated);
+        assert!(s.event_counts.is_empty());
         assert_eq!(s.workers[0].state, PoolWorkerState::Stopping);
         assert_eq!(s.workers[0].stop, Some((StopReason::ScaleDown, 10)));
         // And what this binary writes reads the same way in the old one's

@@ -179,6 +179,9 @@ pub struct PoolView {
     pub ready: u32,
     /// Workers spawned and not ready yet.
     pub starting: u32,
+    /// The last worker is on a request: a step to zero waits for it. The
+    /// caller need only look when `target` is 1 and `min` 0.
+    pub last_worker_busy: bool,
 }
 
 /// Why the target changed, or why it is being held.
@@ -210,6 +213,8 @@ pub enum Reason {
     AtMax { queued: u32, max: u32 },
     /// Hold: no listener's queue could be read.
     Unreadable { listeners: u32 },
+    /// Connections arrived at zero workers (`min = 0`): the pool wakes.
+    Wake { queued: u32 },
 }
 
 impl Reason {
@@ -283,6 +288,11 @@ impl fmt::Display for Reason {
                 "queue unreadable on all {}",
                 plural(listeners, "listener", "listeners")
             ),
+            Reason::Wake { queued } => write!(
+                f,
+                "{} waiting at zero workers",
+                plural(queued, "connection", "connections")
+            ),
         }
     }
 }
@@ -328,6 +338,7 @@ impl fmt::Display for Decision {
             ),
             Reason::AtMax { .. } => write!(f, "{}: holding at {to}", self.reason),
             Reason::Unreadable { .. } => write!(f, "{}: holding at {to}", self.reason),
+            Reason::Wake { .. } => write!(f, "{}: scale up {from} -> {to}", self.reason),
         }
     }
 }
@@ -417,9 +428,34 @@ impl Scaler {
     /// The pool was woken from zero workers outside the scaler (a
     /// connection arrived with `pool.min = 0`): a scale-up like its own, so
     /// the next scale-down waits a whole quiet cooldown from `now`.
-    pub fn woke(&mut self, now: Duration) {
+    pub fn woke(&mut self, now: Duration, to: u32, queued: u32) -> Decision {
         self.last_up = Some(now);
         self.quiet_since = None;
+        self.hold = None;
+        let d = Decision {
+            at: now,
+            from: 0,
+            to,
+            reason: Reason::Wake { queued },
+        };
+        self.last = Some(d.clone());
+        d
+    }
+
+    /// Brings a `target` outside `min..=max` (after a reload or an
+    /// upgrade changed the limits) back within them, as a decision like
+    /// any other; `None` when it is within.
+    pub fn bound(&mut self, now: Duration, target: u32) -> Option<Decision> {
+        let p = self.params;
+        if target < p.min {
+            self.last_up = Some(now);
+            return self.decide(now, target, p.min, Reason::BelowMin { min: p.min });
+        }
+        if target > p.max {
+            self.last_down = Some(now);
+            return self.decide(now, target, p.max, Reason::AboveMax { max: p.max });
+        }
+        None
     }
 
     /// The latest decision or hold, for status.
@@ -480,13 +516,8 @@ impl Scaler {
         let p = self.params;
         let target = pool.target;
 
-        if target < p.min {
-            self.last_up = Some(now);
-            return self.decide(now, target, p.min, Reason::BelowMin { min: p.min });
-        }
-        if target > p.max {
-            self.last_down = Some(now);
-            return self.decide(now, target, p.max, Reason::AboveMax { max: p.max });
+        if let Some(d) = self.bound(now, target) {
+            return Some(d);
         }
         if p.min == p.max {
             return None;
@@ -511,7 +542,7 @@ impl Scaler {
             let wants = wants?; // a blip, so far
             self.scale_up(now, queued, wants, pool, sample.cpu_while_queued)
         } else {
-            self.scale_down(now, target)
+            self.scale_down(now, pool)
         }
     }
 
@@ -616,7 +647,8 @@ impl Scaler {
         self.decide(now, target, to, reason)
     }
 
-    fn scale_down(&mut self, now: Duration, target: u32) -> Option<Decision> {
+    fn scale_down(&mut self, now: Duration, pool: PoolView) -> Option<Decision> {
+        let target = pool.target;
         let p = self.params;
         if target <= p.min {
             return None;
@@ -626,6 +658,11 @@ impl Scaler {
         let changed = self.last_up.max(self.last_down);
         let recent_change = changed.is_some_and(|c| now.saturating_sub(c) < needed);
         if self.quiet_since.is_none() || quiet < needed || recent_change {
+            return None;
+        }
+        if target == 1 && pool.last_worker_busy {
+            // Not a decision yet: nothing is recorded until the step is
+            // taken, so a veto neither counts nor feeds the backoff.
             return None;
         }
         self.last_down = Some(now);
@@ -685,6 +722,7 @@ mod tests {
             alive: ready + starting,
             ready,
             starting,
+            last_worker_busy: false,
         }
     }
 
@@ -944,7 +982,7 @@ mod tests {
         let mut sim = Sim::new(ScaleParams::new(0, 8), 0);
         sim.run_for(30 * S, |_, _| Some(0));
         assert!(sim.decisions.is_empty(), "{:?}", sim.decisions);
-        sim.scaler.woke(sim.now);
+        sim.scaler.woke(sim.now, 1, 1);
         sim.target = 1;
         sim.ready = 1;
         let woke = sim.now;
@@ -1386,5 +1424,61 @@ mod tests {
                 "busy {busy:?} ready {ready} target {target} max {max}"
             );
         }
+    }
+
+    /// A step to zero vetoed by a busy last worker is no decision: not
+    /// recorded, not counted, and it does not feed the backoff (a
+    /// scale-up after it used to double the backoff for a step never
+    /// taken).
+    #[test]
+    fn a_vetoed_step_to_zero_is_not_a_decision() {
+        let mut s = Scaler::new(ScaleParams::new(0, 4));
+        let busy = PoolView {
+            last_worker_busy: true,
+            ..pool(1, 1, 0)
+        };
+        let mut t = Duration::ZERO;
+        while t <= 30 * S {
+            assert_eq!(s.tick(t, sample(0), busy), None, "at {t:?}");
+            t += 100 * MS;
+        }
+        assert_eq!(s.last_decision(), None);
+        // A burst, then quiet again: the next step to zero comes after one
+        // cooldown of quiet, not two.
+        for _ in 0..5 {
+            s.tick(t, sample(3), pool(1, 1, 0));
+            t += 100 * MS;
+        }
+        let up = s.last_decision().cloned().expect("scaled up");
+        assert!(up.to > 1, "{up:?}");
+        let quiet_from = t;
+        let mut target = up.to;
+        let mut downs = Vec::new();
+        while target > 0 && t < quiet_from + 120 * S {
+            if let Some(d) = s.tick(t, sample(0), pool(target, target, 0)) {
+                downs.push(t - quiet_from);
+                target = d.to;
+            }
+            t += 100 * MS;
+        }
+        assert_eq!(target, 0, "{downs:?}");
+        assert!(
+            downs[0] <= 10 * S + 200 * MS,
+            "first step down after {downs:?}"
+        );
+    }
+
+    #[test]
+    fn a_wake_from_zero_is_a_decision() {
+        let mut s = Scaler::new(ScaleParams::new(0, 4));
+        let d = s.woke(5 * S, 2, 3);
+        assert_eq!((d.from, d.to), (0, 2));
+        assert_eq!(
+            d.to_string(),
+            "3 connections waiting at zero workers: scale up 0 -> 2"
+        );
+        assert_eq!(s.last_decision(), Some(&d));
+        // Like any scale-up, the next scale-down waits a cooldown of quiet.
+        assert_eq!(s.tick(5 * S + 100 * MS, sample(0), pool(2, 2, 0)), None);
     }
 }

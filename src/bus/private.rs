@@ -222,6 +222,7 @@ async fn connection(
     let conn = match zbus::connection::Builder::authenticated_socket(socket, guid)
         .map(|b| b.p2p().max_queued(MAX_QUEUED))
         .and_then(|b| b.serve_at(OBJECT_PATH, object))
+        .and_then(|b| b.serve_at(BUS_PATH, PeerBus::next()))
     {
         Ok(b) => b.build().await,
         Err(e) => Err(e),
@@ -246,6 +247,36 @@ async fn connection(
     drop(slot);
 }
 
+/// Where bus clients send `Hello`.
+const BUS_PATH: &str = "/org/freedesktop/DBus";
+
+/// The one method of a bus daemon that clients written for a bus call
+/// before anything else: sd-bus (`busctl --address=unix:path=…/private`)
+/// sends `Hello` and gives up on a peer that does not answer it. The
+/// answer is a unique name, as a daemon's would be; nothing else of a bus
+/// is offered.
+struct PeerBus {
+    unique_name: String,
+}
+
+impl PeerBus {
+    fn next() -> PeerBus {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
+        PeerBus {
+            unique_name: format!(":1.{}", CONNECTIONS.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+}
+
+#[zbus::interface(name = "org.freedesktop.DBus")]
+impl PeerBus {
+    #[zbus(name = "Hello")]
+    fn hello(&self) -> String {
+        self.unique_name.clone()
+    }
+}
+
 /// A client's stream for zbus: read a checked message at a time (see
 /// [`BoundedRead`]), and tells the connection's owner when it closed.
 #[derive(Debug)]
@@ -259,7 +290,7 @@ struct Bounded {
 
 impl zbus::connection::Socket for Bounded {
     type ReadHalf = BoundedRead;
-    type WriteHalf = tokio::net::unix::OwnedWriteHalf;
+    type WriteHalf = AnswerFirst;
 
     fn split(self) -> zbus::connection::socket::Split<Self::ReadHalf, Self::WriteHalf> {
         let (read, write) = self.stream.into_split();
@@ -272,8 +303,63 @@ impl zbus::connection::Socket for Bounded {
                 throttle: self.throttle,
                 closed: self.closed,
             },
-            write,
+            AnswerFirst {
+                inner: write,
+                answered: false,
+                held: Vec::new(),
+            },
         )
+    }
+}
+
+/// Signals held back before a client's first call is answered.
+const MAX_HELD: usize = 64;
+
+/// Writes droved's messages to a client, holding its signals back until
+/// it has answered the client's first call: a client written for a bus
+/// (sd-bus: `busctl --address=unix:path=…/private`) sends `Hello` and
+/// takes any message before that reply for a broken bus. drovectl's first
+/// call (a property read) is answered before any signal too, which it
+/// does not mind.
+#[derive(Debug)]
+struct AnswerFirst {
+    inner: tokio::net::unix::OwnedWriteHalf,
+    answered: bool,
+    held: Vec<zbus::Message>,
+}
+
+#[async_trait::async_trait]
+impl zbus::connection::socket::WriteHalf for AnswerFirst {
+    async fn send_message(&mut self, msg: &zbus::Message) -> zbus::Result<()> {
+        use zbus::message::Type;
+        if !self.answered {
+            match msg.message_type() {
+                Type::Signal => {
+                    if self.held.len() < MAX_HELD {
+                        self.held.push(msg.clone());
+                    }
+                    return Ok(());
+                }
+                Type::MethodReturn | Type::Error => {
+                    self.inner.send_message(msg).await?;
+                    self.answered = true;
+                    for held in std::mem::take(&mut self.held) {
+                        self.inner.send_message(&held).await?;
+                    }
+                    return Ok(());
+                }
+                Type::MethodCall => {}
+            }
+        }
+        self.inner.send_message(msg).await
+    }
+
+    async fn close(&mut self) -> std::io::Result<()> {
+        zbus::connection::socket::WriteHalf::close(&mut self.inner).await
+    }
+
+    async fn peer_credentials(&mut self) -> std::io::Result<zbus::fdo::ConnectionCredentials> {
+        self.inner.peer_credentials().await
     }
 }
 

@@ -48,6 +48,7 @@ mod validate;
 mod values;
 
 pub use error::{ConfigError, Position};
+pub use raw::KEYS;
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
     PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, WorkerConfig, WorkerMode,
@@ -75,6 +76,7 @@ pub const RESERVED_ENVIRONMENT: &[&str] = &[
     "DROVE_WORKER",
     "DROVE_GENERATION",
     "DROVE_TEMPLATE_FD",
+    "DROVE_INSTANCE",
 ];
 
 /// The whole configuration. `Default` is every default with no listen

@@ -50,6 +50,21 @@ const CONTROL_KEYS: &[&str] = &["group"];
 const METRICS_KEYS: &[&str] = &["listen"];
 const ROLLOUT_KEYS: &[&str] = &["canary", "observe", "max_failures"];
 
+/// Every key the parser accepts, by table (`"listen.addresses"`: the keys
+/// of an address entry table). The documentation is checked against it
+/// (tests/suite/docs.rs); the unit tests below check it against the
+/// `Raw*` structs serde parses with.
+pub const KEYS: &[(&str, &[&str])] = &[
+    ("listen", LISTEN_KEYS),
+    ("listen.addresses", ADDRESS_KEYS),
+    ("worker", WORKER_KEYS),
+    ("pool", POOL_KEYS),
+    ("scale", SCALE_KEYS),
+    ("control", CONTROL_KEYS),
+    ("rollout", ROLLOUT_KEYS),
+    ("metrics", METRICS_KEYS),
+];
+
 pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("the top level", TOP_KEYS),
     ("[listen]", LISTEN_KEYS),
@@ -213,6 +228,92 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::config::testing::ORIGIN;
+
+    /// The field names serde's derive gives `T` (what it accepts under
+    /// `deny_unknown_fields`): a deserializer that only records the
+    /// `fields` of the `deserialize_struct` call and stops there.
+    fn fields_of<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
+        use serde::de::{self, Visitor};
+
+        struct Probe<'a>(&'a mut Vec<&'static str>);
+        impl<'de> de::Deserializer<'de> for Probe<'_> {
+            type Error = de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _name: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0.extend_from_slice(fields);
+                Err(de::Error::custom("fields recorded"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+                bytes byte_buf option unit unit_struct newtype_struct seq tuple
+                tuple_struct map enum identifier ignored_any
+            }
+        }
+        let mut fields = Vec::new();
+        let _ = T::deserialize(Probe(&mut fields));
+        assert!(
+            !fields.is_empty(),
+            "{} is not a struct",
+            std::any::type_name::<T>()
+        );
+        fields
+    }
+
+    fn keys_of(table: &str) -> Vec<&'static str> {
+        KEYS.iter()
+            .find(|(t, _)| *t == table)
+            .unwrap_or_else(|| panic!("KEYS has no {table}"))
+            .1
+            .to_vec()
+    }
+
+    #[test]
+    fn keys_are_the_fields_serde_accepts() {
+        // KEYS drives the documentation checks, so it must be exactly what
+        // the parser takes: a field added to a Raw* struct fails here
+        // until it is listed (and then documented).
+        assert_eq!(fields_of::<RawConfig>(), TOP_KEYS);
+        assert_eq!(fields_of::<RawListen>(), keys_of("listen"));
+        assert_eq!(fields_of::<RawWorker>(), keys_of("worker"));
+        assert_eq!(fields_of::<RawPool>(), keys_of("pool"));
+        assert_eq!(fields_of::<RawScale>(), keys_of("scale"));
+        assert_eq!(fields_of::<RawControl>(), keys_of("control"));
+        assert_eq!(fields_of::<RawRollout>(), keys_of("rollout"));
+        assert_eq!(fields_of::<RawMetrics>(), keys_of("metrics"));
+        let mut tables: Vec<&str> = KEYS
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| !t.contains('.'))
+            .collect();
+        tables.sort_unstable();
+        let mut top = TOP_KEYS.to_vec();
+        top.sort_unstable();
+        assert_eq!(tables, top, "KEYS lists every table once");
+    }
+
+    #[test]
+    fn address_entries_take_exactly_their_keys() {
+        // Entries of listen.addresses are checked against ADDRESS_KEYS by
+        // validate.rs itself; this pins that both directions hold.
+        let ok = Config::from_toml_str(
+            "[listen]\naddresses = [{ address = \"127.0.0.1:1\", name = \"a\" }]",
+            Path::new(ORIGIN),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = Config::from_toml_str(
+            "[listen]\naddresses = [{ address = \"127.0.0.1:1\", port = 1 }]",
+            Path::new(ORIGIN),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown key"), "{e}");
+    }
 
     #[test]
     fn unknown_key_table_matches_structs() {

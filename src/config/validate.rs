@@ -934,6 +934,10 @@ mod tests {
             "3:14: environment variable LISTEN_FDS is set by droved for each worker; remove it",
         );
         assert_err(
+            &w("[worker.environment]\nDROVE_INSTANCE = \"x\""),
+            "3:18: environment variable DROVE_INSTANCE is set by droved for each worker; remove it",
+        );
+        assert_err(
             &w("environment = { A = 1.5 }"),
             "2:21: worker.environment.A must be a string, integer or boolean, found float 1.5",
         );

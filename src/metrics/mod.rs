@@ -20,9 +20,11 @@
 //!
 //! Names follow php-fpm_exporter and uwsgi_exporter where they have one
 //! (`listen_queue`, `listen_queue_length`, `max_listen_queue`,
-//! `max_children_reached`), all prefixed `drove_`; README.md lists them.
+//! `max_children_reached`), all prefixed `drove_`; docs/reference/metrics.md
+//! lists them (tests/suite/docs.rs checks it against a scrape).
 
 mod cache;
+mod carry;
 mod http;
 mod procfs;
 mod render;
@@ -37,7 +39,7 @@ use tracing::{error, info};
 
 use crate::config::{ListenAddr, MetricsConfig};
 use crate::scale::{Decision, Reason};
-use crate::supervisor::plan::ExitVerdict;
+use crate::supervisor::plan::{EndCause, ExitVerdict};
 use crate::supervisor::pool::StopReason;
 use crate::supervisor::status::{ListenerStatus, Snapshot};
 
@@ -201,6 +203,16 @@ impl Metrics {
         lock(&self.inner.live).clone()
     }
 
+    /// The event counters, for the handover to the next image.
+    pub fn event_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        carry::counts(&self.inner.events)
+    }
+
+    /// Starts from the event counters the previous image handed over.
+    pub fn restore_event_counts(&self, counts: &std::collections::BTreeMap<String, u64>) {
+        carry::restore(&self.inner.events, counts);
+    }
+
     // --- Hooks, called by the supervisor at its events -------------------
 
     /// After each queue probe: high-water marks, the workers' and the
@@ -239,6 +251,7 @@ impl Metrics {
             Reason::CpuBound { .. } => "cpu-bound",
             Reason::AtMax { .. } => "at-max",
             Reason::Unreadable { .. } => "unreadable",
+            Reason::Wake { .. } => "wake",
         };
         e.scale_decisions
             .get_or_create(&render::ScaleLabels { direction, reason })
@@ -270,8 +283,9 @@ impl Metrics {
         self.inner.events.changed();
     }
 
-    /// A worker exited; `verdict` says why.
-    pub fn worker_exited(&self, verdict: &ExitVerdict) {
+    /// A worker exited; `verdict` says why, and `cause` how it ended when
+    /// droved did not stop it.
+    pub fn worker_exited(&self, verdict: &ExitVerdict, cause: EndCause) {
         let reason = match verdict {
             ExitVerdict::Stopped { reason, .. } => match reason {
                 StopReason::ScaleDown => "scale-down",
@@ -283,7 +297,7 @@ impl Metrics {
                 StopReason::Memory => "max-rss",
             },
             ExitVerdict::FailedStart { .. } => "failed-start",
-            ExitVerdict::Ended => "ended",
+            ExitVerdict::Ended => cause.label(),
         };
         self.inner
             .events

@@ -61,8 +61,8 @@ struct BuildLabels {
     build: String,
 }
 
-/// Counters of events, kept for droved's lifetime (an upgrade starts them
-/// afresh, as any restart does; Prometheus' rate() copes).
+/// Counters of events, kept for droved's lifetime and carried across a
+/// binary upgrade (`carry`); the READY=1 histogram starts afresh there.
 #[derive(Debug)]
 pub struct Events {
     pub(super) max_children_reached: Counter,
@@ -276,7 +276,7 @@ pub fn render(
     );
     r.register(
         "scale_decisions",
-        "Scale decisions by direction (up, down, hold) and reason: the autoscaler's (queue, quiet, below-min, above-max, at-max, cpu-bound, unreadable) or manual (drovectl scale or limits, SIGTTIN/SIGTTOU); a hold is counted once when it begins",
+        "Scale decisions by direction (up, down, hold) and reason: the autoscaler's (queue, quiet, below-min, above-max, at-max, cpu-bound, unreadable), wake (a connection at zero workers) or manual (drovectl scale or limits, SIGTTIN/SIGTTOU); a hold is counted once when it begins",
         events.scale_decisions.clone(),
     );
 
@@ -293,7 +293,7 @@ pub fn render(
     );
     r.register(
         "worker_exits",
-        "Worker exits by reason: droved stopped it (scale-down, shutdown, rollout, max-lifetime, max-rss, ready-timeout, watchdog), failed-start, or ended (it exited or was killed on its own)",
+        "Worker exits by reason: droved stopped it (scale-down, shutdown, rollout, max-lifetime, max-rss, ready-timeout, watchdog), failed-start, or after serving: ended (exited with a status), crashed (a signal droved did not send) or oom-killed (the kernel's OOM killer)",
         events.worker_exits.clone(),
     );
     r.register_with_unit(

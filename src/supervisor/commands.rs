@@ -92,7 +92,7 @@ impl Supervisor {
                         WorkerInfo {
                             pid: w.pid.as_raw() as u32,
                             slot: w.slot,
-                            state: w.state.to_string(),
+                            state: w.state().to_string(),
                             generation: w.generation,
                             age_secs: now.duration_since(w.started).as_secs_f64(),
                             rss_bytes,

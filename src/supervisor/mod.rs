@@ -134,6 +134,10 @@ pub struct Supervisor {
     last_failure: Option<String>,
     listener_status: Vec<ListenerStatus>,
     counters: Counters,
+    /// Where the OOM killer's count for droved's cgroup is, if readable,
+    /// and the kills not yet matched to a worker's exit.
+    oom_counter: Option<std::path::PathBuf>,
+    oom: plan::OomLedger,
     journal: tick::JournalWatch,
     cpu_sampling: tick::CpuSampling,
     /// The scale tick's own cost, logged at debug (see `tick::TickTimes`).
@@ -244,6 +248,8 @@ impl Supervisor {
             last_failure: None,
             listener_status: Vec::new(),
             counters: Counters::default(),
+            oom_counter: None,
+            oom: plan::OomLedger::default(),
             journal: Default::default(),
             cpu_sampling: Default::default(),
             tick_times: tick::TickTimes::new(now),
@@ -274,6 +280,13 @@ impl Supervisor {
         if let Some((state, _)) = restored {
             sup.restore(state, now);
         }
+        // The baseline: kills counted before now are no worker's of ours.
+        sup.oom_counter = crate::sys::cgroup::oom_counter();
+        let count = sup
+            .oom_counter
+            .as_deref()
+            .and_then(crate::sys::cgroup::read_oom_kills);
+        sup.oom.note(count, now);
         sup.probe_queues();
         let snap = sup.snapshot();
         sup.snapshot_tx = watch::channel(snap).0;

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::Supervisor;
-use super::control::Event;
 use super::lifecycle::Lifecycle;
 use crate::sys::arrival::ArrivalWatch;
 
@@ -96,37 +95,26 @@ impl Supervisor {
     pub(super) fn on_connection_waiting(&mut self) {
         self.on_demand.watch.disarm();
         self.probe_queues();
-        self.wake_from_zero("waiting");
+        self.wake_from_zero();
     }
 
     /// Starts workers for the connections queued at zero workers.
-    fn wake_from_zero(&mut self, how: &str) {
+    fn wake_from_zero(&mut self) {
         if self.target > 0 || self.lifecycle.is_stopping() {
             return;
         }
         let queued = self.queued_total().unwrap_or(0);
         let to = wake_target(queued, self.config.pool.max);
-        info!(
-            event = "scale",
-            from = 0,
-            to,
-            "{queued} connection(s) {how} at zero workers: scale up 0 -> {to}"
-        );
-        let _ = self.events.send(Event::Scaled {
-            from: 0,
-            to,
-            reason: format!("connection waiting at zero workers ({queued} queued)"),
-        });
-        self.target = to;
-        self.scaler
-            .woke(Instant::now().duration_since(self.started));
+        let now = Instant::now().duration_since(self.started);
+        let d = self.scaler.woke(now, to, queued);
+        self.apply_scale(d);
     }
 
     /// On every tick, after the queue probe: the probe as a stand-in for
     /// the watch, and the idle exit.
     pub(super) fn zero_tick(&mut self, now: Instant) {
         if self.target == 0 && self.queued_total().unwrap_or(0) > 0 {
-            self.wake_from_zero("queued");
+            self.wake_from_zero();
         }
         let Some(limit) = self.config.pool.idle_exit else {
             return;

@@ -76,7 +76,7 @@ pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<
     let starting = pool
         .workers
         .values()
-        .filter(|w| w.state == WorkerState::Starting && w.generation == generation)
+        .filter(|w| w.state() == WorkerState::Starting && w.generation == generation)
         .count() as u32
         + asked;
 
@@ -104,7 +104,7 @@ pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<
             .values()
             .filter(|w| w.is_active() && w.generation != generation)
         {
-            if w.state == WorkerState::Starting {
+            if w.state() == WorkerState::Starting {
                 actions.push(Action::Stop(w.pid, StopReason::Rollout));
             } else if ready > floor {
                 ready -= 1;
@@ -161,13 +161,13 @@ pub fn recycle(
         let ready_staying = pool
             .workers
             .values()
-            .filter(|w| w.is_staying(generation) && w.state == WorkerState::Ready)
+            .filter(|w| w.is_staying(generation) && w.state() == WorkerState::Ready)
             .count() as u32;
         return (ready_staying >= target).then(|| Action::Stop(w.pid, w.replace.expect("checked")));
     }
     pool.workers
         .values()
-        .filter(|w| w.state == WorkerState::Ready && w.generation == generation)
+        .filter(|w| w.state() == WorkerState::Ready && w.generation == generation)
         .find_map(|w| {
             if w.recycle_at.is_some_and(|t| now >= t) {
                 return Some(Action::Replace(w.pid, StopReason::Lifetime));
@@ -197,11 +197,11 @@ pub fn judge_exit(
     uptime: Duration,
     min_uptime: Duration,
 ) -> ExitVerdict {
-    if let Some((reason, _)) = w.stop {
+    if let Some((reason, _)) = w.stop() {
         let failed = matches!(reason, StopReason::ReadyTimeout | StopReason::Watchdog);
         return ExitVerdict::Stopped { reason, failed };
     }
-    let never_ready = w.ready_at.is_none();
+    let never_ready = w.ready_at().is_none();
     // A worker that was ready and then was killed from outside (an
     // operator, the OOM killer) says nothing about the command; backing off
     // for it would only shrink the pool when it is needed.
@@ -216,6 +216,79 @@ pub fn judge_exit(
         ExitVerdict::FailedStart { never_ready }
     } else {
         ExitVerdict::Ended
+    }
+}
+
+/// How a worker ended that droved did not stop, for people (journal,
+/// `drovectl watch`, the exits metric): the OOM killer's kills are what
+/// users of every peer find hardest to see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCause {
+    /// It exited with a status.
+    Exited,
+    /// A signal ended it (a crash, or a kill from outside).
+    Crashed,
+    /// The kernel's OOM killer killed it.
+    OomKilled,
+}
+
+impl EndCause {
+    /// Its name in the journal (`CAUSE=`) and the exits metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndCause::Exited => "ended",
+            EndCause::Crashed => "crashed",
+            EndCause::OomKilled => "oom-killed",
+        }
+    }
+}
+
+/// The cause of an end; `oom_killed` when the OOM killer's count for
+/// droved's cgroup rose for this SIGKILL (see [`OomLedger`]).
+pub fn end_cause(status: ExitStatus, oom_killed: bool) -> EndCause {
+    match status {
+        ExitStatus::Exited(_) => EndCause::Exited,
+        ExitStatus::Signaled(Signal::SIGKILL, _) if oom_killed => EndCause::OomKilled,
+        ExitStatus::Signaled(..) => EndCause::Crashed,
+    }
+}
+
+/// OOM kills the kernel counted in droved's cgroup and no exit has been
+/// matched to yet. Each exit by a SIGKILL droved did not send takes one, if
+/// one was counted within [`OOM_MATCH_WINDOW`] (the kernel counts the kill
+/// before the process is reaped; an old count must not mark a later
+/// `kill -9` from an operator).
+#[derive(Debug, Default)]
+pub struct OomLedger {
+    seen: Option<u64>,
+    unclaimed: Vec<Instant>,
+}
+
+/// How long a counted OOM kill waits for its exit.
+pub const OOM_MATCH_WINDOW: Duration = Duration::from_secs(5);
+
+impl OomLedger {
+    /// Notes the count read at `now` (`None`: unreadable).
+    pub fn note(&mut self, count: Option<u64>, now: Instant) {
+        let Some(count) = count else {
+            return;
+        };
+        if let Some(seen) = self.seen {
+            // Bounded: a burst of kills is counted, a wild jump is not
+            // turned into a huge vector.
+            let new = count.saturating_sub(seen).min(1024);
+            self.unclaimed.extend((0..new).map(|_| now));
+        }
+        self.seen = Some(count);
+        self.unclaimed
+            .retain(|&at| now.saturating_duration_since(at) < OOM_MATCH_WINDOW);
+    }
+
+    /// Whether an exit by SIGKILL at `now`, with the count read then, was
+    /// one of the OOM killer's.
+    pub fn claim(&mut self, count: Option<u64>, now: Instant) -> bool {
+        self.note(count, now);
+        self.unclaimed.pop().is_some()
     }
 }
 
@@ -244,7 +317,7 @@ pub fn proves_healthy(
     pool.workers.values().any(|w| {
         w.generation == generation
             && last_failure.is_none_or(|f| w.started > f)
-            && w.ready_at
+            && w.ready_at()
                 .is_some_and(|t| now.duration_since(t) >= min_uptime)
     })
 }
@@ -267,12 +340,11 @@ mod tests {
         let mut pool = Pool::default();
         for (slot, &(pid, generation, state)) in rows.iter().enumerate() {
             let mut w = Worker::new(Pid::from_raw(pid), slot as u32, generation, now - 1000 * MS);
-            w.state = state;
             if state == Ready {
-                w.ready_at = Some(now - 900 * MS);
+                w.become_ready(now - 900 * MS);
             }
             if state == Stopping {
-                w.stop = Some((StopReason::ScaleDown, now));
+                w.begin_stop(StopReason::ScaleDown, now);
             }
             pool.workers.insert(w.pid, w);
         }
@@ -516,7 +588,7 @@ mod tests {
         p.workers.get_mut(&pid(10)).unwrap().replace = Some(StopReason::Lifetime);
         assert_eq!(recycle(&p, 1, 2, now, None, no_rss), None);
         let mut w = Worker::new(pid(12), 2, 1, now);
-        w.state = Ready;
+        w.become_ready(now);
         p.workers.insert(w.pid, w);
         assert_eq!(
             recycle(&p, 1, 2, now, None, no_rss),
@@ -576,13 +648,13 @@ mod tests {
         let min_uptime = 1000 * MS;
         let ready = {
             let mut w = Worker::new(pid(1), 0, 1, now);
-            w.ready_at = Some(now);
+            w.become_ready(now);
             w
         };
         let never_ready = Worker::new(pid(2), 0, 1, now);
         let stopped = |reason| {
             let mut w = ready.clone();
-            w.stop = Some((reason, now));
+            w.begin_stop(reason, now);
             w
         };
         let kill = ExitStatus::Signaled(Signal::SIGKILL, false);
@@ -712,5 +784,41 @@ mod tests {
             !rollout_gives_up(1, 2, 5),
             "old workers failing say nothing of the new config"
         );
+    }
+
+    #[test]
+    fn end_causes() {
+        let kill = ExitStatus::Signaled(Signal::SIGKILL, false);
+        assert_eq!(end_cause(ExitStatus::Exited(3), true), EndCause::Exited);
+        assert_eq!(end_cause(kill, true), EndCause::OomKilled);
+        assert_eq!(end_cause(kill, false), EndCause::Crashed);
+        let segv = ExitStatus::Signaled(Signal::SIGSEGV, true);
+        assert_eq!(
+            end_cause(segv, true),
+            EndCause::Crashed,
+            "only SIGKILL is the OOM killer's"
+        );
+    }
+
+    #[test]
+    fn oom_kills_are_matched_to_exits_once_and_only_while_fresh() {
+        let t0 = Instant::now();
+        let mut l = OomLedger::default();
+        l.note(Some(4), t0); // baseline: earlier kills are not ours
+        assert!(!l.claim(Some(4), t0 + MS), "no new kill");
+        // Two workers killed at once: two exits match, the third does not.
+        assert!(l.claim(Some(6), t0 + 10 * MS));
+        assert!(l.claim(Some(6), t0 + 11 * MS));
+        assert!(!l.claim(Some(6), t0 + 12 * MS));
+        // A kill counted long before an exit is not that exit's (a later
+        // kill -9 from an operator).
+        l.note(Some(7), t0 + 20 * MS);
+        assert!(!l.claim(Some(7), t0 + 20 * MS + OOM_MATCH_WINDOW));
+        // Unreadable: nothing is matched, the count resumes when readable.
+        assert!(!l.claim(None, t0 + 30_000 * MS));
+        assert!(l.claim(Some(8), t0 + 31_000 * MS));
+        // No baseline yet: the first read is the baseline.
+        let mut fresh = OomLedger::default();
+        assert!(!fresh.claim(Some(9), t0));
     }
 }

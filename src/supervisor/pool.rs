@@ -60,18 +60,23 @@ impl std::fmt::Display for StopReason {
     }
 }
 
+/// One worker process. Its lifecycle (`state`, when it became ready, why
+/// and since when it stops, whether it was killed) changes only through
+/// the methods below, which keep the rule the rest of droved relies on:
+/// a worker is `Stopping` exactly when it has a stop reason, and a killed
+/// worker is stopping.
 #[derive(Debug, Clone)]
 pub struct Worker {
     pub pid: Pid,
     pub slot: u32,
     pub generation: u64,
-    pub state: WorkerState,
+    state: WorkerState,
     pub started: Instant,
-    pub ready_at: Option<Instant>,
+    ready_at: Option<Instant>,
     /// Last WATCHDOG=1 (or readiness, which starts the clock).
     pub last_ping: Instant,
-    pub stop: Option<(StopReason, Instant)>,
-    pub killed: bool,
+    stop: Option<(StopReason, Instant)>,
+    killed: bool,
     /// Last STATUS= text the worker sent.
     pub status_text: Option<String>,
     /// Recycle deadline (max_lifetime with jitter), if configured.
@@ -100,6 +105,79 @@ impl Worker {
             replace: None,
             watchdog: None,
         }
+    }
+
+    /// A worker taken over from the previous image (binary upgrade), as
+    /// that image described it. A description that breaks the rule is
+    /// mended: a stop reason or a kill makes it stopping, and a stopping
+    /// worker without a reason is taken as scaled down (a planned stop).
+    pub fn taken_over(
+        mut self,
+        state: WorkerState,
+        ready_at: Option<Instant>,
+        stop: Option<(StopReason, Instant)>,
+        killed: bool,
+        now: Instant,
+    ) -> Worker {
+        self.state = state;
+        self.ready_at = ready_at;
+        self.stop = stop;
+        self.killed = killed;
+        if self.stop.is_some() || killed {
+            self.state = WorkerState::Stopping;
+        }
+        if self.state == WorkerState::Stopping && self.stop.is_none() {
+            self.stop = Some((StopReason::ScaleDown, now));
+        }
+        self
+    }
+
+    pub fn state(&self) -> WorkerState {
+        self.state
+    }
+
+    /// When it became ready, if it did (kept while it stops).
+    pub fn ready_at(&self) -> Option<Instant> {
+        self.ready_at
+    }
+
+    /// Why and since when it stops, once it does.
+    pub fn stop(&self) -> Option<(StopReason, Instant)> {
+        self.stop
+    }
+
+    /// SIGKILL was sent.
+    pub fn killed(&self) -> bool {
+        self.killed
+    }
+
+    /// Starting -> Ready at `now` (READY=1, or its exec when readiness is
+    /// "exec"); the watchdog clock starts. False in any other state.
+    pub fn become_ready(&mut self, now: Instant) -> bool {
+        if self.state != WorkerState::Starting {
+            return false;
+        }
+        self.state = WorkerState::Ready;
+        self.ready_at = Some(now);
+        self.last_ping = now;
+        true
+    }
+
+    /// -> Stopping, for `reason` since `now`. A worker already stopping
+    /// keeps its first reason and time (false).
+    pub fn begin_stop(&mut self, reason: StopReason, now: Instant) -> bool {
+        if self.stop.is_some() {
+            return false;
+        }
+        self.state = WorkerState::Stopping;
+        self.stop = Some((reason, now));
+        true
+    }
+
+    /// SIGKILL was sent: stopping (for `reason` unless it already was).
+    pub fn mark_killed(&mut self, reason: StopReason, now: Instant) {
+        self.begin_stop(reason, now);
+        self.killed = true;
     }
 
     pub fn is_active(&self) -> bool {
@@ -138,7 +216,7 @@ impl Pool {
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
         for w in self.workers.values() {
-            match w.state {
+            match w.state() {
                 WorkerState::Starting => c.starting += 1,
                 WorkerState::Ready => c.ready += 1,
                 WorkerState::Stopping => c.stopping += 1,
@@ -151,7 +229,7 @@ impl Pool {
     pub fn ready_in(&self, generation: u64) -> u32 {
         self.workers
             .values()
-            .filter(|w| w.generation == generation && w.state == WorkerState::Ready)
+            .filter(|w| w.generation == generation && w.state() == WorkerState::Ready)
             .count() as u32
     }
 
@@ -205,7 +283,7 @@ impl Pool {
         // is_idle reads /proc: once per candidate, not per comparison.
         candidates.sort_by_cached_key(|w| {
             (
-                w.state == WorkerState::Ready,
+                w.state() == WorkerState::Ready,
                 !is_idle(w.pid),
                 std::cmp::Reverse(w.started),
             )
@@ -223,7 +301,7 @@ impl Pool {
     ) -> Vec<(Pid, StopReason)> {
         self.workers
             .values()
-            .filter_map(|w| match w.state {
+            .filter_map(|w| match w.state() {
                 WorkerState::Starting if now.duration_since(w.started) > ready_timeout => {
                     Some((w.pid, StopReason::ReadyTimeout))
                 }
@@ -242,9 +320,9 @@ impl Pool {
     pub fn stop_expired(&self, now: Instant, stop_timeout: Duration) -> Vec<Pid> {
         self.workers
             .values()
-            .filter(|w| !w.killed)
+            .filter(|w| !w.killed())
             .filter(
-                |w| matches!(w.stop, Some((_, since)) if now.duration_since(since) >= stop_timeout),
+                |w| matches!(w.stop(), Some((_, since)) if now.duration_since(since) >= stop_timeout),
             )
             .map(|w| w.pid)
             .collect()
@@ -264,7 +342,15 @@ mod tests {
                 1,
                 now - Duration::from_millis(age_ms),
             );
-            w.state = state;
+            match state {
+                WorkerState::Starting => {}
+                WorkerState::Ready => {
+                    w.become_ready(now);
+                }
+                WorkerState::Stopping => {
+                    w.begin_stop(StopReason::ScaleDown, now);
+                }
+            }
             pool.workers.insert(w.pid, w);
         }
         pool
@@ -401,13 +487,85 @@ mod tests {
         pool.workers.get_mut(&Pid::from_raw(11)).unwrap().watchdog = None;
 
         let w = pool.workers.get_mut(&Pid::from_raw(10)).unwrap();
-        w.state = WorkerState::Stopping;
-        w.stop = Some((StopReason::ScaleDown, now - Duration::from_secs(31)));
+        w.begin_stop(StopReason::ScaleDown, now - Duration::from_secs(31));
         assert_eq!(
             pool.stop_expired(now, Duration::from_secs(30)),
             vec![Pid::from_raw(10)]
         );
-        pool.workers.get_mut(&Pid::from_raw(10)).unwrap().killed = true;
+        pool.workers
+            .get_mut(&Pid::from_raw(10))
+            .unwrap()
+            .mark_killed(StopReason::Shutdown, now);
         assert!(pool.stop_expired(now, Duration::from_secs(30)).is_empty());
+    }
+
+    #[test]
+    fn a_worker_changes_state_only_forward_and_stopping_has_a_reason() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(1);
+        let mut w = Worker::new(Pid::from_raw(7), 0, 1, t0);
+        assert_eq!(
+            (w.state(), w.stop(), w.killed()),
+            (WorkerState::Starting, None, false)
+        );
+        assert!(w.become_ready(later));
+        assert_eq!(
+            (w.state(), w.ready_at(), w.last_ping),
+            (WorkerState::Ready, Some(later), later)
+        );
+        assert!(
+            !w.become_ready(later + Duration::from_secs(1)),
+            "ready once"
+        );
+        assert_eq!(w.ready_at(), Some(later));
+
+        assert!(w.begin_stop(StopReason::ScaleDown, later));
+        assert_eq!(w.state(), WorkerState::Stopping);
+        assert!(!w.begin_stop(StopReason::Shutdown, later + Duration::from_secs(1)));
+        assert_eq!(
+            w.stop(),
+            Some((StopReason::ScaleDown, later)),
+            "the first reason stays"
+        );
+        assert!(
+            !w.become_ready(later),
+            "a stopping worker never serves again"
+        );
+        assert_eq!(w.state(), WorkerState::Stopping);
+
+        // A kill out of any state leaves it stopping, with a reason.
+        let mut starting = Worker::new(Pid::from_raw(8), 1, 1, t0);
+        starting.mark_killed(StopReason::Watchdog, later);
+        assert_eq!(starting.state(), WorkerState::Stopping);
+        assert_eq!(starting.stop(), Some((StopReason::Watchdog, later)));
+        assert!(starting.killed());
+    }
+
+    #[test]
+    fn a_taken_over_worker_is_mended_to_the_rule() {
+        let t0 = Instant::now();
+        let new = || Worker::new(Pid::from_raw(7), 0, 1, t0);
+        let stopping_without_reason =
+            new().taken_over(WorkerState::Stopping, None, None, false, t0);
+        assert_eq!(
+            stopping_without_reason.stop(),
+            Some((StopReason::ScaleDown, t0))
+        );
+        let ready_with_reason = new().taken_over(
+            WorkerState::Ready,
+            Some(t0),
+            Some((StopReason::Rollout, t0)),
+            false,
+            t0,
+        );
+        assert_eq!(ready_with_reason.state(), WorkerState::Stopping);
+        let killed = new().taken_over(WorkerState::Ready, Some(t0), None, true, t0);
+        assert_eq!(killed.state(), WorkerState::Stopping);
+        assert!(killed.stop().is_some());
+        let ready = new().taken_over(WorkerState::Ready, Some(t0), None, false, t0);
+        assert_eq!(
+            (ready.state(), ready.ready_at()),
+            (WorkerState::Ready, Some(t0))
+        );
     }
 }

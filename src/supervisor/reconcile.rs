@@ -64,7 +64,7 @@ impl Supervisor {
                 .pool
                 .workers
                 .values()
-                .filter(|w| w.state == WorkerState::Ready && w.generation == self.generation)
+                .filter(|w| w.state() == WorkerState::Ready && w.generation == self.generation)
                 .map(|w| w.pid)
                 .collect();
             let started = Instant::now();

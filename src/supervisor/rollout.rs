@@ -101,9 +101,7 @@ impl Supervisor {
         self.notify.admit(plan.credentials.as_ref());
         self.plan = plan;
         self.apply_limits();
-        self.target = self
-            .target
-            .clamp(self.config.pool.min, self.config.pool.max);
+        self.bound_target(Instant::now());
         info!(
             event = "reload",
             "configuration reloaded{}",
@@ -297,7 +295,6 @@ impl Supervisor {
     ) -> Result<String, ControlError> {
         let now = Instant::now();
         let generation = self.generation;
-        let ready_new = self.pool.ready_in(generation);
         let Some(r) = self.lifecycle.rollout_mut() else {
             return match action {
                 RolloutAction::Status => Ok(format!("no rollout; generation {generation} serving")),
@@ -334,18 +331,11 @@ impl Supervisor {
                 }
             }
         }
+        // An abort or undo moves the generation: describe the one now
+        // current, counting only its own ready workers.
         let generation = self.generation;
-        let ready_new = if generation == self.generation {
-            ready_new
-        } else {
-            0
-        };
         Ok(match self.lifecycle.rollout() {
-            Some(r) => r.describe(
-                generation,
-                self.pool.ready_in(generation).max(ready_new),
-                now,
-            ),
+            Some(r) => r.describe(generation, self.pool.ready_in(generation), now),
             None => format!("no rollout; generation {generation} serving"),
         })
     }

@@ -154,7 +154,13 @@ impl Supervisor {
         self.counters.failed_starts += 1;
         let delay = self.gate.record_failure(now);
         let generation = self.generation;
-        if let Some(r) = self.lifecycle.rollout_mut() {
+        let guarded = self.lifecycle.rollout().is_some_and(|r| r.guard.is_some());
+        if guarded {
+            // A guarded rollout judges by its own rule (max_failures, then
+            // a rollback), as for a failing worker.
+            self.last_failure = Some(why.clone());
+            self.note_rollout_failure(format!("template of generation {generation}: {why}"));
+        } else if let Some(r) = self.lifecycle.rollout_mut() {
             r.failures += 1;
             if super::plan::rollout_gives_up(generation, generation, r.failures) {
                 self.last_failure = Some(why.clone());

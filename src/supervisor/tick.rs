@@ -214,7 +214,7 @@ impl Supervisor {
                 warn!(worker_pid = pid.as_raw(), "cannot kill worker: {e}");
             }
             if let Some(w) = self.pool.workers.get_mut(&pid) {
-                w.killed = true;
+                w.mark_killed(StopReason::Shutdown, now);
             }
         }
         if self.gate.consecutive_failures > 0
@@ -398,11 +398,17 @@ impl Supervisor {
         if sample.queued.unwrap_or(0) > 0 {
             debug!(queued = ?sample.queued, cpu_busy = ?cpu_busy, ready = counts.ready, "queue sample");
         }
+        // Read only where it can matter: a quiet pool of one at min 0.
+        let last_worker_busy = self.target == 1
+            && self.config.pool.min == 0
+            && sample.queued == Some(0)
+            && !self.may_go_to_zero();
         let view = PoolView {
             target: self.target,
             alive: counts.active(),
             ready: counts.ready,
             starting: counts.starting,
+            last_worker_busy,
         };
         let Some(d) = self
             .scaler
@@ -410,14 +416,17 @@ impl Supervisor {
         else {
             return;
         };
+        self.apply_scale(d);
+    }
+
+    /// Carries out and reports one scaler decision: the journal line, the
+    /// D-Bus event, the metric, the target. Every decision of the scaler
+    /// (ticks, the wake from zero, limits that moved) goes through here.
+    pub(super) fn apply_scale(&mut self, d: crate::scale::Decision) {
         self.metrics.scale_decision(&d);
         if d.is_hold() {
             // Holds (cpu-bound, at max, unreadable) are reported once each.
             info!(event = "scale-hold", target = d.to, "{d}");
-            return;
-        }
-        if d.to == 0 && !self.may_go_to_zero() {
-            debug!("scale-down to 0 waits: a worker is busy");
             return;
         }
         if d.to != self.target {
@@ -428,6 +437,17 @@ impl Supervisor {
                 reason: d.reason.to_string(),
             });
             self.target = d.to;
+        }
+    }
+
+    /// After the limits changed (reload, upgrade): a target outside them
+    /// is brought back, reported like any scale decision.
+    pub(super) fn bound_target(&mut self, now: Instant) {
+        if let Some(d) = self
+            .scaler
+            .bound(now.duration_since(self.started), self.target)
+        {
+            self.apply_scale(d);
         }
     }
 }

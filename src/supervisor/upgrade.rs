@@ -207,12 +207,12 @@ impl Supervisor {
                     pid: w.pid.as_raw(),
                     slot: w.slot,
                     generation: w.generation,
-                    state: w.state,
+                    state: w.state(),
                     age_ms: age_ms(now, w.started),
-                    ready_age_ms: w.ready_at.map(|t| age_ms(now, t)),
+                    ready_age_ms: w.ready_at().map(|t| age_ms(now, t)),
                     last_ping_age_ms: age_ms(now, w.last_ping),
-                    stop: w.stop.map(|(r, t)| (r, age_ms(now, t))),
-                    killed: w.killed,
+                    stop: w.stop().map(|(r, t)| (r, age_ms(now, t))),
+                    killed: w.killed(),
                     status_text: w.status_text.clone(),
                     recycle_in_ms: w
                         .recycle_at
@@ -226,6 +226,7 @@ impl Supervisor {
             resume,
             template: self.template_to_hand_over(now),
             socket_activated: self.on_demand.socket_activated,
+            event_counts: self.metrics.event_counts(),
         }
     }
 
@@ -315,13 +316,14 @@ impl Supervisor {
     pub(super) fn restore(&mut self, state: State, now: Instant) {
         let back = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
         self.generation = state.generation;
-        self.target = state
-            .target
-            .clamp(self.config.pool.min, self.config.pool.max);
+        self.target = state.target;
         self.counters = state.counters;
         self.counters.upgrades += 1;
+        self.metrics.restore_event_counts(&state.event_counts);
         self.metrics.upgrade(crate::metrics::UpgradeResult::Done);
         self.started = back(state.uptime_ms);
+        // This image's config may have other limits: reported, not silent.
+        self.bound_target(now);
         self.gate.consecutive_failures = state.consecutive_failures;
         self.on_demand.socket_activated = state.socket_activated;
         if self.config.pool.idle_exit.is_some()
@@ -337,12 +339,14 @@ impl Supervisor {
                 warn!(worker_pid = w.pid, "not taking over worker {pid}: {e}");
                 continue;
             }
-            let mut worker = Worker::new(pid, w.slot, w.generation, back(w.age_ms));
-            worker.state = w.state;
-            worker.ready_at = w.ready_age_ms.map(back);
+            let mut worker = Worker::new(pid, w.slot, w.generation, back(w.age_ms)).taken_over(
+                w.state,
+                w.ready_age_ms.map(back),
+                w.stop.map(|(r, ms)| (r, back(ms))),
+                w.killed,
+                now,
+            );
             worker.last_ping = back(w.last_ping_age_ms);
-            worker.stop = w.stop.map(|(r, ms)| (r, back(ms)));
-            worker.killed = w.killed;
             worker.status_text = w.status_text;
             worker.recycle_at = w.recycle_in_ms.map(|ms| now + Duration::from_millis(ms));
             worker.watchdog = w.watchdog_usec.map(Duration::from_micros);

@@ -119,22 +119,39 @@ impl WorkerPlan {
 }
 
 impl Supervisor {
-    pub(super) fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
+    pub(super) fn on_exit(&mut self, pid: Pid, exit_status: ExitStatus) {
+        let status = exit_status;
         let Some(w) = self.pool.workers.remove(&pid) else {
             return;
         };
         let now = Instant::now();
         let uptime = now.duration_since(w.started);
         self.counters.exited += 1;
+        // A SIGKILL droved did not send may be the OOM killer's: its count
+        // for droved's cgroup says (read only then).
+        let oom_killed =
+            !w.killed() && matches!(status, ExitStatus::Signaled(Signal::SIGKILL, _)) && {
+                let count = self
+                    .oom_counter
+                    .as_deref()
+                    .and_then(crate::sys::cgroup::read_oom_kills);
+                self.oom.claim(count, now)
+            };
+        let cause = plan::end_cause(status, oom_killed);
+        let status = if oom_killed {
+            format!("{status} from the OOM killer")
+        } else {
+            status.to_string()
+        };
         let _ = self.events.send(Event::WorkerExited {
             pid: pid.as_raw() as u32,
             slot: w.slot,
-            status: status.to_string(),
+            status: status.clone(),
             uptime_secs: uptime.as_secs_f64(),
         });
         let secs = uptime.as_secs_f64();
-        let verdict = plan::judge_exit(&w, status, uptime, self.config.worker.min_uptime);
-        self.metrics.worker_exited(&verdict);
+        let verdict = plan::judge_exit(&w, exit_status, uptime, self.config.worker.min_uptime);
+        self.metrics.worker_exited(&verdict, cause);
         if w.generation == self.generation && plan::fails_rollout(&verdict) {
             self.note_rollout_failure(format!(
                 "worker {pid} of generation {} exited with {status} after {secs:.1} s",
@@ -186,6 +203,7 @@ impl Supervisor {
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
                 event = "exited",
+                cause = cause.label(),
                 "worker {pid} (slot {}) exited with {status} after {secs:.1} s; restarting",
                 w.slot,
             ),
@@ -287,10 +305,7 @@ impl Supervisor {
                 usec.as_millis()
             );
         }
-        if msg.ready && w.state == WorkerState::Starting {
-            w.state = WorkerState::Ready;
-            w.ready_at = Some(now);
-            w.last_ping = now;
+        if msg.ready && w.become_ready(now) {
             self.metrics.worker_ready(now.duration_since(w.started));
             info!(
                 worker_pid = pid.as_raw(),
@@ -301,14 +316,12 @@ impl Supervisor {
                 now.duration_since(w.started).as_millis()
             );
         }
-        if msg.watchdog_trigger && w.state == WorkerState::Ready {
+        if msg.watchdog_trigger && w.state() == WorkerState::Ready {
             let pid = w.pid;
             self.stop_worker(pid, StopReason::Watchdog, true);
-        } else if msg.stopping && w.state != WorkerState::Stopping {
+        } else if msg.stopping && w.begin_stop(StopReason::Lifetime, now) {
             // The worker leaves by itself (e.g. its own max-requests): count
             // it as stopping so a replacement starts now, not at its exit.
-            w.state = WorkerState::Stopping;
-            w.stop = Some((StopReason::Lifetime, now));
             info!(
                 worker_pid = pid.as_raw(),
                 slot = w.slot,
@@ -322,7 +335,7 @@ impl Supervisor {
         let Some(w) = self.pool.workers.get_mut(&pid) else {
             return;
         };
-        if w.state == WorkerState::Stopping && (w.killed || !kill) {
+        if w.state() == WorkerState::Stopping && (w.killed() || !kill) {
             return;
         }
         let sig = if kill {
@@ -339,11 +352,11 @@ impl Supervisor {
             "sent {} ({reason})",
             sig.as_str()
         );
-        if w.stop.is_none() {
-            w.stop = Some((reason, Instant::now()));
+        if kill {
+            w.mark_killed(reason, Instant::now());
+        } else {
+            w.begin_stop(reason, Instant::now());
         }
-        w.state = WorkerState::Stopping;
-        w.killed |= kill;
     }
 
     /// Forks `n` workers, then confirms each exec: the children exec in
@@ -425,8 +438,7 @@ impl Supervisor {
             return;
         };
         if exec_ready {
-            w.state = WorkerState::Ready;
-            w.ready_at = Some(now);
+            w.become_ready(now);
         }
         if let Some(life) = lifetime {
             // Spread recycling so workers started together do not all

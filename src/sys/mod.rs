@@ -4,6 +4,7 @@
 //! fork/exec path, the one place that creates processes).
 
 pub mod arrival;
+pub mod cgroup;
 pub mod conns;
 pub mod control_socket;
 pub mod exec;

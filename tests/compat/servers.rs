@@ -1,6 +1,6 @@
 //! One test per server and listener kind, each the server's own
 //! socket-activation support, unmodified, with the one line of config the
-//! README's "Runs under drove" table gives for it.
+//! table of docs/guide/servers.md gives for it.
 
 use std::path::Path;
 

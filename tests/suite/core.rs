@@ -368,6 +368,43 @@ fn ttin_and_ttou_move_the_target_within_limits() {
     d.wait_status("2 workers ready", 10 * SEC);
 }
 
+/// A reload that lowers `max` below the target brings the target down
+/// as a reported decision (journal line with event=scale), not silently.
+#[test]
+fn a_reload_that_lowers_max_scales_down_and_says_so() {
+    let mut d = Droved::builder("reload-max")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+[pool]
+min = 1
+max = 4
+"#,
+        )
+        .start();
+    d.wait_ready();
+    for n in 2..=3 {
+        d.signal(Signal::SIGTTIN);
+        d.wait_status(&format!("{n} workers ready (min 1, max 4)"), 10 * SEC);
+    }
+    let config = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(d.config_path(), config.replace("max = 4", "max = 2")).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_status("2 workers ready (min 1, max 2)", 20 * SEC);
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("scale down 3 -> 2"))
+        .unwrap_or_else(|| panic!("no scale line for the new max:\n{log}"));
+    assert!(
+        line.contains("above max 2") && line.contains("event=\"scale\""),
+        "{line}"
+    );
+}
+
 #[test]
 fn garbage_on_the_worker_notify_socket_changes_nothing() {
     // Ignored datagrams are logged one by one only at trace level.

@@ -114,6 +114,7 @@ proptest! {
             resume: handover::Resume::Running,
             template: None,
             socket_activated: false,
+            event_counts: [("upgrades{result=done}".to_string(), 3)].into(),
         };
         let mut bytes = handover::encode(&state);
         let i = flip % bytes.len();

@@ -245,3 +245,158 @@ fn smaps_rollup_is_read_under_the_packaged_capabilities() {
     );
     owned_memory_is_compared(&mut d, &instance, None);
 }
+
+/// A memory cgroup of its own under the test's (cgroup v1's memory
+/// controller or v2), limited to `limit` bytes; removed on drop, once the
+/// processes in it are gone.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(tag: &str, limit: u64) -> MemoryCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let name = format!("drove-test-{tag}-{}", std::process::id());
+        for line in own.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next());
+            let path = path.unwrap_or("").trim_start_matches('/');
+            let (dir, limit_files): (_, &[&str]) = if controllers.split(',').any(|c| c == "memory")
+            {
+                (
+                    std::path::Path::new("/sys/fs/cgroup/memory").join(path),
+                    &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+                )
+            } else if controllers.is_empty()
+                && std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+            {
+                (
+                    std::path::Path::new("/sys/fs/cgroup").join(path),
+                    &["memory.max", "memory.swap.max"],
+                )
+            } else {
+                continue;
+            };
+            let dir = dir.join(&name);
+            std::fs::create_dir(&dir)
+                .unwrap_or_else(|e| panic!("cannot create the memory cgroup {dir:?}: {e}"));
+            let cgroup = MemoryCgroup { dir };
+            for (i, file) in limit_files.iter().enumerate() {
+                let value = if i == 1 && file.ends_with("swap.max") {
+                    "0".to_string()
+                } else {
+                    limit.to_string()
+                };
+                // The swap limit exists only with swap accounting.
+                if let Err(e) = std::fs::write(cgroup.dir.join(file), value)
+                    && i == 0
+                {
+                    panic!("cannot limit {:?}: {e}", cgroup.dir.join(file));
+                }
+            }
+            return cgroup;
+        }
+        panic!("no memory cgroup (v1 memory controller or v2) in /proc/self/cgroup:\n{own}");
+    }
+
+    /// A launcher that moves droved (and so its workers) into the cgroup.
+    fn launcher(&self) -> Vec<String> {
+        vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "echo $$ > {} && exec \"$@\"",
+                self.dir.join("cgroup.procs").display()
+            ),
+            "sh".into(),
+        ]
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A worker killed by the kernel's OOM killer is told apart from any other
+/// kill: the journal line and `drovectl watch` say so, and the exits
+/// metric counts it as `oom-killed`, while a `kill -9` from outside stays
+/// a crash. droved reads the OOM killer's count of its own cgroup.
+#[test]
+fn a_worker_the_oom_killer_took_is_told_apart_from_a_kill() {
+    let cgroup = MemoryCgroup::new("oom", 256 * MIB);
+    let launcher = cgroup.launcher();
+    let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+    let (_reservation, mport) = reserve_port();
+    let mut d = Droved::builder("oom")
+        .launcher(&launcher)
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+command = ["{{worker}}"]
+ready = "notify"
+[pool]
+min = 2
+max = 2
+[metrics]
+listen = "127.0.0.1:{mport}"
+"#
+        ))
+        .start();
+    d.wait_ready();
+    let before = d.workers();
+    assert_eq!(before.len(), 2);
+    // More than the cgroup may hold: the OOM killer takes the worker.
+    let answer = d.get("/eat?mb=1024");
+    assert!(answer.is_err(), "the worker answered: {answer:?}");
+    d.wait_log("from the OOM killer", 1, 20 * SEC);
+    // A kill -9 from outside is not counted as the OOM killer's.
+    let survivor = eventually("a replacement and a survivor", 10 * SEC, || {
+        let now = d.workers();
+        (now.len() == 2).then(|| now.into_iter().find(|p| before.contains(p)))?
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(survivor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let exited = |l: &str| l.contains(&format!("worker {survivor} (slot")) && l.contains("exited");
+    eventually("the killed worker's exit logged", 10 * SEC, || {
+        d.log().lines().any(exited).then_some(())
+    });
+    let log = d.log();
+    let oom_line = log
+        .lines()
+        .find(|l| l.contains("from the OOM killer"))
+        .unwrap();
+    assert!(
+        oom_line.contains("exited with signal SIGKILL from the OOM killer")
+            && oom_line.contains("cause=\"oom-killed\""),
+        "{oom_line}"
+    );
+    let kill_line = log.lines().find(|l| exited(l)).unwrap();
+    assert!(
+        !kill_line.contains("OOM") && kill_line.contains("cause=\"crashed\""),
+        "{kill_line}"
+    );
+    let text = eventually("both exits counted", 10 * SEC, || {
+        let t = super::metrics::scrape(mport);
+        (super::metrics::sample(&t, r#"drove_worker_exits_total{reason="crashed"}"#) == Some(1.0))
+            .then_some(t)
+    });
+    assert_eq!(
+        super::metrics::sample(&text, r#"drove_worker_exits_total{reason="oom-killed"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    drop(d);
+    drop(cgroup);
+}

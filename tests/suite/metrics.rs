@@ -47,14 +47,14 @@ fn exchange(port: u16, raw: &[u8]) -> std::io::Result<String> {
 }
 
 /// GET /metrics; the body, which must come with a 200.
-fn scrape(port: u16) -> String {
+pub(crate) fn scrape(port: u16) -> String {
     http_get(("127.0.0.1", port), "/metrics")
         .unwrap_or_else(|e| panic!("scrape of 127.0.0.1:{port}: {e}"))
 }
 
 /// The value of the sample line `series` (name and labels as printed,
 /// without the `pool` label every series carries).
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .map(unpooled)
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
@@ -698,24 +698,57 @@ fn after_a_binary_upgrade_the_new_image_serves_metrics_on_the_same_address() {
         .config(&config(2, 2, &format!("127.0.0.1:{mport}")))
         .start();
     d.wait_ready();
-    let before = scrape(mport);
-    assert!(before.contains(r#"build="build-1""#), "{before}");
-    droved_build(&binary, "build-2");
-    d.ready_again_after("READY=1 after the upgrade", 20 * SEC, |d| {
-        d.signal(Signal::SIGUSR2)
+    // A reload first: its counters must survive the upgrades, as the
+    // worker starts do (they reset to 0 at every upgrade before).
+    d.ready_again_after("READY=1 after the reload", 30 * SEC, |d| {
+        d.signal(Signal::SIGHUP)
     });
-    let after = eventually("the new image serves metrics", 10 * SEC, || {
-        http_get(("127.0.0.1", mport), "/metrics")
-            .ok()
-            .filter(|t| t.contains(r#"build="build-2""#))
+    let rolled = eventually("the rollout counted", 20 * SEC, || {
+        let t = scrape(mport);
+        (sample(&t, r#"drove_rollouts_total{result="completed"}"#) == Some(1.0)
+            && sample(&t, r#"drove_worker_exits_total{reason="rollout"}"#) == Some(2.0))
+        .then_some(t)
     });
-    assert_eq!(
-        sample(&after, r#"drove_upgrades_total{result="done"}"#),
-        Some(1.0)
-    );
-    // Taken over from the old image: the workers it started.
-    assert_eq!(sample(&after, "drove_worker_starts_total"), Some(2.0));
-    assert_eq!(sample(&after, r#"drove_workers{state="ready"}"#), Some(2.0));
+    assert!(rolled.contains(r#"build="build-1""#), "{rolled}");
+    let carried = [
+        (r#"drove_reloads_total{result="applied"}"#, 1.0),
+        (r#"drove_rollouts_total{result="completed"}"#, 1.0),
+        (r#"drove_worker_exits_total{reason="rollout"}"#, 2.0),
+        (
+            r#"drove_scale_decisions_total{direction="up",reason="queue"}"#,
+            0.0,
+        ),
+    ];
+    for (series, want) in carried {
+        assert_eq!(sample(&rolled, series), Some(want), "{series}\n{rolled}");
+    }
+    for build in 2..=3 {
+        droved_build(&binary, &format!("build-{build}"));
+        d.ready_again_after(&format!("READY=1 after upgrade {build}"), 20 * SEC, |d| {
+            d.signal(Signal::SIGUSR2)
+        });
+        let after = eventually("the new image serves metrics", 10 * SEC, || {
+            http_get(("127.0.0.1", mport), "/metrics")
+                .ok()
+                .filter(|t| t.contains(&format!(r#"build="build-{build}""#)))
+        });
+        // Each upgrade adds to the count the old image handed over.
+        assert_eq!(
+            sample(&after, r#"drove_upgrades_total{result="done"}"#),
+            Some(f64::from(build - 1)),
+            "{after}"
+        );
+        for (series, want) in carried {
+            assert_eq!(
+                sample(&after, series),
+                Some(want),
+                "{series} after upgrade {build}"
+            );
+        }
+        // Taken over from the old image: the workers it started.
+        assert_eq!(sample(&after, "drove_worker_starts_total"), Some(4.0));
+        assert_eq!(sample(&after, r#"drove_workers{state="ready"}"#), Some(2.0));
+    }
 }
 
 #[test]

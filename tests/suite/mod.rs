@@ -4,6 +4,7 @@ pub mod canary;
 pub mod cli;
 pub mod core;
 pub mod dbus;
+pub mod docs;
 pub mod faults;
 pub mod fuzz;
 pub mod harness;

@@ -78,7 +78,7 @@ fn min_zero_has_no_worker_at_idle_and_the_first_request_succeeds() {
 
 /// One request that takes 3 s: six cooldowns of an empty queue pass while
 /// its worker is busy; the worker must not get a stop meanwhile.
-fn busy_last_worker_stays(mut d: Droved) {
+fn busy_last_worker_stays(mut d: Droved) -> Droved {
     d.wait_ready();
     let port = d.port;
     let slow = std::thread::spawn(move || http_get(("127.0.0.1", port), "/sleep?ms=3000"));
@@ -93,14 +93,30 @@ fn busy_last_worker_stays(mut d: Droved) {
     let body = slow.join().unwrap().expect("the slow request is answered");
     assert!(body.contains("slept_ms=3000"), "{body}");
     wait_zero(&mut d, 10 * SEC);
+    d
 }
 
+/// The step to zero that waits for a busy worker is not a decision yet:
+/// it is counted once, when taken, and the wake from zero is counted too.
 #[test]
 fn a_busy_last_worker_is_not_scaled_away() {
-    busy_last_worker_stays(
-        Droved::builder("ondemand-busy")
-            .config(&on_demand_config(0, ""))
-            .start(),
+    let (_reservation, mport) = reserve_port();
+    let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{mport}\"\n");
+    let d = Droved::builder("ondemand-busy")
+        .config(&(on_demand_config(0, "") + &metrics))
+        .start();
+    let _d = busy_last_worker_stays(d);
+    let text = super::metrics::scrape(mport);
+    let count = |series: &str| super::metrics::sample(&text, series);
+    assert_eq!(
+        count(r#"drove_scale_decisions_total{direction="down",reason="quiet"}"#),
+        Some(1.0),
+        "one step to zero, taken once the worker was idle\n{text}"
+    );
+    assert_eq!(
+        count(r#"drove_scale_decisions_total{direction="up",reason="wake"}"#),
+        Some(1.0),
+        "the wake from zero\n{text}"
     );
 }
 

@@ -2,7 +2,7 @@
 //! (`worker.socket = "stdin"`, the FastCGI convention), behind a real nginx
 //! that each test starts itself: not as a daemon, with its own temporary
 //! prefix and config, on 127.0.0.1. The droved config is
-//! `examples/php.toml` and the nginx server block is the README's, with
+//! `examples/php.toml` and the nginx server block is docs/guide/php.md's, with
 //! only paths and the port changed, so both are tested as published.
 
 use std::os::fd::OwnedFd;
@@ -17,7 +17,7 @@ use super::harness::*;
 const SEC: Duration = Duration::from_secs(1);
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The path examples/php.toml and the README's snippet use.
+/// The path examples/php.toml and docs/guide/php.md's snippet use.
 const EXAMPLE_SOCKET: &str = "/run/php-app/php.sock";
 
 /// "7 workers ready (min 1, ...)" -> 7.
@@ -44,15 +44,15 @@ fn example_config(extra: &str) -> String {
     out
 }
 
-/// The README's nginx server block (the ```nginx fence of its PHP section).
-fn readme_server_block() -> String {
-    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).unwrap();
-    let start = readme
+/// The PHP guide's nginx server block (the ```nginx fence of docs/guide/php.md).
+fn guide_server_block() -> String {
+    let guide = std::fs::read_to_string(Path::new(REPO).join("docs/guide/php.md")).unwrap();
+    let start = guide
         .find("```nginx\n")
-        .expect("README.md has an ```nginx block")
+        .expect("docs/guide/php.md has an ```nginx block")
         + "```nginx\n".len();
-    let len = readme[start..].find("```").unwrap();
-    readme[start..start + len].to_string()
+    let len = guide[start..].find("```").unwrap();
+    guide[start..start + len].to_string()
 }
 
 /// nginx in front of a droved pool, on a reserved 127.0.0.1 port.
@@ -65,7 +65,7 @@ struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx with the README's server block, serving `docroot`
+    /// Starts nginx with the PHP guide's server block, serving `docroot`
     /// and passing `.php` to the FastCGI socket `php_socket`, and waits
     /// until it answers.
     fn start(scratch: &Scratch, docroot: &Path, php_socket: &Path) -> Nginx {
@@ -75,7 +75,7 @@ impl Nginx {
         // `include fastcgi_params` is relative to the config's directory.
         std::fs::copy("/etc/nginx/fastcgi_params", dir.join("fastcgi_params"))
             .expect("nginx's fastcgi_params (tests/run installs nginx)");
-        let server = readme_server_block()
+        let server = guide_server_block()
             .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
             .replace("/var/www/php-app", &docroot.display().to_string())
             .replace(EXAMPLE_SOCKET, &php_socket.display().to_string());

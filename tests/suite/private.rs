@@ -268,6 +268,56 @@ fn every_verb_works_over_the_private_socket_without_a_bus() {
     assert!(text(&out.stderr).contains("no private socket answers"));
 }
 
+/// sd-bus clients work on the private socket: `busctl --address=` sends
+/// the bus's `Hello` first and hangs up on anything before its reply
+/// (droved answered neither, and sent PropertiesChanged at once).
+#[test]
+fn busctl_speaks_to_the_private_socket_as_root_and_as_nobody() {
+    let (d, instance) = droved("busctl", 2, 4, "");
+    let address = format!("unix:path={}", socket_of(&instance).display());
+    let busctl = |prefix: &[&str], args: &[&str]| {
+        let mut argv: Vec<&str> = prefix.to_vec();
+        argv.extend(["busctl", "--address", &address]);
+        argv.extend(args);
+        Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .output()
+            .expect("busctl (Debian package systemd) must be installed")
+    };
+    let target = [
+        "get-property",
+        "org.drove.Drove1",
+        "/org/drove/Drove1",
+        "org.drove.Drove1",
+        "Target",
+    ];
+    for prefix in [&[][..], &NOBODY[..]] {
+        let out = busctl(prefix, &target);
+        assert_ok(&out, &format!("busctl get-property as {prefix:?}"));
+        assert_eq!(text(&out.stdout).trim(), "u 2", "as {prefix:?}");
+    }
+    let scale = [
+        "call",
+        "org.drove.Drove1",
+        "/org/drove/Drove1",
+        "org.drove.Drove1",
+        "Scale",
+        "u",
+        "3",
+    ];
+    let denied = busctl(&NOBODY, &scale);
+    assert!(!denied.status.success(), "nobody scaled over busctl");
+    assert!(
+        text(&denied.stderr).contains("needs root"),
+        "{}",
+        text(&denied.stderr)
+    );
+    assert_ok(&busctl(&[], &scale), "busctl Scale as root");
+    assert_eq!(json(&instance, &["status"])["target"], 3);
+    drop(d);
+}
+
 #[test]
 fn unprivileged_users_read_but_cannot_change_over_the_private_socket() {
     let (d, instance) = droved("nobody", 2, 4, "");

@@ -510,6 +510,45 @@ fn reload_to_app_code_that_cannot_load_keeps_the_old_workers() {
     assert!(d.try_exit().is_none());
 }
 
+/// A guarded rollout judges a template that cannot start by its own rule
+/// (`[rollout] max_failures`, then a rollback), not by the unguarded one
+/// (3 failures, then an abort) that it used to.
+#[test]
+fn a_guarded_rollout_to_a_template_that_cannot_start_is_rolled_back() {
+    let (mut d, app) = template_pool("tpl-guarded-bad", 2);
+    d.wait_ready();
+    let before: BTreeSet<i32> = answers_from(&d, 2)
+        .iter()
+        .map(|b| field(b, "pid"))
+        .collect();
+    let guarded = std::fs::read_to_string(d.config_path()).unwrap()
+        + "[rollout]\ncanary = 1\nobserve = \"1s\"\nmax_failures = 1\n";
+    std::fs::write(d.config_path(), guarded).unwrap();
+    std::fs::write(
+        app.join("app.py"),
+        "raise SystemExit('broken on purpose')\n",
+    )
+    .unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("rolling restart done (rollback)", 1, 30 * SEC);
+    let log = d.log();
+    assert!(!log.contains("rollout-aborted"), "{log}");
+    let failed = log
+        .lines()
+        .filter(|l| l.contains("event=\"template-failed\""))
+        .count();
+    assert_eq!(failed, 1, "max_failures = 1 allows one failure:\n{log}");
+    assert!(
+        log.contains("(1 of 1 failures allowed in this rollout)"),
+        "{log}"
+    );
+    for _ in 0..20 {
+        let body = d.get("/").expect("the old workers keep serving");
+        assert!(before.contains(&field(&body, "pid")), "{body}");
+    }
+    assert!(d.try_exit().is_none());
+}
+
 #[test]
 fn a_template_that_never_says_hello_is_killed_and_backed_off() {
     let mut d = Droved::builder("tpl-nohello")
