@@ -294,7 +294,7 @@ impl Supervisor {
             .pool
             .workers
             .values()
-            .filter(|w| w.state == WorkerState::Ready)
+            .filter(|w| w.state() == WorkerState::Ready)
             .map(|w| w.pid)
             .collect();
         let open = self.open_connections(!ready.is_empty(), now, budget.is_none());
@@ -360,7 +360,7 @@ impl Supervisor {
             .pool
             .workers
             .values()
-            .filter(|w| w.state == WorkerState::Ready)
+            .filter(|w| w.state() == WorkerState::Ready)
             .map(|w| w.pid);
         self.activity.counts(ready)
     }

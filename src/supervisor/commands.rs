@@ -57,7 +57,7 @@ impl Supervisor {
                     self.pool
                         .workers
                         .values()
-                        .filter(|w| w.state == super::pool::WorkerState::Ready)
+                        .filter(|w| w.state() == super::pool::WorkerState::Ready)
                         .filter_map(|w| {
                             let busy = self.activity.is_busy(w.pid);
                             (busy || self.activity.is_idle(w.pid)).then(|| WorkerActivity {
