@@ -100,6 +100,10 @@ pub struct Activity {
     queue_seen: bool,
     /// Why the last sample could not tell (the counts are unknown).
     blind: Option<String>,
+    /// (busy, idle) among the workers of the last sample: counted once per
+    /// sample, not on every report (a pool of 1,024 made that a tenth of
+    /// droved's idle CPU).
+    counts: Option<(u32, u32)>,
 }
 
 impl Activity {
@@ -161,6 +165,7 @@ impl Activity {
         let mut remaining = match open {
             Open::Unknown(why) => {
                 self.blind = Some(why);
+                self.counts = None;
                 return;
             }
             Open::Connections(c) => c,
@@ -194,6 +199,7 @@ impl Activity {
             };
             self.readings.insert(pid, Reading { seen, at: now });
         }
+        self.counts = self.count(ready);
     }
 
     /// What the last reading of `pid` found; `None` if it was never read.
@@ -219,14 +225,16 @@ impl Activity {
         }
     }
 
-    /// (busy, idle) among `ready`; workers never read or unreadable are in
-    /// neither. `None` when nothing is known of any of them.
-    pub fn counts(&self, ready: impl Iterator<Item = Pid>) -> Option<(u32, u32)> {
-        if self.blind.is_some() {
-            return None;
-        }
+    /// (busy, idle) among the workers of the last sample; workers never
+    /// read or unreadable are in neither. `None` before the first sample,
+    /// and when nothing is known of any of them.
+    pub fn counts(&self) -> Option<(u32, u32)> {
+        self.counts
+    }
+
+    fn count(&self, ready: &[Pid]) -> Option<(u32, u32)> {
         let (mut busy, mut idle, mut unknown) = (0, 0, 0);
-        for pid in ready {
+        for &pid in ready {
             match self.seen(pid) {
                 Some(Seen::Busy { .. }) => busy += 1,
                 Some(Seen::Idle) => idle += 1,
@@ -235,6 +243,14 @@ impl Activity {
         }
         (busy + idle > 0 || unknown == 0).then_some((busy, idle))
     }
+}
+
+/// Counts of a sample made when there were `ready` workers: a worker that
+/// left since is taken from the idle ones first (a second at most, until
+/// the next sample). Pure.
+pub fn within((busy, idle): (u32, u32), ready: u32) -> (u32, u32) {
+    let busy = busy.min(ready);
+    (busy, idle.min(ready - busy))
 }
 
 /// A worker's new state from the open connections it holds now and what it
@@ -353,17 +369,6 @@ impl Supervisor {
         }
         Open::Connections(open)
     }
-
-    /// (busy, idle) among the ready workers, as last sampled.
-    pub(super) fn activity_counts(&self) -> Option<(u32, u32)> {
-        let ready = self
-            .pool
-            .workers
-            .values()
-            .filter(|w| w.state() == WorkerState::Ready)
-            .map(|w| w.pid);
-        self.activity.counts(ready)
-    }
 }
 
 #[cfg(test)]
@@ -415,7 +420,7 @@ mod tests {
     fn a_worker_is_busy_while_it_holds_an_open_connection() {
         let t0 = Instant::now();
         let mut a = Activity::default();
-        assert_eq!(a.counts([pid(1)].into_iter()), None, "never sampled");
+        assert_eq!(a.counts(), None, "never sampled");
         // 1 holds connection 100 (and the listener 7 and a DB socket 9,
         // which are not connections of the listeners); 2 holds nothing;
         // 3 cannot be read.
@@ -426,10 +431,17 @@ mod tests {
         assert_eq!(a.seen(pid(3)), Some(&Seen::Unknown));
         assert!(!a.is_idle(pid(3)) && !a.is_busy(pid(3)));
         assert_eq!(a.busy_since(pid(1)), Some(t0));
-        assert_eq!(a.counts([1, 2, 3].map(pid).into_iter()), Some((1, 1)));
+        assert_eq!(a.counts(), Some((1, 1)));
         // Only unreadable ones: nothing known.
-        assert_eq!(a.counts([pid(3)].into_iter()), None);
-        assert_eq!(a.counts(std::iter::empty()), Some((0, 0)));
+        sample(&mut a, t0, &[3], open(&[100]), &mut procs);
+        assert_eq!(a.counts(), None);
+        sample(&mut a, t0, &[], open(&[]), &mut procs);
+        assert_eq!(a.counts(), Some((0, 0)));
+        // A worker gone since the sample leaves the idle ones first.
+        assert_eq!(within((1, 2), 3), (1, 2));
+        assert_eq!(within((1, 2), 2), (1, 1));
+        assert_eq!(within((2, 0), 1), (1, 0));
+        assert_eq!(within((0, 3), 0), (0, 0));
     }
 
     #[test]
@@ -465,7 +477,7 @@ mod tests {
         let mut procs = Procs::new(&[(1, &[]), (2, &[100]), (3, &[])]);
         sample(&mut a, t0, &[1, 2, 3], open(&[]), &mut procs);
         assert!(procs.read.is_empty(), "{:?}", procs.read);
-        assert_eq!(a.counts([1, 2, 3].map(pid).into_iter()), Some((0, 3)));
+        assert_eq!(a.counts(), Some((0, 3)));
         // 100 open: reading stops at its holder; the rest are idle. All
         // were read at t0, so the order is by pid.
         sample(
@@ -476,7 +488,7 @@ mod tests {
             &mut procs,
         );
         assert_eq!(procs.read, vec![1, 2]);
-        assert_eq!(a.counts([1, 2, 3].map(pid).into_iter()), Some((1, 2)));
+        assert_eq!(a.counts(), Some((1, 2)));
     }
 
     #[test]
@@ -497,11 +509,7 @@ mod tests {
             spent,
         );
         assert_eq!(procs.read, vec![1]);
-        assert_eq!(
-            a.counts(ready.into_iter()),
-            Some((1, 0)),
-            "2 and 3 unknown yet"
-        );
+        assert_eq!(a.counts(), Some((1, 0)), "2 and 3 unknown yet");
         a.sample(
             t0 + SAMPLE_EVERY,
             &ready,
@@ -529,7 +537,7 @@ mod tests {
             spent,
         );
         assert_eq!(procs.read, vec![1, 2, 3, 1]);
-        assert_eq!(a.counts(ready.into_iter()), Some((3, 0)));
+        assert_eq!(a.counts(), Some((3, 0)));
         // Without a budget (a decision), every worker is read.
         procs.read.clear();
         a.sample(
@@ -558,7 +566,7 @@ mod tests {
             Open::Unknown("netns".into()),
             &mut procs,
         );
-        assert_eq!(a.counts([pid(2)].into_iter()), None);
+        assert_eq!(a.counts(), None);
         assert!(!a.is_idle(pid(2)) && !a.is_busy(pid(2)));
     }
 

@@ -436,7 +436,10 @@ impl Supervisor {
 
     fn snapshot(&self) -> Snapshot {
         let counts = self.pool.counts();
-        let activity = self.activity_counts();
+        let activity = self
+            .activity
+            .counts()
+            .map(|c| activity::within(c, counts.ready));
         Snapshot {
             instance: self.instance.clone(),
             version: crate::version(),
