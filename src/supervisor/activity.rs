@@ -51,7 +51,7 @@ use crate::sys::conns::{self, ListenerKey};
 /// How often the pool's activity is sampled for the reports.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Time one sample may spend reading workers' fds (at least one is read).
-pub const BUDGET: Duration = Duration::from_millis(10);
+pub const BUDGET: Duration = Duration::from_millis(5);
 /// While the last TCP dump found no connection open and connections came
 /// to other listeners of the namespace since, how often a sample for the
 /// reports dumps again (unless a tick saw connections queued): each dump
