@@ -507,6 +507,10 @@ impl Drove1 {
 /// connection open until the supervisor is gone. That task ends after it
 /// signalled the supervisor's last state (stopping): await it before the
 /// process exits, so observers see it.
+///
+/// When the bus goes away (dbus-daemon restarted), the task connects and
+/// takes the name again, as systemd does, retrying with a back-off from
+/// [`RECONNECT_FIRST`] to [`RECONNECT_MAX`]; the pool never notices.
 pub async fn serve(
     bus: BusKind,
     handle: Handle,
@@ -514,7 +518,55 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let instance = handle.snapshot.borrow().instance.clone();
     let name = super::bus_name(&instance)?;
-    let object = Drove1::new(&handle, access);
+    let conn = connect(bus, &handle, &access, &name, &instance).await?;
+    info!("serving {name} on the {bus} bus");
+    // The task owns the connection: it lives as long as the supervisor.
+    // Subscribed now, not in the task: an event sent right after this
+    // returns (the new image's Upgraded) must reach the bus.
+    let mut events = handle.events.subscribe();
+    let forwarding = tokio::spawn(async move {
+        let mut conn = conn;
+        loop {
+            let closed = connection_closed(conn.clone());
+            let ended = forward(conn, handle.snapshot.clone(), events, closed).await;
+            if ended == Ended::SupervisorGone {
+                return;
+            }
+            warn!("lost the {bus} bus connection; taking {name} again once the bus is back");
+            let mut delay = RECONNECT_FIRST;
+            conn = loop {
+                tokio::time::sleep(delay).await;
+                if handle.snapshot.has_changed().is_err() {
+                    return; // the supervisor is gone meanwhile
+                }
+                match connect(bus, &handle, &access, &name, &instance).await {
+                    Ok(conn) => break conn,
+                    Err(e) => {
+                        debug!("{e:#}; retrying in {delay:?}");
+                        delay = (delay * 2).min(RECONNECT_MAX);
+                    }
+                }
+            };
+            events = handle.events.subscribe();
+            info!("serving {name} on the {bus} bus again");
+        }
+    });
+    Ok(forwarding)
+}
+
+/// First wait before connecting to a bus that went away.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(250);
+/// Longest wait between attempts to reach a bus that went away.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+async fn connect(
+    bus: BusKind,
+    handle: &Handle,
+    access: &Access,
+    name: &str,
+    instance: &str,
+) -> Result<Connection, ServeError> {
+    let object = Drove1::new(handle, access.clone());
     let conn = bus
         .builder()
         .and_then(|b| b.serve_at(OBJECT_PATH, object))
@@ -522,19 +574,21 @@ pub async fn serve(
         .build()
         .await
         .map_err(|e| ServeError::Connect(bus, e))?;
-    take_name(&conn, &name).await.map_err(|e| match e {
-        zbus::Error::NameTaken => ServeError::NameTaken(bus, name.clone(), instance.clone()),
-        e => ServeError::RequestName(bus, name.clone(), e),
+    take_name(&conn, name).await.map_err(|e| match e {
+        zbus::Error::NameTaken => {
+            ServeError::NameTaken(bus, name.to_string(), instance.to_string())
+        }
+        e => ServeError::RequestName(bus, name.to_string(), e),
     })?;
-    info!("serving {name} on the {bus} bus");
-    // The task owns the connection: it lives as long as the supervisor.
-    let forwarding = tokio::spawn(forward(
-        conn,
-        handle.snapshot,
-        handle.events.subscribe(),
-        std::future::pending(),
-    ));
-    Ok(forwarding)
+    Ok(conn)
+}
+
+/// Completes when `conn`'s socket is closed (the bus went away).
+async fn connection_closed(conn: Connection) {
+    use futures_lite::StreamExt;
+    let mut messages = zbus::MessageStream::from(&conn);
+    drop(conn);
+    while messages.next().await.is_some() {}
 }
 
 /// Logs the counts of denied calls (bus and private socket alike) every
@@ -598,6 +652,15 @@ pub enum ServeError {
     RequestName(BusKind, String, #[source] zbus::Error),
 }
 
+/// Why [`forward`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// `until` completed: the connection closed.
+    Closed,
+    /// The supervisor is gone (droved stops).
+    SupervisorGone,
+}
+
 /// Turns snapshot changes into PropertiesChanged and events into signals,
 /// until the supervisor is gone or `until` completes (the connection
 /// closed).
@@ -606,13 +669,13 @@ pub(super) async fn forward(
     mut snapshot: watch::Receiver<Snapshot>,
     mut events: broadcast::Receiver<Event>,
     until: impl std::future::Future<Output = ()>,
-) {
+) -> Ended {
     tokio::pin!(until);
     let emitter = match SignalEmitter::new(&conn, OBJECT_PATH) {
         Ok(e) => e,
         Err(e) => {
             warn!("D-Bus: cannot emit signals: {e}");
-            return;
+            return Ended::SupervisorGone;
         }
     };
     let iface = InterfaceName::from_static_str_unchecked(super::INTERFACE);
@@ -633,10 +696,10 @@ pub(super) async fn forward(
     }
     loop {
         tokio::select! {
-            _ = &mut until => break,
+            _ = &mut until => return Ended::Closed,
             changed = snapshot.changed() => {
                 if changed.is_err() {
-                    break;
+                    return Ended::SupervisorGone;
                 }
                 let now = super::properties::live_properties(&snapshot.borrow_and_update());
                 let diff: HashMap<&str, Value<'_>> = now
@@ -667,7 +730,7 @@ pub(super) async fn forward(
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     warn!("D-Bus: {n} events dropped (signals lagged behind)");
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
+                Err(broadcast::error::RecvError::Closed) => return Ended::SupervisorGone,
             },
         }
     }

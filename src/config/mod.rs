@@ -51,8 +51,8 @@ pub use error::{ConfigError, Position};
 pub use raw::KEYS;
 pub use types::{
     ControlConfig, ListenAddr, ListenAddrError, ListenConfig, ListenSpec, MetricsConfig,
-    PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, WorkerConfig, WorkerMode,
-    WorkerModeError, WorkerSocket, WorkerSocketError,
+    PoolConfig, ReadyMode, ReadyModeError, RolloutConfig, ScaleConfig, StopConfig, WorkerConfig,
+    WorkerMode, WorkerModeError, WorkerSocket, WorkerSocketError,
 };
 pub use values::{
     DurationError, SignalError, SizeError, format_duration, parse_duration, parse_signal,
@@ -66,6 +66,10 @@ pub const MAX_WORKERS: u32 = 4096;
 /// Longest unix socket path: `sun_path` is 108 bytes including the NUL.
 pub const MAX_UNIX_PATH: usize = 107;
 /// Environment variables droved sets for each worker; the config may not.
+/// How long a worker that timed out has, after `worker.timeout_signal`,
+/// to write its traceback and go before SIGKILL (at most `stop_timeout`).
+pub const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub const RESERVED_ENVIRONMENT: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_PID",
@@ -92,6 +96,7 @@ pub struct Config {
     /// table) keeps plain rolling restarts.
     pub rollout: Option<RolloutConfig>,
     pub metrics: MetricsConfig,
+    pub stop: StopConfig,
 }
 
 impl Config {
@@ -518,6 +523,7 @@ group = "drove"
                 ready_timeout: Duration::from_secs(5),
                 stop_signal: Signal::SIGQUIT,
                 stop_timeout: Duration::from_millis(1500),
+                timeout_signal: Signal::SIGABRT,
                 watchdog: Some(Duration::from_millis(10)),
                 restart_delay: Duration::from_millis(50),
                 restart_delay_max: Duration::from_secs(60),

@@ -12,7 +12,7 @@ use toml::{Spanned, Value};
 pub(super) type Field = Option<Spanned<Value>>;
 
 const TOP_KEYS: &[&str] = &[
-    "listen", "worker", "pool", "scale", "control", "rollout", "metrics",
+    "listen", "worker", "pool", "scale", "control", "rollout", "metrics", "stop",
 ];
 const LISTEN_KEYS: &[&str] = &[
     "addresses",
@@ -34,6 +34,7 @@ const WORKER_KEYS: &[&str] = &[
     "ready_timeout",
     "stop_signal",
     "stop_timeout",
+    "timeout_signal",
     "watchdog",
     "restart_delay",
     "restart_delay_max",
@@ -49,6 +50,7 @@ const SCALE_KEYS: &[&str] = &["interval", "cooldown", "window", "cpu_guard"];
 const CONTROL_KEYS: &[&str] = &["group"];
 const METRICS_KEYS: &[&str] = &["listen"];
 const ROLLOUT_KEYS: &[&str] = &["canary", "observe", "max_failures"];
+const STOP_KEYS: &[&str] = &["delay"];
 
 /// Every key the parser accepts, by table (`"listen.addresses"`: the keys
 /// of an address entry table). The documentation is checked against it
@@ -63,6 +65,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ("control", CONTROL_KEYS),
     ("rollout", ROLLOUT_KEYS),
     ("metrics", METRICS_KEYS),
+    ("stop", STOP_KEYS),
 ];
 
 pub(super) const SECTIONS: &[(&str, &[&str])] = &[
@@ -74,6 +77,7 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("[control]", CONTROL_KEYS),
     ("[rollout]", ROLLOUT_KEYS),
     ("[metrics]", METRICS_KEYS),
+    ("[stop]", STOP_KEYS),
 ];
 
 #[derive(Deserialize, Default)]
@@ -86,6 +90,7 @@ pub(super) struct RawConfig {
     pub(super) control: RawControl,
     pub(super) rollout: Option<RawRollout>,
     pub(super) metrics: RawMetrics,
+    pub(super) stop: RawStop,
 }
 
 #[derive(Deserialize, Default)]
@@ -144,6 +149,7 @@ pub(super) struct RawWorker {
     pub(super) ready_timeout: Field,
     pub(super) stop_signal: Field,
     pub(super) stop_timeout: Field,
+    pub(super) timeout_signal: Field,
     pub(super) watchdog: Field,
     pub(super) restart_delay: Field,
     pub(super) restart_delay_max: Field,
@@ -211,6 +217,13 @@ pub(super) struct RawControl {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawMetrics {
     pub(super) listen: Field,
+}
+
+/// `[stop]`: how a graceful stop begins.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawStop {
+    pub(super) delay: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -287,6 +300,7 @@ mod tests {
         assert_eq!(fields_of::<RawControl>(), keys_of("control"));
         assert_eq!(fields_of::<RawRollout>(), keys_of("rollout"));
         assert_eq!(fields_of::<RawMetrics>(), keys_of("metrics"));
+        assert_eq!(fields_of::<RawStop>(), keys_of("stop"));
         let mut tables: Vec<&str> = KEYS
             .iter()
             .map(|(t, _)| *t)

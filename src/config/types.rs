@@ -191,6 +191,10 @@ pub struct WorkerConfig {
     pub stop_signal: Signal,
     /// Grace period after `stop_signal` before SIGKILL; default 30s.
     pub stop_timeout: Duration,
+    /// Sent first to a worker that timed out (the watchdog), for a
+    /// traceback or a core, as systemd's `WatchdogSignal=`; SIGKILL
+    /// follows after [`ABORT_GRACE`](super::ABORT_GRACE). Default SIGABRT.
+    pub timeout_signal: Signal,
     /// `WATCHDOG_USEC` given to workers; default none.
     pub watchdog: Option<Duration>,
     /// Initial backoff after a failed start; default 100ms.
@@ -229,6 +233,7 @@ impl Default for WorkerConfig {
             ready: ReadyMode::Exec,
             ready_timeout: Duration::from_secs(30),
             stop_signal: Signal::SIGTERM,
+            timeout_signal: Signal::SIGABRT,
             stop_timeout: Duration::from_secs(30),
             watchdog: None,
             restart_delay: Duration::from_millis(100),
@@ -367,6 +372,15 @@ pub struct ControlConfig {
 pub struct MetricsConfig {
     /// `/metrics` is served here; `None` (the default): no metrics.
     pub listen: Option<ListenAddr>,
+}
+
+/// `[stop]`: how a graceful stop (SIGTERM) begins.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StopConfig {
+    /// Drain first: for this long after SIGTERM the workers keep accepting
+    /// while `/readyz` answers 503, so a load balancer takes the instance
+    /// out before they stop. Zero (the default): stop at once.
+    pub delay: Duration,
 }
 
 #[cfg(test)]

@@ -16,6 +16,10 @@ use super::{
     Config, ConfigError, DEFAULT_LISTEN_NAME, MAX_WORKERS, Position, RESERVED_ENVIRONMENT,
 };
 
+/// Longest `stop.delay`: a drain is for a load balancer to notice, not a
+/// place to park a stopping service.
+pub const MAX_STOP_DELAY: Duration = Duration::from_secs(3600);
+
 /// Parse and validate `text`; `origin` names the file in messages.
 pub(super) fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
     let cx = Cx { text, origin };
@@ -104,6 +108,7 @@ impl Cx<'_> {
                     ("struct RawScale", "a table [scale]"),
                     ("struct RawControl", "a table [control]"),
                     ("struct RawMetrics", "a table [metrics]"),
+                    ("struct RawStop", "a table [stop]"),
                 ] {
                     m = m.replace(name, table);
                 }
@@ -221,6 +226,7 @@ impl Cx<'_> {
         self.build_scale(&raw.scale, &mut config.scale)?;
         config.control.group = self.name(&raw.control.group, "control.group")?;
         config.metrics.listen = self.metrics_listen(&raw.metrics, &config.listen)?;
+        config.stop.delay = self.stop_delay(&raw.stop)?;
         if let Some(r) = &raw.rollout {
             config.rollout = Some(self.build_rollout(r)?);
         }
@@ -247,6 +253,27 @@ impl Cx<'_> {
             ));
         }
         Ok(Some(address))
+    }
+
+    /// `stop.delay`: zero (no drain) up to [`MAX_STOP_DELAY`].
+    fn stop_delay(&self, raw: &RawStop) -> Res<Duration> {
+        let key = "stop.delay";
+        let Some(d) = self.duration(&raw.delay, key)? else {
+            return Ok(Duration::ZERO);
+        };
+        if d > MAX_STOP_DELAY {
+            let v = raw.delay.as_ref().expect("a duration was read from it");
+            return Err(self.at(
+                v,
+                key,
+                format!(
+                    "{key} ({}) must be at most {}: it only needs to outlast the load balancer taking the instance out (a few seconds)",
+                    format_duration(d),
+                    format_duration(MAX_STOP_DELAY)
+                ),
+            ));
+        }
+        Ok(d)
     }
 
     /// `worker.socket = "stdin"`: one listener, on fd 0 of an exec'd worker.
@@ -463,6 +490,12 @@ impl Cx<'_> {
         }
         if let Some(d) = self.duration_min(&raw.stop_timeout, "worker.stop_timeout", nonzero)? {
             out.stop_timeout = d;
+        }
+        if let Some(v) = &raw.timeout_signal {
+            let key = "worker.timeout_signal";
+            let s = self.string(v, key, "a signal name such as \"SIGABRT\"")?;
+            out.timeout_signal =
+                parse_signal(s).map_err(|e| self.at(v, key, format!("{key}: {e}")))?;
         }
         out.watchdog =
             self.duration_min(&raw.watchdog, "worker.watchdog", Duration::from_millis(10))?;
@@ -736,7 +769,7 @@ mod tests {
     fn syntax_and_unknown_keys() {
         assert_err(
             "\n\nworkerz = 1",
-            "3:1: unknown key `workerz` in the top level; expected one of listen, worker, pool, scale, control, rollout, metrics (did you mean `worker`?)",
+            "3:1: unknown key `workerz` in the top level; expected one of listen, worker, pool, scale, control, rollout, metrics, stop (did you mean `worker`?)",
         );
         assert_err(
             "[pool]\nminimum = 1",
@@ -744,7 +777,7 @@ mod tests {
         );
         assert_err(
             "[worker]\n  comand = []",
-            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, socket, ready, ready_timeout, stop_signal, stop_timeout, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
+            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, socket, ready, ready_timeout, stop_signal, stop_timeout, timeout_signal, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
         );
         assert_err(
             "[listen]\nport = 80",
@@ -1142,6 +1175,33 @@ mod tests {
         assert_err(
             "[control]\ngroup = \"\"",
             "2:9: control.group must not be empty; remove the key instead",
+        );
+    }
+
+    #[test]
+    fn stop_delay() {
+        use std::time::Duration;
+        assert_eq!(
+            parse("[stop]\ndelay = \"5s\"").stop.delay,
+            Duration::from_secs(5)
+        );
+        assert_eq!(parse("").stop.delay, Duration::ZERO);
+        assert_eq!(parse("[stop]\ndelay = 0").stop.delay, Duration::ZERO);
+        assert_err(
+            "[stop]\ndelay = 5",
+            "2:9: stop.delay must be a duration string with a unit, e.g. \"5s\" or \"5ms\", found integer 5",
+        );
+        assert_err(
+            "[stop]\ndelay = \"2h\"",
+            "2:9: stop.delay (2h) must be at most 1h: it only needs to outlast the load balancer taking the instance out (a few seconds)",
+        );
+        assert_err(
+            "[stop]\ndelay = \"soon\"",
+            "2:9: stop.delay: `soon` is not a duration; expected a number and a unit, e.g. \"100ms\", \"30s\", \"2m\"",
+        );
+        assert_err(
+            "[stop]\ntimeout = \"5s\"",
+            "2:1: unknown key `timeout` in [stop]; expected one of delay",
         );
     }
 

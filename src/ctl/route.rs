@@ -32,13 +32,6 @@ pub enum Via {
     Remote(Host),
 }
 
-impl Via {
-    /// Peer-to-peer: no bus daemon, no names, every message is droved's.
-    pub fn is_p2p(&self) -> bool {
-        matches!(self, Via::Private(_))
-    }
-}
-
 impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -20,6 +20,14 @@ pub enum Route {
     Index {
         head_only: bool,
     },
+    /// `/livez`: droved's loop turns (see `health`).
+    Livez {
+        head_only: bool,
+    },
+    /// `/readyz`: the pool takes traffic (see `health`).
+    Readyz {
+        head_only: bool,
+    },
 }
 
 /// Why a request gets an error response.
@@ -109,6 +117,8 @@ pub fn parse(head: &[u8]) -> Result<Route, Refusal> {
             head_only,
         }),
         "/" => Ok(Route::Index { head_only }),
+        "/livez" => Ok(Route::Livez { head_only }),
+        "/readyz" => Ok(Route::Readyz { head_only }),
         _ => Err(Refusal::NotFound),
     }
 }
@@ -214,6 +224,19 @@ mod tests {
             get("GET / HTTP/1.1\r\n\r\n"),
             Ok(Route::Index { head_only: false })
         );
+        assert_eq!(
+            get("GET /livez HTTP/1.1\r\nHost: 10.0.0.7:9464\r\n\r\n"),
+            Ok(Route::Livez { head_only: false })
+        );
+        assert_eq!(
+            get("GET /readyz?verbose HTTP/1.1\r\nUser-Agent: kube-probe/1.31\r\n\r\n"),
+            Ok(Route::Readyz { head_only: false })
+        );
+        assert_eq!(
+            get("HEAD /readyz HTTP/1.1\r\n\r\n"),
+            Ok(Route::Readyz { head_only: true })
+        );
+        assert_eq!(get("GET /readyz/ HTTP/1.1\r\n\r\n"), Err(Refusal::NotFound));
         assert_eq!(get("GET /x HTTP/1.1\r\n\r\n"), Err(Refusal::NotFound));
         assert_eq!(
             get("POST /metrics HTTP/1.1\r\n\r\n"),

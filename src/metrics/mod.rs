@@ -14,6 +14,7 @@
 //! - `procfs`: the /proc readings (netns-wide listen overflows, RSS, CPU,
 //!   the pool's PSS and USS);
 //! - `http`: the request parser and responses (pure, unit-tested);
+//! - `health`: `/livez` and `/readyz` (pure, unit-tested);
 //! - `server`: the listener, the accept loop and its bounds per connection;
 //! - `slots`: which connection makes room for a new one (pure);
 //! - `cache`: a rendered scrape reused for a second (pure).
@@ -25,6 +26,7 @@
 
 mod cache;
 mod carry;
+mod health;
 mod http;
 mod procfs;
 mod render;
@@ -60,6 +62,8 @@ struct Inner {
     server: Mutex<ServerControl>,
     /// The workers' CPU total last reported (f64 bits; see `procfs::read`).
     cpu_floor: std::sync::atomic::AtomicU64,
+    /// The supervisor's loop turned, for `/livez`.
+    heartbeat: health::Heartbeat,
 }
 
 /// How a rolling restart ended.
@@ -214,6 +218,13 @@ impl Metrics {
     }
 
     // --- Hooks, called by the supervisor at its events -------------------
+
+    /// The supervisor's loop turned (it turns at least every `interval`).
+    pub fn heartbeat(&self, interval: Duration) {
+        self.inner
+            .heartbeat
+            .beat(std::time::Instant::now(), interval);
+    }
 
     /// After each queue probe: high-water marks, the workers' and the
     /// templates' pids.

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 use super::cache::{self, Cache};
 use super::http::{self, Route};
 use super::slots::{self, Admission, Held};
-use super::{Metrics, procfs, render};
+use super::{Metrics, health, procfs, render};
 use crate::config::ListenAddr;
 use crate::supervisor::status::Snapshot;
 
@@ -286,9 +286,16 @@ where
         Ok(Route::Index { head_only }) => http::response(
             "200 OK",
             "text/html; charset=utf-8",
-            b"<html><body><a href=\"/metrics\">/metrics</a></body></html>\n",
+            b"<html><body><a href=\"/metrics\">/metrics</a> <a href=\"/livez\">/livez</a> <a href=\"/readyz\">/readyz</a></body></html>\n",
             head_only,
         ),
+        Ok(Route::Livez { head_only }) => probe_response(
+            &health::liveness(&source.metrics.inner.heartbeat, Instant::now()),
+            head_only,
+        ),
+        Ok(Route::Readyz { head_only }) => {
+            probe_response(&health::readiness(&source.snapshot.borrow()), head_only)
+        }
         Ok(Route::Metrics { format, head_only }) => match source.scrape(format).await {
             Some(text) => {
                 http::response("200 OK", format.content_type(), text.as_bytes(), head_only)
@@ -306,6 +313,17 @@ where
         stream.shutdown().await
     })
     .await;
+}
+
+/// A probe's answer as its response: the status and the reason as text.
+fn probe_response(answer: &health::Answer, head_only: bool) -> Vec<u8> {
+    let body = format!("{}\n", answer.reason);
+    http::response(
+        answer.status(),
+        "text/plain; charset=utf-8",
+        body.as_bytes(),
+        head_only,
+    )
 }
 
 enum HeadError {

@@ -17,7 +17,7 @@ impl Supervisor {
     pub(super) fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Scale { n, reply } => {
-                let r = if self.lifecycle.is_stopping() {
+                let r = if self.lifecycle.is_ending() {
                     Err(ControlError::Stopping)
                 } else if n < self.config.pool.min || n > self.config.pool.max {
                     Err(ControlError::OutOfRange(format!(
@@ -173,6 +173,41 @@ impl Supervisor {
         self.target = new;
     }
 
+    /// A stop from outside (SIGTERM, SIGINT, SIGQUIT). A graceful one
+    /// drains first for `stop.delay` when the pool has served (see
+    /// [`Lifecycle::drains_on_stop`]); any stop during the drain stops at
+    /// once, gracefully or fast as asked.
+    pub(super) fn request_stop(&mut self, fast: bool, why: &str) {
+        if let Some(until) = self.lifecycle.drain_until() {
+            let left = until.saturating_duration_since(Instant::now());
+            info!(
+                event = "stop",
+                "{why} during the drain ({:.1} s left): stopping now",
+                left.as_secs_f64()
+            );
+        } else if !fast && !self.config.stop.delay.is_zero() && self.lifecycle.drains_on_stop() {
+            return self.drain(why);
+        }
+        self.begin_stop(fast, why);
+    }
+
+    /// Enters the drain: `/readyz` answers 503 while the workers keep
+    /// serving for `stop.delay`; then the graceful stop (`run` arms the
+    /// timer from [`Lifecycle::drain_until`]).
+    pub(super) fn drain(&mut self, why: &str) {
+        let delay = self.config.stop.delay;
+        info!(
+            event = "drain",
+            "{why}: draining for {} (stop.delay): not ready any more, the {} workers keep serving; then a graceful stop",
+            crate::config::format_duration(delay),
+            self.pool.workers.len()
+        );
+        let left = self.enter(Lifecycle::Draining {
+            until: Instant::now() + delay,
+        });
+        refuse_waiting(left);
+    }
+
     /// Stops the pool: every worker gets its stop signal (SIGKILL when
     /// `fast`); droved exits when the last one is gone. A stop wins over
     /// everything in progress: a rollout's callers get an error, an upgrade
@@ -198,17 +233,7 @@ impl Supervisor {
             self.pool.workers.len()
         );
         let left = self.enter(Lifecycle::Stopping { fast });
-        let replies = match left {
-            Lifecycle::Rolling(r) => r.replies,
-            Lifecycle::Upgrading(u) => match u.stage {
-                UpgradeStage::Preflight { replies } => replies,
-                UpgradeStage::Handing { .. } => vec![],
-            },
-            _ => vec![],
-        };
-        for reply in replies {
-            let _ = reply.send(Err(ControlError::Stopping));
-        }
+        refuse_waiting(left);
         let pids: Vec<Pid> = self.pool.workers.keys().copied().collect();
         for pid in pids {
             self.stop_worker(pid, StopReason::Shutdown, fast);
@@ -224,6 +249,22 @@ impl Supervisor {
             self.config.worker.restart_delay,
             self.config.worker.restart_delay_max,
         );
+    }
+}
+
+/// The callers a stop leaves waiting (a rollout's, an upgrade's preflight)
+/// get an error: it will not happen.
+fn refuse_waiting(left: Lifecycle) {
+    let replies = match left {
+        Lifecycle::Rolling(r) => r.replies,
+        Lifecycle::Upgrading(u) => match u.stage {
+            UpgradeStage::Preflight { replies } => replies,
+            UpgradeStage::Handing { .. } => vec![],
+        },
+        _ => vec![],
+    };
+    for reply in replies {
+        let _ = reply.send(Err(ControlError::Stopping));
     }
 }
 

@@ -9,7 +9,9 @@
 //!     │  upgrade           │  │ preflight refused / exec failed
 //!     └──────────────▶ Upgrading { Preflight ─▶ Handing } ──exec──▶ (new image:
 //!                          │                                 Starting/Running/Stopping)
+//!  Running/Rolling/Upgrading ── SIGTERM, stop.delay > 0 ──▶ Draining ──delay over──▶ Stopping { graceful }
 //!  any state ── SIGTERM/SIGINT/SIGQUIT ──▶ Stopping { fast } ──last worker gone──▶ exit
+//!  Draining ── a second SIGTERM / SIGINT / SIGQUIT ──▶ Stopping at once
 //!  Running at zero workers for pool.idle_exit ──▶ Stopping { graceful }
 //! ```
 //!
@@ -42,6 +44,12 @@ pub enum Lifecycle {
     Rolling(Box<Rollout>),
     /// A binary upgrade: the new binary is being checked, or the exec is due.
     Upgrading(Upgrade),
+    /// A graceful stop with `stop.delay`: until `until` the workers keep
+    /// serving as they are (no scaling but a wake from zero, no rollout,
+    /// no upgrade) while `/readyz` says 503; then Stopping.
+    Draining {
+        until: Instant,
+    },
     /// Workers were told to stop; droved exits when the last one is gone.
     Stopping {
         fast: bool,
@@ -179,12 +187,45 @@ impl Lifecycle {
             Lifecycle::Running => Phase::Running,
             Lifecycle::Rolling(_) => Phase::Reloading,
             Lifecycle::Upgrading(_) => Phase::Upgrading,
+            Lifecycle::Draining { .. } => Phase::Draining,
             Lifecycle::Stopping { .. } => Phase::Stopping,
         }
     }
 
     pub fn is_stopping(&self) -> bool {
         matches!(self, Lifecycle::Stopping { .. })
+    }
+
+    /// Stopping, or draining before it: no request that changes the pool
+    /// (scale, reload, upgrade) is taken.
+    pub fn is_ending(&self) -> bool {
+        matches!(
+            self,
+            Lifecycle::Stopping { .. } | Lifecycle::Draining { .. }
+        )
+    }
+
+    /// When a drain ends.
+    pub fn drain_until(&self) -> Option<Instant> {
+        match self {
+            Lifecycle::Draining { until } => Some(*until),
+            _ => None,
+        }
+    }
+
+    /// Whether a graceful stop drains first (given `stop.delay` > 0): only
+    /// a pool that became ready serves anyone a load balancer could move
+    /// away; an upgrade whose exec is due execs first and the new image
+    /// drains.
+    pub fn drains_on_stop(&self) -> bool {
+        match self {
+            Lifecycle::Running => true,
+            Lifecycle::Rolling(r) => !r.from_starting,
+            Lifecycle::Upgrading(u) => {
+                !u.from_starting && matches!(u.stage, UpgradeStage::Preflight { .. })
+            }
+            Lifecycle::Starting | Lifecycle::Draining { .. } | Lifecycle::Stopping { .. } => false,
+        }
     }
 
     pub fn rollout(&self) -> Option<&Rollout> {
@@ -242,7 +283,9 @@ pub fn announcement(from: Phase, to: Phase) -> Announcement {
         (a, b) if a == b => Announcement::Nothing,
         (_, Phase::Running) => Announcement::Ready,
         (_, Phase::Reloading | Phase::Upgrading) => Announcement::Reloading,
-        (_, Phase::Stopping) => Announcement::Stopping,
+        // The drain already said STOPPING=1.
+        (Phase::Draining, Phase::Stopping) => Announcement::Nothing,
+        (_, Phase::Stopping | Phase::Draining) => Announcement::Stopping,
         (_, Phase::Starting) => Announcement::Nothing,
     }
 }
@@ -266,6 +309,10 @@ mod tests {
             (Running, Stopping, A::Stopping),
             (Reloading, Running, A::Ready),
             (Reloading, Stopping, A::Stopping),
+            (Running, Draining, A::Stopping),
+            (Reloading, Draining, A::Stopping),
+            (Upgrading, Draining, A::Stopping),
+            (Draining, Stopping, A::Nothing),
             // A rollout begun while starting that ends before the pool is
             // ready: systemd still waits for the first READY=1.
             (Reloading, Starting, A::Nothing),
@@ -349,6 +396,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_pool_that_served_drains() {
+        let now = Instant::now();
+        let upgrading = |stage, from_starting| {
+            Lifecycle::Upgrading(Upgrade {
+                stage,
+                from_starting,
+            })
+        };
+        assert!(Lifecycle::Running.drains_on_stop());
+        assert!(!Lifecycle::Starting.drains_on_stop());
+        assert!(!Lifecycle::Draining { until: now }.drains_on_stop());
+        assert!(!Lifecycle::Stopping { fast: false }.drains_on_stop());
+        let preflight = || UpgradeStage::Preflight { replies: vec![] };
+        assert!(upgrading(preflight(), false).drains_on_stop());
+        assert!(!upgrading(preflight(), true).drains_on_stop());
+        // The exec is due: it happens first, and the new image drains.
+        assert!(!upgrading(UpgradeStage::Handing { exec_at: now }, false).drains_on_stop());
+    }
+
+    #[test]
     fn phase_of_each_state() {
         assert_eq!(Lifecycle::Starting.phase(), Starting);
         assert_eq!(Lifecycle::Running.phase(), Running);
@@ -365,6 +432,10 @@ mod tests {
             from_starting: false,
         });
         assert_eq!(handing.exec_at(), Some(now));
+        let draining = Lifecycle::Draining { until: now };
+        assert_eq!(draining.phase(), Draining);
+        assert_eq!(draining.drain_until(), Some(now));
+        assert!(draining.is_ending() && !draining.is_stopping());
         assert!(matches!(Lifecycle::settled(true), Lifecycle::Starting));
         assert!(matches!(Lifecycle::settled(false), Lifecycle::Running));
     }

@@ -352,6 +352,7 @@ impl Supervisor {
         self.reconcile();
         self.track_zero(Instant::now());
         self.publish();
+        self.metrics.heartbeat(self.config.scale.interval);
 
         loop {
             tokio::select! {
@@ -369,9 +370,12 @@ impl Supervisor {
                 _ = tick.tick() => self.on_tick(),
                 _ = self.arrival.watch.arrived() => self.on_arrival(),
                 _ = tick::sleep_until(self.arrival.next) => self.on_early_tick(),
-                _ = sigterm.recv() => self.begin_stop(false, "SIGTERM"),
-                _ = sigint.recv() => self.begin_stop(true, "SIGINT"),
-                _ = sigquit.recv() => self.begin_stop(true, "SIGQUIT"),
+                _ = sigterm.recv() => self.request_stop(false, "SIGTERM"),
+                _ = sigint.recv() => self.request_stop(true, "SIGINT"),
+                _ = sigquit.recv() => self.request_stop(true, "SIGQUIT"),
+                _ = tick::sleep_until(self.lifecycle.drain_until()) => {
+                    self.begin_stop(false, "stop.delay over");
+                }
                 _ = sighup.recv() => {
                     if let Err(e) = self.reload(None) {
                         error!("reload on SIGHUP rejected: {e}");
@@ -390,6 +394,7 @@ impl Supervisor {
             self.reconcile();
             self.track_zero(Instant::now());
             self.publish();
+            self.metrics.heartbeat(self.config.scale.interval);
             if let Some(began) = self.tick_began.take() {
                 self.tick_times.record(began.elapsed(), Instant::now());
             }
@@ -524,12 +529,4 @@ fn placeholder_snapshot() -> Snapshot {
         template: None,
         uptime_secs: 0.0,
     }
-}
-
-/// Where a unix listener's socket file lives, for cleanup by callers.
-pub fn owned_paths(listeners: &[Listener]) -> Vec<PathBuf> {
-    listeners
-        .iter()
-        .filter_map(|l| l.owned_path.clone())
-        .collect()
 }

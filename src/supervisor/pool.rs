@@ -316,14 +316,28 @@ impl Pool {
             .collect()
     }
 
-    /// Stopping workers whose grace period is over and that still run.
-    pub fn stop_expired(&self, now: Instant, stop_timeout: Duration) -> Vec<Pid> {
+    /// Stopping workers whose grace period is over and that still run:
+    /// `stop_timeout`, or for one aborted because it timed out (the
+    /// watchdog) `abort_grace`, if shorter.
+    pub fn stop_expired(
+        &self,
+        now: Instant,
+        stop_timeout: Duration,
+        abort_grace: Duration,
+    ) -> Vec<Pid> {
         self.workers
             .values()
             .filter(|w| !w.killed())
-            .filter(
-                |w| matches!(w.stop(), Some((_, since)) if now.duration_since(since) >= stop_timeout),
-            )
+            .filter(|w| match w.stop() {
+                Some((reason, since)) => {
+                    let grace = match reason {
+                        StopReason::Watchdog => abort_grace.min(stop_timeout),
+                        _ => stop_timeout,
+                    };
+                    now.duration_since(since) >= grace
+                }
+                None => false,
+            })
             .map(|w| w.pid)
             .collect()
     }
@@ -489,14 +503,17 @@ mod tests {
         let w = pool.workers.get_mut(&Pid::from_raw(10)).unwrap();
         w.begin_stop(StopReason::ScaleDown, now - Duration::from_secs(31));
         assert_eq!(
-            pool.stop_expired(now, Duration::from_secs(30)),
+            pool.stop_expired(now, Duration::from_secs(30), Duration::from_secs(5)),
             vec![Pid::from_raw(10)]
         );
         pool.workers
             .get_mut(&Pid::from_raw(10))
             .unwrap()
             .mark_killed(StopReason::Shutdown, now);
-        assert!(pool.stop_expired(now, Duration::from_secs(30)).is_empty());
+        assert!(
+            pool.stop_expired(now, Duration::from_secs(30), Duration::from_secs(5))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@ impl Supervisor {
         if self.lifecycle.is_stopping() {
             return;
         }
+        if self.lifecycle.drain_until().is_some() {
+            return self.hold_while_draining(now);
+        }
         // A rollout replaces everyone anyway: no recycling during one.
         if self.lifecycle.rollout().is_none()
             && let Some(action) = self.recycle_step(now)
@@ -53,6 +56,20 @@ impl Supervisor {
         let actions = plan::reconcile(&self.pool, goal, |pid| self.activity.is_idle(pid));
         for action in actions {
             self.apply(action, now);
+        }
+    }
+
+    /// Draining: the pool stays as it is, whatever its generations (a
+    /// rollout cut short keeps its old workers), and none retires; only
+    /// workers short of the target start (a wake from zero, a crash).
+    fn hold_while_draining(&mut self, now: Instant) {
+        let asked = self.pool.templates.forks.len() as u32;
+        let short = self
+            .target
+            .saturating_sub(self.pool.counts().active() + asked);
+        let n = short.min(self.gate.available(now));
+        if n > 0 {
+            self.spawn_workers(n, now);
         }
     }
 

@@ -67,7 +67,9 @@ impl Supervisor {
     /// Loads and applies the new config; returns the one it replaced.
     fn reload_config(&mut self) -> Result<Config, ReloadError> {
         match self.lifecycle {
-            Lifecycle::Stopping { .. } => return Err(ReloadError::Stopping),
+            Lifecycle::Stopping { .. } | Lifecycle::Draining { .. } => {
+                return Err(ReloadError::Stopping);
+            }
             Lifecycle::Upgrading(_) => return Err(ReloadError::Upgrading),
             Lifecycle::Starting | Lifecycle::Running | Lifecycle::Rolling(_) => {}
         }
@@ -121,7 +123,7 @@ impl Supervisor {
         reply: Option<Reply>,
     ) {
         let refusal = match &mut self.lifecycle {
-            Lifecycle::Stopping { .. } => Some(ControlError::Stopping),
+            Lifecycle::Stopping { .. } | Lifecycle::Draining { .. } => Some(ControlError::Stopping),
             Lifecycle::Upgrading(_) => Some(ControlError::RolloutFailed(
                 ReloadError::Upgrading.to_string(),
             )),

@@ -12,6 +12,8 @@ pub enum Phase {
     Running,
     Reloading,
     Upgrading,
+    /// `stop.delay`: serving still, but no longer ready (`/readyz` 503).
+    Draining,
     Stopping,
 }
 
@@ -22,6 +24,7 @@ impl std::fmt::Display for Phase {
             Phase::Running => "running",
             Phase::Reloading => "reloading",
             Phase::Upgrading => "upgrading",
+            Phase::Draining => "draining",
             Phase::Stopping => "stopping",
         })
     }
@@ -124,7 +127,10 @@ impl Snapshot {
                 None if !self.listeners.is_empty() => line.push_str(", queue unknown"),
                 None => {}
             }
-            if matches!(self.phase, Phase::Reloading | Phase::Upgrading) {
+            if matches!(
+                self.phase,
+                Phase::Reloading | Phase::Upgrading | Phase::Draining
+            ) {
                 line.push_str(&format!("; {}", self.phase));
             }
         }
@@ -245,6 +251,11 @@ mod tests {
             "1 worker ready (min 2, max 16), 3 starting, queue unknown; journal not reading: 1 log message dropped"
         );
         s.journal_stalled = false;
+        s.phase = Phase::Draining;
+        assert_eq!(
+            s.status_line(),
+            "1 worker ready (min 2, max 16), 3 starting, queue unknown; draining"
+        );
         s.phase = Phase::Stopping;
         s.stopping = 2;
         assert_eq!(s.status_line(), "stopping: 6 workers left");

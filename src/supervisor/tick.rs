@@ -187,9 +187,10 @@ impl Supervisor {
             self.config.worker.ready_timeout,
             self.config.worker.watchdog,
         ) {
-            // A hung worker (watchdog) gets SIGKILL at once, as systemd's
-            // watchdog would abort it; one that is merely not ready may be
-            // serving requests already: stop it gracefully.
+            // A hung worker (watchdog) is aborted, as systemd's watchdog
+            // does: worker.timeout_signal for a traceback or a core, then
+            // SIGKILL; one that is merely not ready may be serving
+            // requests already: stop it gracefully.
             let hung = reason == StopReason::Watchdog;
             let what = match reason {
                 StopReason::ReadyTimeout => self.no_ready_hint(),
@@ -199,11 +200,26 @@ impl Supervisor {
                 worker_pid = pid.as_raw(),
                 event = "timeout",
                 "worker {pid}: {what}; {}",
-                if hung { "killing it" } else { "stopping it" }
+                if hung {
+                    format!(
+                        "aborting it ({})",
+                        self.config.worker.timeout_signal.as_str()
+                    )
+                } else {
+                    "stopping it".to_string()
+                }
             );
-            self.stop_worker(pid, reason, hung);
+            if hung {
+                self.abort_worker(pid, reason);
+            } else {
+                self.stop_worker(pid, reason, false);
+            }
         }
-        for pid in self.pool.stop_expired(now, self.config.worker.stop_timeout) {
+        let abort_grace = crate::config::ABORT_GRACE;
+        for pid in self
+            .pool
+            .stop_expired(now, self.config.worker.stop_timeout, abort_grace)
+        {
             warn!(
                 worker_pid = pid.as_raw(),
                 event = "kill",

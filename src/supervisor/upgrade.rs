@@ -66,7 +66,9 @@ impl Supervisor {
             }
         };
         let from_starting = match &mut self.lifecycle {
-            Lifecycle::Stopping { .. } => return refuse(reply, "droved is stopping"),
+            Lifecycle::Stopping { .. } | Lifecycle::Draining { .. } => {
+                return refuse(reply, "droved is stopping");
+            }
             Lifecycle::Rolling(_) => {
                 return refuse(
                     reply,
@@ -373,6 +375,12 @@ impl Supervisor {
             }
             // Still owed: reconcile sends it once the pool is ready.
             Resume::Starting => {}
+            // The old image drained nothing (the exec was due): drain here.
+            // Not knowing whether the pool had become ready, it drains
+            // anyway; `/readyz` says 503 either way.
+            Resume::Stopping { fast: false } if !self.config.stop.delay.is_zero() => {
+                self.drain("stop received during the upgrade")
+            }
             Resume::Stopping { fast } => self.begin_stop(fast, "stop received during the upgrade"),
         }
     }

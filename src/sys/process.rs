@@ -39,14 +39,6 @@ impl std::fmt::Display for ExitStatus {
     }
 }
 
-impl ExitStatus {
-    /// `true` for a clean exit (status 0, or killed by the signal we sent).
-    pub fn is_clean(&self, stop_signal: Signal) -> bool {
-        matches!(self, ExitStatus::Exited(0))
-            || matches!(self, ExitStatus::Signaled(s, _) if *s == stop_signal)
-    }
-}
-
 /// Reaps `pid` if it has exited; `Ok(None)` while it runs.
 pub fn try_reap(pid: Pid) -> io::Result<Option<ExitStatus>> {
     loop {
@@ -67,12 +59,6 @@ pub fn try_reap(pid: Pid) -> io::Result<Option<ExitStatus>> {
 /// droved's children, reaped and signalled like exec'd ones.
 pub fn become_subreaper() -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
-}
-
-/// Whether droved is a child subreaper (it stays one across a reload to
-/// exec mode and across an upgrade's exec).
-pub fn is_subreaper() -> bool {
-    nix::sys::prctl::get_child_subreaper().unwrap_or(false)
 }
 
 /// Whether this process is PID 1 of its PID namespace (a container's
@@ -480,13 +466,6 @@ fn clock_ticks() -> u64 {
         .ok()
         .flatten()
         .unwrap_or(100) as u64
-}
-
-/// Number of open fds of this process (leak checks, status).
-pub fn own_fd_count() -> io::Result<usize> {
-    Ok(std::fs::read_dir("/proc/self/fd")?
-        .count()
-        .saturating_sub(1))
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -578,20 +578,6 @@ unsafe fn child_exec(p: &Prepared, plan: &FdPlan, listen_pid: *mut u8) -> ! {
         );
         fail(status_fd, ChildStep::Exec)
     }
-}
-
-/// Duplicates `fd` as a new CLOEXEC fd (for keeping listeners past a handover).
-pub fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    fd.try_clone_to_owned()
-}
-
-/// Wraps a raw fd number inherited from a previous process image.
-///
-/// # Safety
-/// `fd` must be open and owned by nobody else in this process.
-pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 // --- drovectl -H: a transport process (ssh) on a socket ---------------------

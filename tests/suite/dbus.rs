@@ -116,9 +116,44 @@ impl Bus {
         Bus {
             child,
             dir,
-            address: line.trim().to_string(),
+            // Without the daemon's guid, as the system bus's address is: a
+            // restarted daemon has another.
+            address: line
+                .trim()
+                .split(',')
+                .filter(|part| !part.starts_with("guid="))
+                .collect::<Vec<_>>()
+                .join(","),
             kind,
         }
+    }
+
+    /// Stops dbus-daemon and starts a new one on the same socket, as
+    /// `systemctl restart dbus` does.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.join("bus.sock"));
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!(
+                "--config-file={}",
+                self.dir.join("bus.conf").display()
+            ))
+            .args(["--nofork", "--print-address=1", "--nosyslog"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.dir.join("bus2.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("unix:"),
+            "dbus-daemon did not start again: {line:?}"
+        );
+        self.child = child;
     }
 
     fn address_var(&self) -> &'static str {
@@ -624,6 +659,35 @@ fn instances_are_addressed_separately() {
     let status = dup.wait_exit(10 * SEC);
     assert!(!status.success());
     assert!(dup.log().contains("already taken"), "{}", dup.log());
+}
+
+/// dbus-daemon restarts (an upgrade of the dbus package): droved takes
+/// its name again, as systemd does, and drovectl reaches it over the bus;
+/// the pool never noticed.
+#[test]
+fn droved_takes_its_name_again_when_the_bus_comes_back() {
+    let mut bus = Bus::start();
+    let mut d = bus.droved("rebus", 2, 2);
+    let before = d.workers();
+    assert_eq!(bus.status("rebus")["ready"], 2);
+    bus.restart();
+    d.wait_log("lost the session bus connection", 1, 10 * SEC);
+    let status = eventually("drovectl reaches droved over the new bus", 15 * SEC, || {
+        let out = bus.ctl(&["--json", "--instance", "rebus", "status"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice::<Value>(&out.stdout).unwrap())
+    });
+    assert_eq!(status["pid"], d.pid());
+    assert_eq!(status["ready"], 2);
+    assert!(d.log().contains("on the session bus again"), "{}", d.log());
+    assert_eq!(d.workers(), before, "the pool never noticed");
+    assert!(d.try_exit().is_none());
+    // And the control it offers is whole: a change over the new bus.
+    assert_ok(
+        &bus.ctl(&["--instance", "rebus", "restart-workers"]),
+        &["restart-workers"],
+    );
 }
 
 #[test]

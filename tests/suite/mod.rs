@@ -8,6 +8,7 @@ pub mod docs;
 pub mod faults;
 pub mod fuzz;
 pub mod harness;
+pub mod health;
 pub mod memory;
 pub mod metrics;
 pub mod notify;

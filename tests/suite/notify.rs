@@ -535,3 +535,76 @@ max = 2
     );
     assert!(alive(pinging.parse().unwrap()), "{log}");
 }
+
+/// A hung worker is aborted, not shot: `worker.timeout_signal` (SIGABRT)
+/// first, so Python's faulthandler writes the stuck request's traceback
+/// to the journal (the workers' stderr), then SIGKILL for one that does
+/// not go. Before, the watchdog sent SIGKILL at once: no traceback.
+#[test]
+fn a_hung_worker_gets_the_timeout_signal_and_leaves_its_traceback() {
+    let dir = Scratch::new("abort-traceback");
+    let app = dir.join("spin_app.py");
+    std::fs::write(
+        &app,
+        r#"
+import os, sys
+
+def spin_forever():
+    # Never let the watchdog thread run again: the GIL stays here.
+    sys.setswitchinterval(1000)
+    while True:
+        pass
+
+def application(environ, start_response):
+    if environ.get("PATH_INFO") == "/spin":
+        spin_forever()
+    data = "pid={}\n".format(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+"#,
+    )
+    .unwrap();
+    let mut d = Droved::builder("abort-traceback")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+command = ["python3", "-X", "faulthandler", "{worker}", "{app}:application"]
+ready = "notify"
+watchdog = "1s"
+stop_timeout = "20s"
+[pool]
+min = 1
+max = 1
+"#,
+            worker = python_worker().display(),
+            app = app.display(),
+        ))
+        .start();
+    d.wait_ready();
+    let victim = d.workers()[0];
+    let port = d.port;
+    let stuck = std::thread::spawn(move || http_get(("127.0.0.1", port), "/spin"));
+    let t0 = Instant::now();
+    d.wait_log(
+        &format!("worker {victim}: watchdog timeout; aborting it (SIGABRT)"),
+        1,
+        15 * SEC,
+    );
+    let exit = format!("worker {victim} (slot 0) exited with signal SIGABRT");
+    d.wait_log(&exit, 1, 15 * SEC);
+    // Well before stop_timeout (20 s): the abort ended it, not a SIGKILL.
+    assert!(t0.elapsed() < 10 * SEC, "{:?}", t0.elapsed());
+    let log = d.log();
+    assert!(log.contains("Fatal Python error: Aborted"), "{log}");
+    assert!(
+        log.contains("in spin_forever") && log.contains("in application"),
+        "the stuck request's frames are in the traceback:\n{log}"
+    );
+    assert!(
+        stuck.join().unwrap().is_err(),
+        "the stuck request got no answer"
+    );
+    eventually("a replacement serves", 10 * SEC, || d.get("/").ok());
+}

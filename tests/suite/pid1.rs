@@ -492,10 +492,23 @@ fn the_container_recipe_runs_as_pid1() {
             .expect("the drove-worker user (tests/run creates it)");
         assert_eq!(uid, user.uid.to_string());
     }
+    // The kubelet's readiness probe, then the drain of app.toml's
+    // stop.delay: not ready at once, the app still answering.
+    let ready = http_get_unix(&metrics_sock, "/readyz").unwrap();
+    assert_eq!(ready.trim(), "ready: 2 workers");
     nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    eventually("/readyz to answer 503", 5 * SEC, || {
+        let e = http_get_unix(&metrics_sock, "/readyz").err()?;
+        e.to_string().contains("503").then_some(())
+    });
+    let body = d
+        .get("/")
+        .unwrap_or_else(|e| panic!("the app answers during the drain: {e}\n{}", d.log()));
+    assert!(body.contains("pid="), "{body}");
     let status = d.wait_exit(30 * SEC);
     let log = d.log();
     assert!(status.success(), "droved exited with {status}\n{log}");
+    assert!(log.contains("draining for 5s (stop.delay)"), "{log}");
     assert_eq!(log.matches("exited with status 0").count(), 2, "{log}");
     eventually("the namespace to be empty", 10 * SEC, || {
         members(&ns).is_empty().then_some(())
