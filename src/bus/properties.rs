@@ -28,6 +28,8 @@ pub fn live_properties(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
         ("Ready", Value::from(s.ready)),
         ("Starting", Value::from(s.starting)),
         ("Stopping", Value::from(s.stopping)),
+        ("Busy", Value::from(super::opt_i32(s.busy))),
+        ("Idle", Value::from(super::opt_i32(s.idle))),
         ("QueueDepth", Value::from(super::opt_i32(s.queued))),
         (
             "Listeners",
@@ -88,6 +90,15 @@ where
     }
 }
 
+/// A count that may be unknown (-1), or absent from a droved that
+/// predates it: `None` both ways.
+fn get_count(map: &HashMap<String, OwnedValue>, key: &str) -> Result<Option<u32>, PropertyError> {
+    match map.contains_key(key) {
+        true => Ok(u32::try_from(get::<i32>(map, key)?).ok()),
+        false => Ok(None),
+    }
+}
+
 fn nonempty(s: String) -> Option<String> {
     Some(s).filter(|s| !s.is_empty())
 }
@@ -114,6 +125,8 @@ pub fn snapshot_from(map: &HashMap<String, OwnedValue>) -> Result<Snapshot, Prop
         ready: get(map, "Ready")?,
         starting: get(map, "Starting")?,
         stopping: get(map, "Stopping")?,
+        busy: get_count(map, "Busy")?,
+        idle: get_count(map, "Idle")?,
         listeners: listeners.into_iter().map(Into::into).collect(),
         queued: u32::try_from(queued).ok(),
         demand: None,

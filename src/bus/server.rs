@@ -18,7 +18,9 @@ use zbus::{Connection, interface};
 use super::access::{Access, DENIAL_WINDOW, Grant};
 use super::{BusError, BusKind, Listener, OBJECT_PATH, Worker};
 use crate::supervisor::Handle;
-use crate::supervisor::control::{Command, ControlError, Event, ProcessMemory, RolloutAction};
+use crate::supervisor::control::{
+    Command, ControlError, Event, ProcessMemory, RolloutAction, WorkerActivity,
+};
 use crate::supervisor::status::Snapshot;
 use crate::sys::control_socket::Peer;
 use crate::sys::memory;
@@ -286,6 +288,15 @@ impl Drove1 {
         })
     }
 
+    /// The ready workers droved could read: pid, busy (holds a connection
+    /// accepted from a listener), and for how long in seconds (0 when
+    /// idle), as last sampled (at most a second old).
+    async fn list_activity(&self) -> Result<Vec<WorkerActivity>, BusError> {
+        let mut list = self.ask(|reply| Command::ListActivity { reply }).await?;
+        list.sort_by_key(|w| w.pid);
+        Ok(list)
+    }
+
     // ---- properties: constant -----------------------------------------
 
     #[zbus(property(emits_changed_signal = "const"))]
@@ -373,6 +384,19 @@ impl Drove1 {
     #[zbus(property)]
     fn stopping(&self) -> u32 {
         self.snap().stopping
+    }
+
+    /// Ready workers that hold a connection accepted from a listener; -1
+    /// when droved cannot tell.
+    #[zbus(property)]
+    fn busy(&self) -> i32 {
+        super::opt_i32(self.snap().busy)
+    }
+
+    /// Ready workers that hold none; -1 when droved cannot tell.
+    #[zbus(property)]
+    fn idle(&self) -> i32 {
+        super::opt_i32(self.snap().idle)
     }
 
     /// Sum of the readable accept queues; -1 when none is readable.

@@ -74,8 +74,12 @@ fn render(target: &Target, st: &Status) -> String {
         ),
     );
     line("Status", s.status_line());
+    let activity = match (s.busy, s.idle) {
+        (Some(busy), Some(idle)) => format!(" ({busy} busy, {idle} idle)"),
+        _ => String::new(),
+    };
     let mut workers = format!(
-        "{} ready, {} starting, {} stopping; target {} (min {}, max {})",
+        "{} ready{activity}, {} starting, {} stopping; target {} (min {}, max {})",
         s.ready, s.starting, s.stopping, s.target, s.min, s.max
     );
     if s.failing {
@@ -170,6 +174,8 @@ mod tests {
             ready: 4,
             starting: 0,
             stopping: 1,
+            busy: Some(3),
+            idle: Some(1),
             listeners: vec![ListenerStatus {
                 name: "web".into(),
                 address: "127.0.0.1:8080".into(),
@@ -227,14 +233,27 @@ mod tests {
     }
 
     #[test]
+    fn unknown_activity_decodes_to_none_and_is_left_out_of_the_text() {
+        let mut s = snapshot();
+        s.busy = None;
+        s.idle = None;
+        let map = properties(&s);
+        assert_eq!(map["Busy"], OwnedValue::from(-1i32));
+        assert_eq!(decode(&map).unwrap().snapshot, s);
+    }
+
+    #[test]
     fn a_droved_without_the_journal_properties_still_has_a_status() {
         let s = snapshot();
         let mut map = properties(&s);
         map.remove("JournalStalled");
         map.remove("LogDropped");
         map.remove("Template");
+        map.remove("Busy");
+        map.remove("Idle");
         let got = decode(&map).unwrap().snapshot;
         assert_eq!(got.template, None);
+        assert_eq!((got.busy, got.idle), (None, None));
         assert!(!got.journal_stalled);
         assert_eq!(got.log_dropped, 0);
         // An older property stays required: its absence is an error.

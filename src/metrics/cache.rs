@@ -89,6 +89,8 @@ mod tests {
             ready: 2,
             starting: 0,
             stopping: 0,
+            busy: None,
+            idle: None,
             listeners: vec![],
             queued: Some(0),
             demand: Some(2),

@@ -163,6 +163,8 @@ mod tests {
             ready,
             starting,
             stopping: 0,
+            busy: None,
+            idle: None,
             listeners: vec![],
             queued: Some(0),
             demand: None,

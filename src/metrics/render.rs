@@ -231,6 +231,21 @@ pub fn render(
         "Worker processes by state (starting: not yet ready; ready; stopping: told to stop)",
         workers,
     );
+    // Busy and idle as gauges of their own, not more states of
+    // drove_workers: its states partition the processes (a sum over them
+    // is the pool), and busy + idle partition the ready ones.
+    if let (Some(busy), Some(idle)) = (snap.busy, snap.idle) {
+        r.register(
+            "workers_busy",
+            "Ready workers that hold a connection accepted from a listener (sampled once a second from the kernel; docs: droved(8), BUSY AND IDLE WORKERS)",
+            gauge(i64::from(busy)),
+        );
+        r.register(
+            "workers_idle",
+            "Ready workers that hold no connection accepted from a listener (waiting for one)",
+            gauge(i64::from(idle)),
+        );
+    }
     r.register(
         "workers_target",
         "Number of workers the pool aims for now (the autoscaler's target)",
@@ -244,10 +259,10 @@ pub fn render(
             gauge(i64::from(demand)),
         );
     }
-    if let Some(u) = crate::scale::utilization(None, snap.ready, snap.target, snap.max) {
+    if let Some(u) = crate::scale::utilization(snap.busy, snap.ready, snap.target, snap.max) {
         r.register_with_unit(
             "workers_utilization",
-            "Share of the pool's room in use, 0 to 1: drove_workers_target / drove_workers_max (droved does not count busy workers yet); 1 at max whether or not the pod keeps up, see drove_workers_demand",
+            "Share of the pool's room in use, 0 to 1: drove_workers_busy / ready workers; drove_workers_target / drove_workers_max while busy workers are unknown or none is ready",
             Unit::Other("ratio".into()),
             ConstGauge::new(u),
         );
@@ -390,6 +405,8 @@ mod tests {
             ready: 3,
             starting: 1,
             stopping: 0,
+            busy: None,
+            idle: None,
             listeners: vec![ListenerStatus {
                 name: "http".into(),
                 address: "127.0.0.1:8080".into(),
@@ -560,5 +577,33 @@ mod tests {
         );
         assert!(!text.contains("drove_pool_memory_bytes"), "{text}");
         assert!(!text.contains("\ndrove_workers_demand{"), "{text}");
+        // Busy workers unknown (the snapshot's default here).
+        assert!(!text.contains("\ndrove_workers_busy{"), "{text}");
+        assert!(!text.contains("\ndrove_workers_idle{"), "{text}");
+    }
+
+    #[test]
+    fn busy_and_idle_workers_and_the_utilization_they_give() {
+        let mut snap = snapshot();
+        snap.ready = 4;
+        snap.busy = Some(3);
+        snap.idle = Some(1);
+        let text = render(
+            &snap,
+            &Events::default(),
+            &Live::default(),
+            &readings(),
+            Format::Text,
+        );
+        for line in [
+            r#"drove_workers_busy{pool="web"} 3"#,
+            r#"drove_workers_idle{pool="web"} 1"#,
+            r#"drove_workers_utilization_ratio{pool="web"} 0.75"#,
+            // The lifecycle states are as they were.
+            r#"drove_workers{pool="web",state="ready"} 4"#,
+        ] {
+            assert!(has(&text, line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains(r#"state="busy""#), "{text}");
     }
 }

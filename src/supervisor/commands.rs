@@ -7,7 +7,7 @@ use nix::unistd::Pid;
 use tracing::{error, info};
 
 use super::Supervisor;
-use super::control::{Command, ControlError, Event, WorkerInfo};
+use super::control::{Command, ControlError, Event, WorkerActivity, WorkerInfo};
 use super::lifecycle::{Lifecycle, UpgradeStage};
 use super::pool::StopReason;
 use super::scale_params;
@@ -51,6 +51,26 @@ impl Supervisor {
                 let _ = reply.send(self.rollout_command(action));
             }
 
+            Command::ListActivity { reply } => {
+                let now = Instant::now();
+                let list =
+                    self.pool
+                        .workers
+                        .values()
+                        .filter(|w| w.state() == super::pool::WorkerState::Ready)
+                        .filter_map(|w| {
+                            let busy = self.activity.is_busy(w.pid);
+                            (busy || self.activity.is_idle(w.pid)).then(|| WorkerActivity {
+                                pid: w.pid.as_raw() as u32,
+                                busy,
+                                busy_secs: self.activity.busy_since(w.pid).map_or(0.0, |t| {
+                                    now.saturating_duration_since(t).as_secs_f64()
+                                }),
+                            })
+                        })
+                        .collect();
+                let _ = reply.send(list);
+            }
             Command::ListPids { reply } => {
                 let workers = self.pool.workers.keys();
                 let templates = self.pool.templates.all.iter().map(|t| &t.pid);

@@ -31,6 +31,10 @@ pub enum Command {
     ListWorkers {
         reply: oneshot::Sender<Vec<WorkerInfo>>,
     },
+    /// The ready workers' activity as last sampled (no /proc read).
+    ListActivity {
+        reply: oneshot::Sender<Vec<WorkerActivity>>,
+    },
     /// The pids of the workers and templates, without reading /proc (what
     /// ListMemory needs of the pool).
     ListPids { reply: oneshot::Sender<Vec<u32>> },
@@ -114,6 +118,18 @@ pub struct ProcessMemory {
     pub uss_bytes: u64,
     /// SwapPss.
     pub swap_bytes: u64,
+}
+
+/// One ready worker's activity as `ListActivity` returns it, signature
+/// `(ubd)`; see `supervisor::activity`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, zbus::zvariant::Type)]
+pub struct WorkerActivity {
+    pub pid: u32,
+    /// It holds a connection accepted from a listener.
+    pub busy: bool,
+    /// For how long (at least) it has held the connections it holds; 0
+    /// when idle.
+    pub busy_secs: f64,
 }
 
 /// What happened, for D-Bus signals and `drovectl watch`.

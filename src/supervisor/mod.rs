@@ -16,9 +16,11 @@
 //! - `rollout`: reload and rolling restarts; `upgrade`: binary upgrade;
 //! - `commands`: D-Bus commands, signals for scaling and stopping;
 //! - `tick`: timers, queue probes, autoscaling, the journal's health;
+//! - `activity`: busy and idle workers, from the kernel;
 //! - `pool`, `gate`, `pool_cpu`, `status`, `control`, `systemd`: the data
 //!   and the vocabulary these share.
 
+pub mod activity;
 mod commands;
 pub mod control;
 pub mod environment;
@@ -146,6 +148,10 @@ pub struct Supervisor {
     arrival: tick::Arrival,
     /// Workers' owned memory, for `worker.max_rss`.
     memory: memory_watch::MemoryWatch,
+    /// Which ready workers are busy (hold a connection), last sampled.
+    activity: activity::Activity,
+    /// The listeners' keys for `activity`, worked out at the first sample.
+    activity_keys: Option<activity::Keys>,
     snapshot_tx: watch::Sender<Snapshot>,
     events: broadcast::Sender<Event>,
     commands_rx: mpsc::Receiver<Command>,
@@ -250,6 +256,8 @@ impl Supervisor {
             tick_began: None,
             arrival: Default::default(),
             memory: memory_watch::MemoryWatch::default(),
+            activity: Default::default(),
+            activity_keys: None,
             snapshot_tx: watch::channel(placeholder_snapshot()).0,
             events,
             commands_rx,
@@ -433,6 +441,10 @@ impl Supervisor {
 
     fn snapshot(&self) -> Snapshot {
         let counts = self.pool.counts();
+        let activity = self
+            .activity
+            .counts()
+            .map(|c| activity::within(c, counts.ready));
         Snapshot {
             instance: self.instance.clone(),
             version: crate::version(),
@@ -452,6 +464,8 @@ impl Supervisor {
             ready: counts.ready,
             starting: counts.starting,
             stopping: counts.stopping,
+            busy: activity.map(|(busy, _)| busy),
+            idle: activity.map(|(_, idle)| idle),
             listeners: self.listener_status.clone(),
             queued: self.queued_total(),
             demand: self.scaler.demand(),
@@ -499,6 +513,8 @@ fn placeholder_snapshot() -> Snapshot {
         ready: 0,
         starting: 0,
         stopping: 0,
+        busy: None,
+        idle: None,
         listeners: vec![],
         queued: None,
         demand: None,

@@ -12,20 +12,19 @@
 //!   target jumps to the number queued (at least 1), as the scaler's
 //!   one-jump rule would, and the scaler counts it as its own scale-up;
 //!   the queue probe of every tick does the same, should the watch fail;
-//! - the step from 1 to 0 waits until no worker is busy (the scaler only
-//!   sees the queue); it is tried again a cooldown later;
+//! - the step from 1 to 0 waits until no worker is busy (holds a
+//!   connection, see `activity`; the scaler only sees the queue); it is
+//!   tried again a cooldown later;
 //! - after `pool.idle_exit` at zero workers while Running, droved stops
 //!   (STOPPING=1) and exits 0; the socket unit starts it again.
 
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::Supervisor;
 use super::lifecycle::Lifecycle;
 use crate::sys::arrival::ArrivalWatch;
-use crate::sys::conns;
-use crate::sys::listen::Family;
 
 #[derive(Default)]
 pub(super) struct OnDemand {
@@ -138,35 +137,16 @@ impl Supervisor {
     }
 
     /// Whether the last worker may go (a scale-down to 0): not while one
-    /// is busy with a request. Asked of /proc/PID/wchan; for workers of
-    /// another uid (unreadable without CAP_SYS_PTRACE), of the TCP
-    /// connections open on the listeners beyond those queued. When neither
-    /// can tell (unix listeners), it may go: its stop is graceful, so a
-    /// request in progress still completes.
-    pub(super) fn may_go_to_zero(&self) -> bool {
-        let idle: Option<Vec<bool>> = self
+    /// is busy (holds a connection, see `activity`), asked afresh. When
+    /// droved cannot tell, it may go: its stop is graceful, so a request
+    /// in progress still completes.
+    pub(super) fn may_go_to_zero(&mut self) -> bool {
+        self.sample_activity(Instant::now(), None);
+        !self
             .pool
             .workers
             .values()
-            .filter(|w| w.is_active())
-            .map(|w| conns::waiting_for_connection(w.pid))
-            .collect();
-        if let Some(idle) = idle {
-            return idle.iter().all(|&i| i);
-        }
-        let tcp: Vec<std::net::SocketAddr> = self
-            .listeners
-            .iter()
-            .filter(|l| l.family == Family::Tcp)
-            .filter_map(|l| l.address.parse().ok())
-            .collect();
-        if tcp.len() == self.listeners.len() {
-            match conns::open_on(&tcp) {
-                Ok(open) => return open <= self.queued_total().unwrap_or(0),
-                Err(e) => debug!("cannot read /proc/net/tcp: {e}"),
-            }
-        }
-        true
+            .any(|w| w.is_active() && self.activity.is_busy(w.pid))
     }
 }
 

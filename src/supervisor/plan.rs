@@ -47,20 +47,32 @@ pub struct Goal {
     pub ready_when: Option<u32>,
 }
 
+/// Workers of `generation` the target counts: active, not on their way
+/// out, plus the forks asked of a template and not answered yet.
+fn staying(pool: &Pool, generation: u64) -> u32 {
+    pool.workers
+        .values()
+        .filter(|w| w.is_staying(generation))
+        .count() as u32
+        + pool.templates.forks_of(generation)
+}
+
+/// Whether [`reconcile`] would retire workers for being over `target`
+/// (and so ask whether they are idle).
+pub fn over_target(pool: &Pool, generation: u64, target: u32) -> bool {
+    staying(pool, generation) > target
+}
+
 /// Forks and stops that bring the pool to its goal. `is_idle` tells
-/// whether a worker waits for a connection (scale-down prefers those).
+/// whether a worker holds no connection (scale-down prefers those; see
+/// `activity`).
 pub fn reconcile(pool: &Pool, goal: Goal, is_idle: impl Fn(Pid) -> bool) -> Vec<Action> {
     let mut actions = Vec::new();
     let generation = goal.generation;
     // Forks asked of a template and not answered yet count as starting
     // workers (template mode; none in exec mode).
     let asked = pool.templates.forks_of(generation);
-    let staying = pool
-        .workers
-        .values()
-        .filter(|w| w.is_staying(generation))
-        .count() as u32
-        + asked;
+    let staying = staying(pool, generation);
     let starting = pool
         .workers
         .values()

@@ -49,7 +49,12 @@ impl Supervisor {
             ready_when: matches!(self.lifecycle, Lifecycle::Starting)
                 .then(|| self.target.min(self.config.initial_workers())),
         };
-        for action in plan::reconcile(&self.pool, goal, process::is_waiting_for_connection) {
+        // Whom a scale-down retires depends on who is busy right now.
+        if plan::over_target(&self.pool, self.generation, self.target) {
+            self.sample_activity(now, None);
+        }
+        let actions = plan::reconcile(&self.pool, goal, |pid| self.activity.is_idle(pid));
+        for action in actions {
             self.apply(action, now);
         }
     }

@@ -61,6 +61,14 @@ pub struct Snapshot {
     pub ready: u32,
     pub starting: u32,
     pub stopping: u32,
+    /// Ready workers that hold a connection accepted from a listener, and
+    /// those that hold none (`supervisor::activity`), as last sampled;
+    /// `None` when droved cannot tell. Ready workers not read yet are in
+    /// neither.
+    #[serde(default)]
+    pub busy: Option<u32>,
+    #[serde(default)]
+    pub idle: Option<u32>,
     pub listeners: Vec<ListenerStatus>,
     /// Sum of the readable queues (see `scale` for why the sum).
     pub queued: Option<u32>,
@@ -110,6 +118,9 @@ impl Snapshot {
             }
             if self.stopping > 0 {
                 line.push_str(&format!(", {} stopping", self.stopping));
+            }
+            if let Some(busy) = self.busy {
+                line.push_str(&format!(", {busy} busy"));
             }
             match self.queued {
                 Some(q) => line.push_str(&format!(", queue {q}")),
@@ -168,6 +179,8 @@ mod tests {
             ready: 4,
             starting: 0,
             stopping: 0,
+            busy: None,
+            idle: None,
             listeners: vec![ListenerStatus {
                 name: "web".into(),
                 address: "127.0.0.1:8080".into(),
@@ -195,6 +208,15 @@ mod tests {
     fn status_lines() {
         let mut s = snapshot();
         assert_eq!(s.status_line(), "4 workers ready (min 2, max 16), queue 0");
+        // Busy workers, before the queue (tests split the line at it).
+        s.busy = Some(3);
+        s.idle = Some(1);
+        assert_eq!(
+            s.status_line(),
+            "4 workers ready (min 2, max 16), 3 busy, queue 0"
+        );
+        s.busy = None;
+        s.idle = None;
         s.ready = 1;
         s.starting = 3;
         s.queued = Some(12);

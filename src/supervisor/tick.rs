@@ -249,6 +249,7 @@ impl Supervisor {
             self.last_failure = None;
         }
         self.probe_queues();
+        self.activity_tick(now);
         self.zero_tick(now);
         let pids = self.pool.workers.keys().map(|p| p.as_raw());
         let templates = self.pool.templates.all.iter().map(|t| t.pid.as_raw());

@@ -1,130 +1,441 @@
-//! Open TCP connections on droved's listening ports, from /proc/net/tcp
-//! and /proc/net/tcp6: whether a worker is busy, when /proc/PID/wchan
-//! cannot tell (workers of another uid: reading it needs CAP_SYS_PTRACE,
-//! which the packaged unit does not grant).
+//! Which connections accepted from droved's listeners are open, and which
+//! of them a process holds: how droved tells a busy worker from an idle
+//! one without the worker's help (docs: droved(8), "BUSY AND IDLE
+//! WORKERS").
 //!
-//! A connection a worker has accepted and not closed yet is an ESTABLISHED
-//! (or CLOSE_WAIT) socket whose local address is the listener's. So is one
-//! still waiting in the accept queue; the caller subtracts the queue.
+//! - The open connections, from `NETLINK_SOCK_DIAG` dumps: a TCP socket
+//!   whose local address is a listener's (an unspecified listener address
+//!   matches every local address with its port), or a unix socket bound to
+//!   a listener's name (an accepted unix socket carries its listener's
+//!   name). Only sockets with an inode count: a connection still waiting
+//!   in the accept queue has none (no process holds it yet), nor has one
+//!   its process closed (orphaned, or TIME_WAIT).
+//! - Which process holds which: the `socket:[INODE]` links in
+//!   /proc/PID/fd, read as the process's owner (`sys::owner`).
+//!
+//! A TCP dump walks the kernel's whole established-connections table
+//! (262,144 buckets on a 24 GB machine: about 1.5 ms per family, however
+//! few connections there are), so [`passive_opens`] lets the caller skip
+//! it while no connection has come since a dump that found none held.
 
+use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::mem::size_of;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 
-/// Whether the process waits for a connection (blocked in accept(2) or
-/// poll/epoll/select), from /proc/PID/wchan; `None` when that cannot be
-/// read (another uid without CAP_SYS_PTRACE: the kernel then shows "0").
-pub fn waiting_for_connection(pid: nix::unistd::Pid) -> Option<bool> {
-    let w = std::fs::read_to_string(format!("/proc/{pid}/wchan")).ok()?;
-    if w.trim().is_empty() || w.trim() == "0" {
-        return None;
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId};
+use netlink_packet_sock_diag::unix::{ShowFlags, UnixRequest, nlas::Nla, nlas::UnixDiagName};
+use nix::sys::socket::{SockaddrStorage, getsockname};
+use nix::unistd::Pid;
+
+use super::probe::{check_len, netlink_socket};
+
+/// What identifies the connections accepted from one listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerKey {
+    /// Its local address; connections have it too (with the listener's
+    /// port and, for an unspecified address, any local one).
+    Tcp(SocketAddr),
+    /// Its name as sock_diag reports it: a path's bytes, or an abstract
+    /// name's with a leading NUL.
+    Unix(Vec<u8>),
+}
+
+/// The key of a listening socket, from getsockname(2); `None` for an
+/// unnamed or unsupported one.
+pub fn key_of(fd: BorrowedFd<'_>) -> io::Result<Option<ListenerKey>> {
+    let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("getsockname on listener fd {}: {e}", fd.as_raw_fd()),
+        )
+    })?;
+    if let Some(a) = addr.as_sockaddr_in() {
+        return Ok(Some(ListenerKey::Tcp(SocketAddr::from(
+            std::net::SocketAddrV4::from(*a),
+        ))));
     }
-    Some(super::process::waits_for_connection(&w))
-}
-
-/// TCP states (include/net/tcp_states.h) of a connection still open on
-/// the server's side: ESTABLISHED, CLOSE_WAIT.
-const OPEN_STATES: [&str; 2] = ["01", "08"];
-
-/// Connections open on any of `listeners` (their local addresses; an
-/// unspecified IP matches every local IP with that port).
-pub fn open_on(listeners: &[SocketAddr]) -> io::Result<u32> {
-    let mut n = 0;
-    for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        match std::fs::read_to_string(path) {
-            Ok(text) => n += count_open(&text, listeners),
-            // No IPv6 in this kernel or namespace.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+    if let Some(a) = addr.as_sockaddr_in6() {
+        return Ok(Some(ListenerKey::Tcp(SocketAddr::from(
+            std::net::SocketAddrV6::from(*a),
+        ))));
     }
-    Ok(n)
+    Ok(addr
+        .as_unix_addr()
+        .and_then(|u| match (u.path(), u.as_abstract()) {
+            (Some(p), _) => Some(ListenerKey::Unix(p.as_os_str().as_bytes().to_vec())),
+            (None, Some(a)) => Some(ListenerKey::Unix([&[0u8][..], a].concat())),
+            _ => None,
+        }))
 }
 
-/// Counts the open connections in one /proc/net/tcp{,6} table.
-fn count_open(table: &str, listeners: &[SocketAddr]) -> u32 {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let local = fields.nth(1)?;
-            let state = fields.nth(1)?;
-            OPEN_STATES
-                .contains(&state)
-                .then(|| parse_addr(local))
-                .flatten()
-        })
-        .filter(|addr| {
-            listeners.iter().any(|l| {
-                l.port() == addr.port()
-                    && (l.ip().is_unspecified() && l.is_ipv4() == addr.is_ipv4()
-                        || l.ip() == addr.ip())
-            })
-        })
-        .count() as u32
-}
-
-/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): the kernel
-/// prints each 32-bit word of the address as a host-order integer.
-fn parse_addr(text: &str) -> Option<SocketAddr> {
-    let (ip, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::to_ne_bytes);
-    let ip = match ip.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(word(ip)?)),
-        32 => {
-            let mut bytes = [0u8; 16];
-            for i in 0..4 {
-                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(&ip[i * 8..i * 8 + 8])?);
-            }
-            IpAddr::V6(Ipv6Addr::from(bytes))
-        }
-        _ => return None,
+/// Whether the socket `fd` lives in another network namespace than droved
+/// (systemd may pass a socket made in the host's namespace to a service
+/// with PrivateNetwork=): sock_diag answers for droved's namespace only.
+/// `false` when the kernel cannot tell (SO_NETNS_COOKIE is Linux 5.14+).
+pub fn in_other_netns(fd: BorrowedFd<'_>) -> bool {
+    let Ok(own) = netlink_socket() else {
+        return false;
     };
-    Some(SocketAddr::new(ip, port))
+    match (netns_cookie(fd), netns_cookie(own.as_fd())) {
+        (Some(theirs), Some(ours)) => theirs != ours,
+        _ => false,
+    }
+}
+
+fn netns_cookie(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a live u64 and `len` its size; getsockopt(2)
+    // writes at most `len` bytes and keeps no pointer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
+}
+
+/// TCP connections passively opened in droved's network namespace so far
+/// (`Tcp: PassiveOpens` of /proc/net/snmp): counted when a handshake
+/// completes, before any accept. Unchanged since a dump found no
+/// connection held, it proves none is held still.
+pub fn passive_opens() -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp")?;
+    parse_passive_opens(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "/proc/net/snmp has no Tcp: PassiveOpens",
+        )
+    })
+}
+
+/// Pure: PassiveOpens from /proc/net/snmp's two `Tcp:` lines (names,
+/// then values).
+fn parse_passive_opens(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let names = tcp.next()?;
+    let values = tcp.next()?;
+    let at = names.split_whitespace().position(|n| n == "PassiveOpens")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// The inodes of the TCP connections open on the listeners with local
+/// addresses `keys` (one dump per address family among them).
+pub fn held_tcp(keys: &[SocketAddr]) -> io::Result<HashSet<u64>> {
+    let mut inodes = HashSet::new();
+    for v6 in [false, true] {
+        if keys.iter().any(|a| a.is_ipv6() == v6) {
+            dump_tcp(v6, |local, inode| {
+                if inode != 0 && tcp_matches(keys, local) {
+                    inodes.insert(u64::from(inode));
+                }
+            })?;
+        }
+    }
+    Ok(inodes)
+}
+
+/// The inodes of the unix connections open on the listeners named
+/// `names` (see [`ListenerKey::Unix`]).
+pub fn held_unix(names: &[Vec<u8>]) -> io::Result<HashSet<u64>> {
+    let mut inodes = HashSet::new();
+    if !names.is_empty() {
+        dump_unix(|name, inode| {
+            if inode != 0 && names.iter().any(|n| n == name) {
+                inodes.insert(u64::from(inode));
+            }
+        })?;
+    }
+    Ok(inodes)
+}
+
+/// Whether a connection with local address `local` was accepted from one
+/// of the TCP listeners `keys`. Pure.
+fn tcp_matches(keys: &[SocketAddr], local: SocketAddr) -> bool {
+    let local_ip = match local.ip() {
+        // A dual-stack listener's IPv4 clients: ::ffff:a.b.c.d.
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(local.ip(), IpAddr::V4),
+        v4 => v4,
+    };
+    keys.iter().any(|k| {
+        k.port() == local.port()
+            && (k.ip().is_unspecified() && k.is_ipv6() == local.is_ipv6()
+                || k.ip() == local.ip()
+                || k.ip() == local_ip)
+    })
+}
+
+/// Every TCP socket of one family that has a process side (all states
+/// but LISTEN, TIME_WAIT and the half-open ones): its local address and
+/// inode.
+fn dump_tcp(v6: bool, mut each: impl FnMut(SocketAddr, u32)) -> io::Result<()> {
+    use netlink_packet_sock_diag::inet::StateFlags as S;
+    let states = S::ESTABLISHED
+        | S::FIN_WAIT1
+        | S::FIN_WAIT2
+        | S::CLOSE
+        | S::CLOSE_WAIT
+        | S::LAST_ACK
+        | S::CLOSING;
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family: if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8,
+        protocol: libc::IPPROTO_TCP as u8,
+        extensions: ExtensionFlags::empty(),
+        states,
+        socket_id: if v6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        },
+    });
+    dump(request, |answer| {
+        if let SockDiagMessage::InetResponse(r) = answer {
+            let id = &r.header.socket_id;
+            each(
+                SocketAddr::new(id.source_address, id.source_port),
+                r.header.inode,
+            );
+        }
+    })
+}
+
+/// Every connected unix socket: its name (none unless bound, or accepted
+/// from a bound listener) and inode.
+fn dump_unix(mut each: impl FnMut(&[u8], u32)) -> io::Result<()> {
+    use netlink_packet_sock_diag::unix::StateFlags as S;
+    let request = SockDiagMessage::UnixRequest(UnixRequest {
+        state_flags: S::ESTABLISHED,
+        inode: 0,
+        show_flags: ShowFlags::NAME,
+        cookie: [0xff; 8],
+    });
+    dump(request, |answer| {
+        if let SockDiagMessage::UnixResponse(r) = answer {
+            for nla in &r.nlas {
+                if let Nla::Name(name) = nla {
+                    let bytes = match name {
+                        UnixDiagName::Pathname(p) => p.as_bytes().to_vec(),
+                        UnixDiagName::Abstract(a) => [&[0u8][..], a].concat(),
+                    };
+                    each(&bytes, r.header.inode);
+                }
+            }
+        }
+    })
+}
+
+/// Sends one sock_diag dump request and hands every answer to `each`.
+fn dump(request: SockDiagMessage, mut each: impl FnMut(SockDiagMessage)) -> io::Result<()> {
+    let nl = netlink_socket()?;
+    let seq = 1;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let mut message = NetlinkMessage::new(header, request.into());
+    message.finalize();
+    let mut req = vec![0u8; message.buffer_len()];
+    message.serialize(&mut req);
+    // SAFETY: an all-zero sockaddr_nl is valid (family set below; pid 0 and
+    // groups 0 address the kernel).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `req` and `kernel` are live for the call and their sizes are
+    // passed with them; sendto(2) only reads them.
+    let sent = unsafe {
+        libc::sendto(
+            nl.as_raw_fd(),
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&raw const kernel).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    check_len(sent, || "sendto(NETLINK_SOCK_DIAG dump)".to_string())?;
+    let bad =
+        |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {what}"));
+    // The kernel fills each datagram up to 32 KiB at most.
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        // SAFETY: `buf` is writable for `buf.len()` bytes for the whole call.
+        let n = unsafe { libc::recv(nl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = check_len(n, || "recv(NETLINK_SOCK_DIAG dump)".to_string())?;
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            if len < 16 || at + len > n {
+                return Err(bad(format!("message of {len} bytes in a datagram of {n}")));
+            }
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[at..at + len])
+                .map_err(|e| bad(e.to_string()))?;
+            at += (len + 3) & !3;
+            if message.header.sequence_number != seq {
+                continue;
+            }
+            match message.payload {
+                NetlinkPayload::InnerMessage(m) => each(m),
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) => {
+                    let err = io::Error::from_raw_os_error(-e.raw_code());
+                    return Err(io::Error::new(err.kind(), format!("sock_diag dump: {err}")));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The inodes of the sockets `pid` holds (its `socket:[N]` fd links), read
+/// as its owner. Fails if /proc/PID/fd cannot be read (the process is gone,
+/// or droved may not look).
+pub fn sockets_of(pid: Pid) -> io::Result<Vec<u64>> {
+    super::owner::as_owner_of(pid, || {
+        let dir = format!("/proc/{pid}/fd");
+        let mut inodes = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| with_path(e, &dir))? {
+            let path = entry.map_err(|e| with_path(e, &dir))?.path();
+            // A link that went away meanwhile (the fd was closed) or one we
+            // may not read says nothing; the directory was readable.
+            if let Ok(target) = std::fs::read_link(&path)
+                && let Some(inode) = socket_inode(target.as_os_str().as_bytes())
+            {
+                inodes.push(inode);
+            }
+        }
+        Ok(inodes)
+    })
+}
+
+fn with_path(e: io::Error, path: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{path}: {e}"))
+}
+
+/// `socket:[12345]` -> 12345. Pure.
+fn socket_inode(link: &[u8]) -> Option<u64> {
+    let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
 
-    #[test]
-    #[cfg(target_endian = "little")]
-    fn counts_open_connections_on_the_listening_ports() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
-   1: 0100007F:1F90 0100007F:D0A2 01 00000000:00000000 00:00000000 00000000  1000        0 2 1 0 20 4 30 10 -1
-   2: 0100007F:1F90 0100007F:D0A4 08 00000000:00000000 00:00000000 00000000  1000        0 3 1 0 20 4 30 10 -1
-   3: 0100007F:1F90 0100007F:D0A6 06 00000000:00000000 00:00000000 00000000  1000        0 0 1 0 20 4 30 10 -1
-   4: 0100007F:1F91 0100007F:D0A8 01 00000000:00000000 00:00000000 00000000  1000        0 4 1 0 20 4 30 10 -1
-   5: 0200007F:1F90 0100007F:D0AA 01 00000000:00000000 00:00000000 00000000  1000        0 5 1 0 20 4 30 10 -1
-";
-        let at = |s: &str| -> SocketAddr { s.parse().unwrap() };
-        // 127.0.0.1:8080: one ESTABLISHED, one CLOSE_WAIT; TIME_WAIT and the
-        // listener itself do not count, nor other ports or addresses.
-        assert_eq!(count_open(table, &[at("127.0.0.1:8080")]), 2);
-        assert_eq!(count_open(table, &[at("0.0.0.0:8080")]), 3);
-        assert_eq!(count_open(table, &[at("127.0.0.1:8081")]), 1);
-        assert_eq!(count_open(table, &[at("[::]:8080")]), 0);
-        let v6 =
-            "  sl  local_address                         remote_address                        st
-   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:C350 01 0
-";
-        assert_eq!(count_open(v6, &[at("[::1]:8080")]), 1);
-        assert_eq!(count_open(v6, &[at("[::]:8080")]), 1);
-        assert_eq!(count_open(v6, &[at("127.0.0.1:8080")]), 0);
+    fn inode(fd: BorrowedFd<'_>) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .ino()
     }
 
     #[test]
-    fn reads_this_hosts_tables() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        assert_eq!(open_on(&[addr]).unwrap(), 0);
-        let _c = std::net::TcpStream::connect(addr).unwrap();
-        // The client's side is on another port; the server's side (in the
-        // queue) is open on the listener's.
-        assert_eq!(open_on(&[addr]).unwrap(), 1);
-        let (_s, _) = l.accept().unwrap();
-        assert_eq!(open_on(&[addr]).unwrap(), 1);
+    fn parses_passive_opens_and_socket_links() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Tcp: RtoAlgorithm RtoMin ActiveOpens PassiveOpens CurrEstab\n\
+                    Tcp: 1 200 17 42 3\nUdp: InDatagrams\nUdp: 5\n";
+        assert_eq!(parse_passive_opens(snmp), Some(42));
+        assert_eq!(parse_passive_opens("Tcp: A B\n"), None);
+        assert!(passive_opens().is_ok());
+        assert_eq!(socket_inode(b"socket:[12345]"), Some(12345));
+        for other in [&b"pipe:[12]"[..], b"/dev/null", b"socket:[x]", b"socket:[1"] {
+            assert_eq!(socket_inode(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn tcp_connections_match_their_listener_by_port_and_address() {
+        let at = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let keys = [at("127.0.0.1:8080"), at("[::]:9090"), at("0.0.0.0:7070")];
+        assert!(tcp_matches(&keys, at("127.0.0.1:8080")));
+        assert!(!tcp_matches(&keys, at("127.0.0.2:8080")));
+        assert!(!tcp_matches(&keys, at("127.0.0.1:8081")));
+        // Unspecified: any local address of the family, and a dual-stack
+        // listener's IPv4 clients arrive as mapped addresses.
+        assert!(tcp_matches(&keys, at("[::1]:9090")));
+        assert!(tcp_matches(&keys, at("[::ffff:10.0.0.1]:9090")));
+        assert!(tcp_matches(&keys, at("10.1.2.3:7070")));
+        assert!(!tcp_matches(&keys, at("[::1]:7070")));
+        // A mapped address against an IPv4 listener's address.
+        assert!(tcp_matches(&keys, at("[::ffff:127.0.0.1]:8080")));
+    }
+
+    #[test]
+    fn accepted_tcp_connections_are_held_and_queued_ones_are_not() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let key = key_of(l.as_fd()).unwrap().unwrap();
+        assert_eq!(key, ListenerKey::Tcp(l.local_addr().unwrap()));
+        let keys = [l.local_addr().unwrap()];
+        assert!(held_tcp(&keys).unwrap().is_empty());
+        let _c1 = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _c2 = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        // Both queued: no process holds them.
+        assert!(held_tcp(&keys).unwrap().is_empty());
+        let (s, _) = l.accept().unwrap();
+        let got = held_tcp(&keys).unwrap();
+        assert_eq!(got, HashSet::from([inode(s.as_fd())]));
+        // This process holds it, and its socket is found among our fds.
+        assert!(sockets_of(Pid::this()).unwrap().contains(&inode(s.as_fd())));
+        // Closed by its holder: no longer held (the client's end, on
+        // another local port, never was a connection of the listener's).
+        drop(s);
+        assert!(held_tcp(&keys).unwrap().is_empty());
+    }
+
+    #[test]
+    fn accepted_unix_connections_carry_their_listeners_name() {
+        let dir = std::env::temp_dir().join(format!("drove-conns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let name = path.as_os_str().as_bytes().to_vec();
+        assert_eq!(
+            key_of(l.as_fd()).unwrap(),
+            Some(ListenerKey::Unix(name.clone()))
+        );
+        let names = [name];
+        let _queued = UnixStream::connect(&path).unwrap();
+        let _c = UnixStream::connect(&path).unwrap();
+        assert!(held_unix(&names).unwrap().is_empty());
+        let (s, _) = l.accept().unwrap();
+        assert_eq!(
+            held_unix(&names).unwrap(),
+            HashSet::from([inode(s.as_fd())])
+        );
+        // Another listener's connections are not these.
+        assert!(
+            held_unix(&[b"/nonexistent/x.sock".to_vec()])
+                .unwrap()
+                .is_empty()
+        );
+        // Abstract names: keyed with a leading NUL.
+        let name = format!("drove-conns-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let la = UnixListener::bind_addr(&addr).unwrap();
+        let Some(ListenerKey::Unix(ka)) = key_of(la.as_fd()).unwrap() else {
+            panic!("not a unix key")
+        };
+        assert_eq!(ka[0], 0);
+        let _ca = UnixStream::connect_addr(&addr).unwrap();
+        let (sa, _) = la.accept().unwrap();
+        assert_eq!(
+            held_unix(&[ka]).unwrap(),
+            HashSet::from([inode(sa.as_fd())])
+        );
+        assert!(!in_other_netns(l.as_fd()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

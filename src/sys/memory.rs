@@ -19,12 +19,11 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::unistd::{Gid, Pid, Uid, geteuid, setfsgid, setfsuid};
+use nix::unistd::{Pid, geteuid};
 use tracing::warn;
 
 /// One process's memory, in bytes.
@@ -186,17 +185,11 @@ fn denied(e: &io::Error) -> bool {
 }
 
 /// The ptrace check passes when the caller's fsuid/fsgid equal the
-/// target's real, effective and saved ids; /proc/PID is owned by its
-/// effective ones. Restored before returning, whatever happened.
+/// target's real, effective and saved ids (see `sys::owner`).
 fn read_as_owner(pid: Pid, path: &str) -> io::Result<String> {
-    let owner = std::fs::metadata(format!("/proc/{pid}"))?;
-    let old_uid = setfsuid(Uid::from_raw(owner.uid()));
-    let old_gid = setfsgid(Gid::from_raw(owner.gid()));
-    let opened = std::fs::File::open(path);
-    setfsgid(old_gid);
-    setfsuid(old_uid);
-    // The check happened at open; reading uses the mm it pinned.
-    io::read_to_string(opened?)
+    // The check happens at open; reading uses the mm it pinned.
+    let opened = super::owner::as_owner_of(pid, || std::fs::File::open(path))?;
+    io::read_to_string(opened)
 }
 
 static WARNED: AtomicBool = AtomicBool::new(false);

@@ -13,6 +13,7 @@ pub mod journal;
 pub mod listen;
 pub mod memory;
 pub mod notify_socket;
+pub mod owner;
 pub mod private_socket;
 pub mod probe;
 pub mod process;

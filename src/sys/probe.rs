@@ -247,7 +247,7 @@ fn socket_inode(fd: BorrowedFd<'_>) -> io::Result<u32> {
     })
 }
 
-fn netlink_socket() -> io::Result<OwnedFd> {
+pub(super) fn netlink_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket(2) takes no pointers.
     let fd = unsafe {
         libc::socket(
@@ -302,7 +302,7 @@ fn check(rc: libc::c_int, what: impl FnOnce() -> String) -> io::Result<()> {
     }
 }
 
-fn check_len(rc: isize, what: impl FnOnce() -> String) -> io::Result<usize> {
+pub(super) fn check_len(rc: isize, what: impl FnOnce() -> String) -> io::Result<usize> {
     usize::try_from(rc).map_err(|_| {
         let e = io::Error::last_os_error();
         io::Error::new(e.kind(), format!("{}: {e}", what()))

@@ -497,25 +497,6 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100) as u64
 }
 
-/// Best guess whether a worker sits idle waiting for a connection (blocked
-/// in accept(2) or poll/epoll on its listeners), from /proc/PID/wchan.
-/// Used to retire idle workers first when scaling down.
-pub fn is_waiting_for_connection(pid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/wchan"))
-        .map(|w| waits_for_connection(&w))
-        .unwrap_or(false)
-}
-
-/// Whether a kernel wait channel is that of a process waiting for work:
-/// in accept(2) on TCP (`inet_csk_accept`), in poll/select/epoll, or in
-/// accept(2) on a unix stream socket, which waits in the skb queue
-/// (`__skb_wait_for_more_packets`; php-cgi on fd 0 does this). Pure.
-pub fn waits_for_connection(wchan: &str) -> bool {
-    ["accept", "poll", "select", "skb_wait_for_more_packets"]
-        .iter()
-        .any(|w| wchan.contains(w))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,28 +543,6 @@ mod tests {
         );
         let cpu_after = cpu_time(me).unwrap();
         assert!(cpu <= cpu_after, "{cpu:?} then {cpu_after:?}");
-    }
-
-    #[test]
-    fn wait_channels_of_idle_and_busy_workers() {
-        for idle in [
-            "inet_csk_accept",
-            "do_sys_poll",
-            "ep_poll",
-            "do_select",
-            "__skb_wait_for_more_packets",
-        ] {
-            assert!(waits_for_connection(idle), "{idle}");
-        }
-        for busy in [
-            "0",
-            "",
-            "hrtimer_nanosleep",
-            "unix_stream_data_wait",
-            "wait_woken",
-        ] {
-            assert!(!waits_for_connection(busy), "{busy}");
-        }
     }
 
     /// Set when this test binary runs one test alone in a fresh process.

@@ -1,4 +1,5 @@
 pub mod autoscale;
+pub mod busy;
 pub mod canary;
 pub mod cli;
 pub mod core;

@@ -269,6 +269,26 @@ fn php_cgi_workers_answer_through_nginx_from_fd_0() {
 }
 
 #[test]
+fn a_php_cgi_worker_on_a_request_counts_busy() {
+    // php-cgi tells droved nothing about its requests; droved sees the
+    // FastCGI connection nginx opened, on the php-cgi that accepted it.
+    let mut p = php_pool("php-busy", "");
+    p.droved
+        .wait_status("2 workers ready (min 2, max 16), 0 busy", 10 * SEC);
+    let port = p.nginx.port;
+    let slow = std::thread::spawn(move || http_get(("127.0.0.1", port), "/index.php?ms=4000"));
+    let status = p.droved.wait_status(", 1 busy", 10 * SEC);
+    assert!(status.starts_with("2 workers ready"), "{status}");
+    let body = slow
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.nginx.log()));
+    assert!(p.droved.workers().contains(&answered_pid(&body)));
+    // nginx closes its FastCGI connection after each request.
+    p.droved.wait_status(", 0 busy", 10 * SEC);
+}
+
+#[test]
 fn php_rolling_reload_under_load_fails_no_request() {
     let mut p = php_pool("php-reload", "");
     let load = Load::start(Target::Tcp(p.nginx.port), "/index.php?ms=20", 6, 30 * SEC);
