@@ -408,6 +408,7 @@ impl Supervisor {
             ready: counts.ready,
             starting: counts.starting,
             last_worker_busy,
+            busy: None,
         };
         let Some(d) = self
             .scaler
