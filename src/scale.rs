@@ -123,6 +123,10 @@ pub struct ScaleParams {
     pub window: Duration,
     /// Hold scale-ups while the pool is CPU-bound.
     pub cpu_guard: bool,
+    /// Idle workers to keep beside the busy ones (`pool.spare`), within
+    /// `min..=max`: the pool grows to busy + spare without waiting for a
+    /// queue, and never shrinks below it.
+    pub spare: u32,
 }
 
 impl ScaleParams {
@@ -136,6 +140,7 @@ impl ScaleParams {
             cooldown: Duration::from_secs(10),
             window: Duration::from_secs(1),
             cpu_guard: true,
+            spare: 0,
         }
     }
 
@@ -188,6 +193,8 @@ pub struct PoolView {
     /// The last worker is on a request: a step to zero waits for it. The
     /// caller need only look when `target` is 1 and `min` 0.
     pub last_worker_busy: bool,
+    /// Ready workers on a connection, when known (`pool.spare` needs it).
+    pub busy: Option<u32>,
 }
 
 /// Why the target changed, or why it is being held.
@@ -221,6 +228,8 @@ pub enum Reason {
     Unreadable { listeners: u32 },
     /// Connections arrived at zero workers (`min = 0`): the pool wakes.
     Wake { queued: u32 },
+    /// Fewer idle workers than `pool.spare`: grow to busy + spare.
+    Spare { busy: u32, spare: u32 },
 }
 
 impl Reason {
@@ -299,6 +308,9 @@ impl fmt::Display for Reason {
                 "{} waiting at zero workers",
                 plural(queued, "connection", "connections")
             ),
+            Reason::Spare { busy, spare } => {
+                write!(f, "{busy} busy, {spare} spare wanted")
+            }
         }
     }
 }
@@ -344,7 +356,9 @@ impl fmt::Display for Decision {
             ),
             Reason::AtMax { .. } => write!(f, "{}: holding at {to}", self.reason),
             Reason::Unreadable { .. } => write!(f, "{}: holding at {to}", self.reason),
-            Reason::Wake { .. } => write!(f, "{}: scale up {from} -> {to}", self.reason),
+            Reason::Wake { .. } | Reason::Spare { .. } => {
+                write!(f, "{}: scale up {from} -> {to}", self.reason)
+            }
         }
     }
 }
@@ -525,6 +539,16 @@ impl Scaler {
         if let Some(d) = self.bound(now, target) {
             return Some(d);
         }
+        if let (Some(floor), Some(busy)) = (self.spare_floor(pool), pool.busy)
+            && target < floor
+        {
+            self.last_up = Some(now);
+            let reason = Reason::Spare {
+                busy,
+                spare: p.spare,
+            };
+            return self.decide(now, target, floor, reason);
+        }
         if p.min == p.max {
             return None;
         }
@@ -656,7 +680,7 @@ impl Scaler {
     fn scale_down(&mut self, now: Duration, pool: PoolView) -> Option<Decision> {
         let target = pool.target;
         let p = self.params;
-        if target <= p.min {
+        if target <= p.min || self.spare_floor(pool).is_some_and(|floor| target <= floor) {
             return None;
         }
         let needed = p.cooldown * self.down_backoff;
@@ -674,6 +698,16 @@ impl Scaler {
         self.last_down = Some(now);
         self.down_unconfirmed = true;
         self.decide(now, target, target - 1, Reason::Quiet { quiet })
+    }
+
+    /// The workers `pool.spare` asks for (busy + spare, within min..=max);
+    /// `None` without spares or without a busy count.
+    fn spare_floor(&self, pool: PoolView) -> Option<u32> {
+        let p = self.params;
+        if p.spare == 0 {
+            return None;
+        }
+        Some(pool.busy?.saturating_add(p.spare).clamp(p.min, p.max))
     }
 
     /// Announce a hold once; stay silent while the same hold lasts.
@@ -729,6 +763,7 @@ mod tests {
             ready,
             starting,
             last_worker_busy: false,
+            busy: None,
         }
     }
 
@@ -1486,5 +1521,45 @@ mod tests {
         assert_eq!(s.last_decision(), Some(&d));
         // Like any scale-up, the next scale-down waits a cooldown of quiet.
         assert_eq!(s.tick(5 * S + 100 * MS, sample(0), pool(2, 2, 0)), None);
+    }
+
+    /// `pool.spare`: idle workers are kept beside the busy ones, without
+    /// waiting for a queue, and the pool never shrinks below busy + spare.
+    #[test]
+    fn spares_grow_with_the_busy_workers_and_hold_the_floor() {
+        let mut params = ScaleParams::new(1, 8);
+        params.spare = 2;
+        let mut s = Scaler::new(params);
+        let view = |target, busy| PoolView {
+            busy: Some(busy),
+            ..pool(target, target, 0)
+        };
+        // 1 ready, 0 busy: 2 spares wanted.
+        let d = s
+            .tick(Duration::ZERO, sample(0), view(1, 0))
+            .expect("spares");
+        assert_eq!((d.from, d.to), (1, 2));
+        assert_eq!(d.to_string(), "0 busy, 2 spare wanted: scale up 1 -> 2");
+        // Two become busy, no queue: grow to 4 at once.
+        let d = s
+            .tick(100 * MS, sample(0), view(2, 2))
+            .expect("more spares");
+        assert_eq!(d.to, 4);
+        // Five busy: 7.
+        let d = s.tick(200 * MS, sample(0), view(4, 5)).expect("five busy");
+        assert_eq!(d.to, 7);
+        // All idle again: shrink one per quiet cooldown, never below 2.
+        let mut target = 7;
+        let mut t = 300 * MS;
+        while t < 200 * S {
+            if let Some(d) = s.tick(t, sample(0), view(target, 0)) {
+                target = d.to;
+            }
+            t += 100 * MS;
+        }
+        assert_eq!(target, 2);
+        // Without a busy count (not sampled yet), spares decide nothing.
+        let mut blind = Scaler::new(params);
+        assert_eq!(blind.tick(Duration::ZERO, sample(0), pool(1, 1, 0)), None);
     }
 }

@@ -255,6 +255,24 @@ impl Config {
                 ),
             ));
         }
+        if pool.spare > pool.max {
+            return Err(ConfigError::unplaced(
+                "pool.spare",
+                format!(
+                    "pool.spare ({}) must not exceed pool.max ({}): spares are workers of the pool",
+                    pool.spare, pool.max
+                ),
+            ));
+        }
+        if pool.spare > 0 && pool.min == 0 {
+            return Err(ConfigError::unplaced(
+                "pool.spare",
+                format!(
+                    "pool.spare ({}) keeps idle workers, so a pool with pool.min = 0 would never reach zero; set one of them",
+                    pool.spare
+                ),
+            ));
+        }
         if pool.spawn_rate == 0 {
             return Err(ConfigError::unplaced(
                 "pool.spawn_rate",
@@ -417,6 +435,7 @@ mod tests {
                 initial: None,
                 spawn_rate: 50,
                 idle_exit: None,
+                spare: 0,
             }
         );
         assert_eq!(c.scale.interval, Duration::from_millis(100));
@@ -467,6 +486,7 @@ min = 3
 max = 16
 initial = 4
 spawn_rate = 100
+spare = 1
 
 [scale]
 interval = "50ms"
@@ -543,6 +563,7 @@ group = "drove"
                 initial: Some(4),
                 spawn_rate: 100,
                 idle_exit: None,
+                spare: 1,
             }
         );
         assert_eq!(
@@ -646,6 +667,22 @@ group = "drove"
             c.validate_runnable().unwrap_err().to_string(),
             "pool.spawn_rate must be at least 1"
         );
+        c.pool.spawn_rate = 50;
+        c.pool.spare = 9;
+        assert_eq!(
+            c.validate_runnable().unwrap_err().to_string(),
+            "pool.spare (9) must not exceed pool.max (8): spares are workers of the pool"
+        );
+        c.pool.spare = 2;
+        c.pool.min = 0;
+        assert!(
+            c.validate_runnable()
+                .unwrap_err()
+                .to_string()
+                .starts_with("pool.spare (2) keeps idle workers, so a pool with pool.min = 0")
+        );
+        c.pool.min = 1;
+        assert!(c.validate_runnable().is_ok());
     }
 
     #[test]

@@ -45,7 +45,7 @@ const WORKER_KEYS: &[&str] = &[
     "allow_root",
     "inherit_environment",
 ];
-const POOL_KEYS: &[&str] = &["min", "max", "initial", "spawn_rate", "idle_exit"];
+const POOL_KEYS: &[&str] = &["min", "max", "initial", "spawn_rate", "idle_exit", "spare"];
 const SCALE_KEYS: &[&str] = &["interval", "cooldown", "window", "cpu_guard"];
 const CONTROL_KEYS: &[&str] = &["group"];
 const METRICS_KEYS: &[&str] = &["listen"];
@@ -195,6 +195,7 @@ pub(super) struct RawPool {
     pub(super) initial: Field,
     pub(super) spawn_rate: Field,
     pub(super) idle_exit: Field,
+    pub(super) spare: Field,
 }
 
 #[derive(Deserialize, Default)]

@@ -299,6 +299,9 @@ pub struct PoolConfig {
     /// With `min = 0` under socket activation: exit 0 after this long at
     /// zero workers (systemd's socket unit starts droved again). Off: None.
     pub idle_exit: Option<Duration>,
+    /// Idle workers kept ready beside the busy ones, within `max`
+    /// (PHP-FPM's `pm.min_spare_servers`, uWSGI's spares); default 0.
+    pub spare: u32,
 }
 
 impl Default for PoolConfig {
@@ -309,6 +312,7 @@ impl Default for PoolConfig {
             initial: None,
             spawn_rate: 50,
             idle_exit: None,
+            spare: 0,
         }
     }
 }

@@ -694,6 +694,9 @@ impl Cx<'_> {
         if let Some(n) = self.int(&raw.spawn_rate, "pool.spawn_rate", 1, 10_000)? {
             out.spawn_rate = n;
         }
+        if let Some(n) = self.int(&raw.spare, "pool.spare", 0, MAX_WORKERS)? {
+            out.spare = n;
+        }
         self.build_idle_exit(raw, out)
     }
 
@@ -773,7 +776,7 @@ mod tests {
         );
         assert_err(
             "[pool]\nminimum = 1",
-            "2:1: unknown key `minimum` in [pool]; expected one of min, max, initial, spawn_rate, idle_exit",
+            "2:1: unknown key `minimum` in [pool]; expected one of min, max, initial, spawn_rate, idle_exit, spare",
         );
         assert_err(
             "[worker]\n  comand = []",

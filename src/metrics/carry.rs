@@ -21,7 +21,7 @@ use super::render::{Events, ReasonLabel, ResultLabel, ScaleLabels};
 /// Every direction and reason `Metrics::scale_decision` and
 /// `Metrics::manual_scale` write.
 const DIRECTIONS: [&str; 3] = ["up", "down", "hold"];
-const SCALE_REASONS: [&str; 9] = [
+const SCALE_REASONS: [&str; 10] = [
     "queue",
     "quiet",
     "below-min",
@@ -31,6 +31,7 @@ const SCALE_REASONS: [&str; 9] = [
     "unreadable",
     "manual",
     "wake",
+    "spare",
 ];
 /// Every reason `Metrics::worker_exited` writes.
 const EXIT_REASONS: [&str; 11] = [
@@ -233,6 +234,7 @@ mod tests {
             Reason::AtMax { queued: 1, max: 1 },
             Reason::Unreadable { listeners: 1 },
             Reason::Wake { queued: 1 },
+            Reason::Spare { busy: 1, spare: 1 },
         ];
         for reason in reasons {
             for to in [1, 2, 3] {

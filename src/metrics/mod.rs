@@ -263,6 +263,7 @@ impl Metrics {
             Reason::AtMax { .. } => "at-max",
             Reason::Unreadable { .. } => "unreadable",
             Reason::Wake { .. } => "wake",
+            Reason::Spare { .. } => "spare",
         };
         e.scale_decisions
             .get_or_create(&render::ScaleLabels { direction, reason })

@@ -276,7 +276,7 @@ pub fn render(
     );
     r.register(
         "scale_decisions",
-        "Scale decisions by direction (up, down, hold) and reason: the autoscaler's (queue, quiet, below-min, above-max, at-max, cpu-bound, unreadable), wake (a connection at zero workers) or manual (drovectl scale or limits, SIGTTIN/SIGTTOU); a hold is counted once when it begins",
+        "Scale decisions by direction (up, down, hold) and reason: the autoscaler's (queue, quiet, below-min, above-max, at-max, cpu-bound, unreadable), wake (a connection at zero workers), spare (pool.spare) or manual (drovectl scale or limits, SIGTTIN/SIGTTOU); a hold is counted once when it begins",
         events.scale_decisions.clone(),
     );
 

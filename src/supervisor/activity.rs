@@ -297,7 +297,10 @@ impl Supervisor {
             self.activity.queued();
         }
         if self.activity.due(now) {
-            self.sample_activity(now, Some(BUDGET));
+            // With pool.spare the count decides (the scaler's floor): read
+            // it whole and fresh, as for any decision.
+            let budget = (self.config.pool.spare == 0).then_some(BUDGET);
+            self.sample_activity(now, budget);
         }
     }
 

@@ -193,6 +193,7 @@ fn scale_params(config: &Config) -> ScaleParams {
         cooldown: config.scale.cooldown,
         window: config.scale.window,
         cpu_guard: config.scale.cpu_guard,
+        spare: config.pool.spare,
     }
 }
 

@@ -425,6 +425,11 @@ impl Supervisor {
             ready: counts.ready,
             starting: counts.starting,
             last_worker_busy,
+            // Only pool.spare needs it (sampled once a second).
+            busy: (self.config.pool.spare > 0)
+                .then(|| self.activity.counts())
+                .flatten()
+                .map(|c| super::activity::within(c, counts.ready).0),
         };
         let Some(d) = self
             .scaler

@@ -388,3 +388,49 @@ max = 3
     assert_eq!(busy.into_iter().collect::<Vec<_>>(), answered);
     d.wait_status(", 0 busy", 10 * SEC);
 }
+
+/// `pool.spare`: idle workers are kept beside the busy ones. Two slow
+/// requests take the two spares; droved sees them busy and grows to
+/// busy + 2 before any connection queues, then shrinks back to 2 (never
+/// below) once they are done.
+#[test]
+fn spares_are_kept_beside_the_busy_workers() {
+    let mut d = Droved::builder("spare")
+        .config(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{port}"]
+[worker]
+command = ["{worker}"]
+ready = "notify"
+[pool]
+min = 1
+max = 6
+spare = 2
+[scale]
+cooldown = "500ms"
+"#,
+        )
+        .start();
+    d.wait_ready();
+    d.wait_log("0 busy, 2 spare wanted: scale up 1 -> 2", 1, 10 * SEC);
+    d.wait_status("2 workers ready", 10 * SEC);
+    let port = d.port;
+    let slow: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || http_get(("127.0.0.1", port), "/sleep?ms=4000")))
+        .collect();
+    d.wait_log("2 busy, 2 spare wanted: scale up 2 -> 4", 1, 10 * SEC);
+    d.wait_status("4 workers ready", 10 * SEC);
+    assert!(
+        !d.log().contains("reason=\"queue\"") && !d.log().contains(": queue "),
+        "grew for spares, not for a queue:\n{}",
+        d.log()
+    );
+    for s in slow {
+        assert!(s.join().unwrap().unwrap().contains("slept_ms=4000"));
+    }
+    d.wait_log("scale down 3 -> 2", 1, 20 * SEC);
+    // Never below busy + spare: a few cooldowns later, still 2.
+    std::thread::sleep(2 * SEC);
+    assert!(!d.log().contains("scale down 2 -> 1"), "{}", d.log());
+}
