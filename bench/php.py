@@ -37,6 +37,9 @@ CONTENDERS = [
     ("drove-16", "drove static 16, php-cgi", "drove", 16, 16, "tab:cyan", "--"),
     # pool.min = 0: like ondemand, no worker at idle (only droved).
     ("drove-zero", "drove 0..16 (min = 0), php-cgi", "drove", 0, 16, "tab:green", "-."),
+    # pool.spare = 2 (issue 26.4): idle workers kept beside the busy ones,
+    # PHP-FPM's pm.min_spare_servers; min 1, so 2 idle at rest.
+    ("drove-spare", "drove 1..16 spare 2, php-cgi", "drove", 1, 16, "tab:red", ":"),
 ]
 
 
@@ -68,6 +71,7 @@ def drove_conf(c, sock):
         'environment = { PHP_FCGI_CHILDREN = "0", PHP_FCGI_MAX_REQUESTS = "0" }\n'
         "allow_root = true\n"
         f"[pool]\nmin = {c.min}\nmax = {c.max}\n"
+        + ("spare = 2\n" if c.name == "drove-spare" else "")
     )
 
 

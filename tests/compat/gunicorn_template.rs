@@ -292,7 +292,7 @@ fn watchdog_keeps_idle_workers_and_replaces_a_hung_one(
     let port = d.port;
     let hung = std::thread::spawn(move || http_get(("127.0.0.1", port), "/hang"));
     eventually("the hung worker killed by the watchdog", 20 * SEC, || {
-        (d.log_count("watchdog timeout; killing it") >= 1).then_some(())
+        (d.log_count("watchdog timeout; aborting it (SIGABRT)") >= 1).then_some(())
     });
     assert!(
         hung.join().unwrap().is_err(),
@@ -303,7 +303,7 @@ fn watchdog_keeps_idle_workers_and_replaces_a_hung_one(
         (now.len() == 2 && d.upward().status.starts_with("2 workers ready")).then_some(())
     });
     assert_eq!(
-        d.log_count("watchdog timeout; killing it"),
+        d.log_count("watchdog timeout; aborting it (SIGABRT)"),
         1,
         "only the hung one\n{}",
         d.log()

@@ -699,6 +699,21 @@ pub fn fds_of(pid: i32) -> Vec<(i32, String)> {
     out
 }
 
+/// The fewest fds `pid` held over a few reads 20 ms apart: droved opens
+/// files and sockets for a moment on its ticks (/proc reads, sock_diag),
+/// more often under load; a leaked fd stays in every read.
+pub fn settled_fd_count(pid: i32) -> usize {
+    (0..10)
+        .map(|i| {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            fds_of(pid).len()
+        })
+        .min()
+        .unwrap()
+}
+
 /// Polls `f` until it returns Some, or panics after `timeout`.
 pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -363,7 +363,7 @@ fn binary_upgrade_keeps_the_template_and_its_workers() {
     let before = d.workers();
     assert_eq!(before.len(), 3, "template + 2 workers");
     let template = templates_started(&d)[0];
-    let fds_before = fds_of(d.pid()).len();
+    let fds_before = settled_fd_count(d.pid());
     let load = Load::start(Target::Tcp(d.port), "/", 4, 60 * SEC);
     eventually("load is flowing", 10 * SEC, || {
         (load.ok() > 20).then_some(())
@@ -378,7 +378,7 @@ fn binary_upgrade_keeps_the_template_and_its_workers() {
     let ok = load.finish_clean();
     assert!(ok > 20, "only {ok} requests");
     assert_eq!(d.workers(), before, "same template, same workers");
-    assert_eq!(fds_of(d.pid()).len(), fds_before, "no fd leaked");
+    assert_eq!(settled_fd_count(d.pid()), fds_before, "no fd leaked");
     assert_eq!(templates_started(&d), vec![template], "no new template");
     // The handed-over socket still works: a killed worker is forked anew
     // by the same template.

@@ -41,7 +41,7 @@ fn twenty_upgrades_then_twenty_reloads_under_load_drop_nothing() {
     d.wait_ready();
     let pid = d.pid();
     assert!(d.log().contains("droved 0.1.0 (build-0)"), "{}", d.log());
-    let fds_before = fds_of(pid).len();
+    let fds_before = settled_fd_count(pid);
     let workers_before = d.workers();
 
     let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 64, 120 * SEC);
@@ -68,7 +68,7 @@ fn twenty_upgrades_then_twenty_reloads_under_load_drop_nothing() {
         "workers kept serving through 20 upgrades"
     );
     assert_eq!(
-        fds_of(pid).len(),
+        settled_fd_count(pid),
         fds_before,
         "droved's fds stay flat across upgrades"
     );
