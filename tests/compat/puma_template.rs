@@ -356,3 +356,68 @@ max = 2
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(20 * SEC).success(), "{}", d.log());
 }
+
+/// A connection a worker accepted before its request arrived is answered,
+/// not dropped, when that worker stops gracefully. Puma 5 closed it
+/// (`Client#can_close?` holds for a client that never sent a byte), which
+/// the reload row saw as one "Broken pipe" in about six runs.
+#[test]
+fn a_connection_accepted_before_its_request_is_answered_across_a_stop() {
+    use std::io::{Read, Write};
+    let command = toml_strings(&[
+        program("ruby"),
+        drove_puma(),
+        "-t".into(),
+        "2:2".into(),
+        hello_ru(),
+    ]);
+    let mut d = Droved::builder("puma-early")
+        .config(&format!(
+            r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+mode = "template"
+command = [{command}]
+ready = "notify"
+stop_timeout = "10s"
+[pool]
+min = 1
+max = 1
+"#
+        ))
+        .start();
+    d.wait_ready();
+    let worker: i32 = d
+        .log()
+        .lines()
+        .find_map(|l| {
+            l.split("INFO worker ")
+                .nth(1)?
+                .split(" (slot 0")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the worker's start in the log");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    conn.set_read_timeout(Some(20 * SEC)).unwrap();
+    // Accepted (droved counts the worker busy once it holds the
+    // connection), and no byte of the request sent yet.
+    d.wait_status("1 busy", 10 * SEC);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), Signal::SIGTERM).unwrap();
+    d.wait_log("stopping on its own", 1, 10 * SEC);
+    let answer = conn
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .and_then(|()| {
+            let mut s = String::new();
+            conn.read_to_string(&mut s).map(|_| s)
+        });
+    let answer =
+        answer.unwrap_or_else(|e| panic!("the accepted connection was dropped: {e}\n{}", d.log()));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(&format!("pid={worker} ")),
+        "the stopping worker answered: {answer}"
+    );
+}

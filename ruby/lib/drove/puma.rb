@@ -317,6 +317,19 @@ module Drove
       end
     end
 
+    # At a graceful stop Puma (5.6) closes every connection in its reactor
+    # for which Client#can_close? holds, and that holds for one it accepted
+    # whose request has not arrived yet: the client gets its connection
+    # closed instead of an answer (seen in the reload test as one "Broken
+    # pipe" in ~6 runs). In a pool the stopping worker has accepted that
+    # connection for the pool; only an idle kept-alive connection, which
+    # served a request already, may be closed then.
+    module AnswerWhatWasAccepted
+      def can_close?
+        @requests_served.to_i.positive? && super
+      end
+    end
+
     # One worker: a Puma::Server on the inherited sockets, as Puma's
     # cluster worker runs it.
     class Worker
@@ -338,6 +351,7 @@ module Drove
         @a.conf.run_hooks(:before_worker_boot, @index, @a.events)
         server = ::Puma::Server.new(@a.app, @a.events, @a.options)
         server.inherit_binder(@a.binder)
+        ::Puma::Client.prepend(AnswerWhatWasAccepted) if ::Puma::Client.method_defined?(:can_close?)
         trap_signals(server)
         thread = server.run
         Notify.notify("READY=1") unless @stopping
