@@ -512,9 +512,14 @@ pub fn run(server: Server) {
                 CLIENTS * WORKERS,
                 &errors[..errors.len().min(3)],
             );
+            // A connection the stopping worker accepted and closed: no
+            // answer, or the request's write hit the closed socket. Never
+            // refused (the listening socket went away).
             assert!(
-                errors.iter().all(|e| e.starts_with("bad response")),
-                "only requests in flight may fail, not connections: {errors:?}"
+                errors.iter().all(|e| e.starts_with("bad response")
+                    || e.contains("Broken pipe")
+                    || e.contains("Connection reset")),
+                "only connections the stopped workers had accepted may fail, not connects: {errors:?}"
             );
         }
     }

@@ -84,7 +84,9 @@ fn puma(listener: Listener) -> Server {
         ],
         env: vec![],
         extra: "",
-        drops_in_flight: None,
+        drops_in_flight: Some(
+            "Puma 5.6 closes, at a graceful stop, a connection it accepted whose request had not arrived yet (drove-puma fixes it in template mode)",
+        ),
     }
 }
 
