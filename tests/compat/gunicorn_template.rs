@@ -320,7 +320,7 @@ fn watchdog_keeps_idle_workers_and_replaces_a_hung_one(
 fn an_app_that_cannot_import_shows_its_traceback_and_the_pool_fails() {
     let (mut d, _dir) = pool("gt-noimport", 2, &[], "import no_such_module_here\n");
     let status = d.wait_status("FAILING", 30 * SEC);
-    let log = d.log();
+    let log = workers_output(&d.log());
     assert!(log.contains("Traceback (most recent call last)"), "{log}");
     assert!(
         log.contains("No module named 'no_such_module_here'"),

@@ -571,6 +571,38 @@ impl Droved {
     }
 }
 
+/// What the workers and templates wrote to the stderr they share with
+/// droved: droved's own lines taken out. droved writes each log line in
+/// one write(2), but a worker's line (faulthandler writes a traceback in
+/// pieces) can have one of droved's lines land inside it; removing them
+/// gives the worker's text back whole.
+pub fn workers_output(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut rest = log;
+    while let Some(at) = find_droved_line(rest) {
+        out.push_str(&rest[..at]);
+        rest = match rest[at..].find('\n') {
+            Some(end) => &rest[at + end + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where the next of droved's log lines starts: a timestamp such as
+/// `2026-11-29T19:35:05.460739Z` and a space (then the level, padded).
+fn find_droved_line(text: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    let stamp = b"dddd-dd-ddTdd:dd:dd.ddddddZ ";
+    (0..b.len().saturating_sub(stamp.len() - 1)).find(|&i| {
+        stamp.iter().zip(&b[i..]).all(|(want, got)| match want {
+            b'd' => got.is_ascii_digit(),
+            w => w == got,
+        })
+    })
+}
+
 /// The timestamp droved's log puts first on a line
 /// (`2026-11-29T19:35:05.460739Z`), as a SystemTime.
 pub fn log_time(line: &str) -> Option<SystemTime> {
@@ -960,6 +992,20 @@ fn log_time_reads_droveds_timestamps() {
     assert_eq!(since.as_secs(), 1_795_980_905);
     assert_eq!(since.subsec_micros(), 460_739);
     assert_eq!(log_time("worker[12]: serving fd 3"), None);
+}
+
+#[test]
+fn workers_output_takes_droveds_lines_out_even_from_inside_a_worker_line() {
+    let log = "2026-12-07T22:42:07.242586Z  WARN worker 1: watchdog timeout\n\
+               Fatal Python error: 2026-12-07T22:42:07.242712Z DEBUG sent SIGABRT slot=0\n\
+               Aborted\n\
+               \n  File \"app.py\", line 3 in spin_forever\n\
+               2026-12-07T22:42:08.000000Z  INFO worker 1 exited";
+    assert_eq!(
+        workers_output(log),
+        "Fatal Python error: Aborted\n\n  File \"app.py\", line 3 in spin_forever\n"
+    );
+    assert_eq!(workers_output("drove.wsgi[5]: up\n"), "drove.wsgi[5]: up\n");
 }
 
 #[test]
