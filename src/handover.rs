@@ -217,6 +217,19 @@ pub fn check_preflight(output: &str) -> Result<String, PreflightLineError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn stop_reasons_travel_by_their_label_and_old_names_still_read() {
+        for reason in StopReason::ALL {
+            let text = serde_json::to_string(&reason).unwrap();
+            assert_eq!(text, format!("\"{}\"", reason.label()));
+            assert_eq!(serde_json::from_str::<StopReason>(&text).unwrap(), reason);
+        }
+        // What images before the labels were one name handed over.
+        let old = |s: &str| serde_json::from_str::<StopReason>(s).unwrap();
+        assert_eq!(old("\"lifetime\""), StopReason::Lifetime);
+        assert_eq!(old("\"memory\""), StopReason::Memory);
+    }
+
     fn state() -> State {
         State {
             from_version: "0.1.0 (dev)".into(),

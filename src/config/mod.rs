@@ -545,6 +545,7 @@ group = "drove"
                 stop_timeout: Duration::from_millis(1500),
                 timeout_signal: Signal::SIGABRT,
                 watchdog: Some(Duration::from_millis(10)),
+                request_timeout: None,
                 restart_delay: Duration::from_millis(50),
                 restart_delay_max: Duration::from_secs(60),
                 min_uptime: Duration::from_secs(2),

@@ -197,6 +197,9 @@ pub struct WorkerConfig {
     pub timeout_signal: Signal,
     /// `WATCHDOG_USEC` given to workers; default none.
     pub watchdog: Option<Duration>,
+    /// A worker on one request (over TCP) longer than this is aborted
+    /// with `timeout_signal`, as uWSGI's `harakiri`; default none.
+    pub request_timeout: Option<Duration>,
     /// Initial backoff after a failed start; default 100ms.
     pub restart_delay: Duration,
     /// Backoff cap; default 10s.
@@ -236,6 +239,7 @@ impl Default for WorkerConfig {
             timeout_signal: Signal::SIGABRT,
             stop_timeout: Duration::from_secs(30),
             watchdog: None,
+            request_timeout: None,
             restart_delay: Duration::from_millis(100),
             restart_delay_max: Duration::from_secs(10),
             min_uptime: Duration::from_secs(1),

@@ -499,6 +499,13 @@ impl Cx<'_> {
         }
         out.watchdog =
             self.duration_min(&raw.watchdog, "worker.watchdog", Duration::from_millis(10))?;
+        // Waits are seen once a second and measured to the kernel's
+        // millisecond: less than a second cannot be kept.
+        out.request_timeout = self.duration_min(
+            &raw.request_timeout,
+            "worker.request_timeout",
+            Duration::from_secs(1),
+        )?;
         if let Some(d) = self.duration_min(&raw.restart_delay, "worker.restart_delay", nonzero)? {
             out.restart_delay = d;
         }
@@ -780,7 +787,7 @@ mod tests {
         );
         assert_err(
             "[worker]\n  comand = []",
-            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, socket, ready, ready_timeout, stop_signal, stop_timeout, timeout_signal, watchdog, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
+            "2:3: unknown key `comand` in [worker]; expected one of command, working_directory, environment, user, group, mode, socket, ready, ready_timeout, stop_signal, stop_timeout, timeout_signal, watchdog, request_timeout, restart_delay, restart_delay_max, min_uptime, max_lifetime, max_lifetime_jitter, max_rss, allow_root, inherit_environment (did you mean `command`?)",
         );
         assert_err(
             "[listen]\nport = 80",
@@ -1020,6 +1027,16 @@ mod tests {
         assert_err(
             &w("stop_timeout = 1.5"),
             "2:16: worker.stop_timeout must be a duration string such as \"30s\" or \"100ms\", found float 1.5",
+        );
+        assert_err(
+            &w("request_timeout = \"500ms\""),
+            "2:19: worker.request_timeout (500ms) must be at least 1s",
+        );
+        assert_eq!(
+            parse(&w("request_timeout = \"30s\""))
+                .worker
+                .request_timeout,
+            Some(std::time::Duration::from_secs(30))
         );
         assert_err(
             &w("watchdog = \"9ms\""),

@@ -34,11 +34,12 @@ const SCALE_REASONS: [&str; 10] = [
     "spare",
 ];
 /// Every reason `Metrics::worker_exited` writes.
-const EXIT_REASONS: [&str; 11] = [
+const EXIT_REASONS: [&str; 12] = [
     "scale-down",
     "shutdown",
     "ready-timeout",
     "watchdog",
+    "request-timeout",
     "rollout",
     "max-lifetime",
     "max-rss",
@@ -248,15 +249,7 @@ mod tests {
         }
         m.manual_scale(1, 2);
         m.manual_scale(2, 1);
-        for reason in [
-            StopReason::ScaleDown,
-            StopReason::Shutdown,
-            StopReason::ReadyTimeout,
-            StopReason::Watchdog,
-            StopReason::Rollout,
-            StopReason::Lifetime,
-            StopReason::Memory,
-        ] {
+        for reason in StopReason::ALL {
             m.worker_exited(
                 &ExitVerdict::Stopped {
                     reason,

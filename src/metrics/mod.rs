@@ -42,7 +42,6 @@ use tracing::{error, info};
 use crate::config::{ListenAddr, MetricsConfig};
 use crate::scale::{Decision, Reason};
 use crate::supervisor::plan::{EndCause, ExitVerdict};
-use crate::supervisor::pool::StopReason;
 use crate::supervisor::status::{ListenerStatus, Snapshot};
 
 pub use render::Events;
@@ -299,15 +298,7 @@ impl Metrics {
     /// droved did not stop it.
     pub fn worker_exited(&self, verdict: &ExitVerdict, cause: EndCause) {
         let reason = match verdict {
-            ExitVerdict::Stopped { reason, .. } => match reason {
-                StopReason::ScaleDown => "scale-down",
-                StopReason::Shutdown => "shutdown",
-                StopReason::ReadyTimeout => "ready-timeout",
-                StopReason::Watchdog => "watchdog",
-                StopReason::Rollout => "rollout",
-                StopReason::Lifetime => "max-lifetime",
-                StopReason::Memory => "max-rss",
-            },
+            ExitVerdict::Stopped { reason, .. } => reason.label(),
             ExitVerdict::FailedStart { .. } => "failed-start",
             ExitVerdict::Ended => cause.label(),
         };

@@ -25,6 +25,21 @@
 //! left): "on one connection for at least this long", to the sampling
 //! period. Only ready workers are sampled.
 //!
+//! **A request waits on a TCP connection** while data came in after the
+//! last data went out (the kernel's tcp_info, asked for only with
+//! `worker.request_timeout`; see `sys::conns::Exchange`), for as long as
+//! nothing goes out on that connection: an answer (or its first byte) ends
+//! the wait, an idle keep-alive connection never starts one, and
+//! back-to-back requests on one connection each start their own. A wait
+//! starts when the request's last byte came, but never before droved first
+//! saw the connection held: a request that sat in the accept queue while
+//! the pool was saturated is not the worker's time. Connections are
+//! watched every [`WATCH_EVERY`] for that (a dump, no /proc read), so a
+//! wait is seen that much late at most, never early. A worker has been on
+//! one request for the longest wait among the connections it holds. When
+//! the first wait would pass the limit, a fresh sample of every worker
+//! decides ([`Activity::request_deadline`], [`Activity::take_overdue`]).
+//!
 //! Cost: a sample is due once per [`SAMPLE_EVERY`] (and is taken afresh
 //! right before a scale-down chooses whom to retire, and before the last
 //! worker goes at `min = 0`). When no connection is open on the listeners,
@@ -42,14 +57,20 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
-use tracing::debug;
+use tracing::{debug, warn};
+
+use super::pool::StopReason;
 
 use super::Supervisor;
 use super::pool::WorkerState;
-use crate::sys::conns::{self, ListenerKey};
+use crate::sys::conns::{self, Held, ListenerKey, Waiting};
 
 /// How often the pool's activity is sampled for the reports.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// With `worker.request_timeout`, how often the open connections are
+/// listed (no worker is read): the first sighting of a connection bounds
+/// when its worker took it.
+pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// Time one sample may spend reading workers' fds (at least one is read).
 pub const BUDGET: Duration = Duration::from_millis(5);
 /// While the last TCP dump found no connection open and connections came
@@ -81,8 +102,8 @@ struct Reading {
 /// The connections open on the listeners, as a sample found them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Open {
-    /// Their socket inodes.
-    Connections(HashSet<u64>),
+    /// Their socket inodes, with their exchanges where known.
+    Connections(Held),
     /// droved cannot tell, and why.
     Unknown(String),
 }
@@ -104,6 +125,41 @@ pub struct Activity {
     /// sample, not on every report (a pool of 1,024 made that a tenth of
     /// droved's idle CPU).
     counts: Option<(u32, u32)>,
+    /// The connections on which a request waits for its answer, by inode.
+    waits: HashMap<u64, Wait>,
+    /// When each open connection was first seen held, by inode.
+    first_seen: HashMap<u64, Instant>,
+    /// The last listing of the open connections (a sample or a watch).
+    last_watch: Option<Instant>,
+    /// Which listeners `worker.request_timeout` cannot time was said.
+    pub timing_announced: bool,
+}
+
+/// A request waiting on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wait {
+    since: Instant,
+    /// The connection's data segments out when the wait was first seen:
+    /// any change ends this wait.
+    segments_out: u32,
+    /// A sample at its deadline has dealt with it (its worker was reported,
+    /// or no ready worker holds it): its deadline no longer calls for one.
+    checked: bool,
+    /// Only ever seen as [`Waiting::Tied`]: maybe no request at all.
+    tied: bool,
+}
+
+/// A worker on one request past the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overdue {
+    pub pid: Pid,
+    /// How long it has been on it.
+    pub on: Duration,
+    /// Every wait that put it over is [`Waiting::Tied`]: whether the worker
+    /// waits for input decides ([`conns::waits_for_input`]).
+    pub tied: bool,
+    /// The connections it holds.
+    pub conns: Vec<u64>,
 }
 
 impl Activity {
@@ -166,11 +222,14 @@ impl Activity {
             Open::Unknown(why) => {
                 self.blind = Some(why);
                 self.counts = None;
+                self.waits.clear();
+                self.first_seen.clear();
                 return;
             }
             Open::Connections(c) => c,
         };
         self.blind = None;
+        self.watch(&remaining, now);
         let mut order: Vec<(Option<Instant>, Pid)> = ready
             .iter()
             .map(|&pid| (self.readings.get(&pid).map(|r| r.at), pid))
@@ -190,7 +249,7 @@ impl Activity {
                     Some(sockets) => {
                         let conns: Vec<u64> = sockets
                             .into_iter()
-                            .filter(|s| remaining.remove(s))
+                            .filter(|s| remaining.remove(s).is_some())
                             .collect();
                         let before = self.readings.get(&pid).map(|r| &r.seen);
                         busy_or_idle(before, conns, now)
@@ -225,6 +284,80 @@ impl Activity {
         }
     }
 
+    /// Whether the open connections are due to be watched at `now`
+    /// (`worker.request_timeout`).
+    pub fn watch_due(&self, now: Instant) -> bool {
+        self.last_watch
+            .is_none_or(|t| now.saturating_duration_since(t) >= WATCH_EVERY)
+    }
+
+    /// The open connections at `now` (a sample's, or a watch's listing):
+    /// when each was first seen, and the waits on them.
+    pub fn watch(&mut self, open: &Held, now: Instant) {
+        self.last_watch = Some(now);
+        self.first_seen.retain(|inode, _| open.contains_key(inode));
+        for inode in open.keys() {
+            self.first_seen.entry(*inode).or_insert(now);
+        }
+        track_waits(&mut self.waits, &self.first_seen, open, now);
+    }
+
+    /// How long `pid` has been on one request, as of `now`: the longest
+    /// wait on the connections it held at its last reading.
+    pub fn on_request_for(&self, pid: Pid, now: Instant) -> Option<Duration> {
+        let Some(Seen::Busy { conns, .. }) = self.seen(pid) else {
+            return None;
+        };
+        conns
+            .iter()
+            .filter_map(|c| self.waits.get(c))
+            .map(|w| now.saturating_duration_since(w.since))
+            .max()
+    }
+
+    /// When the first wait not yet dealt with passes `limit`.
+    pub fn request_deadline(&self, limit: Duration) -> Option<Instant> {
+        self.waits
+            .values()
+            .filter(|w| !w.checked)
+            .map(|w| w.since + limit)
+            .min()
+    }
+
+    /// After a fresh sample at `now`: the workers among `ready` on one
+    /// request for longer than `limit` (by a wait not dealt with yet), and
+    /// how long. Every wait past its deadline is then dealt with: it is
+    /// taken once, and calls for no more samples.
+    pub fn take_overdue(&mut self, ready: &[Pid], limit: Duration, now: Instant) -> Vec<Overdue> {
+        let over_now = |w: &Wait| !w.checked && now.saturating_duration_since(w.since) > limit;
+        let mut out = Vec::new();
+        for &pid in ready {
+            let Some(Seen::Busy { conns, .. }) = self.seen(pid) else {
+                continue;
+            };
+            let over: Vec<&Wait> = conns
+                .iter()
+                .filter_map(|c| self.waits.get(c))
+                .filter(|w| over_now(w))
+                .collect();
+            if over.is_empty() {
+                continue;
+            }
+            out.push(Overdue {
+                pid,
+                on: self.on_request_for(pid, now).unwrap_or_default(),
+                tied: over.iter().all(|w| w.tied),
+                conns: conns.clone(),
+            });
+        }
+        for w in self.waits.values_mut() {
+            if now.saturating_duration_since(w.since) >= limit {
+                w.checked = true;
+            }
+        }
+        out
+    }
+
     /// (busy, idle) among the workers of the last sample; workers never
     /// read or unreadable are in neither. `None` before the first sample,
     /// and when nothing is known of any of them.
@@ -251,6 +384,51 @@ impl Activity {
 pub fn within((busy, idle): (u32, u32), ready: u32) -> (u32, u32) {
     let busy = busy.min(ready);
     (busy, idle.min(ready - busy))
+}
+
+/// The waits on the open connections `open` at `now`: a wait goes on while
+/// its connection is open, a request still waits on it and nothing went
+/// out since it was first seen. It began when the request's last byte
+/// came, as first seen (later readings come after later bytes), but not
+/// before the connection was first seen held (`first_seen`). Pure.
+fn track_waits(
+    waits: &mut HashMap<u64, Wait>,
+    first_seen: &HashMap<u64, Instant>,
+    open: &Held,
+    now: Instant,
+) {
+    let waiting = |e: &Option<conns::Exchange>| match e.map(|e| e.waiting) {
+        Some(Waiting::Since(ago)) => Some((ago, false)),
+        Some(Waiting::Tied(ago)) => Some((ago, true)),
+        Some(Waiting::No) | None => None,
+    };
+    waits.retain(|inode, _| open.get(inode).and_then(waiting).is_some());
+    for (inode, exchange) in open {
+        let Some((ago, tied)) = waiting(exchange) else {
+            continue;
+        };
+        let segments_out = exchange.map_or(0, |e| e.segments_out);
+        let came = now.checked_sub(ago).unwrap_or(now);
+        let since = first_seen.get(inode).map_or(came, |&seen| came.max(seen));
+        match waits.get_mut(inode) {
+            Some(w) if w.segments_out == segments_out => {
+                w.since = w.since.min(since);
+                // Data came after the tie (and nothing went out): a request.
+                w.tied &= tied;
+            }
+            _ => {
+                waits.insert(
+                    *inode,
+                    Wait {
+                        since,
+                        segments_out,
+                        checked: false,
+                        tied,
+                    },
+                );
+            }
+        }
+    }
 }
 
 /// A worker's new state from the open connections it holds now and what it
@@ -301,7 +479,17 @@ impl Supervisor {
             // it whole and fresh, as for any decision.
             let budget = (self.config.pool.spare == 0).then_some(BUDGET);
             self.sample_activity(now, budget);
+        } else if self.config.worker.request_timeout.is_some() && self.activity.watch_due(now) {
+            let any_ready = self
+                .pool
+                .workers
+                .values()
+                .any(|w| w.state() == WorkerState::Ready);
+            if let Open::Connections(open) = self.open_connections(any_ready, now, true) {
+                self.activity.watch(&open, now);
+            }
         }
+        self.request_timeout_tick(now);
     }
 
     /// Samples the ready workers' activity now, every one of them unless
@@ -309,13 +497,7 @@ impl Supervisor {
     /// whether the last may go) passes `None`, so that no stale reading
     /// decides.
     pub(super) fn sample_activity(&mut self, now: Instant, budget: Option<Duration>) {
-        let ready: Vec<Pid> = self
-            .pool
-            .workers
-            .values()
-            .filter(|w| w.state() == WorkerState::Ready)
-            .map(|w| w.pid)
-            .collect();
+        let ready = self.ready_pids();
         let open = self.open_connections(!ready.is_empty(), now, budget.is_none());
         let started = Instant::now();
         let budget = budget.unwrap_or(Duration::MAX);
@@ -329,12 +511,103 @@ impl Supervisor {
         );
     }
 
+    fn ready_pids(&self) -> Vec<Pid> {
+        self.pool
+            .workers
+            .values()
+            .filter(|w| w.state() == WorkerState::Ready)
+            .map(|w| w.pid)
+            .collect()
+    }
+
+    /// `worker.request_timeout`: when the first wait reaches the limit, a
+    /// fresh sample of every worker; each one still on a request past the
+    /// limit is aborted (`worker.timeout_signal`, then SIGKILL).
+    fn request_timeout_tick(&mut self, now: Instant) {
+        let Some(limit) = self.config.worker.request_timeout else {
+            return;
+        };
+        if !self.activity.timing_announced {
+            self.activity.timing_announced = true;
+            self.announce_untimed_listeners();
+        }
+        if self
+            .activity
+            .request_deadline(limit)
+            .is_none_or(|d| now < d)
+        {
+            return;
+        }
+        self.sample_activity(now, None);
+        let ready = self.ready_pids();
+        for over in self.activity.take_overdue(&ready, limit, now) {
+            let pid = over.pid;
+            if over.tied {
+                // Data came in the same tick as the last went out: the
+                // worker waiting for input means it answered at once.
+                match conns::waits_for_input(pid, &over.conns) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        debug!(
+                            worker_pid = pid.as_raw(),
+                            "waits for input on a connection answered at once: not on a request"
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        debug!(
+                            worker_pid = pid.as_raw(),
+                            "cannot tell whether it waits for input ({e}): not timed"
+                        );
+                        continue;
+                    }
+                }
+            }
+            warn!(
+                worker_pid = pid.as_raw(),
+                event = "timeout",
+                "worker {pid}: on one request for {:.1} s, over worker.request_timeout ({}); aborting it ({})",
+                over.on.as_secs_f64(),
+                crate::config::format_duration(limit),
+                self.config.worker.timeout_signal.as_str()
+            );
+            self.abort_worker(pid, StopReason::RequestTimeout);
+        }
+    }
+
+    /// Says once which listeners' requests `worker.request_timeout` cannot
+    /// time: unix sockets (the kernel keeps no send and receive times for
+    /// them), or all when droved cannot see the connections.
+    fn announce_untimed_listeners(&mut self) {
+        let keys = self
+            .activity_keys
+            .get_or_insert_with(|| listener_keys(&self.listeners));
+        match keys {
+            Err(why) => warn!("worker.request_timeout cannot be kept: {why}"),
+            Ok(keys) => {
+                for (l, k) in self.listeners.iter().zip(keys.iter()) {
+                    if matches!(k, ListenerKey::Unix(_)) {
+                        warn!(
+                            "worker.request_timeout does not apply to listener {} ({}): \
+                             the kernel keeps no request times for unix sockets",
+                            l.name, l.address
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// The connections open on the listeners (with no worker ready, no
     /// dump: nobody can hold one), for a `decision` or for the reports.
+    /// With `worker.request_timeout`, TCP connections come with their
+    /// exchanges, and every sample is as fresh as a decision's (a wait
+    /// must not be seen late).
     fn open_connections(&mut self, any_ready: bool, now: Instant, decision: bool) -> Open {
         if !any_ready {
-            return Open::Connections(HashSet::new());
+            return Open::Connections(Held::new());
         }
+        let timed = self.config.worker.request_timeout.is_some();
         let keys = self
             .activity_keys
             .get_or_insert_with(|| listener_keys(&self.listeners));
@@ -349,13 +622,13 @@ impl Supervisor {
                 ListenerKey::Unix(n) => unix.push(n.clone()),
             }
         }
-        let mut open = HashSet::new();
+        let mut open = Held::new();
         if !tcp.is_empty() {
             let opens = conns::passive_opens()
                 .inspect_err(|e| debug!("cannot read the TCP passive-open count: {e}"))
                 .ok();
-            if self.activity.tcp_dump_needed(opens, now, decision) {
-                match conns::held_tcp(&tcp) {
+            if self.activity.tcp_dump_needed(opens, now, decision || timed) {
+                match conns::held_tcp(&tcp, timed) {
                     Ok(found) => {
                         self.activity.tcp_dumped(opens, found.len(), now);
                         open.extend(found);
@@ -383,7 +656,7 @@ mod tests {
     }
 
     fn open(inodes: &[u64]) -> Open {
-        Open::Connections(inodes.iter().copied().collect())
+        Open::Connections(inodes.iter().map(|&i| (i, None)).collect())
     }
 
     /// A fake /proc: each worker's socket inodes (absent: unreadable),
@@ -597,6 +870,223 @@ mod tests {
         // Connections were open: every sample dumps.
         a.tcp_dumped(Some(11), 2, t0);
         assert!(a.tcp_dump_needed(Some(11), t0, false));
+    }
+
+    /// Open connections with exchanges: (inode, waiting for ms, segments out).
+    fn open_timed(conns: &[(u64, Option<u64>, u32)]) -> Open {
+        Open::Connections(
+            conns
+                .iter()
+                .map(|&(inode, ms, out)| {
+                    let e = conns::Exchange {
+                        waiting: ms
+                            .map_or(Waiting::No, |ms| Waiting::Since(Duration::from_millis(ms))),
+                        segments_out: out,
+                    };
+                    (inode, Some(e))
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_request_waits_until_something_goes_out_on_its_connection() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let s = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        let mut a = Activity::default();
+        let mut procs = Procs::new(&[(1, &[100]), (2, &[200]), (3, &[])]);
+        // 1: a request came 300 ms ago; 2: an idle keep-alive connection
+        // (answered); 3: holds nothing.
+        let at = |a: &mut Activity, procs: &mut Procs, t, o| sample(a, t, &[1, 2, 3], o, procs);
+        // Both connections held since before t0, nothing asked yet.
+        at(
+            &mut a,
+            &mut procs,
+            t0 - s,
+            open_timed(&[(100, None, 0), (200, None, 5)]),
+        );
+        at(
+            &mut a,
+            &mut procs,
+            t0,
+            open_timed(&[(100, Some(300), 1), (200, None, 5)]),
+        );
+        assert_eq!(a.on_request_for(pid(1), t0), Some(ms(300)));
+        assert!(a.is_busy(pid(2)), "holding a connection is busy...");
+        assert_eq!(a.on_request_for(pid(2), t0), None, "...not on a request");
+        assert_eq!(a.on_request_for(pid(3), t0), None);
+        assert_eq!(a.request_deadline(s), Some(t0 - ms(300) + s));
+        // Still waiting, nothing went out: from its first sighting (a
+        // later byte of the same request does not restart it).
+        at(
+            &mut a,
+            &mut procs,
+            t0 + s,
+            open_timed(&[(100, Some(20), 1), (200, None, 5)]),
+        );
+        assert_eq!(a.on_request_for(pid(1), t0 + s), Some(ms(1300)));
+        // Something went out, and the next request on that connection came
+        // (keep-alive, back to back): a new wait.
+        at(
+            &mut a,
+            &mut procs,
+            t0 + 2 * s,
+            open_timed(&[(100, Some(10), 2)]),
+        );
+        assert_eq!(a.on_request_for(pid(1), t0 + 2 * s), Some(ms(10)));
+        // Answered: no wait, no deadline.
+        at(
+            &mut a,
+            &mut procs,
+            t0 + 3 * s,
+            open_timed(&[(100, None, 3)]),
+        );
+        assert_eq!(a.on_request_for(pid(1), t0 + 3 * s), None);
+        assert_eq!(a.request_deadline(s), None);
+        // Without exchanges (unix, or not asked): never a wait.
+        at(&mut a, &mut procs, t0 + 4 * s, open(&[100]));
+        assert!(a.is_busy(pid(1)));
+        assert_eq!(a.request_deadline(s), None);
+        // A connection first seen with a request that came 5 s before
+        // (it sat in the accept queue of a saturated pool): its wait
+        // starts when it was first seen held, not when the request came.
+        procs.sockets.insert(1, vec![100, 150]);
+        let t = t0 + 4 * s + ms(500);
+        at(&mut a, &mut procs, t, open_timed(&[(150, Some(5000), 0)]));
+        assert_eq!(a.on_request_for(pid(1), t), Some(Duration::ZERO));
+        assert_eq!(a.request_deadline(s), Some(t + s));
+        // A watch (no worker read) keeps the waits going.
+        a.watch(
+            &Held::from([(
+                150,
+                Some(conns::Exchange {
+                    waiting: Waiting::Since(ms(5250)),
+                    segments_out: 0,
+                }),
+            )]),
+            t + ms(250),
+        );
+        assert_eq!(a.on_request_for(pid(1), t + ms(250)), Some(ms(250)));
+        assert!(!a.watch_due(t + ms(400)) && a.watch_due(t + ms(500)));
+        // Blind: every wait is forgotten.
+        at(
+            &mut a,
+            &mut procs,
+            t0 + 5 * s,
+            open_timed(&[(100, Some(1), 4)]),
+        );
+        at(
+            &mut a,
+            &mut procs,
+            t0 + 6 * s,
+            Open::Unknown("netns".into()),
+        );
+        assert_eq!(a.request_deadline(s), None);
+    }
+
+    #[test]
+    fn at_the_deadline_the_workers_over_it_are_taken_once() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let s = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        let limit = 2 * s;
+        let mut a = Activity::default();
+        // 1 waits on 100 and also holds an answered 101; 2 waits less
+        // long; 300 waits but no ready worker holds it (its worker is
+        // stopping, say).
+        let mut procs = Procs::new(&[(1, &[100, 101]), (2, &[200])]);
+        let o = |w100, w200, w300| {
+            open_timed(&[
+                (100, Some(w100), 1),
+                (101, None, 9),
+                (200, Some(w200), 1),
+                (300, Some(w300), 1),
+            ])
+        };
+        let held_before = open_timed(&[
+            (100, None, 1),
+            (101, None, 9),
+            (200, None, 1),
+            (300, None, 1),
+        ]);
+        sample(&mut a, t0 - s, &[1, 2], held_before, &mut procs);
+        sample(&mut a, t0, &[1, 2], o(500, 100, 900), &mut procs);
+        assert_eq!(a.request_deadline(limit), Some(t0 - ms(900) + limit));
+        // Before anyone is over: nobody taken, and only waits past their
+        // deadline are dealt with.
+        let t1 = t0 + ms(1200);
+        sample(&mut a, t1, &[1, 2], o(1700, 1300, 2100), &mut procs);
+        assert_eq!(a.take_overdue(&[pid(1), pid(2)], limit, t1), vec![]);
+        assert_eq!(a.request_deadline(limit), Some(t0 - ms(500) + limit));
+        // At 1's deadline (and a little after): 1 is over, 2 is not.
+        let t2 = t0 + ms(1600);
+        sample(&mut a, t2, &[1, 2], o(2100, 1700, 2500), &mut procs);
+        assert_eq!(
+            a.take_overdue(&[pid(1), pid(2)], limit, t2),
+            vec![Overdue {
+                pid: pid(1),
+                on: ms(2100),
+                tied: false,
+                conns: vec![100, 101]
+            }]
+        );
+        assert_eq!(a.request_deadline(limit), Some(t0 - ms(100) + limit));
+        // The same wait is never taken twice.
+        assert_eq!(a.take_overdue(&[pid(1), pid(2)], limit, t2), vec![]);
+    }
+
+    #[test]
+    fn a_tie_stays_a_maybe_until_data_comes_after_it() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let s = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        let ex = |waiting, segments_out| {
+            Some(conns::Exchange {
+                waiting,
+                segments_out,
+            })
+        };
+        let mut a = Activity::default();
+        let mut procs = Procs::new(&[(1, &[100]), (2, &[200])]);
+        let both =
+            |w100, w200| Open::Connections(Held::from([(100, ex(w100, 4)), (200, ex(w200, 7))]));
+        sample(
+            &mut a,
+            t0 - s,
+            &[1, 2],
+            both(Waiting::No, Waiting::No),
+            &mut procs,
+        );
+        // Both tied (a request answered at once, or the next one came at
+        // once): waits, marked as ties.
+        sample(
+            &mut a,
+            t0,
+            &[1, 2],
+            both(Waiting::Tied(ms(10)), Waiting::Tied(ms(10))),
+            &mut procs,
+        );
+        assert_eq!(a.on_request_for(pid(1), t0), Some(ms(10)));
+        // On 200, more data came since, nothing went out: a request.
+        sample(
+            &mut a,
+            t0 + s,
+            &[1, 2],
+            both(Waiting::Tied(ms(1010)), Waiting::Since(ms(5))),
+            &mut procs,
+        );
+        let t = t0 + 3 * s;
+        sample(
+            &mut a,
+            t,
+            &[1, 2],
+            both(Waiting::Tied(ms(3010)), Waiting::Since(ms(2005))),
+            &mut procs,
+        );
+        let over = a.take_overdue(&[pid(1), pid(2)], 2 * s, t);
+        let tied: Vec<(i32, bool)> = over.iter().map(|o| (o.pid.as_raw(), o.tied)).collect();
+        assert_eq!(tied, vec![(1, true), (2, false)]);
     }
 
     #[test]

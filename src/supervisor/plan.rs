@@ -293,11 +293,12 @@ impl OomLedger {
 }
 
 /// Whether an exit of a new-generation worker counts against a guarded
-/// rollout (`[rollout]`): any end droved did not ask for, and a stop for a
-/// failure (not ready in time, watchdog). Pure.
+/// rollout (`[rollout]`): any end droved did not ask for, a stop for a
+/// failure (not ready in time, watchdog), and a request timeout (no failed
+/// start, but a release whose requests hang is a bad release). Pure.
 pub fn fails_rollout(verdict: &ExitVerdict) -> bool {
     match verdict {
-        ExitVerdict::Stopped { failed, .. } => *failed,
+        ExitVerdict::Stopped { failed, reason } => *failed || *reason == StopReason::RequestTimeout,
         ExitVerdict::FailedStart { .. } | ExitVerdict::Ended => true,
     }
 }

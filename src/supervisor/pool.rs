@@ -33,7 +33,8 @@ impl std::fmt::Display for WorkerState {
 }
 
 /// Why a worker is being stopped (logged, and decides whether its exit
-/// counts as a failure).
+/// counts as a failure). Its [`label`](StopReason::label) is its one
+/// name for machines: the exits metric's `reason` and the handover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StopReason {
@@ -41,9 +42,50 @@ pub enum StopReason {
     Shutdown,
     ReadyTimeout,
     Watchdog,
+    /// On one request longer than `worker.request_timeout`.
+    RequestTimeout,
     Rollout,
+    // Images before the labels were one name handed these over as
+    // "lifetime" and "memory".
+    #[serde(rename = "max-lifetime", alias = "lifetime")]
     Lifetime,
+    #[serde(rename = "max-rss", alias = "memory")]
     Memory,
+}
+
+impl StopReason {
+    /// Every reason, for tables and tests.
+    pub const ALL: [StopReason; 8] = [
+        StopReason::ScaleDown,
+        StopReason::Shutdown,
+        StopReason::ReadyTimeout,
+        StopReason::Watchdog,
+        StopReason::RequestTimeout,
+        StopReason::Rollout,
+        StopReason::Lifetime,
+        StopReason::Memory,
+    ];
+
+    /// Its name for machines (the exits metric, the handover).
+    pub fn label(self) -> &'static str {
+        match self {
+            StopReason::ScaleDown => "scale-down",
+            StopReason::Shutdown => "shutdown",
+            StopReason::ReadyTimeout => "ready-timeout",
+            StopReason::Watchdog => "watchdog",
+            StopReason::RequestTimeout => "request-timeout",
+            StopReason::Rollout => "rollout",
+            StopReason::Lifetime => "max-lifetime",
+            StopReason::Memory => "max-rss",
+        }
+    }
+
+    /// A stop for a worker that timed out: aborted with
+    /// `worker.timeout_signal` (a traceback, a core), and SIGKILLed after
+    /// [`ABORT_GRACE`](crate::config::ABORT_GRACE).
+    pub fn aborts(self) -> bool {
+        matches!(self, StopReason::Watchdog | StopReason::RequestTimeout)
+    }
 }
 
 impl std::fmt::Display for StopReason {
@@ -53,6 +95,7 @@ impl std::fmt::Display for StopReason {
             StopReason::Shutdown => "shutdown",
             StopReason::ReadyTimeout => "not ready in time",
             StopReason::Watchdog => "watchdog timeout",
+            StopReason::RequestTimeout => "request timeout",
             StopReason::Rollout => "replaced by a new generation",
             StopReason::Lifetime => "max_lifetime reached",
             StopReason::Memory => "max_rss exceeded",
@@ -331,7 +374,7 @@ impl Pool {
             .filter(|w| match w.stop() {
                 Some((reason, since)) => {
                     let grace = match reason {
-                        StopReason::Watchdog => abort_grace.min(stop_timeout),
+                        r if r.aborts() => abort_grace.min(stop_timeout),
                         _ => stop_timeout,
                     };
                     now.duration_since(since) >= grace

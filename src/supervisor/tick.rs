@@ -191,7 +191,7 @@ impl Supervisor {
             // does: worker.timeout_signal for a traceback or a core, then
             // SIGKILL; one that is merely not ready may be serving
             // requests already: stop it gracefully.
-            let hung = reason == StopReason::Watchdog;
+            let hung = reason.aborts();
             let what = match reason {
                 StopReason::ReadyTimeout => self.no_ready_hint(),
                 _ => reason.to_string(),

@@ -19,4 +19,5 @@ pub mod private;
 pub mod scale;
 pub mod security;
 pub mod template;
+pub mod timeout;
 pub mod upgrade;
