@@ -376,6 +376,37 @@ impl Builder {
     }
 }
 
+/// The config of a pool of `min` to `max` example workers on the test
+/// port, ready by notify: `worker` lines are added to `[worker]`, `rest`
+/// follows the pool's limits (more keys of `[pool]`, then other tables).
+pub fn example_config(min: u32, max: u32, worker: &str, rest: &str) -> String {
+    format!(
+        r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+command = ["{{worker}}"]
+ready = "notify"
+{worker}
+[pool]
+min = {min}
+max = {max}
+{rest}
+"#
+    )
+}
+
+/// [`example_config`] with metrics (and the `/livez`, `/readyz` probes)
+/// on `listen`; `extra` is appended to the file.
+pub fn metrics_config(min: u32, max: u32, listen: &str, extra: &str) -> String {
+    example_config(
+        min,
+        max,
+        "",
+        &format!("[metrics]\nlisten = \"{listen}\"\n{extra}"),
+    )
+}
+
 impl Droved {
     pub fn builder(tag: &str) -> Builder {
         let (port_socket, port) = reserve_port();
@@ -391,6 +422,14 @@ impl Droved {
             binary: None,
             output: None,
         }
+    }
+
+    /// droved started on `config` (see [`example_config`]), once it has
+    /// sent READY=1.
+    pub fn start_ready(tag: &str, config: &str) -> Droved {
+        let mut d = Droved::builder(tag).config(config).start();
+        d.wait_ready();
+        d
     }
 
     /// A fixed pool of `n` example workers on the test port.
@@ -790,27 +829,6 @@ fn http_exchange(s: &mut (impl Read + Write), path: &str) -> std::io::Result<Str
         return Err(std::io::Error::other(format!("non-200 response: {head}")));
     }
     Ok(body.to_string())
-}
-
-/// A pool of `min` to `max` example workers on the test port, ready by
-/// notify, with metrics (and the `/livez`, `/readyz` probes) on `listen`;
-/// `extra` is appended to the file.
-pub fn metrics_config(min: u32, max: u32, listen: &str, extra: &str) -> String {
-    format!(
-        r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-[pool]
-min = {min}
-max = {max}
-[metrics]
-listen = "{listen}"
-{extra}
-"#
-    )
 }
 
 /// Sends `raw` to 127.0.0.1:`port` and reads the whole answer (the

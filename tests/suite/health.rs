@@ -71,10 +71,10 @@ fn probes_answer_in_each_state_of_a_pool() {
 #[test]
 fn a_pool_at_zero_is_ready_and_probes_wake_no_worker() {
     let (_reservation, mport) = reserve_port();
-    let mut d = Droved::builder("health-zero")
-        .config(&metrics_config(0, 2, &format!("127.0.0.1:{mport}"), ""))
-        .start();
-    d.wait_ready();
+    let d = Droved::start_ready(
+        "health-zero",
+        &metrics_config(0, 2, &format!("127.0.0.1:{mport}"), ""),
+    );
     for _ in 0..20 {
         let (code, body) = probe(mport, "/readyz").unwrap();
         assert_eq!(code, 200, "{body}");
@@ -110,15 +110,15 @@ fn logged_at(d: &Droved, needle: &str) -> SystemTime {
 #[test]
 fn sigterm_drains_for_stop_delay_while_requests_keep_succeeding() {
     let (_reservation, mport) = reserve_port();
-    let mut d = Droved::builder("health-drain")
-        .config(&metrics_config(
+    let mut d = Droved::start_ready(
+        "health-drain",
+        &metrics_config(
             2,
             2,
             &format!("127.0.0.1:{mport}"),
             "[stop]\ndelay = \"2s\"",
-        ))
-        .start();
-    d.wait_ready();
+        ),
+    );
     wait_probe(mport, "/readyz", 200, 10 * SEC);
     let workers = d.workers();
     assert_eq!(workers.len(), 2);
@@ -171,15 +171,15 @@ fn sigterm_drains_for_stop_delay_while_requests_keep_succeeding() {
 fn a_second_stop_signal_ends_the_drain_at_once() {
     for second in [Signal::SIGTERM, Signal::SIGINT] {
         let (_reservation, mport) = reserve_port();
-        let mut d = Droved::builder("health-second")
-            .config(&metrics_config(
+        let mut d = Droved::start_ready(
+            "health-second",
+            &metrics_config(
                 1,
                 1,
                 &format!("127.0.0.1:{mport}"),
                 "[stop]\ndelay = \"60s\"",
-            ))
-            .start();
-        d.wait_ready();
+            ),
+        );
         d.signal(Signal::SIGTERM);
         wait_probe(mport, "/readyz", 503, 5 * SEC);
         // Still serving.
@@ -206,15 +206,15 @@ fn a_second_stop_signal_ends_the_drain_at_once() {
 #[test]
 fn a_connection_during_the_drain_wakes_a_pool_at_zero() {
     let (_reservation, mport) = reserve_port();
-    let mut d = Droved::builder("health-drain-zero")
-        .config(&metrics_config(
+    let mut d = Droved::start_ready(
+        "health-drain-zero",
+        &metrics_config(
             0,
             2,
             &format!("127.0.0.1:{mport}"),
             "[stop]\ndelay = \"30s\"",
-        ))
-        .start();
-    d.wait_ready();
+        ),
+    );
     d.signal(Signal::SIGTERM);
     let body = wait_probe(mport, "/readyz", 503, 5 * SEC);
     assert!(body.starts_with("draining"), "{body}");
@@ -240,8 +240,7 @@ fn a_stop_during_a_rollout_drains_the_pool_as_it_stands() {
         "ready = \"notify\"",
         "ready = \"notify\"\nstop_timeout = \"5s\"",
     );
-    let mut d = Droved::builder("health-rollout").config(&base).start();
-    d.wait_ready();
+    let mut d = Droved::start_ready("health-rollout", &base);
     let old = d.workers();
     // New workers that take long to get ready keep the rollout going.
     let slow = format!("{base}\n[worker.environment]\nWORKER_READY_DELAY_MS = \"20000\"\n");

@@ -52,9 +52,7 @@ pub(crate) fn unpooled(line: &str) -> String {
 }
 
 fn started(config: &str) -> Droved {
-    let mut d = Droved::builder("metrics").config(config).start();
-    d.wait_ready();
-    d
+    Droved::start_ready("metrics", config)
 }
 
 #[test]
