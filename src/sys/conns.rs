@@ -25,16 +25,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId};
 use netlink_packet_sock_diag::unix::{ShowFlags, UnixRequest, nlas::Nla, nlas::UnixDiagName};
 use nix::sys::socket::{SockaddrStorage, getsockname};
 use nix::unistd::Pid;
 
-use super::probe::{check_len, netlink_socket};
+use super::probe::{check_len, netlink_socket, send_request};
 
 /// What identifies the connections accepted from one listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,30 +237,7 @@ fn dump_unix(mut each: impl FnMut(&[u8], u32)) -> io::Result<()> {
 fn dump(request: SockDiagMessage, mut each: impl FnMut(SockDiagMessage)) -> io::Result<()> {
     let nl = netlink_socket()?;
     let seq = 1;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
-    let mut message = NetlinkMessage::new(header, request.into());
-    message.finalize();
-    let mut req = vec![0u8; message.buffer_len()];
-    message.serialize(&mut req);
-    // SAFETY: an all-zero sockaddr_nl is valid (family set below; pid 0 and
-    // groups 0 address the kernel).
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: `req` and `kernel` are live for the call and their sizes are
-    // passed with them; sendto(2) only reads them.
-    let sent = unsafe {
-        libc::sendto(
-            nl.as_raw_fd(),
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            (&raw const kernel).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    check_len(sent, || "sendto(NETLINK_SOCK_DIAG dump)".to_string())?;
+    send_request(&nl, request, NLM_F_REQUEST | NLM_F_DUMP, seq)?;
     let bad =
         |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {what}"));
     // The kernel fills each datagram up to 32 KiB at most.

@@ -141,40 +141,18 @@ pub fn unix_queue_depth(fd: BorrowedFd<'_>) -> io::Result<QueueDepth> {
 fn unix_depth_by_inode(ino: u32) -> io::Result<QueueDepth> {
     let nl = netlink_socket()?;
     let seq = 1;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
-    header.sequence_number = seq;
-    let mut request = NetlinkMessage::new(
-        header,
+    send_request(
+        &nl,
         SockDiagMessage::UnixRequest(UnixRequest {
             state_flags: StateFlags::all(),
             inode: ino,
             show_flags: ShowFlags::RQLEN,
             // INET_DIAG_NOCOOKIE: look the socket up by inode alone.
             cookie: [0xff; 8],
-        })
-        .into(),
-    );
-    request.finalize();
-    let mut req = vec![0u8; request.buffer_len()];
-    request.serialize(&mut req);
-    // SAFETY: an all-zero sockaddr_nl is valid (family set below; pid 0 and
-    // groups 0 address the kernel).
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: `req` and `kernel` are live for the call and their sizes are
-    // passed with them; sendto(2) only reads them.
-    let sent = unsafe {
-        libc::sendto(
-            nl.as_raw_fd(),
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            (&raw const kernel).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    check_len(sent, || "sendto(NETLINK_SOCK_DIAG)".to_string())?;
+        }),
+        NLM_F_REQUEST,
+        seq,
+    )?;
 
     // An exact (non-dump) request gets one message back: the answer or an
     // NLMSG_ERROR. 8 KiB is what the kernel's own diag tools use.
@@ -245,6 +223,40 @@ fn socket_inode(fd: BorrowedFd<'_>) -> io::Result<u32> {
             st.st_ino
         ))
     })
+}
+
+/// Sends one sock_diag request with header `flags` and sequence number
+/// `seq` to the kernel on `nl`.
+pub(super) fn send_request(
+    nl: &OwnedFd,
+    request: SockDiagMessage,
+    flags: u16,
+    seq: u32,
+) -> io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut message = NetlinkMessage::new(header, request.into());
+    message.finalize();
+    let mut req = vec![0u8; message.buffer_len()];
+    message.serialize(&mut req);
+    // SAFETY: an all-zero sockaddr_nl is valid (family set below; pid 0 and
+    // groups 0 address the kernel).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `req` and `kernel` are live for the call and their sizes are
+    // passed with them; sendto(2) only reads them.
+    let sent = unsafe {
+        libc::sendto(
+            nl.as_raw_fd(),
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&raw const kernel).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    check_len(sent, || "sendto(NETLINK_SOCK_DIAG)".to_string()).map(drop)
 }
 
 pub(super) fn netlink_socket() -> io::Result<OwnedFd> {
