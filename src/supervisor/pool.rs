@@ -413,17 +413,22 @@ mod tests {
         pool
     }
 
-    #[test]
-    fn free_slot_fills_gaps_first() {
-        let now = Instant::now();
-        let pool = pool_with(
+    /// Three ready workers in slots 0, 2 and 3: a gap at 1.
+    fn gapped_pool(now: Instant) -> Pool {
+        pool_with(
             &[
                 (10, 0, WorkerState::Ready, 5),
                 (11, 2, WorkerState::Ready, 5),
                 (12, 3, WorkerState::Ready, 5),
             ],
             now,
-        );
+        )
+    }
+
+    #[test]
+    fn free_slot_fills_gaps_first() {
+        let now = Instant::now();
+        let pool = gapped_pool(now);
         assert_eq!(pool.free_slot(), 1);
         assert_eq!(Pool::default().free_slot(), 0);
     }
@@ -478,26 +483,12 @@ mod tests {
     #[test]
     fn free_slots_are_the_lowest_unused() {
         let now = Instant::now();
-        let pool = pool_with(
-            &[
-                (10, 0, WorkerState::Ready, 5),
-                (11, 2, WorkerState::Ready, 5),
-                (12, 3, WorkerState::Ready, 5),
-            ],
-            now,
-        );
+        let pool = gapped_pool(now);
         assert_eq!(pool.free_slots(4), vec![1, 4, 5, 6]);
         assert_eq!(pool.free_slots(0), Vec::<u32>::new());
         assert_eq!(Pool::default().free_slots(2), vec![0, 1]);
         // The same as taking free_slot one by one.
-        let mut one_by_one = pool_with(
-            &[
-                (10, 0, WorkerState::Ready, 5),
-                (11, 2, WorkerState::Ready, 5),
-                (12, 3, WorkerState::Ready, 5),
-            ],
-            now,
-        );
+        let mut one_by_one = gapped_pool(now);
         let mut taken = Vec::new();
         for pid in 20..24 {
             let slot = one_by_one.free_slot();

@@ -53,9 +53,9 @@ fn puma_template_mode_unix_socket() {
     run(puma_template(Listener::Unix));
 }
 
-/// droved in template mode running `drove-puma ARGS` on `app`, restarts
-/// backed off quickly so a few failures show within seconds.
-fn failing_template(tag: &str, args: &[&str], app: &str) -> Droved {
+/// droved in template mode running `drove-puma ARGS` on `app`, a pool of
+/// 2, restarts backed off quickly so a few failures show within seconds.
+fn drove_puma_pool(tag: &str, args: &[&str], app: &str, ready_timeout: &str) -> Droved {
     let mut command = vec![program("ruby"), drove_puma()];
     command.extend(args.iter().map(|a| a.to_string()));
     command.push(app.to_string());
@@ -69,7 +69,7 @@ addresses = ["127.0.0.1:{{port}}"]
 mode = "template"
 command = [{command}]
 ready = "notify"
-ready_timeout = "10s"
+ready_timeout = "{ready_timeout}"
 restart_delay = "100ms"
 restart_delay_max = "10s"
 stop_timeout = "5s"
@@ -79,6 +79,12 @@ max = 2
 "#
         ))
         .start()
+}
+
+/// [`drove_puma_pool`] for what drove-puma refuses or cannot load: its
+/// templates exit, so a short `ready_timeout` only bounds a hang.
+fn failing_template(tag: &str, args: &[&str], app: &str) -> Droved {
+    drove_puma_pool(tag, args, app, "10s")
 }
 
 /// FAILING within 30 s, the template's own words in droved's log, and
@@ -317,25 +323,7 @@ fn a_reload_to_an_app_that_cannot_load_keeps_the_old_puma_workers() {
     let dir = temp_dir("puma-badreload");
     let app = dir.join("app.ru");
     std::fs::copy(hello_ru(), &app).unwrap();
-    let command = toml_strings(&[program("ruby"), drove_puma(), app.display().to_string()]);
-    let mut d = Droved::builder("puma-badreload")
-        .config(&format!(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-mode = "template"
-command = [{command}]
-ready = "notify"
-ready_timeout = "20s"
-restart_delay = "100ms"
-stop_timeout = "5s"
-[pool]
-min = 2
-max = 2
-"#
-        ))
-        .start();
+    let mut d = drove_puma_pool("puma-badreload", &[], &app.display().to_string(), "20s");
     d.wait_for("the pool ready", 30 * SEC, |u| u.ready);
     let template = templates(&d)[0];
     let workers = pool_workers(&d);

@@ -395,24 +395,10 @@ max = 3
 /// below) once they are done.
 #[test]
 fn spares_are_kept_beside_the_busy_workers() {
-    let mut d = Droved::builder("spare")
-        .config(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{port}"]
-[worker]
-command = ["{worker}"]
-ready = "notify"
-[pool]
-min = 1
-max = 6
-spare = 2
-[scale]
-cooldown = "500ms"
-"#,
-        )
-        .start();
-    d.wait_ready();
+    let mut d = Droved::start_ready(
+        "spare",
+        &example_config(1, 6, "", "spare = 2\n[scale]\ncooldown = \"500ms\""),
+    );
     d.wait_log("0 busy, 2 spare wanted: scale up 1 -> 2", 1, 10 * SEC);
     d.wait_status("2 workers ready", 10 * SEC);
     let port = d.port;

@@ -165,23 +165,11 @@ fn crashing_command_is_backed_off_and_reported_failing() {
 
 #[test]
 fn sigterm_stops_gracefully_and_kills_stubborn_workers() {
-    let mut d = Droved::builder("term")
-        .config(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{port}"]
-[worker]
-command = ["{worker}"]
-ready = "notify"
+    let worker = r#"
 stop_timeout = "1s"
 environment = { WORKER_IGNORE_TERM = "1" }
-[pool]
-min = 2
-max = 2
-"#,
-        )
-        .start();
-    d.wait_ready();
+"#;
+    let mut d = Droved::start_ready("term", &example_config(2, 2, worker, ""));
     let workers = d.workers();
     let t0 = Instant::now();
     d.signal(Signal::SIGTERM);
@@ -237,19 +225,12 @@ max = 2
 #[test]
 fn notify_mode_waits_for_ready_and_replaces_workers_that_never_get_ready() {
     let mut d = Droved::builder("notify")
-        .config(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{port}"]
-[worker]
-command = ["{worker}"]
-ready = "notify"
-environment = { WORKER_READY_DELAY_MS = "1200" }
-[pool]
-min = 2
-max = 2
-"#,
-        )
+        .config(&example_config(
+            2,
+            2,
+            r#"environment = { WORKER_READY_DELAY_MS = "1200" }"#,
+            "",
+        ))
         .start();
     let t0 = Instant::now();
     // The first status that mentions starting workers, even if a slow
@@ -278,21 +259,12 @@ max = 2
     );
     drop(d);
 
-    let d = Droved::builder("notify-never")
-        .config(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{port}"]
-[worker]
-command = ["{worker}"]
-ready = "notify"
+    let worker = r#"
 ready_timeout = "500ms"
 environment = { WORKER_NO_READY = "1" }
-[pool]
-min = 1
-max = 1
-"#,
-        )
+"#;
+    let d = Droved::builder("notify-never")
+        .config(&example_config(1, 1, worker, ""))
         .start();
     let first = eventually("a worker", 5 * SEC, || d.workers().first().copied());
     eventually("the unready worker is replaced", 10 * SEC, || {
@@ -305,22 +277,10 @@ max = 1
 
 #[test]
 fn watchdog_kills_and_replaces_a_silent_worker() {
-    let mut d = Droved::builder("watchdog")
-        .config(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{port}"]
-[worker]
-command = ["{worker}"]
-ready = "notify"
-watchdog = "600ms"
-[pool]
-min = 1
-max = 1
-"#,
-        )
-        .start();
-    d.wait_ready();
+    let d = Droved::start_ready(
+        "watchdog",
+        &example_config(1, 1, r#"watchdog = "600ms""#, ""),
+    );
     let first = d.workers()[0];
     assert_eq!(env_of(first, "WATCHDOG_USEC").as_deref(), Some("600000"));
     // Pinging workers are left alone for several intervals... (an

@@ -376,6 +376,37 @@ impl Builder {
     }
 }
 
+/// The config of a pool of `min` to `max` example workers on the test
+/// port, ready by notify: `worker` lines are added to `[worker]`, `rest`
+/// follows the pool's limits (more keys of `[pool]`, then other tables).
+pub fn example_config(min: u32, max: u32, worker: &str, rest: &str) -> String {
+    format!(
+        r#"
+[listen]
+addresses = ["127.0.0.1:{{port}}"]
+[worker]
+command = ["{{worker}}"]
+ready = "notify"
+{worker}
+[pool]
+min = {min}
+max = {max}
+{rest}
+"#
+    )
+}
+
+/// [`example_config`] with metrics (and the `/livez`, `/readyz` probes)
+/// on `listen`; `extra` is appended to the file.
+pub fn metrics_config(min: u32, max: u32, listen: &str, extra: &str) -> String {
+    example_config(
+        min,
+        max,
+        "",
+        &format!("[metrics]\nlisten = \"{listen}\"\n{extra}"),
+    )
+}
+
 impl Droved {
     pub fn builder(tag: &str) -> Builder {
         let (port_socket, port) = reserve_port();
@@ -391,6 +422,14 @@ impl Droved {
             binary: None,
             output: None,
         }
+    }
+
+    /// droved started on `config` (see [`example_config`]), once it has
+    /// sent READY=1.
+    pub fn start_ready(tag: &str, config: &str) -> Droved {
+        let mut d = Droved::builder(tag).config(config).start();
+        d.wait_ready();
+        d
     }
 
     /// A fixed pool of `n` example workers on the test port.
@@ -790,6 +829,42 @@ fn http_exchange(s: &mut (impl Read + Write), path: &str) -> std::io::Result<Str
         return Err(std::io::Error::other(format!("non-200 response: {head}")));
     }
     Ok(body.to_string())
+}
+
+/// Sends `raw` to 127.0.0.1:`port` and reads the whole answer (the
+/// metrics server closes after each response).
+fn exchange_bytes(port: u16, raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(raw)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Sends `raw` to 127.0.0.1:`port`: the whole answer, head and body, as
+/// text (bytes that are not UTF-8 replaced, as answers to garbage may be).
+pub fn exchange(port: u16, raw: &[u8]) -> std::io::Result<String> {
+    Ok(String::from_utf8_lossy(&exchange_bytes(port, raw)?).into_owned())
+}
+
+/// GET `path` on 127.0.0.1:`port` as a Kubernetes probe does: the status
+/// code and the body. An answer that is not UTF-8 is an error.
+pub fn probe(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: kube-probe/1.31\r\n\r\n"
+    );
+    let out = String::from_utf8(exchange_bytes(port, request.as_bytes())?)
+        .map_err(std::io::Error::other)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("bad response {out:?}")))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {head:?}")))?;
+    Ok((code, body.trim_end().to_owned()))
 }
 
 /// The `pid=N` a worker answered with.

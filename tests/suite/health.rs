@@ -14,47 +14,6 @@ use super::harness::*;
 
 const SEC: Duration = Duration::from_secs(1);
 
-/// A pool of example workers on the test port, metrics (and probes) on
-/// 127.0.0.1:`mport`; `extra` is appended to the file.
-fn config(min: u32, max: u32, mport: u16, extra: &str) -> String {
-    format!(
-        r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-[pool]
-min = {min}
-max = {max}
-[metrics]
-listen = "127.0.0.1:{mport}"
-{extra}
-"#
-    )
-}
-
-/// GET `path` on 127.0.0.1:`port`: the status code and the body.
-fn probe(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(10 * SEC))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: kube-probe/1.31\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("bad response {out:?}")))?;
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {head:?}")))?;
-    Ok((code, body.trim_end().to_owned()))
-}
-
 /// Probes until `path` answers `code`; returns the body.
 fn wait_probe(port: u16, path: &str, code: u16, timeout: Duration) -> String {
     let mut last = None;
@@ -74,7 +33,7 @@ fn probes_answer_in_each_state_of_a_pool() {
     // Workers take 2 s to get ready: long enough to probe "starting".
     let extra = "[worker.environment]\nWORKER_READY_DELAY_MS = \"2000\"";
     let mut d = Droved::builder("health-states")
-        .config(&config(2, 4, mport, extra))
+        .config(&metrics_config(2, 4, &format!("127.0.0.1:{mport}"), extra))
         .start();
     let body = wait_probe(mport, "/readyz", 503, 10 * SEC);
     assert!(body.starts_with("starting"), "{body}");
@@ -112,10 +71,10 @@ fn probes_answer_in_each_state_of_a_pool() {
 #[test]
 fn a_pool_at_zero_is_ready_and_probes_wake_no_worker() {
     let (_reservation, mport) = reserve_port();
-    let mut d = Droved::builder("health-zero")
-        .config(&config(0, 2, mport, ""))
-        .start();
-    d.wait_ready();
+    let d = Droved::start_ready(
+        "health-zero",
+        &metrics_config(0, 2, &format!("127.0.0.1:{mport}"), ""),
+    );
     for _ in 0..20 {
         let (code, body) = probe(mport, "/readyz").unwrap();
         assert_eq!(code, 200, "{body}");
@@ -151,10 +110,15 @@ fn logged_at(d: &Droved, needle: &str) -> SystemTime {
 #[test]
 fn sigterm_drains_for_stop_delay_while_requests_keep_succeeding() {
     let (_reservation, mport) = reserve_port();
-    let mut d = Droved::builder("health-drain")
-        .config(&config(2, 2, mport, "[stop]\ndelay = \"2s\""))
-        .start();
-    d.wait_ready();
+    let mut d = Droved::start_ready(
+        "health-drain",
+        &metrics_config(
+            2,
+            2,
+            &format!("127.0.0.1:{mport}"),
+            "[stop]\ndelay = \"2s\"",
+        ),
+    );
     wait_probe(mport, "/readyz", 200, 10 * SEC);
     let workers = d.workers();
     assert_eq!(workers.len(), 2);
@@ -207,10 +171,15 @@ fn sigterm_drains_for_stop_delay_while_requests_keep_succeeding() {
 fn a_second_stop_signal_ends_the_drain_at_once() {
     for second in [Signal::SIGTERM, Signal::SIGINT] {
         let (_reservation, mport) = reserve_port();
-        let mut d = Droved::builder("health-second")
-            .config(&config(1, 1, mport, "[stop]\ndelay = \"60s\""))
-            .start();
-        d.wait_ready();
+        let mut d = Droved::start_ready(
+            "health-second",
+            &metrics_config(
+                1,
+                1,
+                &format!("127.0.0.1:{mport}"),
+                "[stop]\ndelay = \"60s\"",
+            ),
+        );
         d.signal(Signal::SIGTERM);
         wait_probe(mport, "/readyz", 503, 5 * SEC);
         // Still serving.
@@ -237,10 +206,15 @@ fn a_second_stop_signal_ends_the_drain_at_once() {
 #[test]
 fn a_connection_during_the_drain_wakes_a_pool_at_zero() {
     let (_reservation, mport) = reserve_port();
-    let mut d = Droved::builder("health-drain-zero")
-        .config(&config(0, 2, mport, "[stop]\ndelay = \"30s\""))
-        .start();
-    d.wait_ready();
+    let mut d = Droved::start_ready(
+        "health-drain-zero",
+        &metrics_config(
+            0,
+            2,
+            &format!("127.0.0.1:{mport}"),
+            "[stop]\ndelay = \"30s\"",
+        ),
+    );
     d.signal(Signal::SIGTERM);
     let body = wait_probe(mport, "/readyz", 503, 5 * SEC);
     assert!(body.starts_with("draining"), "{body}");
@@ -256,13 +230,17 @@ fn a_connection_during_the_drain_wakes_a_pool_at_zero() {
 #[test]
 fn a_stop_during_a_rollout_drains_the_pool_as_it_stands() {
     let (_reservation, mport) = reserve_port();
-    let base = config(2, 2, mport, "[stop]\ndelay = \"2s\"");
+    let base = metrics_config(
+        2,
+        2,
+        &format!("127.0.0.1:{mport}"),
+        "[stop]\ndelay = \"2s\"",
+    );
     let base = base.replace(
         "ready = \"notify\"",
         "ready = \"notify\"\nstop_timeout = \"5s\"",
     );
-    let mut d = Droved::builder("health-rollout").config(&base).start();
-    d.wait_ready();
+    let mut d = Droved::start_ready("health-rollout", &base);
     let old = d.workers();
     // New workers that take long to get ready keep the rollout going.
     let slow = format!("{base}\n[worker.environment]\nWORKER_READY_DELAY_MS = \"20000\"\n");

@@ -17,35 +17,6 @@ use super::harness::*;
 const SEC: Duration = Duration::from_secs(1);
 const DROVECTL: &str = env!("CARGO_BIN_EXE_drovectl");
 
-/// A pool of example workers on the test port, metrics on `metrics`.
-fn config(min: u32, max: u32, metrics: &str) -> String {
-    format!(
-        r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-[pool]
-min = {min}
-max = {max}
-[metrics]
-listen = "{metrics}"
-"#
-    )
-}
-
-/// Sends `raw` to 127.0.0.1:`port` and reads the whole answer (the server
-/// closes after each response).
-fn exchange(port: u16, raw: &[u8]) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(10 * SEC))?;
-    s.write_all(raw)?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
-
 /// GET /metrics; the body, which must come with a 200.
 pub(crate) fn scrape(port: u16) -> String {
     http_get(("127.0.0.1", port), "/metrics")
@@ -81,15 +52,13 @@ pub(crate) fn unpooled(line: &str) -> String {
 }
 
 fn started(config: &str) -> Droved {
-    let mut d = Droved::builder("metrics").config(config).start();
-    d.wait_ready();
-    d
+    Droved::start_ready("metrics", config)
 }
 
 #[test]
 fn promtool_accepts_a_scrape_and_openmetrics_comes_when_asked() {
     let (_reservation, mport) = reserve_port();
-    let d = started(&config(2, 4, &format!("127.0.0.1:{mport}")));
+    let d = started(&metrics_config(2, 4, &format!("127.0.0.1:{mport}"), ""));
     let plain = exchange(mport, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     let (head, body) = plain.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
@@ -353,7 +322,12 @@ fn prometheus_scrapes_what_drovectl_shows_and_follows_a_burst_and_a_reload() {
     let bus = Bus::start();
     let (_reservation, mport) = reserve_port();
     // No scale-down during the test: drovectl's counts stay put.
-    let text = config(1, 2, &format!("127.0.0.1:{mport}")) + "[scale]\ncooldown = \"120s\"\n";
+    let text = metrics_config(
+        1,
+        2,
+        &format!("127.0.0.1:{mport}"),
+        "[scale]\ncooldown = \"120s\"\n",
+    );
     let mut d = Droved::builder("metrics")
         .config(&text)
         .args(&["--bus", "session", "--instance", "web"])
@@ -413,7 +387,7 @@ fn prometheus_scrapes_what_drovectl_shows_and_follows_a_burst_and_a_reload() {
 #[test]
 fn a_thousand_scrapes_under_load_fail_no_request() {
     let (_reservation, mport) = reserve_port();
-    let d = started(&config(4, 4, &format!("127.0.0.1:{mport}")));
+    let d = started(&metrics_config(4, 4, &format!("127.0.0.1:{mport}"), ""));
     let load = Load::start(Target::Tcp(d.port), "/sleep?ms=5", 8, 120 * SEC);
     let scrapers: Vec<_> = (0..4)
         .map(|_| {
@@ -459,7 +433,7 @@ fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<String> {
 #[test]
 fn clients_that_send_garbage_or_nothing_cost_droved_nothing() {
     let (_reservation, mport) = reserve_port();
-    let mut d = started(&config(1, 4, &format!("127.0.0.1:{mport}")));
+    let mut d = started(&metrics_config(1, 4, &format!("127.0.0.1:{mport}"), ""));
     let connect = || TcpStream::connect(("127.0.0.1", mport)).unwrap();
 
     // Garbage (a TLS hello) is answered 400 and closed at once.
@@ -547,7 +521,7 @@ fn a_metrics_address_in_use_stops_the_start_and_a_reload_keeps_the_old_one() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap();
     let mut d = Droved::builder("metrics")
-        .config(&config(1, 2, &busy.to_string()))
+        .config(&metrics_config(1, 2, &busy.to_string(), ""))
         .start();
     let status = d.wait_exit(20 * SEC);
     assert!(!status.success());
@@ -565,7 +539,7 @@ fn a_metrics_address_in_use_stops_the_start_and_a_reload_keeps_the_old_one() {
 
     // On reload: the old listener stays.
     let (_r1, first) = reserve_port();
-    let mut d = started(&config(1, 2, &format!("127.0.0.1:{first}")));
+    let mut d = started(&metrics_config(1, 2, &format!("127.0.0.1:{first}"), ""));
     scrape(first);
     let path = d.config_path();
     let text = std::fs::read_to_string(&path).unwrap();
@@ -608,7 +582,12 @@ fn a_metrics_address_in_use_stops_the_start_and_a_reload_keeps_the_old_one() {
 fn metrics_on_a_unix_socket() {
     let dir = Scratch::new("metrics-unix");
     let sock = dir.join("metrics.sock");
-    let mut d = started(&config(1, 2, &format!("unix:{}", sock.display())));
+    let mut d = started(&metrics_config(
+        1,
+        2,
+        &format!("unix:{}", sock.display()),
+        "",
+    ));
     let body = http_get_unix(&sock, "/metrics").unwrap();
     assert_eq!(sample(&body, r#"drove_workers{state="ready"}"#), Some(1.0));
     // Any local user may read them, as on a TCP port.
@@ -657,7 +636,7 @@ fn cpu_of(pid: i32) -> Duration {
 fn scrape_cost_with_64_workers() {
     let (_reservation, mport) = reserve_port();
     let mut d = Droved::builder("metrics")
-        .config(&config(64, 64, &format!("127.0.0.1:{mport}")))
+        .config(&metrics_config(64, 64, &format!("127.0.0.1:{mport}"), ""))
         .start();
     d.wait_status("64 workers ready", 120 * SEC);
     let size = scrape(mport).len();
@@ -695,7 +674,7 @@ fn after_a_binary_upgrade_the_new_image_serves_metrics_on_the_same_address() {
     let (_reservation, mport) = reserve_port();
     let mut d = Droved::builder("metrics")
         .binary(&binary)
-        .config(&config(2, 2, &format!("127.0.0.1:{mport}")))
+        .config(&metrics_config(2, 2, &format!("127.0.0.1:{mport}"), ""))
         .start();
     d.wait_ready();
     // A reload first: its counters must survive the upgrades, as the
@@ -755,7 +734,7 @@ fn after_a_binary_upgrade_the_new_image_serves_metrics_on_the_same_address() {
 fn a_rolled_back_release_is_counted_as_such() {
     let (_reservation, mport) = reserve_port();
     let guarded = |env: &str| {
-        config(2, 2, &format!("127.0.0.1:{mport}"))
+        metrics_config(2, 2, &format!("127.0.0.1:{mport}"), "")
             + &format!(
                 "[rollout]\ncanary = 1\nobserve = \"1s\"\nmax_failures = 1\n\
                  [worker.environment]\n{env}\n"
@@ -799,7 +778,7 @@ fn a_rolled_back_release_is_counted_as_such() {
 #[test]
 fn a_reload_turns_metrics_on_and_off() {
     let (_reservation, mport) = reserve_port();
-    let with = config(1, 2, &format!("127.0.0.1:{mport}"));
+    let with = metrics_config(1, 2, &format!("127.0.0.1:{mport}"), "");
     let without: String = with
         .lines()
         .filter(|l| !l.starts_with("[metrics]") && !l.starts_with("listen = "))
@@ -897,7 +876,7 @@ impl Drop for Hog {
 #[test]
 fn a_client_holding_many_slow_connections_does_not_starve_scrapes() {
     let (_reservation, mport) = reserve_port();
-    let mut d = started(&config(1, 1, &format!("127.0.0.1:{mport}")));
+    let mut d = started(&metrics_config(1, 1, &format!("127.0.0.1:{mport}"), ""));
     let hog = Hog::start(mport, 64);
     // Let it take every slot it can.
     std::thread::sleep(Duration::from_millis(500));
@@ -934,7 +913,7 @@ fn a_client_holding_many_slow_connections_does_not_starve_scrapes() {
 fn a_scrape_flood_costs_droved_bounded_cpu() {
     let (_reservation, mport) = reserve_port();
     let mut d = Droved::builder("metrics")
-        .config(&config(32, 32, &format!("127.0.0.1:{mport}")))
+        .config(&metrics_config(32, 32, &format!("127.0.0.1:{mport}"), ""))
         .start();
     d.wait_status("32 workers ready", 120 * SEC);
     scrape(mport);

@@ -98,21 +98,7 @@ fn unix_burst_scales_up_within_a_second_and_decays() {
 
 #[test]
 fn steady_load_does_not_oscillate() {
-    let mut d = Droved::builder("steady")
-        .config(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{port}"]
-[worker]
-command = ["{worker}"]
-ready = "notify"
-[pool]
-min = 1
-max = 8
-"#,
-        )
-        .start();
-    d.wait_ready();
+    let mut d = Droved::start_ready("steady", &example_config(1, 8, "", ""));
     // Four clients in a closed loop: four workers serve them fully. With
     // the default cooldown (10 s) a pool that exactly fits may probe one
     // worker down once and come back, no more.
@@ -193,21 +179,7 @@ fn cpu_bound_pool_is_held(hogs: usize) {
         .map(|n| n.get())
         .unwrap_or(1) as u32;
     let max = 4 * cores + 4;
-    let mut d = Droved::builder("cpu-bound")
-        .config(&format!(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-[pool]
-min = 1
-max = {max}
-"#
-        ))
-        .start();
-    d.wait_ready();
+    let mut d = Droved::start_ready("cpu-bound", &example_config(1, max, "", ""));
     let _hog = (hogs > 0).then(|| CpuHog::start(hogs, 60 * SEC));
     // Watch the scaler for 40 of its ticks under load (4 s at its 100 ms
     // tick; droved logs a "queue sample" per tick that sees a queue): an
@@ -256,25 +228,13 @@ max = {max}
 /// regular tick, ~3 s after the burst (the load starts right after a tick).
 #[test]
 fn a_burst_is_seen_on_arrival_not_at_the_next_tick() {
-    let mut d = Droved::builder("scale-arrival")
-        .config(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{port}"]
-[worker]
-command = ["{worker}"]
-ready = "notify"
-[pool]
-min = 1
-max = 8
+    let scale = r#"
 [scale]
 interval = "3s"
 window = "6s"
 cooldown = "60s"
-"#,
-        )
-        .start();
-    d.wait_ready();
+"#;
+    let mut d = Droved::start_ready("scale-arrival", &example_config(1, 8, "", scale));
     // Armed at the end of a regular tick: the next one is 3 s away.
     d.wait_log(
         "watching the listeners for the next connection",
@@ -354,21 +314,7 @@ fn io_bound_pool_grows_on_a_host_loaded_by_others() {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mut d = Droved::builder("io-loaded-host")
-        .config(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{port}"]
-[worker]
-command = ["{worker}"]
-ready = "notify"
-[pool]
-min = 2
-max = 16
-"#,
-        )
-        .start();
-    d.wait_ready();
+    let d = Droved::start_ready("io-loaded-host", &example_config(2, 16, "", ""));
     let _hog = CpuHog::start(2 * cores, 40 * SEC);
     // Let the hogs take the CPUs before the burst.
     eventually("the host is loaded", 10 * SEC, || {
