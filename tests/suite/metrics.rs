@@ -905,6 +905,73 @@ fn a_client_holding_many_slow_connections_does_not_starve_scrapes() {
     assert!(d.try_exit().is_none());
 }
 
+/// The waiting room for newcomers whose head may land just after the
+/// accept (at most 32 wait, 50 ms each) attacked: a client holds every
+/// slot with half-sent heads while 4 more connect without a word as fast
+/// as they can, each connection held 100 ms. A scraper that writes its
+/// request right after connecting (as Prometheus does) is still served.
+#[test]
+fn a_flood_of_silent_connections_does_not_starve_scrapes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (_reservation, mport) = reserve_port();
+    let mut d = started(&metrics_config(1, 1, &format!("127.0.0.1:{mport}"), ""));
+    let hog = Hog::start(mport, 64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicU64::new(0));
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, opened) = (stop.clone(), opened.clone());
+            std::thread::spawn(move || {
+                let mut held = std::collections::VecDeque::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(s) = TcpStream::connect(("127.0.0.1", mport)) {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        held.push_back((Instant::now(), s));
+                    }
+                    while held
+                        .front()
+                        .is_some_and(|(t, _)| t.elapsed() > Duration::from_millis(100))
+                    {
+                        held.pop_front();
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        let attempt = || -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", mport))?;
+            s.set_read_timeout(Some(5 * SEC))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        };
+        match attempt() {
+            Ok(out) if out.starts_with("HTTP/1.1 200") && out.contains("drove_workers_target") => {
+                ok += 1
+            }
+            Ok(out) => errors.push(format!("{:?}", &out[..out.len().min(80)])),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    let reopened = hog.finish();
+    eprintln!(
+        "{ok} of 20 scrapes served during a flood of {} silent connections (hog reopened {reopened}); failures {errors:?}",
+        opened.load(Ordering::Relaxed)
+    );
+    assert!(ok >= 19, "{ok} of 20 scrapes served: {errors:?}");
+    assert!(d.try_exit().is_none());
+}
+
 /// Two loops scraping as fast as they can for 5 s: droved renders at most
 /// about once a second while nothing changes (every scrape between gets
 /// the same text: the same uptime), so what a scrape costs droved is the
