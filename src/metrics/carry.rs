@@ -34,7 +34,7 @@ const SCALE_REASONS: [&str; 10] = [
     "spare",
 ];
 /// Every reason `Metrics::worker_exited` writes.
-const EXIT_REASONS: [&str; 12] = [
+const EXIT_REASONS: [&str; 13] = [
     "scale-down",
     "shutdown",
     "ready-timeout",
@@ -43,6 +43,7 @@ const EXIT_REASONS: [&str; 12] = [
     "rollout",
     "max-lifetime",
     "max-rss",
+    "stopped-itself",
     "failed-start",
     "ended",
     "crashed",

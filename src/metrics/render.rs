@@ -293,7 +293,7 @@ pub fn render(
     );
     r.register(
         "worker_exits",
-        "Worker exits by reason: droved stopped it (scale-down, shutdown, rollout, max-lifetime, max-rss, ready-timeout, watchdog, request-timeout), failed-start, or after serving: ended (exited with a status), crashed (a signal droved did not send) or oom-killed (the kernel's OOM killer)",
+        "Worker exits by reason: droved stopped it (scale-down, shutdown, rollout, max-lifetime, max-rss, ready-timeout, watchdog, request-timeout, stopped-itself: the worker sent STOPPING=1), failed-start, or after serving: ended (exited with a status), crashed (a signal droved did not send) or oom-killed (the kernel's OOM killer)",
         events.worker_exits.clone(),
     );
     r.register_with_unit(

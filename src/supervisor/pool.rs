@@ -51,11 +51,14 @@ pub enum StopReason {
     Lifetime,
     #[serde(rename = "max-rss", alias = "memory")]
     Memory,
+    /// The worker said STOPPING=1 (its own max-requests, say): a planned
+    /// replacement it asked for.
+    StoppedItself,
 }
 
 impl StopReason {
     /// Every reason, for tables and tests.
-    pub const ALL: [StopReason; 8] = [
+    pub const ALL: [StopReason; 9] = [
         StopReason::ScaleDown,
         StopReason::Shutdown,
         StopReason::ReadyTimeout,
@@ -64,6 +67,7 @@ impl StopReason {
         StopReason::Rollout,
         StopReason::Lifetime,
         StopReason::Memory,
+        StopReason::StoppedItself,
     ];
 
     /// Its name for machines (the exits metric, the handover).
@@ -77,6 +81,7 @@ impl StopReason {
             StopReason::Rollout => "rollout",
             StopReason::Lifetime => "max-lifetime",
             StopReason::Memory => "max-rss",
+            StopReason::StoppedItself => "stopped-itself",
         }
     }
 
@@ -99,6 +104,7 @@ impl std::fmt::Display for StopReason {
             StopReason::Rollout => "replaced by a new generation",
             StopReason::Lifetime => "max_lifetime reached",
             StopReason::Memory => "max_rss exceeded",
+            StopReason::StoppedItself => "stopping on its own",
         })
     }
 }

@@ -319,7 +319,7 @@ impl Supervisor {
         if msg.watchdog_trigger && w.state() == WorkerState::Ready {
             let pid = w.pid;
             self.abort_worker(pid, StopReason::Watchdog);
-        } else if msg.stopping && w.begin_stop(StopReason::Lifetime, now) {
+        } else if msg.stopping && w.begin_stop(StopReason::StoppedItself, now) {
             // The worker leaves by itself (e.g. its own max-requests): count
             // it as stopping so a replacement starts now, not at its exit.
             info!(

@@ -232,6 +232,10 @@ fn max_requests_are_planned_replacements(tag: &str, args: &[&str], source: &str,
     );
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(20 * SEC).success(), "{}", d.log());
+    // Named as what they were: no max_lifetime is configured.
+    let log = d.log();
+    assert!(d.log_count("(stopping on its own)") >= at_least, "{log}");
+    assert_eq!(d.log_count("max_lifetime"), 0, "{log}");
 }
 
 #[test]
