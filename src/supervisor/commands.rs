@@ -147,6 +147,12 @@ impl Supervisor {
     }
 
     pub(super) fn nudge(&mut self, delta: i32, why: &str) {
+        // As `drovectl scale` is refused: the pool is on its way out, and a
+        // worker started now would be stopped at once.
+        if self.lifecycle.is_ending() {
+            info!("{why} ignored: droved is {}", self.lifecycle.phase());
+            return;
+        }
         let new = (self.target as i64 + delta as i64)
             .clamp(self.config.pool.min as i64, self.config.pool.max as i64)
             as u32;

@@ -224,6 +224,34 @@ fn a_connection_during_the_drain_wakes_a_pool_at_zero() {
     assert!(d.wait_exit(20 * SEC).success());
 }
 
+/// SIGTTIN and SIGTTOU during the drain change nothing, as `drovectl
+/// scale` is refused then: before, TTIN started a worker that the stop
+/// after the drain ended at once.
+#[test]
+fn ttin_and_ttou_during_the_drain_leave_the_pool_as_it_is() {
+    let (_reservation, mport) = reserve_port();
+    let mut d = Droved::start_ready(
+        "health-drain-ttin",
+        &metrics_config(
+            1,
+            4,
+            &format!("127.0.0.1:{mport}"),
+            "[stop]\ndelay = \"30s\"",
+        ),
+    );
+    let workers = d.workers();
+    d.signal(Signal::SIGTERM);
+    wait_probe(mport, "/readyz", 503, 5 * SEC);
+    d.signal(Signal::SIGTTIN);
+    d.wait_log("SIGTTIN ignored: droved is draining", 1, 5 * SEC);
+    d.signal(Signal::SIGTTOU);
+    d.wait_log("SIGTTOU ignored: droved is draining", 1, 5 * SEC);
+    assert_eq!(d.workers(), workers, "{}", d.log());
+    assert_eq!(d.log_count("SIGTTIN: scale"), 0, "{}", d.log());
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(20 * SEC).success());
+}
+
 /// A SIGTERM during a rolling restart drains too: the rollout ends where
 /// it stands (old and new workers alike keep serving), and the stop
 /// follows the delay.
