@@ -29,6 +29,9 @@ LISTEN_FDS_START = 3
 # How long a fresh worker waits to be reparented to droved (the
 # intermediate process exits at once); longer means droved is gone.
 REPARENT_TIMEOUT = 2.0
+# Forks a template starts before it answers the oldest: each intermediate
+# forks its worker and exits while the template forks the next.
+FORK_PIPELINE = 4
 
 
 class ContractError(Exception):
@@ -242,9 +245,43 @@ def serve_template(fd, log, freeze=True):
         gc.freeze()
     tsock.send(f"DROVE-TEMPLATE {PROTOCOL_VERSION}".encode())
     forks = 0
+    # Answers owed, oldest first: ("fork", intermediate pid, pipe) or
+    # ("error", text). droved pairs answers with its asks in order.
+    owed = []
+
+    def settle_oldest():
+        kind, *rest = owed.pop(0)
+        if kind == "error":
+            answer = rest[0]
+        else:
+            middle, r = rest
+            os.waitpid(middle, 0)  # the worker is droved's child from here on
+            pid = os.read(r, 32).decode()
+            os.close(r)
+            answer = f"pid {pid}".encode() if pid else b"error fork failed"
+        try:
+            tsock.send(answer)
+        except OSError:
+            pass  # droved is gone: the eof that follows ends us
+
     while True:
-        msg = parse_message(tsock.recv(512))
+        if owed:
+            # More asks already waiting (a scale-up asks for many at once):
+            # fork the next while the last intermediate forks its worker
+            # and exits, on the other core. Else settle what is owed.
+            try:
+                data = tsock.recv(512, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                settle_oldest()
+                continue
+            if len(owed) >= FORK_PIPELINE:
+                settle_oldest()
+        else:
+            data = tsock.recv(512)
+        msg = parse_message(data)
         if msg[0] == "eof":
+            while owed:
+                settle_oldest()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)  # droved is done with us: no atexit of the app's
@@ -262,7 +299,7 @@ def serve_template(fd, log, freeze=True):
         except OSError as e:
             os.close(r)
             os.close(w)
-            tsock.send(f"error fork: {e.strerror}".encode()[:500])
+            owed.append(("error", f"error fork: {e.strerror}".encode()[:500]))
             continue
         if middle == 0:  # the intermediate: fork the worker, report, leave
             try:
@@ -272,16 +309,16 @@ def serve_template(fd, log, freeze=True):
             if worker == 0:
                 os.close(r)
                 os.close(w)
+                for _, *rest in owed:  # the template's, not this worker's
+                    if len(rest) == 2:
+                        os.close(rest[1])
                 tsock.close()
                 become_worker(droved, slot, generation)
                 return Spawn(droved, slot, generation, forks)
             os.write(w, str(worker).encode())
             os._exit(0)
         os.close(w)
-        os.waitpid(middle, 0)  # the worker is droved's child from here on
-        pid = os.read(r, 32).decode()
-        os.close(r)
-        tsock.send(f"pid {pid}".encode() if pid else b"error fork failed")
+        owed.append(("fork", middle, r))
 
 
 def become_worker(droved, slot, generation):

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -123,6 +124,56 @@ class TemplateLoop(unittest.TestCase):
         # Our own child now: we reap it.
         self.assertEqual(os.waitpid(worker, 0)[0], worker)
         ours.close()  # end of file: the template exits 0
+        _, status = os.waitpid(template, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        os.close(report_r)
+
+    def test_many_asks_at_once_are_answered_in_order_each_a_child_of_droved(self):
+        """A scale-up asks for many workers at once: the template forks
+        ahead of its answers (FORK_PIPELINE), yet answers each ask in
+        order, with a pid that is droved's child by the time it answers."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.assertEqual(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), 0)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        report_r, report_w = os.pipe()
+        template = os.fork()
+        if template == 0:
+            try:
+                ours.close()
+                os.close(report_r)
+                p.serve_template(theirs.detach(), lambda m: None, freeze=False)
+                # Only in a worker: say who we are, then wait to be reaped.
+                os.write(report_w, f"{os.getpid()} {os.environ['DROVE_WORKER']}\n".encode())
+                time.sleep(30)
+            finally:
+                os._exit(0)
+        theirs.close()
+        os.close(report_w)
+        ours.settimeout(10)
+        self.assertEqual(ours.recv(512), b"DROVE-TEMPLATE 1")
+        asks = 3 * p.FORK_PIPELINE
+        for slot in range(asks):
+            ours.send(f"spawn {slot} 1".encode())
+        answered = []
+        for _ in range(asks):
+            answer = ours.recv(512).decode()
+            self.assertTrue(answer.startswith("pid "), answer)
+            pid = int(answer.split()[1])
+            # droved's child when named (the intermediate was reaped).
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            self.assertEqual(ppid, os.getpid())
+            answered.append(pid)
+        reports = b""
+        while reports.count(b"\n") < asks:
+            reports += os.read(report_r, 4096)
+        slot_of = dict(line.split() for line in reports.decode().split("\n") if line)
+        # The nth answer is the worker of the nth ask.
+        self.assertEqual([slot_of[str(pid)] for pid in answered], [str(s) for s in range(asks)])
+        for pid in answered:
+            os.kill(pid, signal.SIGKILL)
+            self.assertEqual(os.waitpid(pid, 0)[0], pid)
+        ours.close()
         _, status = os.waitpid(template, 0)
         self.assertEqual(os.waitstatus_to_exitcode(status), 0)
         os.close(report_r)
