@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: MIT OR Apache-2.0
 #
-# Unit tests for the pure parts of ruby/lib/drove: protocol messages,
-# the template's start checks, Puma option checks and binds.
+# Unit tests for ruby/lib/drove: protocol messages, the template's start
+# checks and its fork loop, Puma option checks and binds.
 #   ruby ruby/test/test_drove.rb      (tests/run runs it)
 $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 require "minitest/autorun"
@@ -53,6 +53,55 @@ class TestTemplateMessages < Minitest::Test
     assert_match(/LISTEN_FDS is not set/, T.why_not_a_template(ok.reject { |k, _| k == "LISTEN_FDS" }, 99))
     assert_match(/expected at least 1/, T.why_not_a_template(ok.merge("LISTEN_FDS" => "0"), 99))
     assert_match(/not for me/, T.why_not_a_template(ok, 100))
+  end
+end
+
+# The template loop in a forked child, this process as droved (a
+# subreaper, so the workers become its children as they would droved's).
+class TestTemplateLoop < Minitest::Test
+  PR_SET_CHILD_SUBREAPER = 36
+
+  def test_many_asks_at_once_are_answered_in_order_each_a_child_of_droved
+    prctl = Drove::Template.prctl
+    refute_nil prctl, "prctl through Fiddle (Debian's libruby has it)"
+    assert_equal 0, prctl.call(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    ours, theirs = UNIXSocket.pair(:SEQPACKET)
+    report_r, report_w = IO.pipe
+    template = fork do
+      ours.close
+      report_r.close
+      server = Drove::Template::Server.new(theirs.fileno, log: File.open(File::NULL, "w"))
+      server.hello
+      server.serve do |slot, _generation|
+        report_w.write("#{Process.pid} #{slot}\n")
+        report_w.flush
+        sleep 30
+      end
+    end
+    theirs.close
+    report_w.close
+    assert_equal "DROVE-TEMPLATE 1", ours.recv(512)
+    asks = 3 * Drove::Template::FORK_PIPELINE
+    asks.times { |slot| ours.send("spawn #{slot} 1", 0) }
+    answered = Array.new(asks) do
+      answer = ours.recv(512)
+      assert_match(/\Apid [0-9]+\z/, answer)
+      pid = Integer(answer.split[1])
+      ppid = Integer(File.read("/proc/#{pid}/stat").rpartition(")").last.split[1])
+      assert_equal Process.pid, ppid, "droved's child when named"
+      pid
+    end
+    reports = +""
+    reports << report_r.readpartial(4096) while reports.count("\n") < asks
+    slot_of = reports.lines.to_h { |l| l.split.map(&:to_s) }
+    assert_equal (0...asks).map(&:to_s), answered.map { |pid| slot_of[pid.to_s] }
+    answered.each do |pid|
+      Process.kill(:KILL, pid)
+      Process.wait(pid)
+    end
+    ours.close
+    Process.wait(template)
+    assert_equal 0, $?.exitstatus
   end
 end
 

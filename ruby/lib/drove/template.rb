@@ -55,6 +55,8 @@ module Drove
     # How long a new worker waits to be reparented to droved (the
     # intermediate exits at once; longer means droved is gone).
     REPARENT_TIMEOUT = 2.0
+    # Forks a template starts before it answers the oldest.
+    FORK_PIPELINE = 4
 
     class ProtocolError < StandardError; end
 
@@ -126,41 +128,60 @@ module Drove
         @socket.send("DROVE-TEMPLATE #{VERSION}", 0)
       end
 
-      # One `spawn` at a time, answered in order. `before_fork` and
-      # `after_fork` are called in the template with the slot around each
-      # fork; `worker` runs in the new worker (after Template.become_worker)
-      # and must not return: when it does, the worker exits 0.
+      # Each `spawn` answered in order. A scale-up asks for many workers at
+      # once: the template forks up to FORK_PIPELINE ahead of its answers,
+      # so the next fork overlaps the last intermediate's fork and exit.
+      # `before_fork` and `after_fork` are called in the template with the
+      # slot around each fork; `worker` runs in the new worker (after
+      # Template.become_worker) and must not return: when it does, the
+      # worker exits 0.
       def serve(before_fork: nil, after_fork: nil, &worker)
+        owed = [] # [:fork, intermediate pid, pipe] or [:error, answer], oldest first
         loop do
-          kind, slot, generation = Template.parse(@socket.recv(MAX_MESSAGE + 1))
+          if owed.empty?
+            data = @socket.recv(MAX_MESSAGE + 1)
+          else
+            begin
+              data = @socket.recv_nonblock(MAX_MESSAGE + 1)
+            rescue IO::WaitReadable
+              settle(owed.shift)
+              next
+            end
+            settle(owed.shift) if owed.length >= FORK_PIPELINE
+          end
+          kind, slot, generation = Template.parse(data)
           case kind
-          when :eof then exit 0 # droved is done with this template
+          when :eof # droved is done with this template
+            settle(owed.shift) until owed.empty?
+            exit 0
           when :unknown then @log.puts "drove: ignoring template message #{slot.inspect}"
           when :spawn
             before_fork&.call(slot)
-            answer = fork_worker(slot, generation, &worker)
+            owed << start_fork(slot, generation, owed, &worker)
             after_fork&.call(slot)
-            @socket.send(answer, 0)
           end
         rescue ProtocolError => e
           # droved sends nothing like it: answer, so the order holds.
           @log.puts "drove: #{e.message}"
-          @socket.send(Template.error_answer(e.message), 0)
+          owed << [:error, Template.error_answer(e.message)]
         end
       end
 
       private
 
-      # The double fork of docs/template.md; returns the answer to send.
-      def fork_worker(slot, generation, &worker)
+      # The double fork of docs/template.md: the intermediate forks the
+      # worker, writes its answer to a pipe and leaves. Returns what is
+      # owed for it.
+      def start_fork(slot, generation, owed, &worker)
         $stdout.flush
         $stderr.flush
         r, w = IO.pipe
-        middle = fork do # the intermediate: forks the worker, reports, leaves
+        middle = fork do
           r.close
           begin
             pid = fork do
               w.close
+              owed.each { |kind, _, pipe| pipe.close if kind == :fork && !pipe.closed? }
               @socket.close
               Template.become_worker(@droved, slot, generation)
               worker.call(slot, generation)
@@ -172,14 +193,28 @@ module Drove
           exit!(0)
         end
         w.close
-        Process.wait(middle) # from here on the worker is droved's child
-        answer = r.read
-        answer.empty? ? Template.error_answer("fork failed") : answer
+        [:fork, middle, r]
       rescue SystemCallError => e
-        Template.error_answer("fork: #{e.message}")
-      ensure
         r&.close unless r&.closed?
+        [:error, Template.error_answer("fork: #{e.message}")]
+      ensure
         w&.close unless w&.closed?
+      end
+
+      # Sends what is owed for the oldest ask: for a fork, once its
+      # intermediate is reaped (the worker is droved's child from then on).
+      def settle(owed)
+        kind, what, pipe = owed
+        answer = what
+        if kind == :fork
+          Process.wait(what)
+          answer = pipe.read
+          pipe.close
+          answer = Template.error_answer("fork failed") if answer.empty?
+        end
+        @socket.send(answer, 0)
+      rescue SystemCallError, IOError
+        nil # droved is gone: the end of file that follows ends us
       end
     end
 
