@@ -411,10 +411,12 @@ fn track_waits(
         let came = now.checked_sub(ago).unwrap_or(now);
         let since = first_seen.get(inode).map_or(came, |&seen| came.max(seen));
         match waits.get_mut(inode) {
-            Some(w) if w.segments_out == segments_out => {
+            // The same wait, unless it was a tie and data came since: then
+            // the tie was most likely a request answered at once (its
+            // worker may have been spared as waiting for input), and this
+            // is the next request, with a clock of its own.
+            Some(w) if w.segments_out == segments_out && (!w.tied || tied) => {
                 w.since = w.since.min(since);
-                // Data came after the tie (and nothing went out): a request.
-                w.tied &= tied;
             }
             _ => {
                 waits.insert(
@@ -1086,7 +1088,23 @@ mod tests {
         );
         let over = a.take_overdue(&[pid(1), pid(2)], 2 * s, t);
         let tied: Vec<(i32, bool)> = over.iter().map(|o| (o.pid.as_raw(), o.tied)).collect();
+        // 200: data came after its tie, so a new wait from that data
+        // (2.005 s), not from the tie (3.01 s).
         assert_eq!(tied, vec![(1, true), (2, false)]);
+        assert_eq!(over[1].on, ms(2005));
+        // 1 was spared (its worker waited for input, say): dealt with.
+        // Then its client sends the next request and nothing goes out: a
+        // wait of its own, timed from that request, not from the tie.
+        let t2 = t + s;
+        sample(
+            &mut a,
+            t2,
+            &[1, 2],
+            both(Waiting::Since(ms(100)), Waiting::No),
+            &mut procs,
+        );
+        assert_eq!(a.on_request_for(pid(1), t2), Some(ms(100)));
+        assert_eq!(a.request_deadline(2 * s), Some(t2 - ms(100) + 2 * s));
     }
 
     #[test]
