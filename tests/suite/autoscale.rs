@@ -505,21 +505,11 @@ fn the_formulas_match_the_engines_documentation() {
 /// A pod: droved with the example worker, named `web`, metrics on its own
 /// port. A short cooldown so that the test sees demand fall in seconds.
 fn pod(metrics_port: u16) -> Droved {
-    let config = format!(
-        r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-[pool]
-min = {MIN}
-max = {MAX}
-[scale]
-cooldown = "1s"
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-"#
+    let config = example_config(
+        MIN,
+        MAX,
+        "",
+        &format!("[scale]\ncooldown = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\""),
     );
     let mut d = Droved::builder("autoscale")
         .config(&config)

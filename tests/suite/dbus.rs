@@ -241,19 +241,7 @@ impl Drop for Bus {
 }
 
 fn config(min: u32, max: u32, extra: &str) -> String {
-    format!(
-        r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-[pool]
-min = {min}
-max = {max}
-{extra}
-"#
-    )
+    example_config(min, max, "", extra)
 }
 
 fn text(b: &[u8]) -> String {

@@ -46,20 +46,11 @@ fn summary(
 }
 
 fn pool(workers: u32, extra_worker: &str) -> String {
-    format!(
-        r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-stop_timeout = "2s"
-{extra_worker}
-[pool]
-min = {workers}
-max = {workers}
-spawn_rate = 200
-"#
+    example_config(
+        workers,
+        workers,
+        &format!("stop_timeout = \"2s\"\n{extra_worker}"),
+        "spawn_rate = 200",
     )
 }
 

@@ -336,19 +336,11 @@ fn a_worker_the_oom_killer_took_is_told_apart_from_a_kill() {
     let (_reservation, mport) = reserve_port();
     let mut d = Droved::builder("oom")
         .launcher(&launcher)
-        .config(&format!(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-[pool]
-min = 2
-max = 2
-[metrics]
-listen = "127.0.0.1:{mport}"
-"#
+        .config(&example_config(
+            2,
+            2,
+            "",
+            &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""),
         ))
         .start();
     d.wait_ready();

@@ -24,19 +24,11 @@ const WORKER_GID: u32 = 1;
 const OUTSIDER: u32 = 65534;
 
 fn pool(workers: u32, extra_worker: &str) -> String {
-    format!(
-        r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-stop_timeout = "5s"
-{extra_worker}
-[pool]
-min = {workers}
-max = {workers}
-"#
+    example_config(
+        workers,
+        workers,
+        &format!("stop_timeout = \"5s\"\n{extra_worker}"),
+        "",
     )
 }
 

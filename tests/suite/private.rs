@@ -30,19 +30,7 @@ const NO_BUS: &str = "unix:path=/nonexistent/drove-test-no-bus";
 fn droved(tag: &str, min: u32, max: u32, extra: &str) -> (Droved, String) {
     let instance = format!("private-{tag}-{}", std::process::id());
     let mut d = Droved::builder("private")
-        .config(&format!(
-            r#"
-[listen]
-addresses = ["127.0.0.1:{{port}}"]
-[worker]
-command = ["{{worker}}"]
-ready = "notify"
-[pool]
-min = {min}
-max = {max}
-{extra}
-"#
-        ))
+        .config(&example_config(min, max, "", extra))
         .args(&["--instance", &instance])
         .env("DBUS_SYSTEM_BUS_ADDRESS", NO_BUS)
         .env("DBUS_SESSION_BUS_ADDRESS", NO_BUS)
