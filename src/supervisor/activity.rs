@@ -132,7 +132,7 @@ pub struct Activity {
     /// The last listing of the open connections (a sample or a watch).
     last_watch: Option<Instant>,
     /// Which listeners `worker.request_timeout` cannot time was said.
-    pub timing_announced: bool,
+    timing_announced: bool,
 }
 
 /// A request waiting on one connection.
@@ -284,6 +284,12 @@ impl Activity {
         }
     }
 
+    /// True the first time only: whether to say which listeners
+    /// `worker.request_timeout` cannot time.
+    pub fn first_timed_tick(&mut self) -> bool {
+        !std::mem::replace(&mut self.timing_announced, true)
+    }
+
     /// Whether the open connections are due to be watched at `now`
     /// (`worker.request_timeout`).
     pub fn watch_due(&self, now: Instant) -> bool {
@@ -350,8 +356,10 @@ impl Activity {
                 conns: conns.clone(),
             });
         }
+        // The same test as over_now: a wait exactly at the limit is not
+        // over it yet, and must not be dealt with unreported.
         for w in self.waits.values_mut() {
-            if now.saturating_duration_since(w.since) >= limit {
+            if now.saturating_duration_since(w.since) > limit {
                 w.checked = true;
             }
         }
@@ -529,8 +537,7 @@ impl Supervisor {
         let Some(limit) = self.config.worker.request_timeout else {
             return;
         };
-        if !self.activity.timing_announced {
-            self.activity.timing_announced = true;
+        if self.activity.first_timed_tick() {
             self.announce_untimed_listeners();
         }
         if self
@@ -1036,6 +1043,10 @@ mod tests {
         assert_eq!(a.request_deadline(limit), Some(t0 - ms(100) + limit));
         // The same wait is never taken twice.
         assert_eq!(a.take_overdue(&[pid(1), pid(2)], limit, t2), vec![]);
+        // 2's wait exactly at the limit: not over it yet, and still due.
+        let at_limit = t0 - ms(100) + limit;
+        assert_eq!(a.take_overdue(&[pid(1), pid(2)], limit, at_limit), vec![]);
+        assert_eq!(a.request_deadline(limit), Some(at_limit));
     }
 
     #[test]
