@@ -580,7 +580,7 @@ impl Supervisor {
                 crate::config::format_duration(limit),
                 self.config.worker.timeout_signal.as_str()
             );
-            self.abort_worker(pid, StopReason::RequestTimeout);
+            self.stop_worker(pid, StopReason::RequestTimeout, false);
         }
     }
 

@@ -209,11 +209,8 @@ impl Supervisor {
                     "stopping it".to_string()
                 }
             );
-            if hung {
-                self.abort_worker(pid, reason);
-            } else {
-                self.stop_worker(pid, reason, false);
-            }
+            // stop_worker picks the signal by the reason.
+            self.stop_worker(pid, reason, false);
         }
         let abort_grace = crate::config::ABORT_GRACE;
         for pid in self

@@ -318,7 +318,7 @@ impl Supervisor {
         }
         if msg.watchdog_trigger && w.state() == WorkerState::Ready {
             let pid = w.pid;
-            self.abort_worker(pid, StopReason::Watchdog);
+            self.stop_worker(pid, StopReason::Watchdog, false);
         } else if msg.stopping && w.begin_stop(StopReason::StoppedItself, now) {
             // The worker leaves by itself (e.g. its own max-requests): count
             // it as stopping so a replacement starts now, not at its exit.
@@ -331,6 +331,12 @@ impl Supervisor {
         }
     }
 
+    /// Stops a worker: SIGKILL if `kill`; else, for a worker that timed
+    /// out (`reason.aborts()`), `worker.timeout_signal` (SIGABRT by
+    /// default: Python's faulthandler and gunicorn print a traceback, C
+    /// leaves a core), then SIGKILL after [`crate::config::ABORT_GRACE`]
+    /// (`stop_expired`); else `worker.stop_signal`. One already stopping
+    /// keeps its course, unless this kills it.
     pub(super) fn stop_worker(&mut self, pid: Pid, reason: StopReason, kill: bool) {
         let Some(w) = self.pool.workers.get_mut(&pid) else {
             return;
@@ -340,6 +346,8 @@ impl Supervisor {
         }
         let sig = if kill {
             Signal::SIGKILL
+        } else if reason.aborts() {
+            self.config.worker.timeout_signal
         } else {
             self.config.worker.stop_signal
         };
@@ -357,30 +365,6 @@ impl Supervisor {
         } else {
             w.begin_stop(reason, Instant::now());
         }
-    }
-
-    /// A worker that timed out: `worker.timeout_signal` first (SIGABRT by
-    /// default: Python's faulthandler and gunicorn print a traceback, C
-    /// leaves a core), then SIGKILL after [`crate::config::ABORT_GRACE`]
-    /// (`stop_expired`). One already stopping keeps its course.
-    pub(super) fn abort_worker(&mut self, pid: Pid, reason: StopReason) {
-        let Some(w) = self.pool.workers.get_mut(&pid) else {
-            return;
-        };
-        if w.state() == WorkerState::Stopping {
-            return;
-        }
-        let sig = self.config.worker.timeout_signal;
-        if let Err(e) = self.children.signal(pid, sig) {
-            warn!(worker_pid = pid.as_raw(), "cannot signal worker: {e}");
-        }
-        debug!(
-            worker_pid = pid.as_raw(),
-            slot = w.slot,
-            "sent {} ({reason})",
-            sig.as_str()
-        );
-        w.begin_stop(reason, Instant::now());
     }
 
     /// Forks `n` workers, then confirms each exec: the children exec in
