@@ -259,7 +259,7 @@ impl Supervisor {
             memory: memory_watch::MemoryWatch::default(),
             activity: Default::default(),
             activity_keys: None,
-            snapshot_tx: watch::channel(placeholder_snapshot()).0,
+            snapshot_tx: watch::channel(Snapshot::default()).0,
             events,
             commands_rx,
             commands_tx,
@@ -496,38 +496,5 @@ impl Supervisor {
             *old = snap;
             changed
         });
-    }
-}
-
-fn placeholder_snapshot() -> Snapshot {
-    Snapshot {
-        instance: String::new(),
-        version: String::new(),
-        pid: 0,
-        phase: Phase::Starting,
-        failing: false,
-        failure: None,
-        generation: 0,
-        min: 0,
-        max: 0,
-        target: 0,
-        ready: 0,
-        starting: 0,
-        stopping: 0,
-        busy: None,
-        idle: None,
-        listeners: vec![],
-        queued: None,
-        demand: None,
-        last_scale: None,
-        spawned: 0,
-        exited: 0,
-        failed_starts: 0,
-        reloads: 0,
-        upgrades: 0,
-        journal_stalled: false,
-        log_dropped: 0,
-        template: None,
-        uptime_secs: 0.0,
     }
 }

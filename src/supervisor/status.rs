@@ -5,9 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 /// Lifecycle of droved itself, published when it becomes true.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    #[default]
     Starting,
     Running,
     Reloading,
@@ -43,8 +44,9 @@ pub struct ListenerStatus {
     pub error: Option<String>,
 }
 
-/// Everything `drovectl status` shows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Everything `drovectl status` shows. The default is what is published
+/// before the supervisor's first snapshot: starting, all zero.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub instance: String,
     pub version: String,
