@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -59,6 +59,28 @@ const SYSTEM_POLICY: &str = r#"
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
   </policy>"#;
 
+/// Runs dbus-daemon on `config`, its errors to `log`; returns it and the
+/// address it printed once it listens.
+fn run_daemon(config: &Path, log: &Path) -> (Child, String) {
+    let mut child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", config.display()))
+        .args(["--nofork", "--print-address=1", "--nosyslog"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("dbus-daemon (Debian package dbus) must be installed");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("unix:"),
+        "dbus-daemon did not start: {line:?}"
+    );
+    (child, line)
+}
+
 impl Bus {
     /// A session-style bus where anyone may do anything.
     fn start() -> Bus {
@@ -96,23 +118,7 @@ impl Bus {
             ),
         )
         .unwrap();
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .args(["--nofork", "--print-address=1", "--nosyslog"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("bus.log")).unwrap())
-            .spawn()
-            .expect("dbus-daemon (Debian package dbus) must be installed");
-        // It prints the address once it listens.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("unix:"),
-            "dbus-daemon did not start: {line:?}"
-        );
+        let (child, line) = run_daemon(&config, &dir.join("bus.log"));
         Bus {
             child,
             dir,
@@ -134,25 +140,7 @@ impl Bus {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(self.dir.join("bus.sock"));
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!(
-                "--config-file={}",
-                self.dir.join("bus.conf").display()
-            ))
-            .args(["--nofork", "--print-address=1", "--nosyslog"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(self.dir.join("bus2.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("unix:"),
-            "dbus-daemon did not start again: {line:?}"
-        );
+        let (child, _) = run_daemon(&self.dir.join("bus.conf"), &self.dir.join("bus2.log"));
         self.child = child;
     }
 
