@@ -505,8 +505,8 @@ impl Supervisor {
     /// Samples the ready workers' activity now, every one of them unless
     /// reading takes longer than `budget`: a decision (whom to retire,
     /// whether the last may go) passes `None`, so that no stale reading
-    /// decides.
-    pub(super) fn sample_activity(&mut self, now: Instant, budget: Option<Duration>) {
+    /// decides. Returns the ready workers it sampled.
+    pub(super) fn sample_activity(&mut self, now: Instant, budget: Option<Duration>) -> Vec<Pid> {
         let ready = self.ready_pids();
         let open = self.open_connections(!ready.is_empty(), now, budget.is_none());
         let started = Instant::now();
@@ -519,6 +519,7 @@ impl Supervisor {
             |pid| conns::sockets_of(pid).ok(),
             || started.elapsed(),
         );
+        ready
     }
 
     fn ready_pids(&self) -> Vec<Pid> {
@@ -547,8 +548,7 @@ impl Supervisor {
         {
             return;
         }
-        self.sample_activity(now, None);
-        let ready = self.ready_pids();
+        let ready = self.sample_activity(now, None);
         for over in self.activity.take_overdue(&ready, limit, now) {
             let pid = over.pid;
             if over.tied {
