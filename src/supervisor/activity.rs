@@ -551,26 +551,31 @@ impl Supervisor {
         let ready = self.sample_activity(now, None);
         for over in self.activity.take_overdue(&ready, limit, now) {
             let pid = over.pid;
-            if over.tied {
-                // Data came in the same tick as the last went out: the
-                // worker waiting for input means it answered at once.
-                match conns::waits_for_input(pid, &over.conns) {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        debug!(
-                            worker_pid = pid.as_raw(),
-                            "waits for input on a connection answered at once: not on a request"
-                        );
-                        continue;
-                    }
-                    Err(e) => {
-                        debug!(
-                            worker_pid = pid.as_raw(),
-                            "cannot tell whether it waits for input ({e}): not timed"
-                        );
-                        continue;
-                    }
+            // A worker blocked reading one of its connections waits for
+            // its client (a slow or silent one sending the rest of a
+            // request): not on a request. After a tie (data came in the
+            // tick the last went out), one in poll, select or epoll most
+            // likely answered at once and waits for the next.
+            match conns::waits_for_input(pid, &over.conns, over.tied) {
+                Ok(false) => {}
+                Ok(true) => {
+                    debug!(
+                        worker_pid = pid.as_raw(),
+                        "waits for input on its connections: not on a request"
+                    );
+                    continue;
                 }
+                Err(e) if over.tied => {
+                    debug!(
+                        worker_pid = pid.as_raw(),
+                        "cannot tell whether it waits for input ({e}): not timed"
+                    );
+                    continue;
+                }
+                Err(e) => debug!(
+                    worker_pid = pid.as_raw(),
+                    "cannot tell whether it waits for input ({e}): timed as on a request"
+                ),
             }
             warn!(
                 worker_pid = pid.as_raw(),

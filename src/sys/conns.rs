@@ -228,13 +228,15 @@ pub fn exchange_of(info: &[u8]) -> Option<Exchange> {
     })
 }
 
-/// Whether a thread of `pid` is blocked waiting for input: in poll,
-/// select or epoll (on anything: which fds cannot be told), or reading
-/// one of the sockets `conns` (inodes). Read as its owner from
-/// /proc/PID/task/*/syscall. Breaks a [`Waiting::Tied`]: a worker that
-/// waits for input is not on a request (a kept-alive connection waits for
-/// its next one), one that sleeps, computes or reads anything else is.
-pub fn waits_for_input(pid: Pid, conns: &[u64]) -> io::Result<bool> {
+/// Whether a thread of `pid` is blocked waiting for input: reading one of
+/// the sockets `conns` (inodes), or, if `polling` counts, in poll, select
+/// or epoll (on anything: which fds cannot be told). Read as its owner
+/// from /proc/PID/task/*/syscall. A worker reading its connection waits
+/// for its client (the rest of a request), not on a request; after a
+/// [`Waiting::Tied`], one polling most likely answered at once and waits
+/// for the next. One that sleeps, computes or reads anything else is on
+/// a request.
+pub fn waits_for_input(pid: Pid, conns: &[u64], polling: bool) -> io::Result<bool> {
     super::owner::as_owner_of(pid, || {
         let tasks = format!("/proc/{pid}/task");
         for task in std::fs::read_dir(&tasks).map_err(|e| with_path(e, &tasks))? {
@@ -247,7 +249,8 @@ pub fn waits_for_input(pid: Pid, conns: &[u64]) -> io::Result<bool> {
                 continue;
             };
             match blocked_in(&text) {
-                Some(Blocked::Polling) => return Ok(true),
+                Some(Blocked::Polling) if polling => return Ok(true),
+                Some(Blocked::Polling) => {}
                 Some(Blocked::Reading(fd)) => {
                     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"));
                     if let Ok(target) = link
@@ -634,10 +637,10 @@ mod tests {
             Pid::from_raw(reader.id() as i32),
             Pid::from_raw(sleeper.id() as i32),
         );
-        assert!(waits_for_input(reader_pid, &inodes_of(reader.id())).unwrap());
+        assert!(waits_for_input(reader_pid, &inodes_of(reader.id()), false).unwrap());
         // Reading a socket that is not one of `conns`: not waiting for them.
-        assert!(!waits_for_input(reader_pid, &[]).unwrap());
-        assert!(!waits_for_input(sleeper_pid, &inodes_of(sleeper.id())).unwrap());
+        assert!(!waits_for_input(reader_pid, &[], true).unwrap());
+        assert!(!waits_for_input(sleeper_pid, &inodes_of(sleeper.id()), true).unwrap());
         drop(held_by_reader);
         for mut c in [reader, sleeper] {
             let _ = c.kill();

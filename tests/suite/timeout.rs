@@ -191,32 +191,45 @@ fn a_stuck_request_is_aborted_with_a_traceback_within_the_timeout_and_a_second()
     assert!(d.wait_exit(30 * SEC).success(), "{}", d.log());
 }
 
-/// An idle keep-alive connection and a connection whose client has said
-/// nothing keep their workers busy well past the timeout, and neither is
-/// taken for a request: nobody is aborted, and the kept-alive connection
-/// still works after.
+/// An idle keep-alive connection, a connection whose client has said
+/// nothing, and one whose client sent half a request and stalls (a slow
+/// client, or slowloris run by anyone) keep their workers busy well past
+/// the timeout, and none is taken for a request: nobody is aborted, and
+/// the kept-alive and the half-sent connections are answered after.
 #[test]
-fn idle_keep_alive_and_silent_connections_are_not_requests() {
+fn idle_keep_alive_silent_and_half_sent_connections_are_not_requests() {
     let (_reservation, mport) = reserve_port();
-    let (mut d, _dir) = pool("rt-idle", 2, "1s", mport);
+    let (mut d, _dir) = pool("rt-idle", 3, "1s", mport);
     let workers = d.workers();
     let mut kept = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
     kept.set_read_timeout(Some(10 * SEC)).unwrap();
     let first = answered_pid(&ask(&mut kept, "/").unwrap());
-    // The other worker takes this one and waits for a request line.
+    // Another worker takes this one and waits for a request line.
     let _silent = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    d.wait_status(", 2 busy,", 10 * SEC);
+    // The third reads the start of a request and waits for the rest.
+    let mut half = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    half.set_read_timeout(Some(10 * SEC)).unwrap();
+    // Later than the handshake by more than the kernel's clock tick, or
+    // the two would tie (a case of its own).
+    std::thread::sleep(Duration::from_millis(50));
+    write!(half, "GET / HTTP/1.1\r\nHost: t\r\n").unwrap();
+    d.wait_status(", 3 busy,", 10 * SEC);
     let busy_from = Instant::now();
-    // Both stay held for three times the timeout (and past several
+    // All stay held for three times the timeout (and past several
     // samples and deadlines' worth of watching).
     while busy_from.elapsed() < 3 * SEC {
         assert_eq!(d.log_count("on one request for"), 0, "{}", d.log());
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(d.upward().status.contains(", 2 busy,"), "{:?}", d.upward());
+    assert!(d.upward().status.contains(", 3 busy,"), "{:?}", d.upward());
     assert_eq!(d.log_count("on one request for"), 0, "{}", d.log());
     assert_eq!(d.workers(), workers, "no worker was replaced");
     assert_eq!(answered_pid(&ask(&mut kept, "/").unwrap()), first);
+    // The rest of the half-sent request: answered by a worker of the pool.
+    write!(half, "\r\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(half).read_line(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert_eq!(exits(mport, "request-timeout"), 0);
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(30 * SEC).success(), "{}", d.log());
