@@ -223,11 +223,17 @@ pub(super) async fn run(
                 open.swap_remove(i).task.abort();
             }
             Admission::Refuse
-                if may_wait && !has_head && waiting.load(Ordering::Acquire) < MAX_WAITING =>
+                if may_wait
+                    && early.is_empty()
+                    && waiting.load(Ordering::Acquire) < MAX_WAITING =>
             {
-                // Its head may land just after the accept (a scraper
-                // writes right after connect): wait for it a little, off
-                // the accept loop, then decide again with what came.
+                // Nothing came yet: its head may land just after the accept
+                // (a scraper writes its whole head right after connect), so
+                // wait for it a little, off the accept loop, then decide
+                // again with what came. One that sent part of a head is a
+                // slow client, not that race: it gets no room here (a
+                // client reconnecting half-heads in a loop filled the room
+                // and starved scrapes, 3 of 20 in a CI run).
                 waiting.fetch_add(1, Ordering::AcqRel);
                 let (again, waiting) = (again_tx.clone(), waiting.clone());
                 tokio::spawn(async move {
